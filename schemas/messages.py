@@ -1,0 +1,112 @@
+"""The llmbus wire contract: every message that crosses NATS, as msgspec Structs.
+
+Requests reject unknown fields, so a typo such as `max_token` is an error that names the field
+instead of a setting that is silently ignored. Responses are plain data with no behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+NonEmptyStr = Annotated[str, Meta(min_length=1)]
+ChatId = Annotated[str, Meta(min_length=1, max_length=256)]
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Message(Struct, forbid_unknown_fields=True):
+    role: Role
+    content: str
+
+
+class ChatRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One chat completion. Give either `user_prompt` (with an optional `system_prompt`) or `messages`."""
+
+    chat_id: ChatId
+    user_prompt: NonEmptyStr | None = None
+    system_prompt: str | None = None
+    messages: Annotated[list[Message], Meta(min_length=1)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0)] = 0
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    stop: str | Annotated[list[NonEmptyStr], Meta(max_length=16)] | None = None
+    stream: bool = False
+    timeout: Annotated[float, Meta(gt=0.0)] | None = None
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatResponse(Struct, kw_only=True):
+    chat_id: str
+    response: str
+    finish_reason: FinishReason
+    usage: Usage
+    model: str
+
+
+class ChatChunk(Struct, kw_only=True, omit_defaults=True):
+    """One message of a stream. The last one has `done: true` (and the `Llmbus-Stream: end` header)."""
+
+    chat_id: str
+    delta: str
+    index: int
+    done: bool = False
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    model: str | None = None
+
+
+class BatchItemError(Struct, kw_only=True):
+    chat_id: str | None
+    error: str
+    code: int = 400
+
+
+class BatchRequest(Struct, forbid_unknown_fields=True):
+    queries: list[ChatRequest]
+
+
+class BatchResult(Struct, kw_only=True, omit_defaults=True):
+    """One entry of a batch answer: the fields of a ChatResponse, or `{chat_id, error, code}` for a failed query."""
+
+    chat_id: str | None
+    response: str | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    model: str | None = None
+    error: str | None = None
+    code: int | None = None
+
+    @classmethod
+    def ok(cls, r: ChatResponse) -> BatchResult:
+        return cls(chat_id=r.chat_id, response=r.response, finish_reason=r.finish_reason, usage=r.usage, model=r.model)
+
+    @classmethod
+    def failed(cls, e: BatchItemError) -> BatchResult:
+        return cls(chat_id=e.chat_id, error=e.error, code=e.code)
+
+
+class BatchResponse(Struct, kw_only=True, omit_defaults=True):
+    responses: list[BatchResult]
+    partial_success: bool = False
+    message: str | None = None
+
+
+class ErrorBody(Struct):
+    error: str
+    code: int
+
+
+class BatchEnvelope(Struct, forbid_unknown_fields=True):
+    """How a batch is decoded: each query stays raw so that one bad query fails alone."""
+
+    queries: list[msgspec.Raw]
