@@ -1,0 +1,215 @@
+"""Engine mechanics on a tiny random Llama (float32, so batched and solo greedy runs are bit-equal), and
+greedy equality with `model.generate` on the real SmolLM2."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
+from inference_worker.model_loader import LoadedModel, load_model
+from inference_worker.sampling_params import SamplingParams
+from inference_worker.sequence import Sequence, Status
+
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm: LoadedModel) -> LoadedModel:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model, smollm.tokenizer, "tiny", torch.device("cpu"), torch.float32, frozenset({2}), 1024)
+
+
+def prompt(loaded: LoadedModel, text: str) -> list[int]:
+    return loaded.encode_chat([{"role": "user", "content": text}])
+
+
+def solo(loaded: LoadedModel, ids: list[int], params: SamplingParams = GREEDY) -> Finished:
+    return LLMEngine(loaded, EngineConfig(max_batch_size=4)).generate([ids], params)[0]
+
+
+def run(engine: LLMEngine, until: int | None = None) -> dict[str, Finished]:
+    finished: dict[str, Finished] = {}
+    steps = 0
+    while engine.has_work() and (until is None or steps < until):
+        finished |= {e.request_id: e for e in engine.step() if isinstance(e, Finished)}
+        steps += 1
+    return finished
+
+
+def token_ids(engine_text: str, loaded: LoadedModel) -> list[int]:
+    return loaded.tokenizer(engine_text, add_special_tokens=False)["input_ids"]
+
+
+def test_greedy_matches_hf_generate_on_tiny_model(tiny: LoadedModel) -> None:
+    ids = prompt(tiny, "hello there")
+    out = tiny.model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    expected = tiny.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    assert solo(tiny, ids).text == expected
+
+
+def test_sequences_joining_mid_flight_match_their_solo_runs(tiny: LoadedModel) -> None:
+    prompts = [prompt(tiny, t) for t in ("first prompt", "a second, longer prompt than the first", "third")]
+    alone = [solo(tiny, p).text for p in prompts]
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4))
+    engine.add_request(Sequence("a", prompts[0], GREEDY))
+    done = run(engine, until=5)
+    engine.add_request(Sequence("b", prompts[1], GREEDY))
+    done |= run(engine, until=3)
+    engine.add_request(Sequence("c", prompts[2], GREEDY))
+    assert engine.num_running == 2 and engine.num_waiting == 1
+    done |= run(engine)
+    assert [done[k].text for k in "abc"] == alone
+    assert engine.stats.max_running == 3
+
+
+def test_a_row_leaving_mid_batch_does_not_disturb_the_others(tiny: LoadedModel) -> None:
+    prompts = [prompt(tiny, t) for t in ("one", "two two", "three three three", "four")]
+    lengths = [24, 5, 24, 24]
+    alone = [
+        solo(tiny, p, SamplingParams(max_tokens=n, ignore_eos=True)).text for p, n in zip(prompts, lengths, strict=True)
+    ]
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4))
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        engine.add_request(Sequence(str(i), p, SamplingParams(max_tokens=n, ignore_eos=True)))
+    done = run(engine, until=6)
+    assert set(done) == {"1"} and engine.num_running == 3
+    assert [s.request_id for s in engine.scheduler.running] == ["0", "3", "2"]  # the last row filled the hole
+    done |= run(engine)
+    assert [done[str(i)].text for i in range(4)] == alone
+
+
+def test_prefill_budget_bounds_how_many_newcomers_join_per_step(tiny: LoadedModel) -> None:
+    ids = prompt(tiny, "same prompt for everyone")
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=8, prefill_budget=2 * len(ids)))
+    for i in range(5):
+        engine.add_request(Sequence(str(i), ids, GREEDY))
+    engine.step()
+    assert engine.num_running == 2 and engine.num_waiting == 3
+    run(engine)
+    assert engine.stats.prefill_batch_sizes == {2: 2, 1: 1}
+
+
+def test_cancel_frees_the_slot_at_the_next_step(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4))
+    for i in range(3):
+        engine.add_request(Sequence(str(i), prompt(tiny, f"prompt {i}"), SamplingParams(max_tokens=100)))
+    engine.step()
+    assert engine.num_running == 3
+    cancelled = engine.cancel("1")
+    assert cancelled is not None and cancelled.finish_reason == "cancelled"
+    engine.step()
+    assert engine.num_running == 2
+    assert engine.stats.decode_batch_sizes[2] == 1
+
+
+def test_expired_deadline_is_answered_504_and_never_prefilled(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4))
+    engine.add_request(Sequence("late", prompt(tiny, "hi"), GREEDY, deadline=time.monotonic() - 1))
+    events = engine.step()
+    assert events == [Failed("late", 504, "deadline exceeded before generation started")]
+    assert engine.stats.prefill_forwards == 0 and not engine.has_work()
+
+
+def test_prompt_longer_than_context_is_an_error_and_max_tokens_is_cut_to_fit(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=2, max_seq_len=64))
+    failed = engine.add_request(Sequence("long", list(range(100, 200)), GREEDY))
+    assert isinstance(failed, Failed) and failed.code == 413 and "context window is 64" in failed.message
+    seq = Sequence("fits", list(range(100, 150)), SamplingParams(max_tokens=50, ignore_eos=True))
+    assert engine.add_request(seq) is None
+    done = run(engine)
+    assert done["fits"].completion_tokens == 14 and done["fits"].finish_reason == "length"
+
+
+def test_cache_grows_past_its_initial_capacity(tiny: LoadedModel) -> None:
+    ids = list(range(1000, 1300))
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=2))
+    assert engine.runner.cache.capacity == 256
+    result = engine.generate([ids], GREEDY)[0]
+    out = tiny.model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert result.text == tiny.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    assert engine.runner.cache.capacity == 512
+
+
+def test_same_seed_same_text_and_top_k_1_is_greedy(tiny: LoadedModel) -> None:
+    ids = prompt(tiny, "sample me")
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
+    first, second = solo(tiny, ids, seeded).text, solo(tiny, ids, seeded).text
+    other = solo(tiny, ids, SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True)).text
+    assert first == second
+    assert first != other
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4))
+    batched = engine.generate([prompt(tiny, "neighbour"), ids], [GREEDY, seeded])[1].text
+    assert batched == first
+    top1 = SamplingParams(max_tokens=16, temperature=1.5, top_k=1, ignore_eos=True)
+    nucleus = SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6, ignore_eos=True)
+    greedy = solo(tiny, ids, SamplingParams(max_tokens=16, ignore_eos=True)).text
+    assert solo(tiny, ids, top1).text == greedy == solo(tiny, ids, nucleus).text
+
+
+def test_stop_string_cuts_the_text_and_is_never_streamed(tiny: LoadedModel) -> None:
+    ids = prompt(tiny, "stop somewhere")
+    full = solo(tiny, ids).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"pick another prompt: {full!r}"
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=2))
+    engine.add_request(Sequence("s", ids, SamplingParams(max_tokens=24, stop=(stop,), ignore_eos=True), stream=True))
+    streamed, final = "", None
+    while engine.has_work():
+        for event in engine.step():
+            if isinstance(event, TokenDelta):
+                streamed += event.text
+            elif isinstance(event, Finished):
+                final = event
+    assert final is not None and final.finish_reason == "stop"
+    assert final.text == full[: full.index(stop)]
+    assert streamed == final.text
+
+
+def test_stream_deltas_concatenate_to_the_final_text(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=2))
+    engine.add_request(Sequence("s", prompt(tiny, "stream"), GREEDY, stream=True))
+    deltas: list[str] = []
+    final = None
+    while engine.has_work():
+        for event in engine.step():
+            if isinstance(event, TokenDelta):
+                deltas.append(event.text)
+            elif isinstance(event, Finished):
+                final = event
+    assert final is not None and "".join(deltas) == final.text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_engine_status_lifecycle(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=2))
+    seq = Sequence("x", prompt(tiny, "x"), SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.add_request(seq)
+    assert seq.status is Status.WAITING
+    engine.step()
+    assert seq.status is Status.FINISHED and seq.finish_reason == "length" and not engine.has_work()
+
+
+@pytest.mark.model
+def test_greedy_engine_equals_generate_on_smollm2() -> None:
+    loaded = load_model(dtype="float32")
+    prompts = [prompt(loaded, q) for q in ("What is the capital of France?", "Write one sentence about cats.")]
+    params = SamplingParams(max_tokens=20)
+    batched = LLMEngine(loaded, EngineConfig(max_batch_size=4)).generate(prompts, params)
+    for ids, result in zip(prompts, batched, strict=True):
+        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
+        assert result.text == loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    assert "Paris" in batched[0].text
