@@ -20,6 +20,7 @@ import torch
 
 from inference_worker.model_loader import LoadedModel
 from inference_worker.model_runner import ModelRunner
+from inference_worker.prefix_cache import PrefixCache
 from inference_worker.sampler import sample
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.scheduler import Scheduler
@@ -34,6 +35,8 @@ class EngineConfig:
     prefill_budget: int = 512
     max_seq_len: int = 2048
     max_wait_ms: float = 0.0
+    prefix_cache: bool = True
+    min_prefix_tokens: int = 8
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,6 +70,7 @@ class EngineStats:
     prefill_forwards: int = 0
     tokens_generated: int = 0
     prompt_tokens: int = 0
+    prefix_tokens_reused: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
     requests_cancelled: int = 0
@@ -83,6 +87,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer.backend_tokenizer
         self.runner = ModelRunner(loaded, self.config.max_batch_size, self.max_seq_len)
         self.scheduler = Scheduler(self.config.max_batch_size, self.config.prefill_budget)
+        self.prefix_cache = PrefixCache(min_len=self.config.min_prefix_tokens) if self.config.prefix_cache else None
         self.shared_generator = torch.Generator(loaded.device)
         self.stats = EngineStats()
         self._lock = threading.Lock()
@@ -136,28 +141,52 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[Event]:
+        return self.prefill() + self.decode()
+
+    def prefill(self) -> list[Event]:
+        """Admit waiting requests (bounded by the prefill budget) and run their prompts: each gets its first token.
+        A prompt whose shared prefix is cached starts after it."""
         events: list[Event] = []
         self._expire(time.monotonic(), events)
         newcomers = self.scheduler.admit()
-        if newcomers:
-            first = newcomers[0].slot
-            logits = self.runner.forward(first, [s.prompt_ids for s in newcomers], [0] * len(newcomers))
-            self._advance(newcomers, logits, events)
-            with self._lock:
-                self.stats.prefill_forwards += 1
-                self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in newcomers)
-                _bump(self.stats.prefill_batch_sizes, len(newcomers))
-            self._release()
-        running = self.scheduler.running
-        if running:
-            logits = self.runner.forward(0, [[s.last_token] for s in running], [s.num_cached_tokens for s in running])
-            self._advance(running, logits, events)
-            with self._lock:
-                self.stats.decode_steps += 1
-                self.stats.max_running = max(self.stats.max_running, len(running))
-                _bump(self.stats.decode_batch_sizes, len(running))
-            self._release()
+        if not newcomers:
+            return events
+        starts = [self._reuse_prefix(seq) for seq in newcomers]
+        chunks = [seq.prompt_ids[start:] for seq, start in zip(newcomers, starts, strict=True)]
+        logits = self.runner.forward(newcomers[0].slot, chunks, starts)
+        for seq, start in zip(newcomers, starts, strict=True):
+            if start == 0 and self.prefix_cache is not None and self.prefix_cache.wants(seq.prefix):
+                self.prefix_cache.put(seq.prefix, self.runner.cache.read_prefix(seq.slot, seq.prefix_len))
+        self._advance(newcomers, logits, events)
+        with self._lock:
+            self.stats.prefill_forwards += 1
+            self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in newcomers)
+            self.stats.prefix_tokens_reused += sum(starts)
+            _bump(self.stats.prefill_batch_sizes, len(newcomers))
+        self._release()
         return events
+
+    def decode(self) -> list[Event]:
+        """One token for every running row, in one forward."""
+        events: list[Event] = []
+        running = self.scheduler.running
+        if not running:
+            return events
+        logits = self.runner.forward(0, [[s.last_token] for s in running], [s.num_cached_tokens for s in running])
+        self._advance(running, logits, events)
+        with self._lock:
+            self.stats.decode_steps += 1
+            self.stats.max_running = max(self.stats.max_running, len(running))
+            _bump(self.stats.decode_batch_sizes, len(running))
+        self._release()
+        return events
+
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        kv = self.prefix_cache.get(seq.prefix) if seq.prefix_len and self.prefix_cache is not None else None
+        if kv is None:
+            return 0
+        self.runner.cache.write_prefix(seq.slot, kv)
+        return seq.prefix_len
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor, events: list[Event]) -> None:
         tokens = sample(logits, seqs, self.shared_generator)
@@ -217,6 +246,7 @@ class LLMEngine:
                 "prefill_forwards": s.prefill_forwards,
                 "tokens_generated": s.tokens_generated,
                 "prompt_tokens": s.prompt_tokens,
+                "prefix_tokens_reused": s.prefix_tokens_reused,
                 "requests_finished": s.requests_finished,
                 "requests_failed": s.requests_failed,
                 "requests_cancelled": s.requests_cancelled,
@@ -292,14 +322,15 @@ class EngineThread:
                 while engine.num_waiting < engine.config.max_batch_size and (left := deadline - time.monotonic()) > 0:
                     if not self._take(events, block=True, timeout=left):
                         return
-            if engine.has_work():
+            for phase in (engine.prefill, engine.decode):
                 try:
-                    events += engine.step()
+                    events += phase()
                 except Exception as exc:  # a bug must not kill the worker: fail what is in flight and go on
                     log.error("engine step failed:\n%s", traceback.format_exc())
                     events += engine.fail_all(500, f"internal engine error: {exc!r}")
-            if events:
-                self.sink(events)
+                if events:
+                    self.sink(events)
+                    events = []
 
     def _take(self, events: list[Event], block: bool, timeout: float | None = None) -> bool:
         """Apply every queued command (waiting for one if `block`); False once asked to stop."""

@@ -69,6 +69,19 @@ class SlotKVCache:
         values[self._row_index, :, self._columns] = value_states.transpose(1, 2)
         return keys[:, :, : self._kv_len], values[:, :, : self._kv_len]
 
+    def read_prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (k[row, :, :length].clone(), v[row, :, :length].clone())
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
+
+    def write_prefix(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        length = kv[0][0].shape[1]
+        self.ensure_capacity(length)
+        for (k, v), keys, values in zip(kv, self.keys, self.values, strict=True):
+            keys[row, :, :length] = k
+            values[row, :, :length] = v
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         for cache in (self.keys, self.values):
             for layer in cache:

@@ -42,8 +42,19 @@ class LoadedModel:
     max_context: int
 
     def encode_chat(self, turns: list[dict[str, str]]) -> list[int]:
+        return self.encode_chat_with_prefix(turns)[0]
+
+    def encode_chat_with_prefix(self, turns: list[dict[str, str]]) -> tuple[list[int], int]:
+        """Prompt tokens of a conversation, and how many of them precede the last message's content: a prefix
+        that other requests with the same system prompt (or the same earlier turns) share."""
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        boundary = text.rfind(turns[-1]["content"]) if turns[-1]["content"] else -1
+        if boundary <= 0:
+            return ids, 0
+        prefix = self.tokenizer(text[:boundary], add_special_tokens=False)["input_ids"]
+        shared = len(prefix) if len(prefix) < len(ids) and ids[: len(prefix)] == prefix else 0
+        return ids, shared
 
 
 def cache_root() -> Path:

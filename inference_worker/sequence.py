@@ -30,6 +30,7 @@ class Sequence:
     params: SamplingParams
     stream: bool = False
     deadline: float | None = None
+    prefix_len: int = 0
     seq_id: int = field(default_factory=itertools.count().__next__)
     status: Status = Status.WAITING
     completion_ids: list[int] = field(default_factory=list)
@@ -51,6 +52,10 @@ class Sequence:
     @property
     def num_cached_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids) - 1
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        return tuple(self.prompt_ids[: self.prefix_len])
 
     @property
     def last_token(self) -> int:

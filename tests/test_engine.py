@@ -213,3 +213,21 @@ def test_greedy_engine_equals_generate_on_smollm2() -> None:
         out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
         assert result.text == loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
     assert "Paris" in batched[0].text
+
+
+def test_shared_prefix_is_reused_and_changes_nothing(tiny: LoadedModel) -> None:
+    turns = [
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": q}]
+        for q in ("first question", "second question, a bit longer")
+    ]
+    encoded = [tiny.encode_chat_with_prefix(t) for t in turns]
+    (first_ids, prefix_len), (second_ids, second_prefix_len) = encoded
+    assert prefix_len == second_prefix_len > 8 and first_ids[:prefix_len] == second_ids[:prefix_len]
+    without = LLMEngine(tiny, EngineConfig(prefix_cache=False)).generate([first_ids, second_ids], GREEDY)
+    engine = LLMEngine(tiny, EngineConfig())
+    results = []
+    for i, (ids, n) in enumerate(encoded):
+        engine.add_request(Sequence(str(i), ids, GREEDY, prefix_len=n))
+        results.append(run(engine)[str(i)].text)
+    assert engine.stats.prefix_tokens_reused == prefix_len
+    assert results == [r.text for r in without]
