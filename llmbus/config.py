@@ -52,6 +52,10 @@ class Config:
     api_keys: list[str] = _opt(None, "API key the bridge requires (repeatable); none: no auth", factory=list)
     api_key_file: str | None = _opt(None, "file with one API key per line")
     durable: bool = _opt(False, "send requests through the JetStream work queue (survives worker loss)")
+    jobs_ack_wait: float = _opt(30.0, "durable jobs: seconds without an ack before JetStream redelivers a job")
+    jobs_max_deliver: int = _opt(3, "durable jobs: deliveries that may run a job before it fails with an error")
+    jobs_max_age: float = _opt(3600.0, "durable jobs: seconds a queued job is kept before JetStream drops it")
+    jobs_max_msgs: int = _opt(10000, "durable jobs: most jobs queued; beyond it new jobs are refused")
     # local stack
     nats_port: int = _opt(4222, "port of the embedded nats-server that `llmbus up` starts")
 

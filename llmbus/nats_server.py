@@ -8,13 +8,37 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 
 class NatsServerError(RuntimeError):
     pass
+
+
+class LogTail:
+    """Reads a process's stderr in a thread so its pipe never fills, keeping the last lines for error messages."""
+
+    def __init__(self, max_lines: int = 20) -> None:
+        self.lines: deque[str] = deque(maxlen=max_lines)
+
+    @classmethod
+    def follow(cls, stream: IO[bytes] | None) -> LogTail:
+        tail = cls()
+        if stream is not None:
+            threading.Thread(target=tail._read, args=(stream,), name="nats-server-log", daemon=True).start()
+        return tail
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            self.lines.append(raw.decode(errors="replace").rstrip())
+
+    def describe(self) -> str:
+        return ":\n  " + "\n  ".join(self.lines) if self.lines else ""
 
 
 def nats_server_binary() -> str:
@@ -35,7 +59,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could listen on `port`. SO_REUSEADDR, as nats-server itself uses, so that connections
+    left in TIME_WAIT by a server that just stopped do not make its own port look taken on a restart."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -71,6 +98,7 @@ class NatsServer:
     cluster_port: int | None = None
     cluster_routes: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
+    log_tail: LogTail = field(default_factory=LogTail)
     _tmp: tempfile.TemporaryDirectory | None = None
 
     @property
@@ -97,23 +125,41 @@ class NatsServer:
             args += ["--cluster_name", self.cluster_name, "--cluster", f"nats://{self.host}:{self.cluster_port}"]
             if self.cluster_routes:
                 args += ["--routes", ",".join(self.cluster_routes)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_port(self.port, self.host, timeout, self.proc)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.log_tail = LogTail.follow(self.proc.stderr)
+        try:
+            wait_for_port(self.port, self.host, timeout, self.proc)
+        except NatsServerError as exc:
+            self.halt(kill=True)
+            raise NatsServerError(f"{exc}{self.log_tail.describe()}") from None
         return self
 
     def stop(self) -> None:
+        self.halt()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+            self.store_dir = None
+
+    def halt(self, kill: bool = False) -> None:
+        """Stop the process but keep the port and the JetStream store, so that `start()` brings the same server back.
+        `kill` sends SIGKILL (a crash: clients see the connection drop) instead of SIGTERM."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-            self.store_dir = None
+
+    def restart(self, kill: bool = False, timeout: float = 10.0) -> NatsServer:
+        """The same server again on the same port and store (a server restart as clients see it)."""
+        self.halt(kill)
+        return self.start(timeout)
 
     def __enter__(self) -> NatsServer:
         return self.start()

@@ -1,0 +1,145 @@
+"""The `llmbus` command: parses arguments and dispatches. The work lives in stack.py, schemas/export.py and bench.py."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from llmbus import __version__
+from llmbus.config import ENV_PREFIX, Config, add_arguments
+from llmbus.stack import Part, run_stack
+
+GATEWAY_ONLY_FIELDS = ("http_host", "http_port", "request_timeout", "api_keys", "api_key_file")
+BUS_FIELDS = ("nats_url", "subject_prefix", "queue_group", "durable")
+STACK_ONLY_FIELDS = ("nats_port",)
+
+ALL_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+WORKER_FIELDS = tuple(name for name in ALL_FIELDS if name not in GATEWAY_ONLY_FIELDS + STACK_ONLY_FIELDS)
+GATEWAY_FIELDS = tuple(name for name in ALL_FIELDS if name in BUS_FIELDS + GATEWAY_ONLY_FIELDS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmbus",
+        description="LLM chat inference over NATS. Every flag also reads from LLMBUS_<NAME> (e.g. LLMBUS_HTTP_PORT).",
+    )
+    parser.add_argument("--version", action="version", version=f"llmbus {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up", help="run nats-server, one worker and the HTTP bridge on loopback", description=UP_DESCRIPTION
+    )
+    add_arguments(up, ALL_FIELDS)
+    up.add_argument(
+        "--nats-store-dir", default=None, help="JetStream storage directory (default: a temporary one, removed on exit)"
+    )
+    add_logging_argument(up)
+
+    worker = commands.add_parser("worker", help="run one inference worker against an existing NATS server")
+    add_arguments(worker, WORKER_FIELDS)
+    add_logging_argument(worker)
+
+    gateway = commands.add_parser("gateway", help="run the HTTP bridge against an existing NATS server")
+    add_arguments(gateway, GATEWAY_FIELDS)
+    add_logging_argument(gateway)
+
+    schema = commands.add_parser("schema", help="print the JSON Schemas of the wire messages, or write them")
+    schema.add_argument("--out", type=Path, default=None, help="write one <message>.schema.json per message here")
+
+    commands.add_parser("bench", help="benchmark a running stack (`llmbus bench --help` for its flags)", add_help=False)
+    return parser
+
+
+UP_DESCRIPTION = (
+    "Start an embedded nats-server (JetStream on), one worker and the HTTP bridge in one process, all on loopback. "
+    "With --nats-url (or LLMBUS_NATS_URL) it joins that server instead of starting one. Ctrl-C or SIGTERM stops all."
+)
+
+
+def add_logging_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        default=os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "INFO").upper(),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the stderr log (env LLMBUS_LOG_LEVEL; default INFO)",
+    )
+
+
+def uses_existing_nats(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return args.nats_url is not None or f"{ENV_PREFIX}NATS_URL" in env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return bench_command(argv[1:])
+    args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+    return command(args)
+
+
+def up_command(args: argparse.Namespace) -> int:
+    return serve(args, ["worker", "gateway"], embedded_nats=not uses_existing_nats(args))
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    return serve(args, ["worker"])
+
+
+def gateway_command(args: argparse.Namespace) -> int:
+    return serve(args, ["gateway"])
+
+
+def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = False) -> int:
+    try:
+        config = Config.load(args)
+    except (ValueError, TypeError) as exc:
+        print(f"llmbus: error: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store_dir = getattr(args, "nats_store_dir", None)
+    return asyncio.run(run_stack(config, parts, embedded_nats, store_dir))
+
+
+def schema_command(args: argparse.Namespace) -> int:
+    from schemas.export import json_schemas, write_json_schemas
+
+    if args.out is None:
+        print(json.dumps(json_schemas(), indent=2, sort_keys=True))
+        return 0
+    for path in write_json_schemas(args.out):
+        print(path)
+    return 0
+
+
+def bench_command(argv: list[str]) -> int:
+    try:
+        bench = importlib.import_module("llmbus.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name == "llmbus.bench":
+            print("llmbus: error: this version has no benchmark (llmbus/bench.py is missing)", file=sys.stderr)
+        else:
+            print(f"llmbus: error: the benchmark needs {exc.name}: pip install 'llmbus[bench]'", file=sys.stderr)
+        return 2
+    return bench.main(argv) or 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "up": up_command,
+    "worker": worker_command,
+    "gateway": gateway_command,
+    "schema": schema_command,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Run llmbus parts in one asyncio process until SIGINT/SIGTERM: an embedded nats-server, workers, the HTTP bridge.
+
+`llmbus up` runs all three on loopback; `llmbus worker` and `llmbus gateway` run one part against an existing server.
+Every part follows one contract: `run(config, stop, ready)` serves until `stop` is set, then drains and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
+
+from llmbus.config import Config
+from llmbus.nats_server import NatsServer, NatsServerError, port_is_free
+
+Part = Literal["worker", "gateway"]
+PartRunner = Callable[[Config, asyncio.Event, asyncio.Event | None], Awaitable[None]]
+
+SHUTDOWN_MARGIN_S = 15.0
+STARTING_GRACE_S = 5.0
+NATS_POLL_INTERVAL_S = 0.5
+
+log = logging.getLogger("llmbus.stack")
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def announce(line: str) -> None:
+    print(f"llmbus: {line}", flush=True)
+
+
+def fail(message: str) -> None:
+    print(f"llmbus: error: {message}", file=sys.stderr, flush=True)
+
+
+def part_runner(part: Part) -> PartRunner:
+    """Imported on demand, so that a gateway-only process never loads torch."""
+    try:
+        if part == "worker":
+            from inference_worker.service import run_worker
+
+            return run_worker
+        from bus_gateway.app import run_gateway
+
+        return run_gateway
+    except ImportError as exc:
+        raise StackError(f"cannot load the {part}: {exc}") from exc
+
+
+def describe_ready(part: Part, config: Config) -> str:
+    if part == "gateway":
+        return f"HTTP  http://{config.http_host}:{config.http_port}"
+    prefix = config.subject_prefix
+    return f"worker  {prefix}.chat, {prefix}.chat.batched (queue group {config.queue_group})"
+
+
+async def run_stack(
+    config: Config, parts: Sequence[Part], embedded_nats: bool = False, nats_store_dir: str | None = None
+) -> int:
+    """Serve `parts` until a signal arrives; with `embedded_nats`, start nats-server on config.nats_port first.
+
+    Returns the process exit code: 0 after a clean stop, 1 when something failed to start or stopped on its own.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled_signals = install_signal_handlers(loop, stop)
+    server: NatsServer | None = None
+    try:
+        if "gateway" in parts:
+            check_http_port_is_free(config)
+        if embedded_nats:
+            server = NatsServer(port=config.nats_port, store_dir=nats_store_dir)
+            await asyncio.to_thread(server.start)
+            config = dataclasses.replace(config, nats_url=server.url)
+            announce(f"NATS  {server.url}")
+        if stop.is_set():
+            return 0
+        return await serve_parts(config, parts, stop, server)
+    except (NatsServerError, StackError) as exc:
+        fail(str(exc))
+        return 1
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        for sig in handled_signals:
+            loop.remove_signal_handler(sig)
+
+
+def check_http_port_is_free(config: Config) -> None:
+    if not port_is_free(config.http_port, config.http_host):
+        raise StackError(
+            f"HTTP port {config.http_port} on {config.http_host} is already in use: pick another with --http-port"
+        )
+
+
+def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> list[signal.Signals]:
+    def on_signal() -> None:
+        if not stop.is_set():
+            announce("stopping")
+            stop.set()
+
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (NotImplementedError, RuntimeError):
+            continue
+        handled.append(sig)
+    return handled
+
+
+async def serve_parts(config: Config, parts: Sequence[Part], stop: asyncio.Event, server: NatsServer | None) -> int:
+    runners = {part: part_runner(part) for part in parts}
+    ready = {part: asyncio.Event() for part in parts}
+    tasks = {
+        part: asyncio.create_task(runner(config, stop, ready[part]), name=f"llmbus-{part}")
+        for part, runner in runners.items()
+    }
+    announcer = asyncio.create_task(announce_when_ready(parts, ready, config))
+    stop_signal = asyncio.create_task(stop.wait())
+    nats_exit = asyncio.create_task(watch_nats_server(server))
+    try:
+        await asyncio.wait([stop_signal, nats_exit, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
+        ended_early = sorted(part for part, task in tasks.items() if task.done())
+        stop.set()
+        clean = await stop_parts(tasks, ready, config.drain_timeout + SHUTDOWN_MARGIN_S)
+    finally:
+        for task in (announcer, stop_signal, nats_exit):
+            task.cancel()
+    for part in ended_early:
+        if not tasks[part].cancelled() and tasks[part].exception() is None:
+            fail(f"the {part} stopped on its own before a stop signal")
+    if nats_exit.done() and not nats_exit.cancelled():
+        fail(nats_exit.result())
+    return 0 if clean and not ended_early and not nats_exit.done() else 1
+
+
+async def announce_when_ready(parts: Sequence[Part], ready: dict[Part, asyncio.Event], config: Config) -> None:
+    for part in parts:
+        await ready[part].wait()
+        announce(describe_ready(part, config))
+    announce("ready")
+
+
+async def watch_nats_server(server: NatsServer | None) -> str:
+    """Returns (a message) only when an embedded nats-server exits while the parts still need it."""
+    if server is None or server.proc is None:
+        await asyncio.Event().wait()
+    proc = server.proc
+    while proc.poll() is None:
+        await asyncio.sleep(NATS_POLL_INTERVAL_S)
+    return f"nats-server exited unexpectedly with code {proc.returncode}{server.log_tail.describe()}"
+
+
+async def stop_parts(tasks: dict[Part, asyncio.Task[None]], ready: dict[Part, asyncio.Event], timeout: float) -> bool:
+    """Wait for every part to drain, cancelling one still draining after `timeout`. True when all stopped cleanly.
+
+    A part that never became ready holds no requests (it may be stuck connecting), so it gets only a short grace.
+    """
+    starting = {part: task for part, task in tasks.items() if not ready[part].is_set()}
+    for part in await cancel_after(starting, STARTING_GRACE_S):
+        log.info("the %s was still starting and was cancelled", part)
+    draining = {part: task for part, task in tasks.items() if part not in starting}
+    stuck = await cancel_after(draining, timeout)
+    for part in stuck:
+        fail(f"the {part} did not stop within {timeout:.0f}s and was cancelled")
+    clean = not stuck
+    for part, task in tasks.items():
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the %s failed", part, exc_info=task.exception())
+            fail(f"the {part} failed: {task.exception()!r}")
+            clean = False
+    return clean
+
+
+async def cancel_after(tasks: dict[Part, asyncio.Task[None]], timeout: float) -> list[Part]:
+    """Wait up to `timeout` for `tasks`; cancel (and await) the ones still running, and name them."""
+    if not tasks:
+        return []
+    _, pending = await asyncio.wait(tasks.values(), timeout=timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=SHUTDOWN_MARGIN_S)
+    return [part for part, task in tasks.items() if task in pending]
