@@ -145,31 +145,41 @@ class LLMEngine:
 
     def prefill(self) -> list[Event]:
         """Admit waiting requests (bounded by the prefill budget) and run their prompts: each gets its first token.
-        A prompt whose shared prefix is cached starts after it."""
+        A prompt whose shared prefix is cached starts after it; one longer than the budget runs in chunks."""
         events: list[Event] = []
         self._expire(time.monotonic(), events)
-        newcomers = self.scheduler.admit()
-        if not newcomers:
+        batch = self.scheduler.admit()
+        if not batch:
             return events
-        starts = [self._reuse_prefix(seq) for seq in newcomers]
-        chunks = [seq.prompt_ids[start:] for seq, start in zip(newcomers, starts, strict=True)]
-        logits = self.runner.forward(newcomers[0].slot, chunks, starts)
-        for seq, start in zip(newcomers, starts, strict=True):
-            if start == 0 and self.prefix_cache is not None and self.prefix_cache.wants(seq.prefix):
-                self.prefix_cache.put(seq.prefix, self.runner.cache.read_prefix(seq.slot, seq.prefix_len))
-        self._advance(newcomers, logits, events)
+        reused = 0
+        for seq in batch:
+            if seq.num_prefilled == 0:
+                seq.num_prefilled = self._reuse_prefix(seq)
+                reused += seq.num_prefilled
+        chunks = [seq.prompt_ids[seq.num_prefilled :] for seq in batch]
+        if len(batch) == 1:
+            chunks[0] = chunks[0][: self.config.prefill_budget]
+        logits = self.runner.forward(batch[0].slot, chunks, [seq.num_prefilled for seq in batch])
+        for seq, chunk in zip(batch, chunks, strict=True):
+            seq.num_prefilled += len(chunk)
+            self._remember_prefix(seq)
+        done = [row for row, seq in enumerate(batch) if seq.prefill_done]
+        self.scheduler.partial = None if len(done) == len(batch) else batch[-1]
+        if done:
+            self._advance([batch[row] for row in done], logits[done], events)
         with self._lock:
             self.stats.prefill_forwards += 1
-            self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in newcomers)
-            self.stats.prefix_tokens_reused += sum(starts)
-            _bump(self.stats.prefill_batch_sizes, len(newcomers))
+            self.stats.prompt_tokens += sum(map(len, chunks)) + reused
+            self.stats.prefix_tokens_reused += reused
+            if done:
+                _bump(self.stats.prefill_batch_sizes, len(done))
         self._release()
         return events
 
     def decode(self) -> list[Event]:
-        """One token for every running row, in one forward."""
+        """One token for every running row whose prompt is complete, in one forward."""
         events: list[Event] = []
-        running = self.scheduler.running
+        running = self.scheduler.decoding
         if not running:
             return events
         logits = self.runner.forward(0, [[s.last_token] for s in running], [s.num_cached_tokens for s in running])
@@ -182,11 +192,20 @@ class LLMEngine:
         return events
 
     def _reuse_prefix(self, seq: Sequence) -> int:
-        kv = self.prefix_cache.get(seq.prefix) if seq.prefix_len and self.prefix_cache is not None else None
+        reusable = 0 < seq.prefix_len < seq.num_prompt_tokens and self.prefix_cache is not None
+        kv = self.prefix_cache.get(seq.prefix) if reusable else None
         if kv is None:
             return 0
         self.runner.cache.write_prefix(seq.slot, kv)
         return seq.prefix_len
+
+    def _remember_prefix(self, seq: Sequence) -> None:
+        if (
+            self.prefix_cache is not None
+            and seq.num_prefilled >= seq.prefix_len
+            and self.prefix_cache.wants(seq.prefix)
+        ):
+            self.prefix_cache.put(seq.prefix, self.runner.cache.read_prefix(seq.slot, seq.prefix_len))
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor, events: list[Event]) -> None:
         tokens = sample(logits, seqs, self.shared_generator)
@@ -232,6 +251,7 @@ class LLMEngine:
             seq.finish("cancelled")
             events.append(Failed(seq.request_id, code, message))
         self.scheduler.waiting.clear()
+        self.scheduler.partial = None
         self._release()
         self.stats.requests_failed += len(events)
         return events

@@ -39,6 +39,7 @@ class SlotKVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    @torch.inference_mode()
     def ensure_capacity(self, length: int) -> None:
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens exceeds the cache's {self.max_len}")
@@ -69,12 +70,14 @@ class SlotKVCache:
         values[self._row_index, :, self._columns] = value_states.transpose(1, 2)
         return keys[:, :, : self._kv_len], values[:, :, : self._kv_len]
 
+    @torch.inference_mode()
     def read_prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [
             (k[row, :, :length].clone(), v[row, :, :length].clone())
             for k, v in zip(self.keys, self.values, strict=True)
         ]
 
+    @torch.inference_mode()
     def write_prefix(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         length = kv[0][0].shape[1]
         self.ensure_capacity(length)
@@ -82,6 +85,7 @@ class SlotKVCache:
             keys[row, :, :length] = k
             values[row, :, :length] = v
 
+    @torch.inference_mode()
     def move_row(self, src: int, dst: int, length: int) -> None:
         for cache in (self.keys, self.values):
             for layer in cache:

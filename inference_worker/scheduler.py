@@ -8,9 +8,11 @@ from inference_worker.sequence import Sequence, Status
 class Scheduler:
     """FIFO admission into a running batch of at most `max_batch_size` rows.
 
-    `running[i]` is the sequence in cache slot i, so the live rows are always `[0, len(running))`.
-    Each step admits waiting sequences while the padded prefill cost (rows x longest prompt) fits
-    `prefill_budget`, so newcomers never stall the running rows for longer than one bounded prefill.
+    `running[i]` is the sequence in cache slot i, so the live rows are always `[0, len(running))`. The rows
+    that decode come first; after them sits at most one `partial` row whose prompt is still being prefilled
+    in chunks. Each step admits waiting sequences while the padded prefill cost (rows x longest prompt) fits
+    `prefill_budget`; a prompt longer than the budget is admitted alone and prefilled `prefill_budget` tokens
+    per step, so newcomers never stall the running rows for longer than one bounded prefill.
     """
 
     def __init__(self, max_batch_size: int, prefill_budget: int) -> None:
@@ -18,23 +20,32 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.partial: Sequence | None = None
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    @property
+    def decoding(self) -> list[Sequence]:
+        return self.running[:-1] if self.partial is not None else self.running
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
+        """The rows to prefill this step, in slot order: the partial row, or newly admitted ones."""
+        if self.partial is not None:
+            return [self.partial]
         batch: list[Sequence] = []
         width = 0
         while self.waiting and len(self.running) + len(batch) < self.max_batch_size:
-            candidate = self.waiting[0]
-            new_width = max(width, candidate.num_prompt_tokens)
+            new_width = max(width, self.waiting[0].num_prompt_tokens)
             if batch and new_width * (len(batch) + 1) > self.prefill_budget:
                 break
             batch.append(self.waiting.popleft())
             width = new_width
+            if width > self.prefill_budget:
+                break
         for seq in batch:
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
@@ -42,7 +53,11 @@ class Scheduler:
         return batch
 
     def release_finished(self) -> list[tuple[Sequence, int, int]]:
-        """Drop finished rows, filling each hole with the last row. Returns the (seq, src, dst) row moves."""
+        """Drop finished rows, filling each hole with the last decoding row, and keep the partial row last.
+        Returns the (seq, src, dst) row moves the KV cache must copy."""
+        partial = self.partial
+        if partial is not None:
+            self.running.pop()
         moves = []
         slot = 0
         while slot < len(self.running):
@@ -54,6 +69,13 @@ class Scheduler:
                 moves.append((last, last.slot, slot))
                 last.slot = slot
                 self.running[slot] = last
+        if partial is not None and partial.status is Status.FINISHED:
+            self.partial = None
+        elif partial is not None:
+            if partial.slot != len(self.running):
+                moves.append((partial, partial.slot, len(self.running)))
+                partial.slot = len(self.running)
+            self.running.append(partial)
         return moves
 
     def find(self, request_id: str) -> Sequence | None:

@@ -34,6 +34,7 @@ class Sequence:
     seq_id: int = field(default_factory=itertools.count().__next__)
     status: Status = Status.WAITING
     completion_ids: list[int] = field(default_factory=list)
+    num_prefilled: int = 0
     slot: int = -1
     text: str = ""
     num_emitted_chars: int = 0
@@ -51,7 +52,11 @@ class Sequence:
 
     @property
     def num_cached_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.completion_ids) - 1
+        return self.num_prefilled + max(0, len(self.completion_ids) - 1)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_prefilled == len(self.prompt_ids)
 
     @property
     def prefix(self) -> tuple[int, ...]:

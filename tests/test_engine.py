@@ -231,3 +231,36 @@ def test_shared_prefix_is_reused_and_changes_nothing(tiny: LoadedModel) -> None:
         results.append(run(engine)[str(i)].text)
     assert engine.stats.prefix_tokens_reused == prefix_len
     assert results == [r.text for r in without]
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(tiny: LoadedModel) -> None:
+    long_prompt = list(range(2000, 2300))
+    short = prompt(tiny, "short one")
+    expected_long, expected_short = solo(tiny, long_prompt).text, solo(tiny, short).text
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, prefill_budget=64))
+    engine.add_request(Sequence("short", short, GREEDY))
+    engine.step()
+    engine.add_request(Sequence("long", long_prompt, GREEDY))
+    progress = []
+    done: dict[str, Finished] = {}
+    while engine.scheduler.find("long") is not None and not engine.scheduler.find("long").prefill_done:
+        done |= {e.request_id: e for e in engine.step() if isinstance(e, Finished)}
+        progress.append(
+            (engine.scheduler.find("long").num_prefilled, engine.scheduler.find("short").num_completion_tokens)
+        )
+    assert [p for p, _ in progress] == [64, 128, 192, 256, 300]
+    assert [n for _, n in progress] == [3, 4, 5, 6, 7]  # the short request gained a token at every step
+    done |= run(engine)
+    assert done["long"].text == expected_long and done["short"].text == expected_short
+
+
+def test_cancelling_a_partly_prefilled_prompt_frees_its_row(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, prefill_budget=32))
+    engine.add_request(Sequence("a", prompt(tiny, "a"), GREEDY))
+    engine.add_request(Sequence("long", list(range(3000, 3100)), GREEDY))
+    engine.step()
+    engine.step()
+    assert engine.scheduler.partial is not None and engine.scheduler.partial.request_id == "long"
+    engine.cancel("long")
+    engine.step()
+    assert engine.scheduler.partial is None and [s.request_id for s in engine.scheduler.running] == ["a"]

@@ -27,16 +27,17 @@ async def ask(
     return (msg.headers or {}), json.loads(msg.data)
 
 
-async def stats(nc: NATS, service: str = "llm-inference") -> list[dict]:
-    """STATS `data` of every worker (micro answers once per instance)."""
+async def stats(nc: NATS, subject: str = "llm.chat") -> list[dict]:
+    """STATS `data` of every worker serving `subject` (micro answers once per instance)."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    await nc.publish(f"$SRV.STATS.{service}", b"", reply=inbox)
+    await nc.publish("$SRV.STATS.llm-inference", b"", reply=inbox)
     replies = []
     try:
         while True:
-            msg = await sub.next_msg(timeout=0.5)
-            replies.append(json.loads(msg.data)["endpoints"][0]["data"])
+            endpoint = json.loads((await sub.next_msg(timeout=0.5)).data)["endpoints"][0]
+            if endpoint["subject"] == subject:
+                replies.append(endpoint["data"])
     except TimeoutError:
         pass
     await sub.unsubscribe()
@@ -163,7 +164,8 @@ async def test_concurrent_clients_share_decode_batches(nats_server: NatsServer, 
 
         answers = await asyncio.gather(*(one(clients[i % 4], i) for i in range(12)))
         assert sorted(a["chat_id"] for a in answers) == sorted(f"c{i}" for i in range(12))
-        data = next(d for d in await stats(clients[0]) if d["requests_finished"] >= 12)
+        [data] = await stats(clients[0], "batching.chat")
+        assert data["requests_finished"] == 12
         assert data["max_running"] >= 8, data
         assert max(int(size) for size in data["prefill_batch_sizes"]) >= 4, data
         assert sum(n for size, n in data["decode_batch_sizes"].items() if int(size) > 1) > 0
@@ -264,8 +266,8 @@ async def test_two_workers_in_one_queue_group_both_serve(
             )
         )
         assert all(ERROR_CODE not in headers for headers, _ in answers)
-        per_worker = [d["requests_finished"] for d in await stats(nc) if d["requests_finished"]]
-        assert len(per_worker) >= 2 and all(n > 0 for n in per_worker)
+        per_worker = [d["requests_finished"] for d in await stats(nc, "pair.chat")]
+        assert len(per_worker) == 2 and all(n > 0 for n in per_worker) and sum(per_worker) == 16
     finally:
         await asyncio.gather(first.shutdown(), second.shutdown())
 
