@@ -43,9 +43,11 @@ def decode(data: bytes, type_: type[T], kind: str = JSON) -> T | WireError:
         return msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as exc:
         return WireError(400, f"invalid request: {exc}")
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         name = "MessagePack" if kind == MSGPACK else "JSON"
         return WireError(400, f"malformed {name}: {exc}")
+    except RecursionError:
+        return WireError(400, "malformed request: nested too deeply")
 
 
 def check_chat_request(request: ChatRequest) -> WireError | None:
@@ -87,7 +89,7 @@ def raw_chat_id(data: bytes, kind: str = JSON) -> str | None:
     """Best-effort `chat_id` of a query that failed to decode, so its error can still be matched."""
     try:
         obj = msgspec.msgpack.decode(data) if kind == MSGPACK else msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     value = obj.get("chat_id") if isinstance(obj, dict) else None
     return value if isinstance(value, str) else None

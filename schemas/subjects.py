@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "llm"
@@ -17,6 +18,16 @@ STREAM_CHUNK = "chunk"
 STREAM_END = "end"
 ERROR = "Nats-Service-Error"
 ERROR_CODE = "Nats-Service-Error-Code"
+REPLY_TO = "Llmbus-Reply-To"
+NATS_STATUS = "Status"
+NO_RESPONDERS = "503"
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def valid_request_id(request_id: str) -> bool:
+    """A request id is one NATS subject token (it names `<prefix>.cancel.<id>`): 1-128 of A-Z a-z 0-9 _ -."""
+    return REQUEST_ID_PATTERN.match(request_id) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +47,8 @@ class Subjects:
         return f"{self.prefix}.cancel.*"
 
     def cancel(self, request_id: str) -> str:
+        if not valid_request_id(request_id):
+            raise ValueError(f"invalid request id {request_id!r}: use 1-128 characters from A-Z a-z 0-9 _ -")
         return f"{self.prefix}.cancel.{request_id}"
 
     @property
