@@ -1,0 +1,266 @@
+"""The HTTP bridge: a Litestar app over a `BusClient`, served by uvicorn.
+
+Routes: `POST /chat`, `POST /chat/batched` (chat_api), `POST /v1/chat/completions`, `GET /v1/models` (openai_api),
+`GET /healthz` (bridge up and NATS connected), `GET /readyz` (a worker answers `$SRV.PING`), `GET /openapi.json`
+(and a Swagger UI at `/docs`). With API keys configured, `/chat*` and `/v1/*` need `Authorization: Bearer <key>`.
+With `durable`, non-streaming chats go through the JetStream work queue (`JobClient`); streams stay core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import msgspec
+import uvicorn
+from litestar import Litestar, Request, Response, get
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from bus_gateway.auth import ApiKeyError, api_key_guard
+from bus_gateway.chat_api import chat_router, error_response, retry_headers
+from bus_gateway.client import BusClient
+from bus_gateway.jobs import JobClient
+from bus_gateway.openai_api import ModelCatalog, openai_router
+from bus_gateway.openai_translate import ApiFailure
+from bus_gateway.openai_types import ChatCompletionRequest
+from bus_gateway.openapi_doc import WireJsonRenderPlugin, with_request_bodies
+from llmbus.config import Config
+from schemas import BatchRequest, ChatRequest, ErrorBody, Subjects
+
+log = logging.getLogger("llmbus.gateway")
+
+ClientFactory = Callable[[], Awaitable[BusClient]]
+READY_PING_WINDOW = 0.5
+STREAM_GRACE = 3.0  # seconds open streams may keep going after a stop, before they are ended
+SHUTDOWN_GRACE = 10.0  # uvicorn's limit for everything to finish; what remains is then cancelled
+
+REQUEST_BODIES = {
+    ("/chat", "post"): ChatRequest,
+    ("/chat/batched", "post"): BatchRequest,
+    ("/v1/chat/completions", "post"): ChatCompletionRequest,
+}
+
+
+class HealthBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: str
+    nats: str
+    server: str | None = None
+
+
+class ReadyBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: str
+    workers: int
+    models: list[str] = []
+    error: str | None = None
+
+
+@get("/healthz", summary="The bridge is up and connected to NATS", sync_to_thread=False, tags=["health"])
+def healthz(state: State) -> Response[HealthBody]:
+    bus: BusClient = state["bus"]
+    nc = bus.nc
+    if nc.is_connected:
+        server = nc.connected_url.netloc if nc.connected_url else None
+        return Response(HealthBody(status="ok", nats="connected", server=server))
+    nats_state = "closed" if nc.is_closed else "reconnecting" if nc.is_reconnecting else "disconnected"
+    return Response(HealthBody(status="unavailable", nats=nats_state), status_code=503, headers=retry_headers(503))
+
+
+@get("/readyz", summary="At least one inference worker answers $SRV.PING", tags=["health"])
+async def readyz(state: State) -> Response[ReadyBody]:
+    bus: BusClient = state["bus"]
+    if not bus.connected:
+        body = ReadyBody(status="not ready", workers=0, error="not connected to NATS")
+        return Response(body, status_code=503, headers=retry_headers(503))
+    replies = await bus.ping(READY_PING_WINDOW)
+    if not replies:
+        error = f"no inference worker answers $SRV.PING.{bus.service_name}"
+        return Response(
+            ReadyBody(status="not ready", workers=0, error=error), status_code=503, headers=retry_headers(503)
+        )
+    names = {reply.get("metadata", {}).get("model") for reply in replies}
+    models = sorted(name for name in names if isinstance(name, str) and name)
+    return Response(ReadyBody(status="ready", workers=len(replies), models=models))
+
+
+@get("/openapi.json", include_in_schema=False, sync_to_thread=False, media_type="application/vnd.oai.openapi+json")
+def openapi_json(request: Request) -> dict[str, Any]:
+    return with_request_bodies(request.app.openapi_schema.to_schema(), REQUEST_BODIES)
+
+
+def http_exception_response(request: Request, exc: Exception) -> Response[Any]:
+    """Framework errors (404, 405, 413 body too large, 500) in the error shape of the API that was called."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    message = exc.detail if isinstance(exc, HTTPException) else "internal error in the bridge"
+    if status >= 500:
+        log.exception("error serving %s %s", request.method, request.url.path, exc_info=exc)
+    if request.url.path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return Response(ApiFailure(status, message, kind).body(), status_code=status)
+    return error_response(status, message)
+
+
+def api_key_error_response(_: Request, exc: ApiKeyError) -> Response[ErrorBody]:
+    return Response(ErrorBody(error=exc.message, code=401), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_app(
+    client: BusClient | ClientFactory, config: Config, *, on_startup: Sequence[Callable[[Litestar], Any]] = ()
+) -> Litestar:
+    """The bridge app. `client` is a connected BusClient (the caller closes it) or a factory run at startup
+    (whose client the app closes at shutdown). `on_startup` hooks run once the client is in place."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        owned = not isinstance(client, BusClient)
+        bus = client if isinstance(client, BusClient) else await client()
+        jobs = JobClient(bus.nc, bus.subjects, timeout=config.request_timeout) if config.durable else None
+        app.state["bus"] = bus
+        app.state["jobs"] = jobs
+        app.state["config"] = config
+        app.state["models"] = ModelCatalog(bus)
+        try:
+            yield
+        finally:
+            if jobs is not None:
+                await jobs.close()
+            if owned:
+                await bus.close()
+
+    guards = api_key_guard(config.all_api_keys())
+    return Litestar(
+        route_handlers=[healthz, readyz, openapi_json, chat_router(guards), openai_router(guards)],
+        lifespan=[lifespan],
+        on_startup=list(on_startup),
+        logging_config=None,  # the embedding process (llmbus up, tests) owns logging
+        exception_handlers={
+            HTTPException: http_exception_response,
+            ApiKeyError: api_key_error_response,
+            Exception: http_exception_response,
+        },
+        openapi_config=OpenAPIConfig(
+            title="llmbus HTTP bridge",
+            version="0.1.0",
+            description="LLM chat inference over NATS: native /chat API and an OpenAI-compatible /v1 API.",
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin(path="/"), WireJsonRenderPlugin(REQUEST_BODIES, path="/openapi.json")],
+        ),
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the caller owns signals and sets `stop`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Listen before serving, so a busy port is a clear error and `ready` means connections are accepted."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        message = f"HTTP port {port} on {host} is not available ({exc.strerror}): pick another with --http-port"
+        raise OSError(exc.errno, message) from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def connect_bus(config: Config) -> BusClient:
+    """Connect with reconnects enabled forever, so a NATS restart heals by itself."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("NATS: %s", exc)
+
+    async def on_disconnect() -> None:
+        if not (client.nc.is_closed or client.nc.is_draining):
+            log.warning("NATS: disconnected, reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("NATS: reconnected")
+
+    client = await BusClient.connect(
+        config.nats_url,
+        subjects=Subjects(config.subject_prefix),
+        name="llmbus-gateway",
+        timeout=config.request_timeout,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        connect_timeout=2,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+    return client
+
+
+async def run_gateway(config: Config, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    """Serve the bridge on `config.http_host:config.http_port` until `stop` is set, then shut down cleanly."""
+    sock = bind_socket(config.http_host, config.http_port)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        connecting = asyncio.ensure_future(connect_bus(config))  # waits for NATS to come up, logging each try
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            return
+        stopping.cancel()
+        bus = connecting.result()
+    except BaseException:
+        stopping.cancel()
+        sock.close()
+        raise
+
+    def signal_ready(_: Litestar) -> None:
+        if ready is not None:
+            ready.set()
+
+    try:
+        await _serve(create_app(bus, config, on_startup=[signal_ready]), sock, bus, stop)
+    finally:
+        sock.close()
+        await bus.close()
+
+
+async def _serve(app: Litestar, sock: socket.socket, bus: BusClient, stop: asyncio.Event) -> None:
+    """Serve until `stop`; then stop accepting, let requests finish for STREAM_GRACE seconds, end the streams
+    still open (cancelled on the workers; their clients get the last chunk), and wait for uvicorn to finish."""
+    uv_config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_config=None,  # uvicorn's loggers propagate to the embedding process's logging setup
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+    )
+    server = _Server(uv_config)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        await asyncio.wait({serving}, timeout=STREAM_GRACE)
+        if not serving.done() and await bus.cancel_streams():
+            log.info("bridge stopping: ended the streams still open")
+    finally:
+        server.should_exit = True
+        stopping.cancel()
+        try:
+            await serving
+        except SystemExit as exc:  # uvicorn exits this way when the app's startup fails
+            raise RuntimeError(f"the HTTP bridge failed to start (uvicorn exit code {exc.code})") from None

@@ -1,0 +1,184 @@
+"""OpenAI-compatible API: `POST /v1/chat/completions` (JSON or SSE) and `GET /v1/models`, over the same bus.
+
+Point any OpenAI SDK at it: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="<key, or anything>")`.
+The served model names are the workers' `$SRV.INFO` metadata `model`; the request must name one exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath
+from litestar.types import Guard
+
+from bus_gateway.auth import ApiKeyError
+from bus_gateway.chat_api import sender_of
+from bus_gateway.client import BusClient, BusError
+from bus_gateway.openai_translate import (
+    ApiFailure,
+    ChunkRenderer,
+    from_bus_error,
+    parse_request,
+    to_chat_request,
+    to_completion,
+)
+from bus_gateway.openai_types import ChatCompletion, ModelCard, ModelList, OpenAIErrorBody
+from bus_gateway.sse import open_stream, sse_event, sse_response
+from llmbus.config import Config
+from schemas import ChatChunk
+
+CATALOG_TTL = 10.0
+RETRY_AFTER_SECONDS = 1
+DONE = b"data: [DONE]\n\n"
+
+
+class ModelCatalog:
+    """The model names the workers serve, refreshed from `$SRV.INFO` at most every `ttl` seconds, or on a miss."""
+
+    def __init__(self, bus: BusClient, ttl: float = CATALOG_TTL) -> None:
+        self.bus = bus
+        self.ttl = ttl
+        self.first_seen: dict[str, int] = {}
+        self._names: list[str] = []
+        self._fetched_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def names(self, *, fresh: bool = False) -> list[str]:
+        async with self._lock:
+            now = asyncio.get_running_loop().time()
+            if fresh or self._fetched_at is None or now - self._fetched_at > self.ttl:
+                self._names = await self.bus.models()
+                self._fetched_at = now
+                for name in self._names:
+                    self.first_seen.setdefault(name, int(time.time()))
+            return self._names
+
+    async def resolve(self, model: str) -> str | ApiFailure:
+        """`model` when a worker serves it; 404 when none does, 503 when no worker answers at all."""
+        try:
+            if model in await self.names() or model in await self.names(fresh=True):
+                return model
+            served = await self.names()
+        except BusError as exc:
+            return from_bus_error(exc)
+        if not served:
+            return ApiFailure(
+                503, "no inference worker is on the bus (none answers $SRV.INFO)", "server_error", None, "no_responders"
+            )
+        return ApiFailure(
+            404,
+            f"The model `{model}` does not exist or is not served here; served: {', '.join(served)}",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
+
+
+def failure_response(failure: ApiFailure) -> Response[OpenAIErrorBody]:
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if failure.status in (429, 503) else {}
+    return Response(failure.body(), status_code=failure.status, headers=headers)
+
+
+def api_key_error_response(_: Request, exc: ApiKeyError) -> Response[OpenAIErrorBody]:
+    failure = ApiFailure(401, exc.message, "invalid_request_error", None, "invalid_api_key")
+    return Response(failure.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+def catalog_of(state: State) -> ModelCatalog:
+    return state["models"]
+
+
+ERRORS = {
+    status: ResponseSpec(OpenAIErrorBody, description=description, generate_examples=False)
+    for status, description in {
+        400: "Invalid or unsupported parameter (OpenAI error format)",
+        401: "Missing or wrong API key (when keys are configured)",
+        404: "Unknown model",
+        429: "Workers overloaded (see Retry-After)",
+        503: "No worker on the bus (see Retry-After)",
+        504: "No answer within the timeout",
+    }.items()
+}
+
+
+@post(
+    "/chat/completions",
+    status_code=200,
+    summary="OpenAI-compatible chat completion",
+    description=(
+        "OpenAI Chat Completions: model, messages, max_tokens / max_completion_tokens, temperature (default 1), "
+        "top_p, stop, seed, stream, stream_options.include_usage, user. `stream: true` answers SSE chunks ending "
+        "with `data: [DONE]`. n > 1, tools, logprobs, penalties and non-text response formats are 400s."
+    ),
+    responses=ERRORS,
+)
+async def chat_completions(request: Request, state: State) -> Response[ChatCompletion]:
+    parsed = parse_request(await request.body())
+    if isinstance(parsed, ApiFailure):
+        return failure_response(parsed)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    bus_request = to_chat_request(parsed, completion_id)
+    if isinstance(bus_request, ApiFailure):
+        return failure_response(bus_request)
+    model = await catalog_of(state).resolve(parsed.model)
+    if isinstance(model, ApiFailure):
+        return failure_response(model)
+    bus: BusClient = state["bus"]
+    config: Config = state["config"]
+    created = int(time.time())
+    if bus_request.stream:
+        opened = await open_stream(bus, bus_request, config.request_timeout)
+        if isinstance(opened, BusError):
+            return failure_response(from_bus_error(opened))
+        include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
+        renderer = ChunkRenderer(completion_id, created, model, include_usage)
+
+        def render(chunk: ChatChunk) -> list[bytes]:
+            return [sse_event(msgspec.json.encode(out)) for out in renderer.render(chunk)]
+
+        return sse_response(opened, render, render_stream_error, trailer=DONE)
+    try:
+        reply = await sender_of(state).chat(bus_request, config.request_timeout)
+    except BusError as exc:
+        return failure_response(from_bus_error(exc))
+    return Response(to_completion(reply, completion_id, created))
+
+
+def render_stream_error(exc: BusError) -> bytes:
+    return sse_event(msgspec.json.encode(from_bus_error(exc).body()))
+
+
+@get("/models", summary="The models the workers on the bus serve (OpenAI format)", responses=ERRORS)
+async def list_models(state: State) -> Response[ModelList]:
+    catalog = catalog_of(state)
+    try:
+        names = await catalog.names(fresh=True)
+    except BusError as exc:
+        return failure_response(from_bus_error(exc))
+    return Response(ModelList(data=[ModelCard(id=name, created=catalog.first_seen.get(name, 0)) for name in names]))
+
+
+@get("/models/{model:path}", summary="One served model (OpenAI format)", responses=ERRORS)
+async def retrieve_model(model: FromPath[str], state: State) -> Response[ModelCard]:
+    name = model.lstrip("/")
+    catalog = catalog_of(state)
+    resolved = await catalog.resolve(name)
+    if isinstance(resolved, ApiFailure):
+        return failure_response(resolved)
+    return Response(ModelCard(id=resolved, created=catalog.first_seen.get(resolved, 0)))
+
+
+def openai_router(guards: list[Guard]) -> Router:
+    return Router(
+        path="/v1",
+        route_handlers=[chat_completions, list_models, retrieve_model],
+        guards=guards,
+        exception_handlers={ApiKeyError: api_key_error_response},
+        tags=["openai"],
+    )

@@ -1,0 +1,256 @@
+"""Pure functions between the OpenAI Chat Completions format and the bus messages. Failures are `ApiFailure` values."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from bus_gateway.client import BusError
+from bus_gateway.openai_types import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionUsage,
+    OpenAIErrorBody,
+    OpenAIErrorDetail,
+    OpenAIMessage,
+)
+from schemas import ChatChunk, ChatRequest, ChatResponse, Usage, check_chat_request
+
+
+@dataclass(frozen=True, slots=True)
+class ApiFailure:
+    """An OpenAI-style error: HTTP `status` and the `{"error": {message, type, param, code}}` body."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+    def body(self) -> OpenAIErrorBody:
+        return OpenAIErrorBody(OpenAIErrorDetail(self.message, self.type, self.param, self.code))
+
+
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    """An OpenAI parameter llmbus cannot honour: accepted only with a value that changes nothing."""
+
+    accepts: Callable[[Any], bool]
+    why: str
+
+
+def _is_none_or(*neutral: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or value in neutral
+
+
+def _empty(value: Any) -> bool:
+    return not value
+
+
+def _always(_: Any) -> bool:
+    return True
+
+
+def _text_format(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and value.get("type") == "text")
+
+
+UNSUPPORTED: dict[str, Unsupported] = {
+    "n": Unsupported(_is_none_or(1), "`n` > 1 is not supported: llmbus returns exactly one choice per request"),
+    "tools": Unsupported(_empty, "tools / function calling is not supported by llmbus"),
+    "tool_choice": Unsupported(_is_none_or("none"), "tools / function calling is not supported by llmbus"),
+    "functions": Unsupported(_empty, "function calling is not supported by llmbus"),
+    "function_call": Unsupported(_is_none_or("none"), "function calling is not supported by llmbus"),
+    "parallel_tool_calls": Unsupported(_always, ""),
+    "logprobs": Unsupported(_is_none_or(False), "`logprobs` is not supported by llmbus"),
+    "top_logprobs": Unsupported(_is_none_or(0), "`top_logprobs` is not supported by llmbus"),
+    "logit_bias": Unsupported(_empty, "`logit_bias` is not supported by llmbus"),
+    "presence_penalty": Unsupported(_is_none_or(0), "`presence_penalty` is not supported by llmbus (use 0)"),
+    "frequency_penalty": Unsupported(_is_none_or(0), "`frequency_penalty` is not supported by llmbus (use 0)"),
+    "response_format": Unsupported(_text_format, 'only `response_format: {"type": "text"}` is supported'),
+    "modalities": Unsupported(lambda v: v is None or v == ["text"], "only the text modality is supported"),
+    "audio": Unsupported(_is_none_or(), "audio output is not supported by llmbus"),
+    "prediction": Unsupported(_is_none_or(), "predicted outputs are not supported by llmbus"),
+    "reasoning_effort": Unsupported(_is_none_or(), "`reasoning_effort` is not supported: the model does not reason"),
+    "web_search_options": Unsupported(_is_none_or(), "web search is not supported by llmbus"),
+    # metadata for the caller's own bookkeeping; they do not change the completion
+    "store": Unsupported(_always, ""),
+    "metadata": Unsupported(_always, ""),
+    "service_tier": Unsupported(_always, ""),
+    "prompt_cache_key": Unsupported(_always, ""),
+    "safety_identifier": Unsupported(_always, ""),
+}
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "cancelled"}
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiFailure:
+    return ApiFailure(400, message, param=param, code=code)
+
+
+def param_of(message: str) -> str | None:
+    """The parameter a msgspec error names (`... - at `$.messages[0].role``), as OpenAI's `param`."""
+    match = _PATH.search(message)
+    return match.group(1) or None if match else None
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest | ApiFailure:
+    """Decode and check a request body: unsupported parameters, unknown fields and bad types are 400s."""
+    if not body:
+        return invalid("empty request body: expected a JSON object")
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        return invalid(f"malformed JSON: {exc}")
+    if not isinstance(raw, dict):
+        return invalid(f"expected a JSON object, got {type(raw).__name__}")
+    for name in [key for key in raw if key in UNSUPPORTED]:
+        rule = UNSUPPORTED[name]
+        if not rule.accepts(raw[name]):
+            return invalid(rule.why, param=name, code="unsupported_parameter")
+        del raw[name]
+    try:
+        return msgspec.convert(raw, ChatCompletionRequest)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if text.startswith("Object contains unknown field"):
+            name = text.split("`")[1] if "`" in text else None
+            return invalid(f"unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
+        return invalid(f"invalid request: {text}", param=param_of(text))
+
+
+def message_text(message: OpenAIMessage, index: int) -> str | ApiFailure:
+    if message.tool_calls or message.function_call:
+        return invalid("tool calls are not supported by llmbus", param=f"messages[{index}].tool_calls")
+    content = message.content
+    if content is None:
+        return invalid(f"messages[{index}] has no content", param=f"messages[{index}].content")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part_index, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type")
+            return invalid(
+                f"only text content parts are supported, got type {kind!r}",
+                param=f"messages[{index}].content[{part_index}]",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def to_bus_messages(messages: list[OpenAIMessage]) -> list[dict[str, str]] | ApiFailure:
+    if not messages:
+        return invalid("`messages` must hold at least one message", param="messages")
+    out = []
+    for index, message in enumerate(messages):
+        role = ROLES.get(message.role)
+        if role is None:
+            why = "tool messages are not supported" if message.role in ("tool", "function") else "unknown role"
+            return invalid(f"{why}: messages[{index}].role is {message.role!r}", param=f"messages[{index}].role")
+        text = message_text(message, index)
+        if isinstance(text, ApiFailure):
+            return text
+        out.append({"role": role, "content": text})
+    return out
+
+
+def to_chat_request(request: ChatCompletionRequest, chat_id: str) -> ChatRequest | ApiFailure:
+    """The bus request for an OpenAI one, validated by the same rules as the worker's."""
+    messages = to_bus_messages(request.messages)
+    if isinstance(messages, ApiFailure):
+        return messages
+    temperature = 1.0 if request.temperature is None else request.temperature
+    top_p = 1.0 if request.top_p is None else request.top_p
+    if top_p == 0:  # the limit of nucleus sampling as top_p -> 0 is greedy decoding
+        temperature, top_p = 0.0, 1.0
+    raw: dict[str, Any] = {
+        "chat_id": chat_id,
+        "messages": messages,
+        "max_tokens": request.max_completion_tokens
+        if request.max_completion_tokens is not None
+        else request.max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": request.seed,
+        "stop": request.stop,
+        "stream": bool(request.stream),
+    }
+    try:
+        bus_request = msgspec.convert({k: v for k, v in raw.items() if v is not None}, ChatRequest)
+    except msgspec.ValidationError as exc:
+        return invalid(f"invalid request: {exc}", param=param_of(str(exc)))
+    error = check_chat_request(bus_request)
+    if error is not None:
+        return invalid(error.message, param="messages")
+    return bus_request
+
+
+def from_bus_error(exc: BusError) -> ApiFailure:
+    """Bus codes as OpenAI statuses: overload 429, no worker / NATS down 503, timeout 504."""
+    if exc.code == 503 and exc.reason == "worker":
+        return ApiFailure(
+            429, f"the inference workers are overloaded: {exc.message}", "rate_limit_error", None, "overloaded"
+        )
+    if exc.code == 503:
+        return ApiFailure(503, exc.message, "server_error", None, exc.reason)
+    if exc.code == 504:
+        return ApiFailure(504, exc.message, "timeout", None, "timeout")
+    if exc.code == 413:
+        return ApiFailure(413, exc.message, "invalid_request_error", None, "request_too_large")
+    if 400 <= exc.code < 500:
+        return ApiFailure(exc.code, exc.message, "invalid_request_error", None, None)
+    return ApiFailure(500 if exc.code < 600 else 502, exc.message, "server_error", None, None)
+
+
+def usage_of(usage: Usage) -> CompletionUsage:
+    return CompletionUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
+def to_completion(reply: ChatResponse, completion_id: str, created: int) -> ChatCompletion:
+    choice = Choice(0, AssistantMessage(reply.response), FINISH_REASONS.get(reply.finish_reason, reply.finish_reason))
+    return ChatCompletion(
+        id=completion_id, created=created, model=reply.model, choices=[choice], usage=usage_of(reply.usage)
+    )
+
+
+class ChunkRenderer:
+    """Bus chunks as OpenAI `chat.completion.chunk`s: a role chunk first, content deltas, a finish chunk,
+    then (with `stream_options.include_usage`) a usage chunk with no choices."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.completion_id = completion_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        self.started = False
+
+    def chunk(self, choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.completion_id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def render(self, chunk: ChatChunk) -> list[ChatCompletionChunk]:
+        out = []
+        if not self.started:
+            self.started = True
+            out.append(self.chunk([ChunkChoice(0, ChunkDelta(role="assistant", content=""))]))
+        if chunk.delta:
+            out.append(self.chunk([ChunkChoice(0, ChunkDelta(content=chunk.delta))]))
+        if chunk.done:
+            reason = FINISH_REASONS.get(chunk.finish_reason or "stop", chunk.finish_reason)
+            out.append(self.chunk([ChunkChoice(0, ChunkDelta(), reason)]))
+            if self.include_usage and chunk.usage is not None:
+                out.append(self.chunk([], usage_of(chunk.usage)))
+        return out

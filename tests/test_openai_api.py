@@ -1,0 +1,240 @@
+"""The OpenAI-compatible API: raw HTTP for the error cases, and the official `openai` client against the running
+bridge with the real SmolLM2 worker (streaming and not)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from gateway_support import API_KEY, Bridge, sse_data, sse_json, watching_cancels
+from nats.aio.client import Client as NATS
+
+pytest_plugins = ["gateway_fixtures"]
+pytestmark = pytest.mark.timeout(120)
+
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def assert_openai_error(response: httpx.Response, status: int, *fragments: str, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for fragment in fragments:
+        assert fragment in error["message"], error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "any-model", "messages": HELLO} | fields
+
+
+# --- no worker needed ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragment"),
+    [
+        ({"n": 2}, "n", "`n` > 1 is not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
+        ({"tool_choice": "required"}, "tool_choice", "tools"),
+        ({"functions": [{"name": "f"}]}, "functions", "function calling"),
+        ({"logprobs": True}, "logprobs", "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "response_format"),
+        ({"frobnicate": 1}, "frobnicate", "unrecognized request argument supplied: frobnicate"),
+        ({"temperature": "hot"}, "temperature", "Expected `float | null`"),
+    ],
+)
+async def test_unsupported_parameters_are_400(
+    lonely_http: httpx.AsyncClient, fields: dict[str, Any], param: str, fragment: str
+) -> None:
+    error = assert_openai_error(
+        await lonely_http.post("/v1/chat/completions", json=completion(**fields)), 400, fragment, param=param
+    )
+    assert error["type"] == "invalid_request_error"
+
+
+async def test_neutral_values_of_unsupported_parameters_are_accepted(lonely_http: httpx.AsyncClient) -> None:
+    fields = {"n": 1, "presence_penalty": 0, "logprobs": False, "response_format": {"type": "text"}, "store": False}
+    response = await lonely_http.post("/v1/chat/completions", json=completion(**fields))
+    assert_openai_error(response, 503, "no inference worker")  # past validation; no worker on this server
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{oops", "malformed JSON"),
+        (b"", "empty request body"),
+        (b'{"messages": []}', "model"),
+        (b'{"model": "m", "messages": [{"role": "tool", "content": "x"}]}', "tool messages are not supported"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "only text content"),
+    ],
+)
+async def test_malformed_requests_are_400(lonely_http: httpx.AsyncClient, body: bytes, fragment: str) -> None:
+    assert_openai_error(await lonely_http.post("/v1/chat/completions", content=body), 400, fragment)
+
+
+async def test_no_worker_is_503_with_retry_after(lonely_http: httpx.AsyncClient) -> None:
+    response = await lonely_http.post("/v1/chat/completions", json=completion())
+    error = assert_openai_error(response, 503, "no inference worker")
+    assert error["type"] == "server_error"
+    assert response.headers["Retry-After"] == "1"
+
+
+async def test_models_without_workers_is_an_empty_list(lonely_http: httpx.AsyncClient) -> None:
+    response = await lonely_http.get("/v1/models")
+    assert response.status_code == 200
+    assert response.json() == {"object": "list", "data": []}
+
+
+async def test_api_key_required_on_v1_routes(keyed_bridge: Bridge) -> None:
+    async with keyed_bridge.client() as http:
+        missing = await http.post("/v1/chat/completions", json=completion())
+        error = assert_openai_error(missing, 401, "missing API key")
+        assert error["code"] == "invalid_api_key"
+        assert_openai_error(await http.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401, "invalid")
+        allowed = await http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert allowed.status_code == 200
+
+
+async def test_openai_sdk_sees_401_and_503(keyed_bridge: Bridge, lonely_bridge: Bridge) -> None:
+    wrong = openai.AsyncOpenAI(base_url=f"{keyed_bridge.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await wrong.chat.completions.create(model="m", messages=HELLO)  # type: ignore[arg-type]
+    nobody = openai.AsyncOpenAI(base_url=f"{lonely_bridge.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await nobody.chat.completions.create(model="m", messages=HELLO)  # type: ignore[arg-type]
+    assert caught.value.status_code == 503
+
+
+# --- with the real worker ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sdk(bridge: Bridge) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{bridge.url}/v1", api_key="not-needed", max_retries=0)
+
+
+@pytest.fixture
+async def model_name(worker: object, sdk: openai.AsyncOpenAI) -> str:
+    models = await sdk.models.list()
+    assert len(models.data) == 1
+    return models.data[0].id
+
+
+@pytest.mark.model
+async def test_sdk_lists_and_retrieves_the_model(sdk: openai.AsyncOpenAI, model_name: str) -> None:
+    card = await sdk.models.retrieve(model_name)
+    assert card.id == model_name and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        await sdk.models.retrieve("no-such-model")
+
+
+@pytest.mark.model
+async def test_sdk_completion_answers_paris(sdk: openai.AsyncOpenAI, model_name: str) -> None:
+    reply = await sdk.chat.completions.create(
+        model=model_name,
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=16,
+        temperature=0,
+        user="tester",
+    )
+    assert reply.id.startswith("chatcmpl-")
+    assert reply.object == "chat.completion"
+    assert reply.model == model_name
+    assert reply.choices[0].message.role == "assistant"
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+@pytest.mark.model
+async def test_sdk_max_completion_tokens_and_multi_turn(sdk: openai.AsyncOpenAI, model_name: str) -> None:
+    reply = await sdk.chat.completions.create(
+        model=model_name,
+        messages=[  # type: ignore[list-item]
+            {"role": "developer", "content": "You are a helpful assistant."},
+            *HELLO,
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": [{"type": "text", "text": "Write a long poem about it."}]},
+        ],
+        max_completion_tokens=3,
+        temperature=0,
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 3
+
+
+@pytest.mark.model
+async def test_sdk_seed_makes_sampling_repeatable(sdk: openai.AsyncOpenAI, model_name: str) -> None:
+    async def sample() -> str | None:
+        reply = await sdk.chat.completions.create(
+            model=model_name,
+            messages=HELLO,
+            max_tokens=10,
+            seed=7,
+            temperature=1.0,
+            top_p=0.9,  # type: ignore[arg-type]
+        )
+        return reply.choices[0].message.content
+
+    assert await sample() == await sample()
+
+
+@pytest.mark.model
+async def test_sdk_streaming_with_usage(sdk: openai.AsyncOpenAI, model_name: str) -> None:
+    stream = await sdk.chat.completions.create(
+        model=model_name,
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert len({chunk.id for chunk in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+@pytest.mark.model
+async def test_raw_stream_ends_with_done_and_no_usage_unless_asked(http: httpx.AsyncClient, model_name: str) -> None:
+    request = {"model": model_name, "messages": HELLO, "max_tokens": 4, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=request) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line async for line in response.aiter_lines()]
+    assert sse_data(lines)[-1] == "[DONE]"
+    assert all(chunk["usage"] is None for chunk in sse_json(lines))
+
+
+@pytest.mark.model
+async def test_unknown_model_is_404(sdk: openai.AsyncOpenAI, model_name: str) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await sdk.chat.completions.create(model=model_name + "-nope", messages=HELLO)  # type: ignore[arg-type]
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "model_not_found"
+    assert model_name in body["message"], "the error lists the served models"
+
+
+@pytest.mark.model
+async def test_stream_disconnect_cancels_the_generation(bridge: Bridge, model_name: str, nc: NATS) -> None:
+    request = {"model": model_name, "messages": [{"role": "user", "content": "Tell a long story."}]}
+    request |= {"max_tokens": 200, "stream": True}
+    async with watching_cancels(nc) as cancels:
+        async with bridge.client() as http, http.stream("POST", "/v1/chat/completions", json=request) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    break  # one real token arrived; now hang up
+        assert await cancels.next_id(timeout=10)
