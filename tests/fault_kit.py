@@ -1,0 +1,272 @@
+"""Helpers for the fault tests: worker subprocesses, `$SRV.STATS`, a steady bounded load, and the fault figures.
+
+Every fault test records requests sent / answered / errored / lost and its recovery time: printed (run pytest
+with `-s` to see them) and merged into `bench-results/reliability.json` (ignored by git).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from bus_gateway.client import BusClient, BusError
+from llmbus.nats_server import env_without_proxy
+from schemas import SERVICE_NAME, ChatRequest
+
+RESULTS_FILE = Path(__file__).resolve().parent.parent / "bench-results" / "reliability.json"
+READY_TIMEOUT_S = 180.0
+PROMPT = "Name a colour."
+
+
+# --- figures -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FaultFigures:
+    """What one fault test saw. `lost`: requests with no final answer at all (must be 0)."""
+
+    test: str
+    sent: int = 0
+    answered: int = 0
+    errored: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    recovery_s: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> None:
+        line = (
+            f"[fault] {self.test}: sent={self.sent} answered={self.answered} errored={self.errored} "
+            f"lost={self.lost} duplicates={self.duplicates} recovery_s={_fmt(self.recovery_s)} {self.notes or ''}"
+        )
+        print(line, file=sys.stderr, flush=True)
+        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            results = json.loads(RESULTS_FILE.read_text())
+        except (OSError, ValueError):
+            results = {}
+        results[self.test] = asdict(self) | {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        RESULTS_FILE.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+# --- requests ----------------------------------------------------------------------------------------------
+
+
+def chat(chat_id: str, max_tokens: int = 4, **fields: Any) -> ChatRequest:
+    return ChatRequest(chat_id=chat_id, user_prompt=fields.pop("user_prompt", PROMPT), max_tokens=max_tokens, **fields)
+
+
+async def gather_stats(nc: NATS, window: float = 1.0, expected: int | None = None) -> list[dict[str, Any]]:
+    """Every worker's `$SRV.STATS` reply (stops early once `expected` replies came)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    replies: list[dict[str, Any]] = []
+    try:
+        await nc.publish(f"$SRV.STATS.{SERVICE_NAME}", b"", reply=inbox)
+        deadline = time.monotonic() + window
+        while (left := deadline - time.monotonic()) > 0 and (expected is None or len(replies) < expected):
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            if msg.data:
+                replies.append(msgspec.json.decode(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return replies
+
+
+def engine_data(stats: dict[str, Any]) -> dict[str, Any]:
+    """The worker's custom stats (the same `data` on each endpoint)."""
+    return stats["endpoints"][0]["data"]
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str, every: float = 0.05) -> float:
+    """Poll `check` until it holds (a deadline-bounded poll of state we cannot subscribe to); returns seconds taken."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(every)
+    return time.monotonic() - start
+
+
+# --- worker subprocesses -------------------------------------------------------------------------------------
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in env_without_proxy().items() if not k.startswith("LLMBUS_") or k == "LLMBUS_CACHE_DIR"}
+    return env | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LLMBUS_THREADS": "1"}
+
+
+@dataclass
+class WorkerProcess:
+    """`python -m llmbus.cli worker` as an operator runs it; stderr goes to a file for the failure message."""
+
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    name: str
+
+    @classmethod
+    async def start(cls, nats_url: str, log_dir: Path, name: str, *flags: str) -> WorkerProcess:
+        log_path = log_dir / f"{name}.log"
+        command = [sys.executable, "-m", "llmbus.cli", "worker", "--nats-url", nats_url, "--log-level", "INFO"]
+        with open(log_path, "wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                *flags,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                env=subprocess_env(),
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        return cls(proc, log_path, name)
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Read stdout until `llmbus: ready` (the stack prints it once the worker serves)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.name} not ready within {timeout:.0f}s\n{self.log_tail()}")
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), left)
+            except TimeoutError:
+                continue
+            if not line:
+                code = await self.proc.wait()
+                raise AssertionError(f"{self.name} exited with {code} before it was ready\n{self.log_tail()}")
+            if line.decode().strip() == "llmbus: ready":
+                return
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+
+    async def wait(self, timeout: float) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return f"--- {self.name} log tail ---\n" + self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+    async def ensure_stopped(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+
+async def start_workers(nats_url: str, log_dir: Path, names: list[str], *flags: str) -> list[WorkerProcess]:
+    workers = [await WorkerProcess.start(nats_url, log_dir, name, *flags) for name in names]
+    try:
+        await asyncio.gather(*(w.wait_ready() for w in workers))
+    except BaseException:
+        await asyncio.gather(*(w.ensure_stopped() for w in workers))
+        raise
+    return workers
+
+
+# --- steady load ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SteadyLoad:
+    """`concurrency` clients in a closed loop through `BusClient` (retrying 503 with backoff) until stopped or
+    `max_requests` were sent. Each call ends in exactly one outcome: an answer, an error answer, or lost (no answer)."""
+
+    client: BusClient
+    concurrency: int = 2
+    max_requests: int = 60
+    max_tokens: int = 4
+    timeout: float = 60.0
+    figures: FaultFigures = field(default_factory=lambda: FaultFigures("load"))
+    errors: list[str] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _answered_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._client_loop(i)) for i in range(self.concurrency)]
+
+    async def stop(self) -> FaultFigures:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        return self.figures
+
+    async def next_answer(self, timeout: float = 60.0) -> None:
+        """Wait for the next successful answer (proof that the load flows)."""
+        self._answered_event.clear()
+        await asyncio.wait_for(self._answered_event.wait(), timeout)
+
+    async def _client_loop(self, index: int) -> None:
+        n = 0
+        while not self._stop.is_set() and self.figures.sent < self.max_requests:
+            self.figures.sent += 1
+            n += 1
+            try:
+                await self.client.chat(chat(f"load-{index}-{n}", self.max_tokens), timeout=self.timeout)
+            except BusError as exc:
+                if exc.reason == "timeout":
+                    self.figures.lost += 1
+                else:
+                    self.figures.errored += 1
+                self.errors.append(repr(exc))
+                continue
+            self.figures.answered += 1
+            self._answered_event.set()
+
+
+@dataclass
+class LinkEvents:
+    """Set when a client connection drops / comes back (nats.py callbacks)."""
+
+    dropped: asyncio.Event = field(default_factory=asyncio.Event)
+    restored: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_disconnected(self) -> None:
+        self.restored.clear()
+        self.dropped.set()
+
+    async def on_reconnected(self) -> None:
+        self.dropped.clear()
+        self.restored.set()
+
+
+async def connect_client(url: str, link: LinkEvents | None = None) -> NATS:
+    """A client connection that rides out a server restart (reconnects forever)."""
+    link = link or LinkEvents()
+    return await nats.connect(
+        url,
+        name="fault-client",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+        error_cb=_quiet,
+        disconnected_cb=link.on_disconnected,
+        reconnected_cb=link.on_reconnected,
+    )
+
+
+async def _quiet(exc: Exception) -> None:
+    return None
