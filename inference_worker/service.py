@@ -104,15 +104,13 @@ class Worker:
         self.nc = nc
         self.loaded = loaded
         self.subjects = Subjects(config.subject_prefix)
-        self.engine = LLMEngine(
-            loaded,
-            EngineConfig(
-                max_batch_size=config.max_batch_size,
-                prefill_budget=config.prefill_chunk_tokens,
-                max_seq_len=config.max_seq_len,
-                max_wait_ms=config.max_wait_ms,
-            ),
+        self.engine_config = EngineConfig(
+            max_batch_size=config.max_batch_size,
+            prefill_budget=config.prefill_chunk_tokens,
+            max_seq_len=config.max_seq_len,
+            max_wait_ms=config.max_wait_ms,
         )
+        self.engine: LLMEngine | None = None
         self.pending: dict[str, Pending] = {}
         self.draining = False
         self.accepting = True
@@ -130,9 +128,10 @@ class Worker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._thread = EngineThread(
-            self.engine, lambda events: loop.call_soon_threadsafe(self._events.put_nowait, events)
+            lambda: LLMEngine(self.loaded, self.engine_config),
+            lambda events: loop.call_soon_threadsafe(self._events.put_nowait, events),
         )
-        self._thread.start()
+        self.engine = await asyncio.to_thread(self._thread.start)
         self._dispatcher = asyncio.create_task(self._dispatch(), name="llmbus-dispatch")
         self._service = await add_service(
             self.nc,
