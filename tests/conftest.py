@@ -69,3 +69,17 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     conn = await nats.connect(nats_server.url)
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+def fresh_nats_server() -> Iterator[NatsServer]:
+    """A nats-server (JetStream on) of the test's own, for tests that change server state (streams, restarts)."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def fresh_nc(fresh_nats_server: NatsServer) -> AsyncIterator[NATS]:
+    conn = await nats.connect(fresh_nats_server.url)
+    yield conn
+    await conn.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import msgspec
 import nats
@@ -87,27 +86,14 @@ async def test_a_request_whose_deadline_passed_while_queued_is_never_started(
         await worker.shutdown()
 
 
-@pytest.fixture
-def jetstream_server() -> Iterator[NatsServer]:
-    with NatsServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def js_nc(jetstream_server: NatsServer) -> AsyncIterator[nats.NATS]:
-    nc = await nats.connect(jetstream_server.url)
-    yield nc
-    await nc.close()
-
-
 @pytest.mark.model
 async def test_a_durable_worker_pulls_only_its_free_slots(
-    jetstream_server: NatsServer, js_nc: nats.NATS, smollm: LoadedModel
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, smollm: LoadedModel
 ) -> None:
-    config = Config(nats_url=jetstream_server.url, durable=True, max_batch_size=2, max_tokens_cap=16)
+    config = Config(nats_url=fresh_nats_server.url, durable=True, max_batch_size=2, max_tokens_cap=16)
     worker = await start_worker(config, smollm)
-    jobs = JobClient(js_nc)
-    js = js_nc.jetstream()
+    jobs = JobClient(fresh_nc)
+    js = fresh_nc.jetstream()
     try:
         calls = [asyncio.create_task(jobs.chat(chat(f"pull-{i}", max_tokens=6), timeout=120)) for i in range(6)]
         most_in_flight = 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
@@ -33,27 +32,14 @@ from schemas.subjects import ERROR, ERROR_CODE, REPLY_TO, REQUEST_ID
 LONG_PROMPT = "Count from 1 to 300, one number per line."
 
 
-@pytest.fixture
-def js_server() -> Iterator[NatsServer]:
-    with NatsServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def js_nc(js_server: NatsServer) -> AsyncIterator[nats.NATS]:
-    nc = await nats.connect(js_server.url)
-    yield nc
-    await nc.close()
-
-
 async def stream_messages(nc: nats.NATS) -> int:
     return (await nc.jetstream().stream_info(STREAM_NAME)).state.messages
 
 
-async def test_a_durable_job_with_no_stream_fails_at_once(js_nc: nats.NATS) -> None:
+async def test_a_durable_job_with_no_stream_fails_at_once(fresh_nc: nats.NATS) -> None:
     started = time.monotonic()
     with pytest.raises(BusError) as no_stream:
-        await JobClient(js_nc).chat(chat("nowhere"), timeout=30)
+        await JobClient(fresh_nc).chat(chat("nowhere"), timeout=30)
     assert no_stream.value.code == 503 and "--durable" in no_stream.value.message
     assert time.monotonic() - started < 5
 
@@ -70,12 +56,14 @@ async def test_durable_mode_without_jetstream_is_a_clear_error() -> None:
 
 @pytest.mark.model
 async def test_jobs_are_answered_then_acked_and_the_queue_has_explicit_limits(
-    js_server: NatsServer, js_nc: nats.NATS, smollm: LoadedModel
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, smollm: LoadedModel
 ) -> None:
-    config = Config(nats_url=js_server.url, durable=True, max_tokens_cap=16, jobs_ack_wait=7.0, jobs_max_deliver=2)
+    config = Config(
+        nats_url=fresh_nats_server.url, durable=True, max_tokens_cap=16, jobs_ack_wait=7.0, jobs_max_deliver=2
+    )
     worker = await start_worker(config, smollm)
     try:
-        async with JobClient(js_nc) as jobs:
+        async with JobClient(fresh_nc) as jobs:
             single, batch = await asyncio.gather(
                 jobs.chat(chat("durable-1", max_tokens=4), timeout=120),
                 jobs.chat_batched([chat("durable-b0", max_tokens=4), chat("durable-b1", max_tokens=4)], timeout=120),
@@ -87,9 +75,9 @@ async def test_jobs_are_answered_then_acked_and_the_queue_has_explicit_limits(
                 await jobs.submit("llm.jobs.chat", streamed_job, timeout=60)
             assert streamed.value.code == 400 and "stream" in streamed.value.message
             assert jobs.duplicates == 0
-        assert await stream_messages(js_nc) == 0, "every answered job is acked and leaves the work queue"
+        assert await stream_messages(fresh_nc) == 0, "every answered job is acked and leaves the work queue"
 
-        js = js_nc.jetstream()
+        js = fresh_nc.jetstream()
         stream = (await js.stream_info(STREAM_NAME)).config
         assert (stream.retention, stream.discard, stream.subjects) == ("workqueue", "new", ["llm.jobs.>"])
         assert (stream.max_age, stream.max_msgs) == (config.jobs_max_age, config.jobs_max_msgs)
@@ -101,21 +89,21 @@ async def test_jobs_are_answered_then_acked_and_the_queue_has_explicit_limits(
 
 @pytest.mark.model
 async def test_a_second_answer_for_a_request_id_is_dropped(
-    js_server: NatsServer, js_nc: nats.NATS, smollm: LoadedModel
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, smollm: LoadedModel
 ) -> None:
     """A worker that dies after publishing an answer but before acking runs the job again elsewhere: the client
     sees the first answer only. The second answer is published here as that worker would."""
-    worker = await start_worker(Config(nats_url=js_server.url, durable=True, max_tokens_cap=16), smollm)
-    spy = await js_nc.subscribe("llm.jobs.chat")
+    worker = await start_worker(Config(nats_url=fresh_nats_server.url, durable=True, max_tokens_cap=16), smollm)
+    spy = await fresh_nc.subscribe("llm.jobs.chat")
     try:
-        async with JobClient(js_nc) as jobs:
+        async with JobClient(fresh_nc) as jobs:
             answer = await jobs.chat(chat("dedup", max_tokens=4), timeout=120)
             published = await spy.next_msg(timeout=5)
             repeat = msgspec.json.encode(msgspec.structs.replace(answer, response="a second run"))
-            await js_nc.publish(
+            await fresh_nc.publish(
                 published.headers[REPLY_TO], repeat, headers={REQUEST_ID: published.headers[REQUEST_ID]}
             )
-            await js_nc.flush()
+            await fresh_nc.flush()
 
             async def dropped() -> bool:
                 return jobs.duplicates == 1
@@ -129,26 +117,26 @@ async def test_a_second_answer_for_a_request_id_is_dropped(
 
 @pytest.mark.model
 async def test_a_job_whose_client_gave_up_is_answered_504_without_running(
-    js_server: NatsServer, js_nc: nats.NATS, smollm: LoadedModel
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, smollm: LoadedModel
 ) -> None:
     """The job's `timeout` counts from its publication: a job that waited in the queue past it never starts."""
-    js = js_nc.jetstream()
+    js = fresh_nc.jetstream()
     await ensure_jobs_stream(js, JobLimits())
-    inbox = js_nc.new_inbox()
-    answers = await js_nc.subscribe(inbox)
+    inbox = fresh_nc.new_inbox()
+    answers = await fresh_nc.subscribe(inbox)
     body = msgspec.json.encode(chat("expired", max_tokens=4, timeout=0.05))
     published_at = time.monotonic()
     await js.publish("llm.jobs.chat", body, headers={REQUEST_ID: "expired-job", REPLY_TO: inbox})
-    worker = await start_worker(Config(nats_url=js_server.url, durable=True, max_tokens_cap=16), smollm)
+    worker = await start_worker(Config(nats_url=fresh_nats_server.url, durable=True, max_tokens_cap=16), smollm)
     try:
         assert time.monotonic() - published_at > 0.05, "the worker must start after the job's deadline"
         reply = await answers.next_msg(timeout=60)
         assert reply.headers[ERROR_CODE] == "504"
         assert reply.headers[ERROR] == "deadline exceeded before generation started"
         assert reply.headers[REQUEST_ID] == "expired-job"
-        (stats,) = await gather_stats(js_nc, 1.0, expected=1)
+        (stats,) = await gather_stats(fresh_nc, 1.0, expected=1)
         assert engine_data(stats)["prefill_forwards"] == 0
-        await wait_until(lambda: _no_messages(js_nc), 5, "the expired job to be acked")
+        await wait_until(lambda: _no_messages(fresh_nc), 5, "the expired job to be acked")
     finally:
         await answers.unsubscribe()
         await worker.shutdown()
@@ -160,32 +148,34 @@ async def _no_messages(nc: nats.NATS) -> bool:
 
 @pytest.mark.model
 async def test_a_job_no_worker_finishes_stops_after_max_deliveries(
-    js_server: NatsServer, js_nc: nats.NATS, smollm: LoadedModel
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, smollm: LoadedModel
 ) -> None:
     """Delivery 1 goes to a worker that dies holding it (here: a consumer that fetches and never acks). With
     `jobs_max_deliver=1`, the next delivery does not run it again: the client gets an error that names the limit."""
-    js = js_nc.jetstream()
+    js = fresh_nc.jetstream()
     limits = JobLimits(max_attempts=1, ack_wait=1.0)
     await ensure_jobs_stream(js, limits)
     started = time.monotonic()
-    async with JobClient(js_nc) as jobs:
+    async with JobClient(fresh_nc) as jobs:
         call = asyncio.create_task(jobs.chat(chat("doomed", max_tokens=4), timeout=60))
         doomed_worker = await js.pull_subscribe_bind(durable=CONSUMER_NAME, stream=STREAM_NAME)
         (first_delivery,) = await doomed_worker.fetch(1, timeout=10)
         assert first_delivery.metadata.num_delivered == 1
         await doomed_worker.unsubscribe()  # dies without an ack: JetStream redelivers after ack_wait
 
-        config = Config(nats_url=js_server.url, durable=True, jobs_max_deliver=1, jobs_ack_wait=1.0, max_tokens_cap=16)
+        config = Config(
+            nats_url=fresh_nats_server.url, durable=True, jobs_max_deliver=1, jobs_ack_wait=1.0, max_tokens_cap=16
+        )
         worker = await start_worker(config, smollm)
         try:
             with pytest.raises(BusError) as failed:
                 await call
             assert failed.value.code == 500
             assert "giving up (max deliveries: 1)" in failed.value.message
-            (stats,) = await gather_stats(js_nc, 1.0, expected=1)
+            (stats,) = await gather_stats(fresh_nc, 1.0, expected=1)
             assert engine_data(stats)["jobs"]["given_up"] == 1
             assert engine_data(stats)["prefill_forwards"] == 0, "the last delivery only answers the error"
-            await wait_until(lambda: _no_messages(js_nc), 5, "the given-up job to leave the queue")
+            await wait_until(lambda: _no_messages(fresh_nc), 5, "the given-up job to leave the queue")
             FaultFigures(
                 "durable_max_deliveries",
                 sent=1,
@@ -199,14 +189,14 @@ async def test_a_job_no_worker_finishes_stops_after_max_deliveries(
 
 @pytest.mark.model
 async def test_kill_9_mid_generation_redelivers_every_job_exactly_once(
-    js_server: NatsServer, js_nc: nats.NATS, tmp_path: Path
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, tmp_path: Path
 ) -> None:
     """Two durable worker processes; `kill -9` the one that is generating. Its jobs come back after ack_wait and
     the survivor answers them: every request id gets exactly one final answer."""
     flags = ("--durable", "--jobs-ack-wait", "2", "--max-tokens-cap", "48", "--max-batch-size", "4")
-    workers = await start_workers(js_server.url, tmp_path, ["durable-a", "durable-b"], *flags)
+    workers = await start_workers(fresh_nats_server.url, tmp_path, ["durable-a", "durable-b"], *flags)
     by_pid = {str(w.proc.pid): w for w in workers}
-    jobs = JobClient(js_nc)
+    jobs = JobClient(fresh_nc)
     figures = FaultFigures("durable_kill_9")
     try:
         requests = [chat(f"job-{i}", max_tokens=40, user_prompt=LONG_PROMPT) for i in range(6)]
@@ -215,7 +205,7 @@ async def test_kill_9_mid_generation_redelivers_every_job_exactly_once(
         victim_stats: dict = {}
 
         async def one_is_generating() -> bool:
-            for stats in await gather_stats(js_nc, 0.5, expected=2):
+            for stats in await gather_stats(fresh_nc, 0.5, expected=2):
                 data = engine_data(stats)
                 if data["jobs"]["held"] >= 1 and data["running"] >= 1 and data["tokens_generated"] >= 1:
                     victim_stats.update(stats)
@@ -240,11 +230,11 @@ async def test_kill_9_mid_generation_redelivers_every_job_exactly_once(
         assert not failed and figures.lost == 0, results
         assert sorted(a.chat_id for a in answered) == sorted(r.chat_id for r in requests)
 
-        (survivor_stats,) = await gather_stats(js_nc, 1.0, expected=1)
+        (survivor_stats,) = await gather_stats(fresh_nc, 1.0, expected=1)
         assert survivor_stats["metadata"]["pid"] == str(survivor.proc.pid)
         redelivered = engine_data(survivor_stats)["jobs"]["redelivered"]
         assert redelivered >= 1, "the survivor took over the killed worker's jobs"
-        assert await stream_messages(js_nc) == 0
+        assert await stream_messages(fresh_nc) == 0
         figures.notes = {"jobs_held_by_killed_worker": held, "redelivered_to_survivor": redelivered, "ack_wait_s": 2}
         figures.record()
         survivor.terminate()
