@@ -195,9 +195,7 @@ class BusClient:
         A batch whose every query is invalid raises `BusError(400, ...)` whose `body` is the BatchResponse JSON.
         """
         timeout = self.timeout if timeout is None else timeout
-        envelope = {
-            "queries": [q if isinstance(q, msgspec.Raw) else with_deadline(q, timeout, stream=False) for q in queries]
-        }
+        envelope = {"queries": [q if isinstance(q, msgspec.Raw) else with_deadline(q, timeout) for q in queries]}
         reply = await self._request(self.subjects.chat_batched, msgspec.json.encode(envelope), timeout, retries)
         return decode_reply(reply.data, BatchResponse)
 

@@ -77,7 +77,7 @@ class JobClient:
     ) -> BatchResponse:
         """Many chats as one durable job on `<prefix>.jobs.chat.batched`; answers come back in input order."""
         timeout = self.timeout if timeout is None else timeout
-        envelope = {"queries": [with_deadline(q, timeout, stream=False) for q in queries]}
+        envelope = {"queries": [with_deadline(q, timeout) for q in queries]}
         subject = f"{self.subjects.jobs_chat}.batched"
         reply = await self.submit(subject, msgspec.json.encode(envelope), timeout, request_id)
         return decode_reply(reply.data, BatchResponse)

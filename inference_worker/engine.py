@@ -121,7 +121,7 @@ class LLMEngine:
 
     def cancel(self, request_id: str) -> Sequence | None:
         seq = self.scheduler.find(request_id)
-        if seq is None:
+        if seq is None or seq.status is Status.FINISHED:
             return None
         if seq.status is Status.WAITING:
             self.scheduler.drop_waiting(seq)
@@ -141,13 +141,18 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[Event]:
-        return self.prefill() + self.decode()
+        return self.expire() + self.prefill() + self.decode()
+
+    def expire(self) -> list[Event]:
+        """Answer 504 for requests whose client has given up: waiting ones are never prefilled."""
+        events: list[Event] = []
+        self._expire(time.monotonic(), events)
+        return events
 
     def prefill(self) -> list[Event]:
         """Admit waiting requests (bounded by the prefill budget) and run their prompts: each gets its first token.
         A prompt whose shared prefix is cached starts after it; one longer than the budget runs in chunks."""
         events: list[Event] = []
-        self._expire(time.monotonic(), events)
         batch = self.scheduler.admit()
         if not batch:
             return events
@@ -233,7 +238,7 @@ class LLMEngine:
                 self.stats.requests_failed += 1
                 events.append(Failed(seq.request_id, 504, "deadline exceeded before generation started"))
         for seq in self.scheduler.running:
-            if seq.deadline is not None and seq.deadline <= now:
+            if seq.status is not Status.FINISHED and seq.deadline is not None and seq.deadline <= now:
                 seq.finish("cancelled")
                 self.stats.requests_failed += 1
                 events.append(
@@ -361,7 +366,7 @@ class EngineThread:
                 while engine.num_waiting < engine.config.max_batch_size and (left := deadline - time.monotonic()) > 0:
                     if not self._take(events, block=True, timeout=left):
                         return
-            for phase in (engine.prefill, engine.decode):
+            for phase in (engine.expire, engine.prefill, engine.decode):
                 try:
                     events += phase()
                 except Exception as exc:  # a bug must not kill the worker: fail what is in flight and go on

@@ -35,7 +35,7 @@ class ModelRunner:
             tokens[r, : len(chunk)] = torch.tensor(chunk)
         start = torch.tensor(starts, device=self.device)[:, None]
         offsets = torch.arange(width, device=self.device)[None, :]
-        columns = start + offsets
+        columns = (start + offsets).clamp(max=self.cache.max_len - 1)  # pads past the window: masked, never read
         self.cache.bind(slice(first_row, first_row + len(chunks)), columns)
         key_columns = torch.arange(self.cache.kv_len, device=self.device)[None, None, :]
         causal = key_columns <= columns[:, :, None]

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
@@ -23,4 +25,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures this small would overflow the logits; they mean greedy anyway."""
+        return self.temperature < GREEDY_BELOW

@@ -79,6 +79,7 @@ class Replier(Protocol):
 @dataclass(eq=False)
 class BatchCollector:
     replier: Replier
+    batch_id: str
     kind: str
     results: list[BatchResult | None]
     remaining: int = 0
@@ -112,6 +113,7 @@ class Worker:
         )
         self.engine: LLMEngine | None = None
         self.pending: dict[str, Pending] = {}
+        self.batch_ids: set[str] = set()
         self.draining = False
         self.accepting = True
         self.jobs: JobConsumer | None = None
@@ -225,12 +227,12 @@ class Worker:
             return await self._reply_error(req, kind, error)
         request_id = self._request_id(req)
         if isinstance(request_id, WireError):
-            return await self._reply_error(req, kind, request_id)
+            return await self._reply_error(req, kind, request_id, stream=request.stream)
         if refusal := self._refusal(1):
-            return await self._reply_error(req, kind, refusal, stream=request.stream)
+            return await self._reply_error(req, kind, refusal, stream=request.stream, request_id=request_id)
         seq = self._sequence(request_id, request, _age(req))
         if isinstance(seq, WireError):
-            return await self._reply_error(req, kind, seq, stream=request.stream)
+            return await self._reply_error(req, kind, seq, stream=request.stream, request_id=request_id)
         self._hold(request_id, Pending(req, kind, request.chat_id, stream=request.stream), seq)
 
     async def _handle_batch(self, req: Replier) -> None:
@@ -253,7 +255,7 @@ class Worker:
         for index, item in enumerate(items):
             if isinstance(item, ChatRequest) and item.stream:
                 item = BatchItemError(chat_id=item.chat_id, error="`stream` is not supported in a batch", code=400)
-            seq = self._sequence(f"{batch_id}-{index}", item, _age(req)) if isinstance(item, ChatRequest) else item
+            seq = self._sequence(f"{batch_id}.{index}", item, _age(req)) if isinstance(item, ChatRequest) else item
             if isinstance(seq, WireError):
                 item = BatchItemError(chat_id=item.chat_id, error=seq.message, code=seq.code)
             if isinstance(item, BatchItemError):
@@ -262,15 +264,16 @@ class Worker:
                 accepted.append((index, item, seq))
         if accepted and (refusal := self._refusal(len(accepted))):
             return await self._reply_error(req, kind, refusal)
-        collector = BatchCollector(req, kind, results, remaining=len(accepted))
+        collector = BatchCollector(req, batch_id, kind, results, remaining=len(accepted))
         if not accepted:
             return await self._finish_batch(collector)
+        self.batch_ids.add(batch_id)
         for index, item, seq in accepted:
             self._hold(seq.request_id, Pending(req, kind, item.chat_id, batch=collector, batch_index=index), seq)
 
     async def _handle_cancel(self, msg: Msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
-        targets = [rid for rid in self.pending if rid == request_id or rid.startswith(request_id + "-")]
+        targets = [rid for rid in self.pending if rid == request_id or rid.startswith(request_id + ".")]
         for rid in targets:
             self._thread.cancel(rid)
 
@@ -304,7 +307,7 @@ class Worker:
             return uuid.uuid4().hex
         if not valid_request_id(given):
             return WireError(400, f"invalid {REQUEST_ID} header: use 1-128 characters from A-Z a-z 0-9 _ -")
-        if given in self.pending:
+        if given in self.pending or given in self.batch_ids:
             return WireError(400, f"request id {given!r} is already in flight on this worker")
         return given
 
@@ -368,7 +371,11 @@ class Worker:
             await self._batch_item_done(pending, event)
         elif isinstance(event, Failed):
             await self._reply_error(
-                pending.replier, pending.kind, WireError(event.code, event.message), stream=pending.stream
+                pending.replier,
+                pending.kind,
+                WireError(event.code, event.message),
+                stream=pending.stream,
+                request_id=event.request_id,
             )
         elif pending.stream:
             await self._send_last_chunk(pending, event)
@@ -423,6 +430,7 @@ class Worker:
             await self._finish_batch(batch)
 
     async def _finish_batch(self, batch: BatchCollector) -> None:
+        self.batch_ids.discard(batch.batch_id)
         results = [r for r in batch.results if r is not None]
         failed = sum(r.error is not None for r in results)
         if failed == len(results):
@@ -438,9 +446,14 @@ class Worker:
             body.message = f"{failed} of {len(results)} queries failed; the others were answered"
         await batch.replier.respond(encode(body, batch.kind), headers=_headers(batch.kind))
 
-    async def _reply_error(self, req: Replier, kind: str, error: WireError, stream: bool = False) -> None:
+    async def _reply_error(
+        self, req: Replier, kind: str, error: WireError, stream: bool = False, request_id: str | None = None
+    ) -> None:
+        """An error answer; on a stream it is also the last message (`Llmbus-Stream: end`, with the request id)."""
         self._count_error(error.code)
         extra = {STREAM: STREAM_END} if stream else {}
+        if stream and request_id is not None:
+            extra[REQUEST_ID] = request_id
         await req.respond_error(
             str(error.code),
             error.message,

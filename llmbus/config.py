@@ -43,7 +43,7 @@ class Config:
     max_tokens_cap: int = _opt(1024, "largest max_tokens a request may ask for")
     default_max_tokens: int = _opt(256, "max_tokens when a request gives none")
     max_pending: int = _opt(256, "requests a worker holds (running + waiting) before it answers 503 overloaded")
-    max_batch_queries: int = _opt(256, "most queries in one llm.chat.batched request")
+    max_batch_queries: int = _opt(128, "most queries in one llm.chat.batched request")
     drain_timeout: float = _opt(60.0, "seconds a stopping worker waits for the requests it holds")
     # gateway
     http_host: str = _opt("127.0.0.1", "HTTP bridge bind address")
@@ -60,8 +60,17 @@ class Config:
     nats_port: int = _opt(4222, "port of the embedded nats-server that `llmbus up` starts")
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
+        for name in (
+            "max_batch_size",
+            "prefill_chunk_tokens",
+            "max_seq_len",
+            "max_tokens_cap",
+            "default_max_tokens",
+            "max_pending",
+            "max_batch_queries",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_max_tokens > self.max_tokens_cap:
             self.default_max_tokens = self.max_tokens_cap
 

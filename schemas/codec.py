@@ -79,7 +79,8 @@ def decode_batch(data: bytes, kind: str = JSON) -> list[ChatRequest | BatchItemE
     for index, raw in enumerate(envelope.queries):
         query = decode_chat_request(bytes(raw), kind)
         if isinstance(query, WireError):
-            message = query.message.replace("$", f"$.queries[{index}]", 1)
+            where = f"$.queries[{index}]"
+            message = query.message.replace("$", where, 1) if "$" in query.message else f"{where}: {query.message}"
             query = BatchItemError(chat_id=raw_chat_id(bytes(raw), kind), error=message, code=query.code)
         items.append(query)
     return items

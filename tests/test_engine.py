@@ -264,3 +264,32 @@ def test_cancelling_a_partly_prefilled_prompt_frees_its_row(tiny: LoadedModel) -
     engine.cancel("long")
     engine.step()
     assert engine.scheduler.partial is None and [s.request_id for s in engine.scheduler.running] == ["a"]
+
+
+def test_a_finished_sequence_is_neither_cancelled_nor_expired_again(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=2))
+    engine.add_request(Sequence("x", prompt(tiny, "x"), SamplingParams(max_tokens=50), deadline=time.monotonic() + 60))
+    engine.step()
+    assert engine.cancel("x") is not None
+    assert engine.cancel("x") is None
+    engine.scheduler.running[0].deadline = time.monotonic() - 1
+    assert engine.expire() == []
+    assert engine.stats.requests_cancelled == 1 and engine.stats.requests_failed == 0
+
+
+def test_padding_next_to_a_reused_prefix_stays_inside_the_context_window(tiny: LoadedModel) -> None:
+    system = [{"role": "system", "content": "You are terse."}]
+    short_ids, prefix_len = tiny.encode_chat_with_prefix([*system, {"role": "user", "content": "hi"}])
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, max_seq_len=128, prefill_budget=1024))
+    engine.generate([short_ids], GREEDY)  # fills the prefix cache
+    long_ids = list(range(4000, 4000 + 127 - prefix_len))
+    engine.add_request(Sequence("reuse", short_ids, GREEDY, prefix_len=prefix_len))
+    engine.add_request(Sequence("long", long_ids, SamplingParams(max_tokens=1)))
+    done = run(engine)
+    assert done["reuse"].text == solo(tiny, short_ids).text and done["long"].completion_tokens == 1
+
+
+def test_a_vanishing_temperature_is_greedy(tiny: LoadedModel) -> None:
+    ids = prompt(tiny, "cold")
+    cold = SamplingParams(max_tokens=8, temperature=1e-39, ignore_eos=True)
+    assert solo(tiny, ids, cold).text == solo(tiny, ids, SamplingParams(max_tokens=8, ignore_eos=True)).text

@@ -278,3 +278,20 @@ async def test_service_discovery_reports_model_and_endpoints(worker: RunningWork
     info = json.loads((await nc.request("$SRV.INFO.llm-inference", b"", timeout=5)).data)
     subjects = {e["subject"]: e["queue_group"] for e in info["endpoints"]}
     assert subjects["llm.chat"] == "llm-workers" and subjects["llm.chat.batched"] == "llm-workers"
+
+
+async def test_request_ids_of_batches_are_reserved_and_cancel_matches_exactly(worker: RunningWorker, nc: NATS) -> None:
+    long_query = json.dumps({"chat_id": "q", "user_prompt": "Write a long story.", "max_tokens": 48}).encode()
+    batch = json.dumps({"queries": [json.loads(long_query)]}).encode()
+    inboxes = [nc.new_inbox() for _ in range(3)]
+    subs = [await nc.subscribe(inbox) for inbox in inboxes]
+    # one connection publishes in order, so the worker sees the first batch before the second
+    await nc.publish("llm.chat.batched", batch, reply=inboxes[0], headers={"Llmbus-Request-Id": "dup"})
+    await nc.publish("llm.chat", long_query, reply=inboxes[1], headers={"Llmbus-Request-Id": "dup-1"})
+    await nc.publish("llm.chat.batched", batch, reply=inboxes[2], headers={"Llmbus-Request-Id": "dup"})
+    second = await subs[2].next_msg(timeout=60)
+    assert second.headers[ERROR_CODE] == "400" and "already in flight" in second.headers["Nats-Service-Error"]
+    await nc.publish("llm.cancel.dup", b"")
+    first = json.loads((await subs[0].next_msg(timeout=60)).data)
+    assert first["responses"][0]["finish_reason"] == "cancelled"
+    assert json.loads((await subs[1].next_msg(timeout=60)).data)["finish_reason"] == "length"
