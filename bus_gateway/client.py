@@ -363,6 +363,10 @@ class BusClient:
         """Every worker's `$SRV.INFO` reply (adds description and endpoints)."""
         return await self._gather(f"$SRV.INFO.{self.service_name}", timeout)
 
+    async def stats(self, timeout: float = DISCOVERY_WINDOW) -> list[dict[str, Any]]:
+        """Every worker's `$SRV.STATS` reply; each endpoint's `data` holds the worker's engine counters."""
+        return await self._gather(f"$SRV.STATS.{self.service_name}", timeout)
+
     async def models(self, timeout: float = DISCOVERY_WINDOW) -> list[str]:
         """The model names the workers serve, from their INFO `metadata.model`, sorted."""
         names = {reply.get("metadata", {}).get("model") for reply in await self.info(timeout)}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import math
@@ -42,6 +41,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from bus_gateway.client import BusClient
 from llmbus.nats_server import NatsServer, NatsServerError
 from schemas import SERVICE_NAME, ChatChunk, ChatRequest, Subjects, encode
 from schemas.subjects import ERROR, ERROR_CODE, REQUEST_ID, STREAM, STREAM_END
@@ -550,32 +550,12 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def gather_service(nc: NATS, verb: str, window: float = 0.5) -> dict[str, dict[str, Any]]:
-    """The answers to one `$SRV.<verb>.llm-inference` within `window` seconds, by service instance id."""
-    inbox = nc.new_inbox()
-    answers: dict[str, dict[str, Any]] = {}
-
-    async def on_reply(msg: Msg) -> None:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            body = json.loads(msg.data)
-            answers[str(body["id"])] = body
-
-    sub = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        await nc.publish(f"$SRV.{verb}.{SERVICE_NAME}", b"", reply=inbox)
-        await nc.flush()
-        await asyncio.sleep(window)
-    finally:
-        await sub.unsubscribe()
-    return answers
-
-
 async def wait_for_workers(nc: NATS, stack: Stack, count: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     seen: set[str] = set()
     while time.monotonic() < deadline:
         stack.check_alive()
-        seen = set(await gather_service(nc, "PING"))
+        seen = {str(reply.get("id")) for reply in await BusClient(nc).ping()}
         if len(seen) >= count:
             return len(seen)
     raise BenchError(f"{len(seen)} of {count} workers answered $SRV.PING.{SERVICE_NAME} after {timeout:.0f}s")
@@ -692,7 +672,7 @@ class EngineCounters:
 
 async def engine_counters(nc: NATS) -> EngineCounters:
     total = EngineCounters()
-    for answer in (await gather_service(nc, "STATS", window=0.3)).values():
+    for answer in await BusClient(nc).stats():
         endpoints = answer.get("endpoints") or [{}]
         data = endpoints[0].get("data") or {}
         batches = data.get("decode_batch_sizes", {})

@@ -17,14 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
 from bus_gateway.client import BusClient, BusError
 from llmbus.nats_server import env_without_proxy
-from schemas import SERVICE_NAME, ChatRequest
+from schemas import ChatRequest
 
 RESULTS_FILE = Path(__file__).resolve().parent.parent / "bench-results" / "reliability.json"
 READY_TIMEOUT_S = 180.0
@@ -73,24 +72,9 @@ def chat(chat_id: str, max_tokens: int = 4, **fields: Any) -> ChatRequest:
     return ChatRequest(chat_id=chat_id, user_prompt=fields.pop("user_prompt", PROMPT), max_tokens=max_tokens, **fields)
 
 
-async def gather_stats(nc: NATS, window: float = 1.0, expected: int | None = None) -> list[dict[str, Any]]:
-    """Every worker's `$SRV.STATS` reply (stops early once `expected` replies came)."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    replies: list[dict[str, Any]] = []
-    try:
-        await nc.publish(f"$SRV.STATS.{SERVICE_NAME}", b"", reply=inbox)
-        deadline = time.monotonic() + window
-        while (left := deadline - time.monotonic()) > 0 and (expected is None or len(replies) < expected):
-            try:
-                msg = await sub.next_msg(timeout=left)
-            except nats.errors.TimeoutError:
-                break
-            if msg.data:
-                replies.append(msgspec.json.decode(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return replies
+async def gather_stats(nc: NATS, window: float = 1.0) -> list[dict[str, Any]]:
+    """Every worker's `$SRV.STATS` reply, gathered for at most `window` seconds."""
+    return await BusClient(nc).stats(window)
 
 
 def engine_data(stats: dict[str, Any]) -> dict[str, Any]:

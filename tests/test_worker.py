@@ -9,6 +9,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
+from bus_gateway.client import BusClient
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
@@ -29,19 +30,8 @@ async def ask(
 
 async def stats(nc: NATS, subject: str = "llm.chat") -> list[dict]:
     """STATS `data` of every worker serving `subject` (micro answers once per instance)."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish("$SRV.STATS.llm-inference", b"", reply=inbox)
-    replies = []
-    try:
-        while True:
-            endpoint = json.loads((await sub.next_msg(timeout=0.5)).data)["endpoints"][0]
-            if endpoint["subject"] == subject:
-                replies.append(endpoint["data"])
-    except TimeoutError:
-        pass
-    await sub.unsubscribe()
-    return replies
+    replies = await BusClient(nc).stats()
+    return [r["endpoints"][0]["data"] for r in replies if r["endpoints"][0]["subject"] == subject]
 
 
 async def test_raw_request_with_handwritten_json_answers_paris(worker: RunningWorker, nc: NATS) -> None:
