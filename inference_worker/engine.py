@@ -8,6 +8,7 @@ meets it at one inbox queue and receives events through one callback per step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -53,6 +54,12 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
 
+    @classmethod
+    def of(cls, seq: Sequence) -> Finished:
+        return cls(
+            seq.request_id, seq.text, seq.finish_reason or "stop", seq.num_prompt_tokens, seq.num_completion_tokens
+        )
+
 
 @dataclass(slots=True, frozen=True)
 class Failed:
@@ -92,28 +99,19 @@ class LLMEngine:
         self.stats = EngineStats()
         self._lock = threading.Lock()
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> Failed | SamplingParams:
-        """Fit a request to the context window: too long a prompt is an error, max_tokens is cut to what fits."""
-        room = self.max_seq_len - len(prompt_ids)
+    def add_request(self, seq: Sequence) -> Failed | None:
+        """Queue a request, fitted to the context window: too long a prompt is an error, max_tokens is cut to fit."""
+        room = self.max_seq_len - seq.num_prompt_tokens
         if room < 1:
+            self.stats.requests_failed += 1
             return Failed(
-                "",
+                seq.request_id,
                 413,
-                f"prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len} "
+                f"prompt has {seq.num_prompt_tokens} tokens; the context window is {self.max_seq_len} "
                 "tokens, so there is no room to generate",
             )
-        if params.max_tokens > room:
-            params = SamplingParams(
-                room, params.temperature, params.top_p, params.top_k, params.seed, params.stop, params.ignore_eos
-            )
-        return params
-
-    def add_request(self, seq: Sequence) -> Failed | None:
-        checked = self.validate(seq.prompt_ids, seq.params)
-        if isinstance(checked, Failed):
-            self.stats.requests_failed += 1
-            return Failed(seq.request_id, checked.code, checked.message)
-        seq.params = checked
+        if seq.params.max_tokens > room:
+            seq.params = dataclasses.replace(seq.params, max_tokens=room)
         if seq.params.seed is not None and not seq.params.greedy:
             seq.generator = torch.Generator(self.loaded.device).manual_seed(seq.params.seed)
         self.scheduler.add(seq)
@@ -221,15 +219,7 @@ class LLMEngine:
                 events.append(TokenDelta(seq.request_id, delta))
             if seq.status is Status.FINISHED:
                 self.stats.requests_finished += 1
-                events.append(
-                    Finished(
-                        seq.request_id,
-                        seq.text,
-                        seq.finish_reason or "stop",
-                        seq.num_prompt_tokens,
-                        seq.num_completion_tokens,
-                    )
-                )
+                events.append(Finished.of(seq))
 
     def _expire(self, now: float, events: list[Event]) -> None:
         for seq in list(self.scheduler.waiting):
@@ -389,9 +379,7 @@ class EngineThread:
                 if failed := self.engine.add_request(command.seq):
                     events.append(failed)
             elif isinstance(command, _Cancel) and (seq := self.engine.cancel(command.request_id)) is not None:
-                events.append(
-                    Finished(seq.request_id, seq.text, "cancelled", seq.num_prompt_tokens, seq.num_completion_tokens)
-                )
+                events.append(Finished.of(seq))
             try:
                 command = self.inbox.get_nowait()
             except queue.Empty:
