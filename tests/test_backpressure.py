@@ -9,10 +9,10 @@ import time
 import msgspec
 import nats
 import pytest
-from conftest import start_worker
-from fault_kit import FaultFigures, chat, engine_data, gather_stats
 
 from bus_gateway.jobs import JobClient
+from helpers.faults import FaultFigures, chat, engine_data, gather_stats
+from helpers.workers import start_worker
 from inference_worker.durable import CONSUMER_NAME, STREAM_NAME
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config

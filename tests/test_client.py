@@ -11,15 +11,14 @@ from collections.abc import AsyncIterator
 import msgspec
 import nats
 import pytest
-from conftest import start_worker
-from gateway_support import silent_responder, watching_cancels
 
 from bus_gateway.client import BusClient, BusError
+from helpers.bridge import silent_responder, watching_cancels
+from helpers.workers import start_worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 from schemas import ChatChunk, ChatRequest, Message, Subjects
 
-pytest_plugins = ["gateway_fixtures"]
 pytestmark = pytest.mark.timeout(120)
 
 FRANCE = ChatRequest(chat_id="france", user_prompt="What is the capital of France?", max_tokens=16)

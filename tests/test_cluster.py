@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import nats
 import pytest
-from conftest import start_worker
-from fault_kit import FaultFigures, chat, engine_data, gather_stats, wait_until
 
 from bus_gateway.client import BusClient
+from helpers.faults import FaultFigures, chat, engine_data, gather_stats, wait_until
+from helpers.workers import start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer, free_port

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import nats
 import pytest
-from fault_kit import (
+
+from bus_gateway.client import BusClient, BusError
+from helpers.faults import (
     FaultFigures,
     SteadyLoad,
     WorkerProcess,
@@ -22,8 +24,6 @@ from fault_kit import (
     start_workers,
     wait_until,
 )
-
-from bus_gateway.client import BusClient, BusError
 from llmbus.nats_server import NatsServer
 from schemas import ChatResponse
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
-from conftest import start_worker
-from fault_kit import FaultFigures, chat, engine_data, gather_stats, start_workers, wait_until
 
 from bus_gateway.client import BusError
 from bus_gateway.jobs import JobClient
+from helpers.faults import FaultFigures, chat, engine_data, gather_stats, start_workers, wait_until
+from helpers.workers import start_worker
 from inference_worker.durable import (
     CONSUMER_NAME,
     STREAM_NAME,

@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningWorker, start_worker
-from fault_kit import FaultFigures
-from gateway_support import Bridge, start_bridge
 from hypothesis import HealthCheck, given, settings
 
+from helpers.bridge import Bridge, start_bridge
+from helpers.faults import FaultFigures
+from helpers.workers import RunningWorker, start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer

@@ -17,13 +17,13 @@ from typing import Any
 import msgspec
 import nats
 import pytest
-from conftest import RunningWorker, start_worker
-from fault_kit import FaultFigures, chat, engine_data, gather_stats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bus_gateway.client import BusClient, BusError
 from bus_gateway.jobs import JobClient
+from helpers.faults import FaultFigures, chat, engine_data, gather_stats
+from helpers.workers import RunningWorker, start_worker
 from inference_worker.model_loader import LoadedModel, load_model
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer

@@ -10,8 +10,11 @@ import socket
 import httpx
 import nats
 import pytest
-from conftest import start_worker
-from gateway_support import (
+from nats.aio.client import Client as NATS
+
+import bus_gateway.app as app_module
+from bus_gateway.app import run_gateway
+from helpers.bridge import (
     API_KEY,
     Bridge,
     running_bridge,
@@ -20,14 +23,10 @@ from gateway_support import (
     start_bridge,
     watching_cancels,
 )
-from nats.aio.client import Client as NATS
-
-import bus_gateway.app as app_module
-from bus_gateway.app import run_gateway
+from helpers.workers import start_worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer, free_port
 
-pytest_plugins = ["gateway_fixtures"]
 pytestmark = pytest.mark.timeout(120)
 
 FRANCE = {"chat_id": "france", "user_prompt": "What is the capital of France?", "max_tokens": 16}

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from gateway_support import API_KEY, Bridge, sse_data, sse_json, watching_cancels
 from nats.aio.client import Client as NATS
 
-pytest_plugins = ["gateway_fixtures"]
+from helpers.bridge import API_KEY, Bridge, sse_data, sse_json, watching_cancels
+
 pytestmark = pytest.mark.timeout(120)
 
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]

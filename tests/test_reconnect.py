@@ -8,11 +8,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import start_worker
-from fault_kit import FaultFigures, LinkEvents, chat, connect_client
 
 from bus_gateway.client import BusClient, BusError
 from bus_gateway.jobs import JobClient
+from helpers.faults import FaultFigures, LinkEvents, chat, connect_client
+from helpers.workers import start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer, free_port

@@ -25,7 +25,7 @@ from bus_gateway.client import BusClient, BusError
 from llmbus.nats_server import env_without_proxy
 from schemas import ChatRequest
 
-RESULTS_FILE = Path(__file__).resolve().parent.parent / "bench-results" / "reliability.json"
+RESULTS_FILE = Path(__file__).resolve().parents[2] / "bench-results" / "reliability.json"
 READY_TIMEOUT_S = 180.0
 PROMPT = "Name a colour."
 
@@ -119,7 +119,7 @@ class WorkerProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
                 env=subprocess_env(),
-                cwd=Path(__file__).resolve().parent.parent,
+                cwd=Path(__file__).resolve().parents[2],
             )
         return cls(proc, log_path, name)
 

@@ -1,4 +1,4 @@
-"""Fixtures for the bridge and client tests (load with `pytest_plugins = ["gateway_fixtures"]`): a second
+"""Fixtures for the bridge and client tests (loaded by conftest): a second
 nats-server where no worker ever runs, bridges on it (with and without API keys), and a bridge beside conftest's
 `worker` (one SmolLM2 worker on `nats_server`, default subjects)."""
 
@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from gateway_support import API_KEY, Bridge, running_bridge
 
+from helpers.bridge import API_KEY, Bridge, running_bridge
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 

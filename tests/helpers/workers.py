@@ -1,0 +1,35 @@
+"""In-process workers: `run_worker` in the test's event loop (its engine in its own thread)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from inference_worker.model_loader import LoadedModel
+from inference_worker.service import run_worker
+from llmbus.config import Config
+
+
+@dataclass
+class RunningWorker:
+    config: Config
+    stop: asyncio.Event
+    task: asyncio.Task
+
+    async def shutdown(self, timeout: float = 60) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, timeout)
+
+
+async def start_worker(config: Config, loaded: LoadedModel, timeout: float = 120) -> RunningWorker:
+    """Run a worker in this event loop and wait until it serves."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_worker(config, stop, ready, loaded=loaded))
+    ready_wait = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, ready_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ready_wait.cancel()
+        task.result()
+    if ready_wait not in done:
+        raise TimeoutError("worker did not become ready")
+    return RunningWorker(config, stop, task)
