@@ -32,6 +32,7 @@ from bus_gateway.openai_translate import ApiFailure
 from bus_gateway.openai_types import ChatCompletionRequest
 from bus_gateway.openapi_doc import WireJsonRenderPlugin, with_request_bodies
 from llmbus.config import Config
+from llmbus.connection import connect, connected_to
 from schemas import BatchRequest, ChatRequest, ErrorBody, Subjects
 
 log = logging.getLogger("llmbus.gateway")
@@ -66,8 +67,7 @@ def healthz(state: State) -> Response[HealthBody]:
     bus: BusClient = state["bus"]
     nc = bus.nc
     if nc.is_connected:
-        server = nc.connected_url.netloc if nc.connected_url else None
-        return Response(HealthBody(status="ok", nats="connected", server=server))
+        return Response(HealthBody(status="ok", nats="connected", server=connected_to(nc)))
     nats_state = "closed" if nc.is_closed else "reconnecting" if nc.is_reconnecting else "disconnected"
     return Response(HealthBody(status="unavailable", nats=nats_state), status_code=503, headers=retry_headers(503))
 
@@ -179,32 +179,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def connect_bus(config: Config) -> BusClient:
-    """Connect with reconnects enabled forever, so a NATS restart heals by itself."""
-
-    async def on_error(exc: Exception) -> None:
-        log.warning("NATS: %s", exc)
-
-    async def on_disconnect() -> None:
-        if not (client.nc.is_closed or client.nc.is_draining):
-            log.warning("NATS: disconnected, reconnecting")
-
-    async def on_reconnect() -> None:
-        log.info("NATS: reconnected")
-
-    client = await BusClient.connect(
-        config.nats_url,
-        subjects=Subjects(config.subject_prefix),
-        name="llmbus-gateway",
-        timeout=config.request_timeout,
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
-        connect_timeout=2,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-    )
-    return client
+    """The bridge's bus client, on a connection that reconnects forever (a NATS restart heals by itself)."""
+    nc = await connect(config, "llmbus-gateway", connect_timeout=2.0)
+    return BusClient(nc, Subjects(config.subject_prefix), timeout=config.request_timeout, owns_connection=True)
 
 
 async def run_gateway(config: Config, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:

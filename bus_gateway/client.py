@@ -21,6 +21,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from llmbus.config import Config
+from llmbus.connection import connect
 from schemas import SERVICE_NAME, BatchResponse, ChatChunk, ChatRequest, ChatResponse, ErrorBody, Subjects
 from schemas.subjects import ERROR, ERROR_CODE, REQUEST_ID, STREAM, STREAM_END
 
@@ -154,6 +156,13 @@ class BusClient:
         servers = [part.strip() for part in url.split(",") if part.strip()]
         nc = await nats.connect(servers=servers, name=name, **nats_options)
         return cls(nc, subjects, timeout=timeout, retries=retries, backoff=backoff, owns_connection=True)
+
+    @classmethod
+    async def from_config(cls, config: Config, *, name: str = "llmbus-client", retries: int = 0) -> BusClient:
+        """Connect with every connection setting of `config` (credentials, TLS, inbox prefix) and own the connection."""
+        nc = await connect(config, name, reconnect_forever=False)
+        subjects = Subjects(config.subject_prefix)
+        return cls(nc, subjects, timeout=config.request_timeout, retries=retries, owns_connection=True)
 
     async def close(self) -> None:
         """Finish pending cancel messages, then close the connection if this client opened it."""

@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-import nats
 import torch
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -34,6 +33,7 @@ from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
 from llmbus import __version__
 from llmbus.config import Config
+from llmbus.connection import connect, connected_to
 from schemas import (
     SERVICE_NAME,
     BatchItemError,
@@ -491,39 +491,6 @@ def _headers(kind: str, extra: dict[str, str] | None = None) -> dict[str, str] |
     return headers or None
 
 
-async def connect(config: Config, name: str) -> NATS:
-    """A NATS connection that reconnects forever, so a restarted server or a dropped link heals by itself.
-
-    Subscriptions (the service endpoints, the job consumer's inbox) are restored by nats.py on reconnect;
-    answers published while disconnected wait in its reconnect buffer. Connection trouble is logged in one line.
-    """
-
-    async def on_error(exc: Exception) -> None:
-        log.warning("NATS connection: %r", exc)
-
-    async def on_disconnected() -> None:
-        if not nc.is_closed:  # closing on purpose calls this too
-            log.warning("disconnected from NATS; reconnecting")
-
-    async def on_reconnected() -> None:
-        log.warning("reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
-
-    nc = await nats.connect(
-        servers=[u.strip() for u in config.nats_url.split(",") if u.strip()],
-        name=name,
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        ping_interval=10,
-        max_outstanding_pings=3,
-        error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
-    )
-    return nc
-
-
 async def run_worker(
     config: Config, stop: asyncio.Event, ready: asyncio.Event | None = None, loaded: LoadedModel | None = None
 ) -> None:
@@ -531,12 +498,12 @@ async def run_worker(
     torch.set_num_threads(pick_threads(config.threads))
     if loaded is None:
         loaded = await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
-    nc = await connect(config, name="llmbus-worker")
+    nc = await connect(config, "llmbus-worker")
     worker = Worker(config, nc, loaded)
     try:
         await worker.start()
         await nc.flush()  # the server knows our subscriptions before anyone is told we are ready
-        log.info("worker serving %s on %s (%s, %s)", loaded.name, nc.connected_url.netloc, loaded.device, loaded.dtype)
+        log.info("worker serving %s on %s (%s, %s)", loaded.name, connected_to(nc), loaded.device, loaded.dtype)
         if ready is not None:
             ready.set()
         await stop.wait()

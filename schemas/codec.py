@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from schemas.errors import ERRORS
 from schemas.messages import BatchEnvelope, BatchItemError, ChatRequest
 from schemas.subjects import CONTENT_TYPE, JSON, MSGPACK
 
@@ -17,10 +18,16 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
 class WireError(msgspec.Struct, frozen=True):
-    """A request that cannot be served: `code` follows HTTP (400 bad input, 413 too large, 503, 504...)."""
+    """A request that cannot be served: `code` follows HTTP (400 bad input, 413 too large, 503, 504...), and `name`
+    is its row in `schemas.errors.ERRORS` (empty: the default for the code)."""
 
     code: int
     message: str
+    name: str = ""
+
+    @classmethod
+    def of(cls, name: str, message: str) -> WireError:
+        return cls(ERRORS[name].code, message, name)
 
 
 def content_type(headers: Mapping[str, str] | None) -> str:
