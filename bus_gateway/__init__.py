@@ -1,6 +1,8 @@
-"""HTTP bridge and Python client for llmbus: `BusClient` over NATS, a Litestar app (native and OpenAI APIs)."""
+"""Python clients and the HTTP bridge for llmbus: `BusClient` (core request-reply) and `JobClient` (durable jobs)
+over NATS, and the Litestar app (`bus_gateway.app`: native and OpenAI APIs). Importing the clients does not load
+the web framework."""
 
-from bus_gateway.app import create_app, run_gateway
-from bus_gateway.client import BusClient, BusError
+from bus_gateway.bus_errors import BusError
+from bus_gateway.client import BusClient
 
-__all__ = ["BusClient", "BusError", "create_app", "run_gateway"]
+__all__ = ["BusClient", "BusError"]

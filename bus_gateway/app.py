@@ -17,15 +17,17 @@ from typing import Any
 
 import msgspec
 import uvicorn
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, Router, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from bus_gateway.auth import ApiKeyError, api_key_guard
-from bus_gateway.chat_api import chat_router, error_response, retry_headers
+from bus_gateway.batch_api import chat_batched
+from bus_gateway.chat_api import chat
 from bus_gateway.client import BusClient
+from bus_gateway.http_errors import error_response, retry_headers
 from bus_gateway.jobs import JobClient
 from bus_gateway.openai_api import ModelCatalog, openai_router
 from bus_gateway.openai_translate import ApiFailure
@@ -34,6 +36,7 @@ from bus_gateway.openapi_doc import WireJsonRenderPlugin, with_request_bodies
 from llmbus.config import Config
 from llmbus.connection import connect, connected_to
 from schemas import BatchRequest, ChatRequest, ErrorBody, Subjects
+from schemas.errors import ERRORS
 
 log = logging.getLogger("llmbus.gateway")
 
@@ -69,7 +72,11 @@ def healthz(state: State) -> Response[HealthBody]:
     if nc.is_connected:
         return Response(HealthBody(status="ok", nats="connected", server=connected_to(nc)))
     nats_state = "closed" if nc.is_closed else "reconnecting" if nc.is_reconnecting else "disconnected"
-    return Response(HealthBody(status="unavailable", nats=nats_state), status_code=503, headers=retry_headers(503))
+    return Response(
+        HealthBody(status="unavailable", nats=nats_state),
+        status_code=503,
+        headers=retry_headers(ERRORS["not_connected"]),
+    )
 
 
 @get("/readyz", summary="At least one inference worker answers $SRV.PING", tags=["health"])
@@ -77,12 +84,14 @@ async def readyz(state: State) -> Response[ReadyBody]:
     bus: BusClient = state["bus"]
     if not bus.connected:
         body = ReadyBody(status="not ready", workers=0, error="not connected to NATS")
-        return Response(body, status_code=503, headers=retry_headers(503))
+        return Response(body, status_code=503, headers=retry_headers(ERRORS["not_connected"]))
     replies = await bus.ping(READY_PING_WINDOW)
     if not replies:
         error = f"no inference worker answers $SRV.PING.{bus.service_name}"
         return Response(
-            ReadyBody(status="not ready", workers=0, error=error), status_code=503, headers=retry_headers(503)
+            ReadyBody(status="not ready", workers=0, error=error),
+            status_code=503,
+            headers=retry_headers(ERRORS["not_connected"]),
         )
     names = {reply.get("metadata", {}).get("model") for reply in replies}
     models = sorted(name for name in names if isinstance(name, str) and name)
@@ -135,7 +144,13 @@ def create_app(
 
     guards = api_key_guard(config.all_api_keys())
     return Litestar(
-        route_handlers=[healthz, readyz, openapi_json, chat_router(guards), openai_router(guards)],
+        route_handlers=[
+            healthz,
+            readyz,
+            openapi_json,
+            Router(path="/", route_handlers=[chat, chat_batched], guards=guards, tags=["chat"]),
+            openai_router(guards),
+        ],
         lifespan=[lifespan],
         on_startup=list(on_startup),
         logging_config=None,  # the embedding process (llmbus up, tests) owns logging

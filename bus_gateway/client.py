@@ -1,8 +1,11 @@
 """`BusClient`: chat with the inference workers over NATS (request-reply, batches, streams, cancel, discovery).
 
-Every failure is one exception type, `BusError(code, message, body)`, whose `code` follows HTTP:
-503 no worker listens / a worker is overloaded / the NATS connection is down, 504 no answer in time,
-413 too large, 400 bad input, and whatever code a worker put in its `Nats-Service-Error-Code` header.
+Every failure is one exception type, `BusError(code, message, body)`, named after its row in the error table
+(`schemas.errors`): `no_responders`/`overloaded`/`shutting_down`/`not_connected` (503), `timeout` (504),
+`too_large` (413), `bad_request` and `context_length_exceeded` (400), and whatever a worker put in its error headers.
+
+Every request gets the reply subject `<client inbox>.<request id>` (see `inbox.py`), so the client can name it in a
+cancel: a worker cancels only when both the request id and the reply subject match.
 """
 
 from __future__ import annotations
@@ -11,49 +14,46 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
+from bus_gateway import discovery
+from bus_gateway.bus_errors import (
+    BusError,
+    decode_reply,
+    error_from_reply,
+    no_reply,
+    not_connected,
+    too_large,
+)
+from bus_gateway.inbox import ReplyInbox
 from llmbus.config import Config
-from llmbus.connection import connect
-from schemas import SERVICE_NAME, BatchResponse, ChatChunk, ChatRequest, ChatResponse, ErrorBody, Subjects
-from schemas.subjects import ERROR, ERROR_CODE, REQUEST_ID, STREAM, STREAM_END
+from llmbus.connection import connect, servers_of
+from schemas import (
+    SERVICE_NAME,
+    BatchDone,
+    BatchItemDone,
+    BatchResponse,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Subjects,
+)
+from schemas.subjects import REPLY_TO, REQUEST_ID, STREAM, STREAM_END, valid_request_id
 
-T = TypeVar("T")
+__all__ = ["BusClient", "BusError", "new_request_id", "with_deadline"]
 
-STATUS_HEADER = "Status"
-NO_RESPONDERS_STATUS = "503"
 DEFAULT_TIMEOUT = 120.0
 REPLY_GRACE = 0.5  # extra wait past a request's own deadline, so the worker's 504 arrives rather than our guess
-DISCOVERY_WINDOW = 0.5
-DISCOVERY_SETTLE = 0.15
 MAX_BACKOFF = 2.0
 
-
-class BusError(Exception):
-    """A chat that failed. `reason` says where: no_responders, timeout, worker, connection, too_large, bad_reply."""
-
-    def __init__(self, code: int, message: str, body: bytes | None = None, *, reason: str = "worker") -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.body = body
-        self.reason = reason
-
-    @property
-    def retryable(self) -> bool:
-        """Overload, shutdown, no worker or a dropped connection: worth trying again later."""
-        return self.code == 503
-
-    def __repr__(self) -> str:
-        return f"BusError(code={self.code}, message={self.message!r}, reason={self.reason!r})"
+Headers = Mapping[str, str] | None
 
 
 def new_request_id() -> str:
@@ -61,62 +61,18 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def error_from_reply(msg: Msg, subject: str) -> BusError | None:
-    """The error a reply carries: a no-responders status from the server, or a worker's micro error headers."""
-    headers = msg.headers or {}
-    if headers.get(STATUS_HEADER) == NO_RESPONDERS_STATUS and not msg.data:
-        return no_responders(subject)
-    code_text = headers.get(ERROR_CODE)
-    if code_text is None:
-        return None
-    try:
-        code = int(code_text)
-    except ValueError:
-        code = 500
-    message = headers.get(ERROR)
-    if not message:
-        body = _try_decode(msg.data, ErrorBody)
-        message = body.error if body is not None else "worker error with no description"
-    return BusError(code, message, msg.data or None, reason="worker")
-
-
-def no_responders(subject: str) -> BusError:
-    return BusError(503, f"no inference worker is listening on {subject}", reason="no_responders")
-
-
-def no_reply(timeout: float) -> BusError:
-    return BusError(504, f"no reply from a worker within {timeout:g}s", reason="timeout")
-
-
-def decode_reply(data: bytes, type_: type[T]) -> T:
-    try:
-        return msgspec.json.decode(data, type=type_)
-    except msgspec.DecodeError as exc:
-        raise BusError(502, f"invalid reply from a worker: {exc}", data, reason="bad_reply") from None
-
-
-def _try_decode(data: bytes, type_: type[T]) -> T | None:
-    try:
-        return msgspec.json.decode(data, type=type_) if data else None
-    except msgspec.DecodeError:
-        return None
-
-
-def with_deadline(request: ChatRequest, timeout: float, stream: bool | None = None) -> ChatRequest:
+def with_deadline(request: ChatRequest, timeout: float) -> ChatRequest:
     """The request as sent: its `timeout` no later than ours, so the worker knows when we give up."""
     limit = timeout if request.timeout is None else min(request.timeout, timeout)
-    changes: dict[str, Any] = {"timeout": limit}
-    if stream is not None:
-        changes["stream"] = stream
-    return msgspec.structs.replace(request, **changes)
+    return msgspec.structs.replace(request, timeout=limit)
 
 
 class BusClient:
     """Chat with the `llm-inference` workers on a connected NATS client.
 
-    `retries` retries a 503 (no worker, overload, shutting down) with exponential backoff from `backoff` seconds
-    (at most 2 s, with jitter), always within the call's own timeout.
-    Use `BusClient.connect(url)` to own the connection, and `close()` it.
+    `retries` retries the errors that mean "come back shortly" (no worker, overloaded, shutting down, not
+    connected) with exponential backoff from `backoff` seconds (at most 2 s, with jitter), within the call's timeout.
+    Use `BusClient.connect(url)` or `BusClient.from_config(config)` to own the connection, and `close()` it.
     """
 
     def __init__(
@@ -136,6 +92,7 @@ class BusClient:
         self.retries = retries
         self.backoff = backoff
         self.service_name = service_name
+        self.inbox = ReplyInbox(nc)
         self._owns_connection = owns_connection
         self._background: set[asyncio.Task[None]] = set()
         self._live_streams: set[str] = set()
@@ -153,8 +110,7 @@ class BusClient:
         **nats_options: Any,
     ) -> BusClient:
         """Connect to NATS (`url` may list several servers, comma-separated) and own that connection."""
-        servers = [part.strip() for part in url.split(",") if part.strip()]
-        nc = await nats.connect(servers=servers, name=name, **nats_options)
+        nc = await nats.connect(servers=servers_of(url), name=name, **nats_options)
         return cls(nc, subjects, timeout=timeout, retries=retries, backoff=backoff, owns_connection=True)
 
     @classmethod
@@ -168,6 +124,7 @@ class BusClient:
         """Finish pending cancel messages, then close the connection if this client opened it."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.inbox.stop()
         if self._owns_connection and not self.nc.is_closed:
             try:
                 await self.nc.drain()
@@ -187,16 +144,28 @@ class BusClient:
     # request-reply
 
     async def chat(
-        self, request: ChatRequest, timeout: float | None = None, *, retries: int | None = None
+        self,
+        request: ChatRequest,
+        timeout: float | None = None,
+        *,
+        retries: int | None = None,
+        request_id: str | None = None,
+        headers: Headers = None,
     ) -> ChatResponse:
         """One chat completion on `<prefix>.chat`."""
         timeout = self.timeout if timeout is None else timeout
-        data = msgspec.json.encode(with_deadline(request, timeout, stream=False))
-        reply = await self._request(self.subjects.chat, data, timeout, retries)
+        data = msgspec.json.encode(msgspec.structs.replace(with_deadline(request, timeout), stream=False))
+        reply = await self._request(self.subjects.chat, data, timeout, retries, request_id, headers)
         return decode_reply(reply.data, ChatResponse)
 
     async def chat_batched(
-        self, queries: Sequence[ChatRequest | msgspec.Raw], timeout: float | None = None, *, retries: int | None = None
+        self,
+        queries: Sequence[ChatRequest | msgspec.Raw],
+        timeout: float | None = None,
+        *,
+        retries: int | None = None,
+        request_id: str | None = None,
+        headers: Headers = None,
     ) -> BatchResponse:
         """Many chats in one message on `<prefix>.chat.batched`; `responses` come back in input order.
 
@@ -205,148 +174,173 @@ class BusClient:
         """
         timeout = self.timeout if timeout is None else timeout
         envelope = {"queries": [q if isinstance(q, msgspec.Raw) else with_deadline(q, timeout) for q in queries]}
-        reply = await self._request(self.subjects.chat_batched, msgspec.json.encode(envelope), timeout, retries)
+        data = msgspec.json.encode(envelope)
+        reply = await self._request(self.subjects.chat_batched, data, timeout, retries, request_id, headers)
         return decode_reply(reply.data, BatchResponse)
 
-    async def _request(self, subject: str, data: bytes, timeout: float, retries: int | None) -> Msg:
+    async def _request(
+        self, subject: str, data: bytes, timeout: float, retries: int | None, request_id: str | None, headers: Headers
+    ) -> Msg:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout + REPLY_GRACE
+        request_id = self._claim(request_id)
         attempts = (self.retries if retries is None else retries) + 1
         for attempt in range(attempts):
             try:
-                return await self._request_once(subject, data, timeout, deadline - loop.time())
+                return await self._request_once(subject, data, deadline - loop.time(), timeout, request_id, headers)
             except BusError as exc:
                 delay = self._backoff_delay(attempt)
-                if not exc.retryable or attempt + 1 == attempts or loop.time() + delay >= deadline - REPLY_GRACE:
+                if not exc.come_back_later or attempt + 1 == attempts or loop.time() + delay >= deadline - REPLY_GRACE:
                     raise
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _request_once(self, subject: str, data: bytes, timeout: float, wait: float) -> Msg:
+    async def _request_once(
+        self, subject: str, data: bytes, wait: float, timeout: float, request_id: str, headers: Headers
+    ) -> Msg:
         self._check_connected()
-        request_id = new_request_id()
+        answers = await self.inbox.open(request_id)
         try:
-            reply = await self.nc.request(subject, data, timeout=max(wait, 0.001), headers={REQUEST_ID: request_id})
-        except nats.errors.NoRespondersError:
-            raise no_responders(subject) from None
-        except nats.errors.TimeoutError:
+            await self._publish(subject, data, request_id, headers)
+            msg = await asyncio.wait_for(answers.get(), max(wait, 0.001))
+        except TimeoutError:
             self._spawn(self._send_cancel(request_id))
             raise no_reply(timeout) from None
         except asyncio.CancelledError:
             self._spawn(self._send_cancel(request_id))
             raise
-        except nats.errors.MaxPayloadError:
-            raise self._too_large(len(data)) from None
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            raise BusError(503, f"NATS connection is down: {type(exc).__name__}", reason="connection") from None
-        error = error_from_reply(reply, subject)
+        finally:
+            self.inbox.close(request_id)
+        error = error_from_reply(msg, subject)
         if error is not None:
             raise error
-        return reply
+        return msg
+
+    async def _publish(self, subject: str, data: bytes, request_id: str, headers: Headers) -> None:
+        reply = self.inbox.reply_subject(request_id)
+        try:
+            await self.nc.publish(subject, data, reply=reply, headers={**(headers or {}), REQUEST_ID: request_id})
+        except nats.errors.MaxPayloadError:
+            raise too_large(len(data), self.nc.max_payload) from None
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            raise not_connected(type(exc).__name__) from None
+
+    def _claim(self, request_id: str | None) -> str:
+        if request_id is None:
+            return new_request_id()
+        if not valid_request_id(request_id):
+            raise BusError(400, f"invalid request id {request_id!r}: use 1-128 of A-Z a-z 0-9 _-", name="bad_request")
+        if self.inbox.is_open(request_id):
+            raise BusError(409, f"request id {request_id!r} is already in flight", name="duplicate_request")
+        return request_id
 
     def _backoff_delay(self, attempt: int) -> float:
         return min(self.backoff * (2**attempt), MAX_BACKOFF) * random.uniform(0.8, 1.2)
 
     def _check_connected(self) -> None:
         if not self.nc.is_connected:
-            state = "closed" if self.nc.is_closed else "reconnecting"
-            raise BusError(503, f"not connected to NATS ({state}); try again shortly", reason="connection")
-
-    def _too_large(self, size: int) -> BusError:
-        limit = self.nc.max_payload
-        return BusError(
-            413, f"request of {size} bytes exceeds the NATS max payload of {limit} bytes", reason="too_large"
-        )
+            raise not_connected("closed" if self.nc.is_closed else "reconnecting")
 
     # streaming
 
     def stream(
-        self, request: ChatRequest, timeout: float | None = None, *, retries: int | None = None
+        self,
+        request: ChatRequest,
+        timeout: float | None = None,
+        *,
+        retries: int | None = None,
+        request_id: str | None = None,
+        headers: Headers = None,
     ) -> AsyncGenerator[ChatChunk, None]:
-        """Chunks of one streamed chat, the last with `done: true`.
+        """Chunks of one streamed chat: first an empty one (index 0) as soon as a worker has accepted the request,
+        then the text deltas, the last with `done: true`.
 
-        Stopping early (break, `aclose()`, the consuming task cancelled) cancels the generation on the worker.
-        Wrap it in `contextlib.aclosing(...)` to make that immediate rather than left to garbage collection.
+        `timeout` bounds the wait for each next message (an idle timeout), not the whole stream, so a long answer
+        that keeps producing tokens is never cut. Stopping early (break, `aclose()`, the consuming task cancelled)
+        cancels the generation on the worker; wrap it in `contextlib.aclosing(...)` to make that immediate.
         """
-        timeout = self.timeout if timeout is None else timeout
-        return self._stream(with_deadline(request, timeout, stream=True), timeout, retries)
+        data = msgspec.json.encode(msgspec.structs.replace(request, stream=True))
+        messages = self._messages(self.subjects.chat, data, timeout, retries, self._claim(request_id), headers)
+        return _decoded(messages, lambda _: ChatChunk)
 
-    async def _stream(
-        self, request: ChatRequest, timeout: float, retries: int | None
-    ) -> AsyncGenerator[ChatChunk, None]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout + REPLY_GRACE
-        data = msgspec.json.encode(request)
-        subject = self.subjects.chat
+    def stream_batch(
+        self,
+        queries: Sequence[ChatRequest],
+        timeout: float | None = None,
+        *,
+        retries: int | None = None,
+        request_id: str | None = None,
+        headers: Headers = None,
+    ) -> AsyncGenerator[BatchItemDone | BatchDone, None]:
+        """Each query's result as soon as it is ready (`BatchItemDone`, with its index, in completion order), then a
+        `BatchDone` summary. `timeout` is the idle timeout between messages; each query keeps its own `timeout`."""
+        envelope = {"queries": list(queries), "stream": True}
+        messages = self._messages(
+            self.subjects.chat_batched,
+            msgspec.json.encode(envelope),
+            timeout,
+            retries,
+            self._claim(request_id),
+            headers,
+        )
+        return _decoded(messages, lambda end: BatchDone if end else BatchItemDone)
+
+    async def _messages(
+        self, subject: str, data: bytes, timeout: float | None, retries: int | None, request_id: str, headers: Headers
+    ) -> AsyncGenerator[Msg, None]:
+        """The messages of one streamed answer through its end message; errors raised as `BusError`."""
+        idle = self.timeout if timeout is None else timeout
         attempts = (self.retries if retries is None else retries) + 1
         for attempt in range(attempts):
-            request_id = new_request_id()
-            sub: Subscription | None = None
-            live = False  # a worker may hold the generation: cancel it if we leave early
-            started = False
+            live = False  # a worker may hold the work: cancel it if we leave early
             try:
                 self._check_connected()
-                sub = await self.nc.subscribe(self.nc.new_inbox())
-                try:
-                    await self.nc.publish(subject, data, reply=sub.subject, headers={REQUEST_ID: request_id})
-                except nats.errors.MaxPayloadError:
-                    raise self._too_large(len(data)) from None
+                answers = await self.inbox.open(request_id)
+                await self._publish(subject, data, request_id, headers)
                 live = True
                 self._live_streams.add(request_id)
                 while True:
-                    msg = await self._next(sub, deadline - loop.time(), timeout)
+                    msg = await self._next(answers, idle)
+                    if not msg.data and not msg.headers:
+                        continue  # the sentinel of an earlier attempt's error
                     error = error_from_reply(msg, subject)
                     if error is not None:
                         live = False
                         raise error
-                    chunk = decode_reply(msg.data, ChatChunk)
-                    end = chunk.done or (msg.headers or {}).get(STREAM) == STREAM_END
-                    if end:
-                        live = False
-                    started = True
-                    yield chunk
+                    end = (msg.headers or {}).get(STREAM) == STREAM_END
+                    live = not end
+                    yield msg
                     if end:
                         return
             except BusError as exc:
                 delay = self._backoff_delay(attempt)
-                retry = exc.retryable and not started and attempt + 1 < attempts
-                if not retry or loop.time() + delay >= deadline - REPLY_GRACE:
+                if not (exc.come_back_later and attempt + 1 < attempts):
                     raise
             finally:
                 self._live_streams.discard(request_id)
-                if sub is not None:
-                    self._spawn(self._finish_stream(sub, request_id if live else None))
+                self.inbox.close(request_id)
+                if live:
+                    self._spawn(self._send_cancel(request_id))
             await asyncio.sleep(delay)
 
     @staticmethod
-    async def _next(sub: Subscription, wait: float, timeout: float) -> Msg:
-        if wait <= 0:
-            raise no_reply(timeout)
+    async def _next(answers: asyncio.Queue[Msg], idle: float) -> Msg:
         try:
-            return await sub.next_msg(timeout=wait)
-        except nats.errors.TimeoutError:
-            raise no_reply(timeout) from None
-        except nats.errors.ConnectionClosedError:
-            raise BusError(503, "NATS connection closed during the stream", reason="connection") from None
-
-    async def _finish_stream(self, sub: Subscription, cancel_id: str | None) -> None:
-        if cancel_id is not None:
-            await self._send_cancel(cancel_id)
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+            return await asyncio.wait_for(answers.get(), idle)
+        except TimeoutError:
+            raise no_reply(idle, idle=True) from None
 
     # cancel
 
     async def cancel(self, request_id: str) -> None:
-        """Ask the worker holding `request_id` to stop it (within one decode step)."""
+        """Ask the worker holding this client's request `request_id` to stop it (within one decode step)."""
         self._check_connected()
-        await self.nc.publish(self.subjects.cancel(request_id), b"")
+        headers = {REPLY_TO: self.inbox.reply_subject(request_id)}
+        await self.nc.publish(self.subjects.cancel(request_id), b"", headers=headers)
         await self.nc.flush()
 
     async def cancel_streams(self) -> int:
-        """Cancel every stream this client has open (a stopping bridge ends them this way); returns how many.
-
-        Each ends promptly with its last chunk (`finish_reason: "cancelled"`)."""
+        """Cancel every stream this client has open (a stopping bridge ends them this way); returns how many."""
         live = list(self._live_streams)
         for request_id in live:
             await self._send_cancel(request_id)
@@ -364,52 +358,32 @@ class BusClient:
 
     # discovery
 
-    async def ping(self, timeout: float = DISCOVERY_WINDOW) -> list[dict[str, Any]]:
-        """Every worker's `$SRV.PING` reply (name, id, version, metadata), gathered for at most `timeout` seconds."""
-        return await self._gather(f"$SRV.PING.{self.service_name}", timeout)
+    async def ping(self, timeout: float = discovery.DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
+        """Every worker's `$SRV.PING` reply (name, id, version, metadata); draining workers do not answer."""
+        return await self._gather("PING", timeout, expect)
 
-    async def info(self, timeout: float = DISCOVERY_WINDOW) -> list[dict[str, Any]]:
-        """Every worker's `$SRV.INFO` reply (adds description and endpoints)."""
-        return await self._gather(f"$SRV.INFO.{self.service_name}", timeout)
+    async def info(self, timeout: float = discovery.DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
+        """Every serving worker's `$SRV.INFO` reply (adds description and endpoints)."""
+        return await self._gather("INFO", timeout, expect)
 
-    async def stats(self, timeout: float = DISCOVERY_WINDOW) -> list[dict[str, Any]]:
-        """Every worker's `$SRV.STATS` reply; each endpoint's `data` holds the worker's engine counters."""
-        return await self._gather(f"$SRV.STATS.{self.service_name}", timeout)
+    async def stats(self, timeout: float = discovery.DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
+        """Every worker's `$SRV.STATS` reply, draining ones included; each endpoint's `data` holds its figures."""
+        return await self._gather("STATS", timeout, expect)
 
-    async def models(self, timeout: float = DISCOVERY_WINDOW) -> list[str]:
-        """The model names the workers serve, from their INFO `metadata.model`, sorted."""
+    async def models(self, timeout: float = discovery.DISCOVERY_WINDOW) -> list[str]:
+        """The model names the serving workers have, from their INFO `metadata.model`, sorted."""
         names = {reply.get("metadata", {}).get("model") for reply in await self.info(timeout)}
         return sorted(name for name in names if isinstance(name, str) and name)
 
-    async def _gather(self, subject: str, timeout: float, settle: float = DISCOVERY_SETTLE) -> list[dict[str, Any]]:
-        """Replies to one message, until `timeout` or `settle` seconds pass with no new reply."""
+    async def _gather(self, verb: str, timeout: float, expect: int | None) -> list[dict[str, Any]]:
         self._check_connected()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        replies: dict[str, dict[str, Any]] = {}
-        try:
-            await self.nc.publish(subject, b"", reply=inbox)
-            while (wait := deadline - loop.time()) > 0:
-                try:
-                    msg = await sub.next_msg(timeout=min(wait, settle) if replies else wait)
-                except nats.errors.TimeoutError:
-                    break
-                if (msg.headers or {}).get(STATUS_HEADER) == NO_RESPONDERS_STATUS:
-                    break
-                reply = _try_json_object(msg.data)
-                if reply is not None:
-                    replies[str(reply.get("id", len(replies)))] = reply
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        return list(replies.values())
+        return await discovery.gather(self.nc, f"$SRV.{verb}.{self.service_name}", timeout, expect=expect)
 
 
-def _try_json_object(data: bytes) -> dict[str, Any] | None:
+async def _decoded(messages: AsyncGenerator[Msg, None], type_of: Callable[[bool], type]) -> AsyncGenerator[Any, None]:
+    """Decode each message of a stream (`type_of(is the end message)`); closing this closes and cancels the stream."""
     try:
-        value = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+        async for msg in messages:
+            yield decode_reply(msg.data, type_of((msg.headers or {}).get(STREAM) == STREAM_END))
+    finally:
+        await messages.aclose()

@@ -5,10 +5,11 @@ A durable job is stored by JetStream until a worker acks it, and a worker acks o
 answer, so a job whose worker is killed mid-generation is redelivered to another worker. Its price: one more hop
 through JetStream (a stored publish and an ack) per request, and no streaming.
 
-`JobClient` publishes each job with its reply inbox (`Llmbus-Reply-To`) and request id (`Llmbus-Request-Id`,
-also `Nats-Msg-Id`, so a re-published job is stored once) in headers. It listens on one wildcard inbox and
-keeps the first answer per request id: a second answer (a worker that died after answering but before acking,
-so the job ran twice), or an answer that comes after its caller gave up, is counted in `duplicates` and dropped.
+`JobClient` publishes each job with its reply subject (`Llmbus-Reply-To`: this client's inbox plus the request id,
+also its `Nats-Msg-Id`, so a re-published job is stored once) and its request id (`Llmbus-Request-Id`) in headers.
+It listens on one wildcard inbox and keeps the first answer per request id: a second answer (a worker that died
+after answering but before acking, so the job ran twice), or an answer that comes after its caller gave up, is
+counted in `duplicates` and dropped.
 
     jobs = JobClient(nc)
     answer = await jobs.chat(ChatRequest(chat_id="c1", user_prompt="Hi", max_tokens=16), timeout=60)
@@ -26,18 +27,10 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from bus_gateway.client import (
-    DEFAULT_TIMEOUT,
-    REPLY_GRACE,
-    BusError,
-    decode_reply,
-    error_from_reply,
-    new_request_id,
-    no_reply,
-    with_deadline,
-)
+from bus_gateway.bus_errors import BusError, decode_reply, error_from_reply, no_reply, not_connected
+from bus_gateway.client import DEFAULT_TIMEOUT, REPLY_GRACE, new_request_id, with_deadline
+from bus_gateway.inbox import ReplyInbox
 from schemas import BatchResponse, ChatRequest, ChatResponse, Subjects
 from schemas.subjects import REPLY_TO, REQUEST_ID, valid_request_id
 
@@ -56,19 +49,21 @@ class JobClient:
         self.subjects = subjects or Subjects()
         self.timeout = timeout
         self.answers = 0
-        self.duplicates = 0
-        self._inbox_prefix = nc.new_inbox()
-        self._sub: Subscription | None = None
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self.inbox = ReplyInbox(nc)
         self._answered: OrderedDict[str, None] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def duplicates(self) -> int:
+        """Answers that came for a request already answered or given up (a job that ran twice)."""
+        return self.inbox.unclaimed
 
     async def chat(
         self, request: ChatRequest, timeout: float | None = None, *, request_id: str | None = None
     ) -> ChatResponse:
         """One chat completion as a durable job on `<prefix>.jobs.chat`."""
         timeout = self.timeout if timeout is None else timeout
-        data = msgspec.json.encode(with_deadline(request, timeout, stream=False))
+        data = msgspec.json.encode(msgspec.structs.replace(with_deadline(request, timeout), stream=False))
         reply = await self.submit(self.subjects.jobs_chat, data, timeout, request_id)
         return decode_reply(reply.data, ChatResponse)
 
@@ -83,21 +78,24 @@ class JobClient:
         return decode_reply(reply.data, BatchResponse)
 
     async def submit(self, subject: str, data: bytes, timeout: float, request_id: str | None = None) -> Msg:
-        """Publish one job and wait for its first answer; raises `BusError` for an error answer or no answer."""
+        """Publish one job and wait for its first answer; raises `BusError` for an error answer or no answer.
+
+        The job's `Nats-Msg-Id` is its reply subject (this client's inbox plus the request id), so JetStream's
+        de-duplication stores a re-publish of *this* job once, while another client's job with the same request id
+        is a different message. A publish that JetStream reports as a duplicate on its first try is a request id
+        this client already used: a 409, never a silent wait."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout + REPLY_GRACE
         request_id = request_id or new_request_id()
         if not valid_request_id(request_id):
-            raise BusError(400, f"invalid request id {request_id!r}: use 1-128 of A-Z a-z 0-9 _-", reason="bad_request")
-        if request_id in self._waiting:
-            raise BusError(400, f"request id {request_id!r} is already waiting for an answer", reason="bad_request")
-        await self._listen()
-        answer: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[request_id] = answer
+            raise BusError(400, f"invalid request id {request_id!r}: use 1-128 of A-Z a-z 0-9 _-", name="bad_request")
+        if self.inbox.is_open(request_id) or request_id in self._answered:
+            raise BusError(409, f"request id {request_id!r} was already used by this client", name="duplicate_request")
+        answers = await self.inbox.open(request_id)
         try:
             await self._publish(subject, data, request_id, deadline)
             try:
-                reply = await asyncio.wait_for(answer, max(deadline - loop.time(), 0.001))
+                reply = await asyncio.wait_for(answers.get(), max(deadline - loop.time(), 0.001))
             except TimeoutError:
                 self._spawn(self._send_cancel(request_id))
                 raise no_reply(timeout) from None
@@ -105,8 +103,9 @@ class JobClient:
             self._spawn(self._send_cancel(request_id))
             raise
         finally:
-            del self._waiting[request_id]
+            self.inbox.close(request_id)
             self._remember(request_id)
+        self.answers += 1
         error = error_from_reply(reply, subject)
         if error is not None:
             raise error
@@ -115,29 +114,13 @@ class JobClient:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
+        await self.inbox.stop()
 
     async def __aenter__(self) -> JobClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    async def _listen(self) -> None:
-        if self._sub is None:
-            self._sub = await self.nc.subscribe(f"{self._inbox_prefix}.*", cb=self._on_answer)
-
-    async def _on_answer(self, msg: Msg) -> None:
-        request_id = msg.subject[len(self._inbox_prefix) + 1 :]
-        waiting = self._waiting.get(request_id)
-        if waiting is not None and not waiting.done():
-            waiting.set_result(msg)
-            self.answers += 1
-        elif waiting is not None or request_id in self._answered:
-            self.duplicates += 1
 
     def _remember(self, request_id: str) -> None:
         self._answered[request_id] = None
@@ -147,39 +130,49 @@ class JobClient:
     async def _publish(self, subject: str, data: bytes, request_id: str, deadline: float) -> None:
         """Store the job in JetStream. A publish whose ack timed out is retried: the same Nats-Msg-Id stores it once."""
         loop = asyncio.get_running_loop()
-        headers = {REQUEST_ID: request_id, REPLY_TO: f"{self._inbox_prefix}.{request_id}", MSG_ID: request_id}
+        reply_to = self.inbox.reply_subject(request_id)
+        headers = {REQUEST_ID: request_id, REPLY_TO: reply_to, MSG_ID: reply_to}
+        first_try = True
         while True:
             if not self.nc.is_connected:
-                state = "closed" if self.nc.is_closed else "reconnecting"
-                raise BusError(503, f"not connected to NATS ({state}); try again shortly", reason="connection")
+                raise not_connected("closed" if self.nc.is_closed else "reconnecting")
             wait = min(PUBLISH_TIMEOUT, deadline - REPLY_GRACE - loop.time())
             if wait <= 0:
-                raise BusError(504, "JetStream did not confirm the durable job in time", reason="timeout")
+                raise BusError(504, "JetStream did not confirm the durable job in time", name="timeout")
             try:
-                await self.js.publish(subject, data, timeout=wait, headers=headers)
-                return
+                ack = await self.js.publish(subject, data, timeout=wait, headers=headers)
             except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
                 raise BusError(
                     503,
                     f"no JetStream stream takes {subject}: start a worker with --durable (it creates the job stream)",
-                    reason="no_responders",
+                    name="no_responders",
                 ) from None
             except nats.errors.MaxPayloadError:
                 limit = self.nc.max_payload
                 raise BusError(
-                    413, f"job of {len(data)} bytes exceeds the NATS max payload of {limit} bytes", reason="too_large"
+                    413, f"job of {len(data)} bytes exceeds the NATS max payload of {limit} bytes", name="too_large"
                 ) from None
             except nats.js.errors.APIError as exc:
                 code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 600 else 503
-                raise BusError(code, f"JetStream refused the durable job: {exc.description}", reason="worker") from None
+                raise BusError(code, f"JetStream refused the durable job: {exc.description}") from None
             except nats.errors.TimeoutError:
+                first_try = False
                 await asyncio.sleep(PUBLISH_RETRY_DELAY)
+                continue
             except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-                raise BusError(503, f"NATS connection is down: {type(exc).__name__}", reason="connection") from None
+                raise not_connected(type(exc).__name__) from None
+            if ack.duplicate and first_try:
+                raise BusError(
+                    409,
+                    f"JetStream already holds a job with request id {request_id!r} from this client",
+                    name="duplicate_request",
+                )
+            return
 
     async def _send_cancel(self, request_id: str) -> None:
         with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(self.subjects.cancel(request_id), b"")
+            headers = {REPLY_TO: self.inbox.reply_subject(request_id)}
+            await self.nc.publish(self.subjects.cancel(request_id), b"", headers=headers)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)

@@ -18,8 +18,10 @@ from litestar.params import FromPath
 from litestar.types import Guard
 
 from bus_gateway.auth import ApiKeyError
+from bus_gateway.bus_errors import BusError
 from bus_gateway.chat_api import sender_of
-from bus_gateway.client import BusClient, BusError
+from bus_gateway.client import BusClient
+from bus_gateway.disconnect import ClientGone, unless_disconnected
 from bus_gateway.openai_translate import (
     ApiFailure,
     ChunkRenderer,
@@ -34,7 +36,6 @@ from llmbus.config import Config
 from schemas import ChatChunk
 
 CATALOG_TTL = 10.0
-RETRY_AFTER_SECONDS = 1
 DONE = b"data: [DONE]\n\n"
 
 
@@ -81,7 +82,8 @@ class ModelCatalog:
 
 
 def failure_response(failure: ApiFailure) -> Response[OpenAIErrorBody]:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if failure.status in (429, 503) else {}
+    retry_after = 1 if failure.status in (429, 503) else None  # the table's Retry-After for both
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
     return Response(failure.body(), status_code=failure.status, headers=headers)
 
 
@@ -144,9 +146,11 @@ async def chat_completions(request: Request, state: State) -> Response[ChatCompl
 
         return sse_response(opened, render, render_stream_error, trailer=DONE)
     try:
-        reply = await sender_of(state).chat(bus_request, config.request_timeout)
+        reply = await unless_disconnected(request, sender_of(state).chat(bus_request, config.request_timeout))
     except BusError as exc:
         return failure_response(from_bus_error(exc))
+    except ClientGone:
+        return failure_response(ApiFailure(499, "client closed the request", "invalid_request_error"))
     return Response(to_completion(reply, completion_id, created))
 
 

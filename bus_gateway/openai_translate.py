@@ -91,7 +91,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
 }
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "cancelled"}
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 
@@ -198,20 +197,16 @@ def to_chat_request(request: ChatCompletionRequest, chat_id: str) -> ChatRequest
 
 
 def from_bus_error(exc: BusError) -> ApiFailure:
-    """Bus codes as OpenAI statuses: overload 429, no worker / NATS down 503, timeout 504."""
-    if exc.code == 503 and exc.reason == "worker":
-        return ApiFailure(
-            429, f"the inference workers are overloaded: {exc.message}", "rate_limit_error", None, "overloaded"
-        )
-    if exc.code == 503:
-        return ApiFailure(503, exc.message, "server_error", None, exc.reason)
-    if exc.code == 504:
-        return ApiFailure(504, exc.message, "timeout", None, "timeout")
-    if exc.code == 413:
-        return ApiFailure(413, exc.message, "invalid_request_error", None, "request_too_large")
-    if 400 <= exc.code < 500:
-        return ApiFailure(exc.code, exc.message, "invalid_request_error", None, None)
-    return ApiFailure(500 if exc.code < 600 else 502, exc.message, "server_error", None, None)
+    """A bus error as OpenAI sees it, from the error table: overload is a 429, shutting down stays a 503, a prompt
+    that does not fit is a 400 `context_length_exceeded`."""
+    spec = exc.spec
+    return ApiFailure(spec.openai_status, exc.message, spec.openai_type, None, spec.openai_code)
+
+
+def openai_finish_reason(reason: str | None) -> str:
+    """OpenAI's values only. A generation is cancelled only when its caller went away or the bridge is stopping;
+    what it produced up to then ended for no reason OpenAI names, so it reports `stop` rather than inventing one."""
+    return "length" if reason == "length" else "stop"
 
 
 def usage_of(usage: Usage) -> CompletionUsage:
@@ -219,7 +214,7 @@ def usage_of(usage: Usage) -> CompletionUsage:
 
 
 def to_completion(reply: ChatResponse, completion_id: str, created: int) -> ChatCompletion:
-    choice = Choice(0, AssistantMessage(reply.response), FINISH_REASONS.get(reply.finish_reason, reply.finish_reason))
+    choice = Choice(0, AssistantMessage(reply.response), openai_finish_reason(reply.finish_reason))
     return ChatCompletion(
         id=completion_id, created=created, model=reply.model, choices=[choice], usage=usage_of(reply.usage)
     )
@@ -249,8 +244,7 @@ class ChunkRenderer:
         if chunk.delta:
             out.append(self.chunk([ChunkChoice(0, ChunkDelta(content=chunk.delta))]))
         if chunk.done:
-            reason = FINISH_REASONS.get(chunk.finish_reason or "stop", chunk.finish_reason)
-            out.append(self.chunk([ChunkChoice(0, ChunkDelta(), reason)]))
+            out.append(self.chunk([ChunkChoice(0, ChunkDelta(), openai_finish_reason(chunk.finish_reason))]))
             if self.include_usage and chunk.usage is not None:
                 out.append(self.chunk([], usage_of(chunk.usage)))
         return out

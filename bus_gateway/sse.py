@@ -12,7 +12,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from bus_gateway.client import BusClient, BusError
+from bus_gateway.bus_errors import BusError
+from bus_gateway.client import BusClient
 from schemas import ChatChunk, ChatRequest
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -45,7 +46,9 @@ class OpenStream:
 
 
 async def open_stream(bus: BusClient, request: ChatRequest, timeout: float) -> OpenStream | BusError:
-    """Start a stream and wait for its first chunk; a failure before it (no worker, 400, 503...) is returned."""
+    """Start a stream and wait for its first chunk (the worker's `accepted` chunk, sent before any token, so the SSE
+    headers go out at once); a failure before it (no worker, 400, 503...) is returned, for a proper HTTP status.
+    `timeout` is the stream's idle timeout: a long generation that keeps producing tokens is never cut."""
     rest = bus.stream(request, timeout)
     try:
         first = await anext(rest)
@@ -53,7 +56,7 @@ async def open_stream(bus: BusClient, request: ChatRequest, timeout: float) -> O
         await rest.aclose()
         return exc
     except StopAsyncIteration:
-        return BusError(502, "the worker ended the stream without a chunk", reason="bad_reply")
+        return BusError(502, "the worker ended the stream without a chunk", name="bad_reply")
     return OpenStream(first, rest)
 
 

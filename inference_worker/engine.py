@@ -66,9 +66,17 @@ class Failed:
     request_id: str
     code: int
     message: str
+    name: str = ""  # the error's row in schemas.errors.ERRORS (empty: the default for its code)
 
 
-Event = TokenDelta | Finished | Failed
+@dataclass(slots=True, frozen=True)
+class Accepted:
+    """A streaming request is in the engine (the worker tells its client before the first token)."""
+
+    request_id: str
+
+
+Event = Accepted | TokenDelta | Finished | Failed
 
 
 @dataclass
@@ -289,9 +297,17 @@ def _bump(histogram: dict[int, int], key: int) -> None:
     histogram[key] = histogram.get(key, 0) + 1
 
 
+Intake = Sequence | Callable[[], "Sequence | Failed"]
+
+
 @dataclass(slots=True, frozen=True)
 class _Submit:
-    seq: Sequence
+    request: Intake
+
+
+@dataclass(slots=True, frozen=True)
+class _SetThreads:
+    threads: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -310,10 +326,16 @@ class EngineThread:
     allocation included) runs in one OS thread: when two threads share the work, libgomp keeps a thread pool
     per thread and the steps ran 20-30% slower on 1.5 of 2 cores (measured on the bench machine)."""
 
-    def __init__(self, build: Callable[[], LLMEngine], sink: Callable[[list[Event]], None]) -> None:
+    def __init__(
+        self,
+        build: Callable[[], LLMEngine],
+        sink: Callable[[list[Event]], None],
+        on_death: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.build = build
         self.engine: LLMEngine | None = None
         self.sink = sink
+        self.on_death = on_death
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="llmbus-engine", daemon=True)
         self._built = threading.Event()
@@ -328,8 +350,13 @@ class EngineThread:
         assert self.engine is not None
         return self.engine
 
-    def submit(self, seq: Sequence) -> None:
-        self.inbox.put(_Submit(seq))
+    def submit(self, request: Intake) -> None:
+        """A `Sequence`, or a callable that builds one (or a `Failed`) in the engine thread: tokenizing then runs
+        off the caller's event loop."""
+        self.inbox.put(_Submit(request))
+
+    def set_threads(self, threads: int) -> None:
+        self.inbox.put(_SetThreads(threads))
 
     def cancel(self, request_id: str) -> None:
         self.inbox.put(_Cancel(request_id))
@@ -340,12 +367,27 @@ class EngineThread:
 
     def _run(self) -> None:
         try:
-            self.engine = engine = self.build()
+            self.engine = self.build()
         except BaseException as exc:
             self._build_error = exc
             return
         finally:
             self._built.set()
+        try:
+            self._loop(self.engine)
+        except BaseException as exc:  # outside the step phases: the engine cannot go on
+            log.critical("engine thread died:\n%s", traceback.format_exc())
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        try:
+            self.sink(self.engine.fail_all(500, f"internal engine error: {exc!r}"))
+        except BaseException:
+            log.exception("could not fail the requests the dead engine held")
+        if self.on_death is not None:
+            self.on_death(exc)
+
+    def _loop(self, engine: LLMEngine) -> None:
         while True:
             events: list[Event] = []
             idle = not engine.has_work()
@@ -354,6 +396,7 @@ class EngineThread:
             if idle and engine.has_work() and engine.config.max_wait_ms > 0:
                 deadline = time.monotonic() + engine.config.max_wait_ms / 1000
                 while engine.num_waiting < engine.config.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                    self._flush(events)  # `Accepted` goes out at once, not after the wait
                     if not self._take(events, block=True, timeout=left):
                         return
             for phase in (engine.expire, engine.prefill, engine.decode):
@@ -366,6 +409,18 @@ class EngineThread:
                     self.sink(events)
                     events = []
 
+    def _flush(self, events: list[Event]) -> None:
+        if events:
+            self.sink(list(events))
+            events.clear()
+
+    def _admit(self, request: Intake) -> Event:
+        seq = request if isinstance(request, Sequence) else request()
+        if isinstance(seq, Failed):
+            return seq
+        failed = self.engine.add_request(seq)
+        return failed or Accepted(seq.request_id)
+
     def _take(self, events: list[Event], block: bool, timeout: float | None = None) -> bool:
         """Apply every queued command (waiting for one if `block`); False once asked to stop."""
         try:
@@ -376,8 +431,9 @@ class EngineThread:
             if command is _STOP:
                 return False
             if isinstance(command, _Submit):
-                if failed := self.engine.add_request(command.seq):
-                    events.append(failed)
+                events.append(self._admit(command.request))
+            elif isinstance(command, _SetThreads):
+                torch.set_num_threads(command.threads)
             elif isinstance(command, _Cancel) and (seq := self.engine.cancel(command.request_id)) is not None:
                 events.append(Finished.of(seq))
             try:

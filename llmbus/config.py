@@ -55,8 +55,9 @@ class Config:
     max_wait_ms: float = _opt(0.0, "when idle, wait this long for more requests before the first prefill")
     prefill_chunk_tokens: int = _opt(512, "padded prompt tokens prefilled per engine step (bounds the stall)")
     max_seq_len: int = _opt(2048, "tokens per sequence (prompt + completion) the KV cache holds; capped by the model")
-    max_tokens_cap: int = _opt(1024, "largest max_tokens a request may ask for")
-    default_max_tokens: int = _opt(256, "max_tokens when a request gives none")
+    max_tokens_cap: int = _opt(
+        1024, "largest max_tokens a request may ask for; a request without max_tokens gets the room left, at most this"
+    )
     max_pending: int = _opt(256, "requests a worker holds (running + waiting) before it answers 503 overloaded")
     max_batch_queries: int = _opt(128, "most queries in one llm.chat.batched request")
     drain_timeout: float = _opt(60.0, "seconds a stopping worker waits for the requests it holds")
@@ -71,6 +72,11 @@ class Config:
     jobs_max_deliver: int = _opt(3, "durable jobs: deliveries that may run a job before it fails with an error")
     jobs_max_age: float = _opt(3600.0, "durable jobs: seconds a queued job is kept before JetStream drops it")
     jobs_max_msgs: int = _opt(10000, "durable jobs: most jobs queued; beyond it new jobs are refused")
+    durable_reply_prefixes: list[str] = _opt(
+        None,
+        "durable jobs: answers go only to reply subjects under these prefixes (repeatable)",
+        factory=lambda: ["_INBOX."],
+    )
     # local stack
     nats_port: int = _opt(4222, "port of the embedded nats-server that `llmbus up` starts")
 
@@ -80,14 +86,11 @@ class Config:
             "prefill_chunk_tokens",
             "max_seq_len",
             "max_tokens_cap",
-            "default_max_tokens",
             "max_pending",
             "max_batch_queries",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.default_max_tokens > self.max_tokens_cap:
-            self.default_max_tokens = self.max_tokens_cap
 
     def all_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

@@ -43,7 +43,7 @@ def part_runner(part: Part) -> PartRunner:
     """Imported on demand, so that a gateway-only process never loads torch."""
     try:
         if part == "worker":
-            from inference_worker.service import run_worker
+            from inference_worker.worker import run_worker
 
             return run_worker
         from bus_gateway.app import run_gateway

@@ -1,6 +1,7 @@
 """llmbus wire contract (msgspec): messages, subjects, and pure encode/decode functions."""
 
 from schemas.codec import (
+    Batch,
     WireError,
     check_chat_request,
     content_type,
@@ -12,6 +13,8 @@ from schemas.codec import (
     stop_strings,
 )
 from schemas.messages import (
+    BatchDone,
+    BatchItemDone,
     BatchItemError,
     BatchRequest,
     BatchResponse,
@@ -29,6 +32,9 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_QUEUE_GROUP",
     "SERVICE_NAME",
+    "Batch",
+    "BatchDone",
+    "BatchItemDone",
     "BatchItemError",
     "BatchRequest",
     "BatchResponse",

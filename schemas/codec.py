@@ -13,6 +13,8 @@ from schemas.subjects import CONTENT_TYPE, JSON, MSGPACK
 
 T = TypeVar("T")
 
+MAX_CHAT_ID = 256
+
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 
@@ -75,7 +77,14 @@ def decode_chat_request(data: bytes, kind: str = JSON) -> ChatRequest | WireErro
     return check_chat_request(request) or request
 
 
-def decode_batch(data: bytes, kind: str = JSON) -> list[ChatRequest | BatchItemError] | WireError:
+class Batch(msgspec.Struct, frozen=True):
+    """A decoded batch: each query, or the error that query alone got, in input order; and whether to stream."""
+
+    items: list[ChatRequest | BatchItemError]
+    stream: bool = False
+
+
+def decode_batch(data: bytes, kind: str = JSON) -> Batch | WireError:
     """Each query of a batch decodes on its own; the batch itself fails only when its envelope is bad."""
     envelope = decode(data, BatchEnvelope, kind)
     if isinstance(envelope, WireError):
@@ -90,7 +99,7 @@ def decode_batch(data: bytes, kind: str = JSON) -> list[ChatRequest | BatchItemE
             message = query.message.replace("$", where, 1) if "$" in query.message else f"{where}: {query.message}"
             query = BatchItemError(chat_id=raw_chat_id(bytes(raw), kind), error=message, code=query.code)
         items.append(query)
-    return items
+    return Batch(items, envelope.stream)
 
 
 def raw_chat_id(data: bytes, kind: str = JSON) -> str | None:
@@ -100,7 +109,7 @@ def raw_chat_id(data: bytes, kind: str = JSON) -> str | None:
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     value = obj.get("chat_id") if isinstance(obj, dict) else None
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_CHAT_ID else None
 
 
 def stop_strings(request: ChatRequest) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec("model_not_found", 404, 404, "invalid_request_error", openai_code="model_not_found"),
         ErrorSpec("duplicate_request", 409, 409, "invalid_request_error", openai_code="duplicate_request"),
         ErrorSpec("too_large", 413, 413, "invalid_request_error", openai_code="request_too_large"),
+        ErrorSpec("cancelled", 499, 499, "invalid_request_error", openai_code="cancelled"),
         ErrorSpec("rate_limited", 429, 429, "rate_limit_error", True, 1, "rate_limit_exceeded"),
         ErrorSpec("internal", 500, 500, "server_error", True),
         ErrorSpec("bad_reply", 502, 502, "server_error", True),
@@ -53,9 +54,13 @@ ERRORS: dict[str, ErrorSpec] = {
 }
 
 # the error a bare code means when no `Llmbus-Error` name came with it (a foreign service, an older worker)
-BY_CODE: dict[int, str] = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                           409: "duplicate_request", 413: "too_large", 429: "rate_limited", 500: "internal",
-                           502: "bad_reply", 503: "shutting_down", 504: "timeout"}  # fmt: skip
+BY_CODE: dict[int, str] = {
+    spec.code: spec.name
+    for spec in ERRORS.values()
+    if spec.name
+    in {"bad_request", "unauthorized", "forbidden", "not_found", "duplicate_request", "too_large", "cancelled",
+        "rate_limited", "internal", "bad_reply", "shutting_down", "timeout"}
+}  # fmt: skip
 
 
 def error_spec(code: int, name: str | None = None) -> ErrorSpec:

@@ -8,6 +8,8 @@ from pathlib import Path
 import msgspec
 
 from schemas.messages import (
+    BatchDone,
+    BatchItemDone,
     BatchRequest,
     BatchResponse,
     ChatChunk,
@@ -22,6 +24,8 @@ MESSAGES: dict[str, type] = {
     "chat_chunk": ChatChunk,
     "batch_request": BatchRequest,
     "batch_response": BatchResponse,
+    "batch_item_done": BatchItemDone,
+    "batch_done": BatchDone,
     "error": ErrorBody,
 }
 

@@ -72,7 +72,10 @@ class BatchItemError(Struct, kw_only=True):
 
 
 class BatchRequest(Struct, forbid_unknown_fields=True):
+    """Many chats in one message. With `stream: true`, each query's result is sent as soon as it is ready."""
+
     queries: list[ChatRequest]
+    stream: bool = False
 
 
 class BatchResult(Struct, kw_only=True, omit_defaults=True):
@@ -100,13 +103,49 @@ class BatchResponse(Struct, kw_only=True, omit_defaults=True):
     partial_success: bool = False
     message: str | None = None
 
+    @classmethod
+    def of(cls, results: list[BatchResult]) -> BatchResponse:
+        """The answer to a batch: `partial_success` and a `message` when some queries failed."""
+        failed = sum(r.error is not None for r in results)
+        if failed == len(results):
+            return cls(responses=results, message=f"all {failed} queries failed")
+        if failed:
+            message = f"{failed} of {len(results)} queries failed; the others were answered"
+            return cls(responses=results, partial_success=True, message=message)
+        return cls(responses=results)
+
 
 class ErrorBody(Struct):
     error: str
     code: int
 
 
+class BatchItemDone(Struct, kw_only=True):
+    """One message of a streamed batch: the result of query `index`, sent when it is ready (in completion order)."""
+
+    index: int
+    result: BatchResult
+
+
+class BatchDone(Struct, kw_only=True):
+    """The last message of a streamed batch (`Llmbus-Stream: end`)."""
+
+    done: bool = True
+    answered: int
+    failed: int
+    partial_success: bool = False
+    message: str | None = None
+
+    @classmethod
+    def of(cls, answered: int, failed: int) -> BatchDone:
+        if failed and answered:
+            message = f"{failed} of {answered + failed} queries failed; the others were answered"
+            return cls(answered=answered, failed=failed, partial_success=True, message=message)
+        return cls(answered=answered, failed=failed, message=f"all {failed} queries failed" if failed else None)
+
+
 class BatchEnvelope(Struct, forbid_unknown_fields=True):
     """How a batch is decoded: each query stays raw so that one bad query fails alone."""
 
     queries: list[msgspec.Raw]
+    stream: bool = False

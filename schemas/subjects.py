@@ -20,6 +20,9 @@ ERROR = "Nats-Service-Error"
 ERROR_CODE = "Nats-Service-Error-Code"
 ERROR_NAME = "Llmbus-Error"
 REPLY_TO = "Llmbus-Reply-To"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+PROPAGATED_HEADERS = frozenset({TRACEPARENT, TRACESTATE})  # carried from a batch to each of its queries
 NATS_STATUS = "Status"
 NO_RESPONDERS = "503"
 
@@ -59,3 +62,7 @@ class Subjects:
     @property
     def jobs_chat(self) -> str:
         return f"{self.prefix}.jobs.chat"
+
+    @property
+    def jobs_chat_batched(self) -> str:
+        return f"{self.prefix}.jobs.chat.batched"

@@ -75,7 +75,8 @@ async def test_a_request_whose_deadline_passed_while_queued_is_never_started(
         short_reply = await short_inbox.next_msg(timeout=60)
         assert short_reply.headers[ERROR_CODE] == "504"
         assert short_reply.headers[ERROR] == "deadline exceeded before generation started"
-        await nc.publish("dl.cancel.dl-long", b"")  # the long one has made its point
+        cancel = {"Llmbus-Reply-To": long_inbox.subject}  # a cancel names the request's reply subject and id
+        await nc.publish("dl.cancel.dl-long", b"", headers=cancel)  # the long one has made its point
         long_reply = await long_inbox.next_msg(timeout=60)
         assert not (long_reply.headers or {}).get(ERROR), long_reply.headers
         assert msgspec.json.decode(long_reply.data, type=ChatResponse).finish_reason == "cancelled"

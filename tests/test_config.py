@@ -93,11 +93,6 @@ def test_a_bad_value_is_an_error() -> None:
         parse("up", "--http-port", "eighty")
 
 
-def test_default_max_tokens_is_capped() -> None:
-    config = Config.load(parse("worker", "--max-tokens-cap", "32"), env={"LLMBUS_DEFAULT_MAX_TOKENS": "256"})
-    assert config.default_max_tokens == 32
-
-
 def test_each_command_takes_only_its_own_flags() -> None:
     assert set(ALL_FIELDS) == set(WORKER_FIELDS) | set(GATEWAY_FIELDS) | {"nats_port"}
     assert {"model", "max_batch_size", "drain_timeout"} <= set(WORKER_FIELDS) - set(GATEWAY_FIELDS)

@@ -35,7 +35,6 @@ async def http_worker(nats_server: NatsServer, smollm: LoadedModel) -> AsyncIter
         subject_prefix=PREFIX,
         queue_group="fuzz-http-workers",
         max_tokens_cap=4,
-        default_max_tokens=4,
         max_batch_queries=8,
         max_seq_len=256,
     )

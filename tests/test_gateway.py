@@ -278,7 +278,7 @@ async def test_worker_errors_pass_through(worker: object, http: httpx.AsyncClien
     capped = await http.post("/chat", json={"chat_id": "c", "user_prompt": "hi", "max_tokens": 100000})
     assert_error(capped, 400, "max_tokens_cap")
     too_long = await http.post("/chat", json={"chat_id": "long", "user_prompt": "word " * 2500, "max_tokens": 4})
-    assert_error(too_long, 413, "context window")
+    assert_error(too_long, 400, "context window")
 
 
 @pytest.mark.model

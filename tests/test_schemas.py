@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import schemas.messages
 from schemas import (
+    Batch,
     BatchItemError,
     BatchResult,
     ChatChunk,
@@ -143,8 +144,9 @@ def test_a_bad_query_fails_alone_and_the_good_ones_are_kept_in_order() -> None:
             {"chat_id": "good-2", "messages": [{"role": "user", "content": "Hi"}]},
         ]
     }
-    items = decode_batch(json.dumps(batch).encode())
-    assert not isinstance(items, WireError)
+    decoded = decode_batch(json.dumps(batch).encode())
+    assert not isinstance(decoded, WireError) and decoded.stream is False
+    items = decoded.items
     assert len(items) == 5
     good_1, bad_empty, bad_neither, not_an_object, good_2 = items
     assert isinstance(good_1, ChatRequest) and good_1.chat_id == "good-1"
@@ -194,8 +196,9 @@ def test_msgpack_round_trip_via_content_type_header() -> None:
 
 def test_msgpack_batch_keeps_good_queries_and_names_the_bad_one() -> None:
     batch = {"queries": [{"chat_id": "ok", "user_prompt": "hi"}, {"chat_id": "bad", "user_prompt": "hi", "x": 1}]}
-    items = decode_batch(msgspec.msgpack.encode(batch), MSGPACK)
-    assert not isinstance(items, WireError)
+    decoded = decode_batch(msgspec.msgpack.encode(batch), MSGPACK)
+    assert not isinstance(decoded, WireError)
+    items = decoded.items
     assert isinstance(items[0], ChatRequest)
     assert isinstance(items[1], BatchItemError)
     assert items[1].chat_id == "bad"
@@ -230,7 +233,7 @@ def test_responses_encode_to_the_documented_shape() -> None:
 @given(data=st.binary(max_size=200), kind=st.sampled_from([JSON, MSGPACK]))
 def test_arbitrary_bytes_never_raise(data: bytes, kind: str) -> None:
     assert isinstance(decode_chat_request(data, kind), ChatRequest | WireError)
-    assert isinstance(decode_batch(data, kind), list | WireError)
+    assert isinstance(decode_batch(data, kind), Batch | WireError)
 
 
 def wire_structs() -> set[str]:

@@ -212,7 +212,7 @@ class SteadyLoad:
             try:
                 await self.client.chat(chat(f"load-{index}-{n}", self.max_tokens), timeout=self.timeout)
             except BusError as exc:
-                if exc.reason == "timeout":
+                if exc.name == "timeout":
                     self.figures.lost += 1
                 else:
                     self.figures.errored += 1

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 from inference_worker.model_loader import LoadedModel
-from inference_worker.service import run_worker
+from inference_worker.worker import run_worker
 from llmbus.config import Config
 
 

@@ -1,0 +1,105 @@
+"""Scatter-gather batches: the worker that receives a batch sends each query as its own request on the chat subject,
+so the queue group spreads the queries over every worker of the model, then gathers the answers.
+
+The receiving worker coordinates, so a raw NATS client that sends one message to `llm.chat.batched` gets the
+spreading too. A query that a busy worker refuses (503 overloaded) is retried with backoff within its own timeout,
+so a batch never fails for capacity reasons while its deadline allows. Answers keep the input order, with
+`partial_success` when some queries failed; with `stream: true` each result is sent as soon as it is ready, with its
+index, in completion order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+
+from bus_gateway.bus_errors import BusError
+from bus_gateway.client import BusClient
+from inference_worker.held import Replier
+from inference_worker.replies import SENTINEL, headers_for
+from schemas import (
+    Batch,
+    BatchDone,
+    BatchItemDone,
+    BatchItemError,
+    BatchResponse,
+    BatchResult,
+    ChatRequest,
+    WireError,
+    encode,
+)
+from schemas.subjects import REQUEST_ID, STREAM, STREAM_CHUNK, STREAM_END
+
+QUERY_RETRIES = 100  # bounded by each query's deadline, not by this count
+
+Item = ChatRequest | BatchItemError
+Headers = Mapping[str, str] | None
+
+
+class BatchCoordinator:
+    def __init__(self, client: BusClient, default_timeout: float) -> None:
+        self.client = client
+        self.default_timeout = default_timeout
+
+    async def answer(self, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers) -> int | None:
+        """Run `batch` and answer `req`: one message in input order, or (with `stream`) each result as it is ready,
+        then the end message and the sentinel. Returns the error code it answered when every query failed."""
+        if not batch.stream:
+            answer = await self.gather(batch.items, headers)
+            if all(r.error is not None for r in answer.responses):
+                failure = WireError(common_code(answer.responses), answer.message or "every query failed")
+                await req.respond_error(failure, encode(answer, kind), headers_for(kind))
+                return failure.code
+            await req.respond(encode(answer, kind), headers_for(kind))
+            return None
+        answered = failed = 0
+        async for index, result in self.as_completed(batch.items, headers):
+            failed += result.error is not None
+            answered += result.error is None
+            chunk = encode(BatchItemDone(index=index, result=result), kind)
+            await req.respond(chunk, headers_for(kind, {STREAM: STREAM_CHUNK, REQUEST_ID: batch_id}), final=False)
+        end = encode(BatchDone.of(answered, failed), kind)
+        await req.respond(end, headers_for(kind, {STREAM: STREAM_END, REQUEST_ID: batch_id}))
+        await req.respond(SENTINEL.data, None, final=False)
+        return None
+
+    async def gather(self, items: list[Item], headers: Headers = None) -> BatchResponse:
+        """Every query's result in input order."""
+        results: list[BatchResult | None] = [None] * len(items)
+        async for index, result in self.as_completed(items, headers):
+            results[index] = result
+        return BatchResponse.of([r for r in results if r is not None])
+
+    async def as_completed(self, items: list[Item], headers: Headers = None) -> AsyncIterator[tuple[int, BatchResult]]:
+        """(index, result) of each query as it finishes; the invalid ones first. Closing the iterator early (or
+        cancelling the task that reads it) cancels the queries still running, on their workers too."""
+        tasks = {
+            asyncio.ensure_future(self._one(index, item, headers))
+            for index, item in enumerate(items)
+            if isinstance(item, ChatRequest)
+        }
+        try:
+            for index, item in enumerate(items):
+                if isinstance(item, BatchItemError):
+                    yield index, BatchResult.failed(item)
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self, index: int, query: ChatRequest, headers: Headers) -> tuple[int, BatchResult]:
+        timeout = query.timeout or self.default_timeout
+        try:
+            answer = await self.client.chat(query, timeout, retries=QUERY_RETRIES, headers=headers)
+        except BusError as exc:
+            return index, BatchResult.failed(BatchItemError(chat_id=query.chat_id, error=exc.message, code=exc.code))
+        return index, BatchResult.ok(answer)
+
+
+def common_code(results: list[BatchResult]) -> int:
+    """The code of a batch whose every query failed: theirs when they share one, else 400."""
+    codes = {r.code for r in results}
+    return (codes.pop() or 400) if len(codes) == 1 else 400

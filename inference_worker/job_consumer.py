@@ -1,0 +1,227 @@
+"""The worker's side of the job queue: pull as many jobs as fit, keep them alive, refuse forged reply subjects.
+
+All workers share one durable pull consumer. A worker fetches a job only when it surely fits (`jobs_to_fetch`), so
+no job is ever refused, nak'd or counted as a failed delivery for capacity reasons. Jobs are keyed by (reply subject,
+request id), so another client's job with the same request id is a different job, never adopted into this one.
+A job's answer goes only to a reply subject under an allowed inbox prefix (`reply_allowed`): server permissions
+cannot enforce this, because a durable worker legitimately holds JetStream API and ack rights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from inference_worker.durable import FETCH_TIMEOUT, REPLY_SUBJECT, Job, JobLimits, ensure_jobs_stream
+from schemas.errors import clean_text
+from schemas.subjects import REPLY_TO, REQUEST_ID
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+
+    from llmbus.config import Config
+
+log = logging.getLogger("llmbus.jobs")
+
+
+def jobs_to_fetch(held: int, idle: bool, config: Config) -> int:
+    """How many jobs to fetch now: none while the engine is full; else as many as surely fit `max_pending` even if
+    each is a batch of `max_batch_queries` (whose queries come back to the workers as requests); one when idle."""
+    if held >= config.max_batch_size:
+        return 0
+    fits = (config.max_pending - held) // config.max_batch_queries
+    return min(config.max_batch_size - held, fits) if fits else int(idle)
+
+
+class ServerClock:
+    """The NATS server's time, estimated from this host's clock plus a measured offset.
+
+    JetStream stamps each job with the server's time. A worker whose clock runs ahead of the server's would find
+    every job old (and answer 504 to all of them), so the worker measures the offset from the `ts` field of a
+    JetStream API reply (the server's time when it answered), at start and every `REFRESH_S` seconds."""
+
+    REFRESH_S = 60.0
+
+    def __init__(self, local: Callable[[], float] = time.time) -> None:
+        self.local = local
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return self.local() + self.offset
+
+    async def measure(self, nc: NATS, stream: str) -> None:
+        sent = self.local()
+        try:
+            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)
+        except nats.errors.Error as exc:
+            log.warning("could not read the NATS server's clock: %r", exc)
+            return
+        received = self.local()
+        stamp = server_time(reply.data)
+        if stamp is not None:
+            self.offset = stamp - (sent + received) / 2
+
+
+def server_time(data: bytes) -> float | None:
+    """The `ts` of a JetStream API reply as a POSIX time (nanoseconds cut to microseconds)."""
+    try:
+        text = json.loads(data).get("ts")
+        head, _, rest = str(text).rstrip("Z").partition(".")
+        stamp = datetime.fromisoformat(f"{head}.{(rest + '000000')[:6]}+00:00")
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return stamp.timestamp()
+
+
+def reply_allowed(reply_to: str, prefixes: tuple[str, ...]) -> bool:
+    """A durable answer goes only to an inbox: a subject under one of `prefixes`, never `llm.chat` or another
+    service's subject (server permissions cannot stop this: a durable worker holds JetStream rights)."""
+    return bool(REPLY_SUBJECT.match(reply_to)) and any(reply_to.startswith(prefix) for prefix in prefixes)
+
+
+class JobHost(Protocol):
+    """What the consumer needs from the worker."""
+
+    def jobs_wanted(self) -> int: ...
+
+    async def wait_for_capacity(self) -> None: ...
+
+    async def run_job(self, job: Job) -> None: ...
+
+
+class JobConsumer:
+    """Pulls jobs into a worker: as many as it has room for, in-progress acks while they run, redeliveries adopted.
+
+    Jobs are keyed by (reply subject, request id), so another client's job with the same request id is a different
+    job, never adopted into this one."""
+
+    def __init__(
+        self, nc: NATS, host: JobHost, limits: JobLimits, reply_prefixes: tuple[str, ...], clock: ServerClock
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.host = host
+        self.limits = limits
+        self.reply_prefixes = reply_prefixes
+        self.clock = clock
+        self.held: dict[tuple[str, str], Job] = {}
+        outcomes = ("answered", "failed", "requeued", "given_up", "abandoned", "refused")
+        self.counts = dict.fromkeys(("received", "redelivered", *outcomes), 0)
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._stop_pulling = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        await ensure_jobs_stream(self.js, self.limits)
+        await self.clock.measure(self.nc, self.limits.stream)
+        self._sub = await self.js.pull_subscribe_bind(durable=self.limits.consumer, stream=self.limits.stream)
+        self._tasks = [
+            asyncio.create_task(self._pull(), name="llmbus-jobs-pull"),
+            asyncio.create_task(self._keep_alive(), name="llmbus-jobs-progress"),
+        ]
+
+    async def stop_pulling(self) -> None:
+        """Take no more jobs (the last fetch ends within FETCH_TIMEOUT); the jobs held keep running."""
+        self._stop_pulling.set()
+        if self._tasks:
+            await asyncio.wait([self._tasks[0]])
+
+    async def close(self) -> None:
+        self._stop_pulling.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def snapshot(self) -> dict:
+        return {"held": len(self.held), "clock_offset_s": round(self.clock.offset, 3), **self.counts}
+
+    async def _pull(self) -> None:
+        while not self._stop_pulling.is_set():
+            wanted = self.host.jobs_wanted()
+            if wanted <= 0:
+                await _first_of(self.host.wait_for_capacity(), self._stop_pulling.wait())
+                continue
+            try:
+                msgs = await self._sub.fetch(batch=wanted, timeout=FETCH_TIMEOUT)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            except Exception as exc:  # a reconnect or a JetStream hiccup: try again shortly
+                log.warning("fetching jobs failed: %r", exc)
+                await _first_of(asyncio.sleep(FETCH_TIMEOUT), self._stop_pulling.wait())
+                continue
+            for msg in msgs:
+                try:
+                    await self._take(msg)
+                except Exception:  # one job that cannot be taken (or answered) must not stop the pulling
+                    log.exception("taking a durable job failed; it will be redelivered")
+
+    async def _take(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        metadata = msg.metadata
+        request_id = headers.get(REQUEST_ID) or f"job-{metadata.sequence.stream}"
+        reply_to = headers.get(REPLY_TO, "")
+        self.counts["received"] += 1
+        if metadata.num_delivered > 1:
+            self.counts["redelivered"] += 1
+        if (running := self.held.get((reply_to, request_id))) is not None:
+            running.adopt(msg)
+            return
+        if not reply_allowed(reply_to, self.reply_prefixes):
+            log.warning(
+                "refused durable job %s: its %s is not under an allowed inbox prefix (%s); nothing was published",
+                clean_text(request_id, 128),
+                REPLY_TO,
+                ", ".join(self.reply_prefixes),
+            )
+            await msg.term()
+            self.counts["refused"] += 1
+            return
+        job = Job(self.nc, msg, request_id, reply_to, self.limits.max_attempts, self.clock, on_settled=self._settled)
+        if job.attempt > self.limits.max_attempts:
+            await job.give_up()
+            return
+        self.held[job.key] = job
+        await self.host.run_job(job)
+
+    def _settled(self, job: Job) -> None:
+        if self.held.get(job.key) is job:
+            del self.held[job.key]
+        self.counts[job.outcome] += 1
+
+    async def _keep_alive(self) -> None:
+        interval = max(0.2, self.limits.ack_wait / 3)
+        next_clock = time.monotonic() + ServerClock.REFRESH_S
+        while True:
+            await asyncio.sleep(interval)
+            for job in list(self.held.values()):
+                with contextlib.suppress(nats.errors.Error):
+                    await job.keep_alive()
+            if time.monotonic() >= next_clock:
+                next_clock = time.monotonic() + ServerClock.REFRESH_S
+                await self.clock.measure(self.nc, self.limits.stream)
+
+
+async def _first_of(*waits: Awaitable[object]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
