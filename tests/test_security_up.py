@@ -1,5 +1,5 @@
 """`llmbus up --secure` as a user runs it: a real subprocess that prints where the client credentials are; a client
-with those credentials chats, one without them is refused."""
+with those credentials chats (core and durable), one without them is refused."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from bus_gateway.client import BusClient
+from bus_gateway.jobs import JobClient
 from llmbus.config import Config
 from llmbus.connection import NatsConnectError, connect
 from llmbus.nats_server import env_without_proxy, free_port
@@ -47,7 +48,7 @@ async def test_up_secure_prints_the_client_credentials_that_work(tmp_path: Path)
     secure_dir, stderr_path = tmp_path / "secure", tmp_path / "stderr"
     nats_port, http_port = free_port(), free_port()
     argv = ["up", "--secure", "--secure-dir", str(secure_dir), "--nats-port", str(nats_port)]
-    argv += ["--http-port", str(http_port), "--max-batch-size", "4", "--max-seq-len", "512"]
+    argv += ["--http-port", str(http_port), "--max-batch-size", "4", "--max-seq-len", "512", "--durable"]
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "llmbus.cli", *argv,
@@ -65,6 +66,14 @@ async def test_up_secure_prints_the_client_credentials_that_work(tmp_path: Path)
                 ChatRequest(chat_id="s", user_prompt="What is the capital of France?", max_tokens=8)
             )
         assert "Paris" in answer.response
+        nc = await connect(client_config, "test-jobs", reconnect_forever=False)
+        jobs = JobClient(nc, timeout=120)
+        try:  # durable mode: the worker created LLM_JOBS with only its grants; the client has the job subjects
+            job_answer = await jobs.chat(ChatRequest(chat_id="j", user_prompt="Name a colour.", max_tokens=4))
+        finally:
+            await jobs.close()
+            await nc.close()
+        assert job_answer.response
         async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
             assert (await http.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200
         without_seed = Config.load(env=env_file_settings(env_file), nats_nkey_seed=None)
