@@ -3,6 +3,8 @@
 Routes: `POST /chat`, `POST /chat/batched` (chat_api), `POST /v1/chat/completions`, `GET /v1/models` (openai_api),
 `GET /healthz` (bridge up and NATS connected), `GET /readyz` (a worker answers `$SRV.PING`), `GET /openapi.json`
 (and a Swagger UI at `/docs`). With API keys configured, `/chat*` and `/v1/*` need `Authorization: Bearer <key>`.
+Optional: HTTPS (`http_tls_cert`/`http_tls_key`), a requests-per-minute limit per API key (429 with `Retry-After`),
+and CORS for the configured origins only (off by default).
 With `durable`, non-streaming chats go through the JetStream work queue (`JobClient`); streams stay core.
 """
 
@@ -12,18 +14,20 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
 import uvicorn
 from litestar import Litestar, Request, Response, Router, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from bus_gateway.auth import ApiKeyError, api_key_guard
+from bus_gateway.auth import ApiKeyError, RateLimited, api_key_guard, rate_limit_guard
 from bus_gateway.batch_api import chat_batched
 from bus_gateway.chat_api import chat
 from bus_gateway.client import BusClient
@@ -119,6 +123,39 @@ def api_key_error_response(_: Request, exc: ApiKeyError) -> Response[ErrorBody]:
     return Response(ErrorBody(error=exc.message, code=401), status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
+def rate_limited_response(request: Request, exc: RateLimited) -> Response[Any]:
+    headers = {"Retry-After": str(exc.retry_after)}
+    if request.url.path.startswith("/v1/"):
+        spec = ERRORS["rate_limited"]
+        failure = ApiFailure(429, exc.message, spec.openai_type, None, spec.openai_code)
+        return Response(failure.body(), status_code=429, headers=headers)
+    return Response(ErrorBody(error=exc.message, code=429), status_code=429, headers=headers)
+
+
+def cors_config(origins: Sequence[str]) -> CORSConfig | None:
+    """CORS only for the configured origins (none: off, so browsers on other sites cannot read the answers)."""
+    if not origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+        allow_credentials=False,
+        max_age=600,
+    )
+
+
+def https_options(config: Config) -> dict[str, Any]:
+    """uvicorn's TLS settings, checked first so that a bad certificate or key is a clear error at start."""
+    if not config.http_tls_cert:
+        return {}
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.http_tls_cert, config.http_tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise RuntimeError(f"cannot load the HTTPS certificate and key: {exc.__class__.__name__}: {exc}") from None
+    return {"ssl_certfile": config.http_tls_cert, "ssl_keyfile": config.http_tls_key}
+
+
 def create_app(
     client: BusClient | ClientFactory, config: Config, *, on_startup: Sequence[Callable[[Litestar], Any]] = ()
 ) -> Litestar:
@@ -142,7 +179,8 @@ def create_app(
             if owned:
                 await bus.close()
 
-    guards = api_key_guard(config.all_api_keys())
+    keys = config.all_api_keys()
+    guards = api_key_guard(keys) + rate_limit_guard(config.rate_limit_per_minute, keyed=bool(keys))
     return Litestar(
         route_handlers=[
             healthz,
@@ -157,8 +195,10 @@ def create_app(
         exception_handlers={
             HTTPException: http_exception_response,
             ApiKeyError: api_key_error_response,
+            RateLimited: rate_limited_response,
             Exception: http_exception_response,
         },
+        cors_config=cors_config(config.cors_origins),
         openapi_config=OpenAPIConfig(
             title="llmbus HTTP bridge",
             version="0.1.0",
@@ -201,6 +241,7 @@ async def connect_bus(config: Config) -> BusClient:
 
 async def run_gateway(config: Config, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     """Serve the bridge on `config.http_host:config.http_port` until `stop` is set, then shut down cleanly."""
+    tls = https_options(config)
     sock = bind_socket(config.http_host, config.http_port)
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -223,13 +264,15 @@ async def run_gateway(config: Config, stop: asyncio.Event, ready: asyncio.Event 
             ready.set()
 
     try:
-        await _serve(create_app(bus, config, on_startup=[signal_ready]), sock, bus, stop)
+        await _serve(create_app(bus, config, on_startup=[signal_ready]), sock, bus, stop, tls)
     finally:
         sock.close()
         await bus.close()
 
 
-async def _serve(app: Litestar, sock: socket.socket, bus: BusClient, stop: asyncio.Event) -> None:
+async def _serve(
+    app: Litestar, sock: socket.socket, bus: BusClient, stop: asyncio.Event, tls: dict[str, Any] | None = None
+) -> None:
     """Serve until `stop`; then stop accepting, let requests finish for STREAM_GRACE seconds, end the streams
     still open (cancelled on the workers; their clients get the last chunk), and wait for uvicorn to finish."""
     uv_config = uvicorn.Config(
@@ -239,6 +282,7 @@ async def _serve(app: Litestar, sock: socket.socket, bus: BusClient, stop: async
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        **(tls or {}),
     )
     server = _Server(uv_config)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))

@@ -1,9 +1,18 @@
-"""Optional API keys: `Authorization: Bearer <key>` on the guarded routes when any key is configured."""
+"""Optional API keys: `Authorization: Bearer <key>` on the guarded routes when any key is configured; and an
+optional per-key requests-per-minute limit, so that one key cannot take all the capacity.
+
+The limit is a token bucket per API key (per client address when the bridge has no keys): a key may burst up to
+`per_minute` requests, and gets one more every `60 / per_minute` seconds. Past it, a request is refused with 429 and
+a `Retry-After` of the seconds until the next one is allowed.
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
@@ -48,5 +57,65 @@ def api_key_guard(keys: Sequence[str]) -> list[Guard]:
         error = check_api_key(connection.headers.get("authorization"), allowed)
         if error is not None:
             raise error
+
+    return [guard]
+
+
+class RateLimited(Exception):
+    """A request past its key's limit; the app renders it as 429 with `Retry-After` in each API's error shape."""
+
+    def __init__(self, per_minute: int, retry_after: int) -> None:
+        self.per_minute = per_minute
+        self.retry_after = retry_after
+        self.message = f"rate limit exceeded: {per_minute} requests per minute; retry after {retry_after} s"
+        super().__init__(self.message)
+
+
+@dataclass
+class RateLimiter:
+    """Token buckets, one per key. `take(key)` spends one request: None when allowed, else the seconds to wait."""
+
+    per_minute: int
+    clock: Callable[[], float] = time.monotonic
+    max_keys: int = 10_000
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (tokens, when)
+
+    def take(self, key: str) -> float | None:
+        now = self.clock()
+        tokens = self._tokens(key, now)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > self.max_keys:
+                self._forget_full(now)
+            return None
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) * 60.0 / self.per_minute
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, when = self._buckets.get(key, (float(self.per_minute), now))
+        return min(float(self.per_minute), tokens + (now - when) * self.per_minute / 60.0)
+
+    def _forget_full(self, now: float) -> None:
+        """A full bucket is the same as none: drop those, so that many one-off clients cannot grow the table."""
+        full = [key for key in self._buckets if self._tokens(key, now) >= self.per_minute]
+        for key in full:
+            del self._buckets[key]
+
+
+def rate_limit_guard(per_minute: int, keyed: bool, limiter: RateLimiter | None = None) -> list[Guard]:
+    """The guards that enforce `per_minute` (none when 0): per API key when `keyed`, else per client address.
+    Placed after the API key guard, so only valid keys spend requests."""
+    if per_minute <= 0:
+        return []
+    buckets = limiter or RateLimiter(per_minute)
+
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        if keyed:
+            key = "key:" + (bearer_token(connection.headers.get("authorization")) or "")
+        else:
+            key = "addr:" + (connection.client.host if connection.client else "unknown")
+        wait = buckets.take(key)
+        if wait is not None:
+            raise RateLimited(per_minute, max(1, math.ceil(wait)))
 
     return [guard]

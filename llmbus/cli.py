@@ -15,11 +15,34 @@ from pathlib import Path
 
 from llmbus import __version__
 from llmbus.config import ENV_PREFIX, Config, add_arguments
+from llmbus.permissions import ROLES, grants, jwt_permissions, server_permissions
 from llmbus.stack import Part, run_stack
+from schemas.subjects import DEFAULT_PREFIX, DEFAULT_QUEUE_GROUP
 
-GATEWAY_ONLY_FIELDS = ("http_host", "http_port", "request_timeout", "api_keys", "api_key_file")
-BUS_FIELDS = ("nats_url", "subject_prefix", "queue_group", "durable")
-STACK_ONLY_FIELDS = ("nats_port",)
+GATEWAY_ONLY_FIELDS = (
+    "http_host",
+    "http_port",
+    "request_timeout",
+    "api_keys",
+    "api_key_file",
+    "http_tls_cert",
+    "http_tls_key",
+    "rate_limit_per_minute",
+    "cors_origins",
+)
+CONNECTION_FIELDS = (
+    "nats_creds",
+    "nats_nkey_seed",
+    "nats_user",
+    "nats_password",
+    "nats_token",
+    "nats_tls_ca",
+    "nats_tls_cert",
+    "nats_tls_key",
+    "nats_inbox_prefix",
+)
+BUS_FIELDS = ("nats_url", "subject_prefix", "queue_group", "durable", *CONNECTION_FIELDS)
+STACK_ONLY_FIELDS = ("nats_port", "secure", "secure_dir")
 
 ALL_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 WORKER_FIELDS = tuple(name for name in ALL_FIELDS if name not in GATEWAY_ONLY_FIELDS + STACK_ONLY_FIELDS)
@@ -51,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(gateway, GATEWAY_FIELDS)
     add_logging_argument(gateway)
 
+    permissions = commands.add_parser(
+        "nats-permissions",
+        help="print the least-privilege NATS permissions of a role (JSON for a nats-server user entry or a user JWT)",
+        description=PERMISSIONS_DESCRIPTION,
+    )
+    permissions.add_argument("--role", required=True, choices=ROLES, help="who connects with these permissions")
+    permissions.add_argument("--subject-prefix", default=DEFAULT_PREFIX, help="the workers' subject prefix")
+    permissions.add_argument(
+        "--inbox-prefix",
+        default=None,
+        help="the role's reply inbox prefix, set with --nats-inbox-prefix when it connects (default _INBOX.<role>)",
+    )
+    permissions.add_argument("--queue-group", default=DEFAULT_QUEUE_GROUP, help="the workers' queue group")
+    permissions.add_argument("--durable", action="store_true", help="add what durable (JetStream) jobs need")
+    permissions.add_argument(
+        "--format",
+        choices=["server", "jwt"],
+        default="server",
+        help="server: the `permissions` block of a nats-server user entry; jwt: the pub/sub/resp claims of a user JWT",
+    )
+
     schema = commands.add_parser("schema", help="print the JSON Schemas of the wire messages, or write them")
     schema.add_argument("--out", type=Path, default=None, help="write one <message>.schema.json per message here")
 
@@ -61,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 UP_DESCRIPTION = (
     "Start an embedded nats-server (JetStream on), one worker and the HTTP bridge in one process, all on loopback. "
     "With --nats-url (or LLMBUS_NATS_URL) it joins that server instead of starting one. Ctrl-C or SIGTERM stops all."
+)
+
+
+PERMISSIONS_DESCRIPTION = (
+    "Print, as JSON, the least-privilege permissions of one llmbus role. worker: its endpoints, cancels and $SRV, "
+    "replies only (allow_responses max -1, expires 1h, for long streams). client: requests and cancels, and only its "
+    "own inbox prefix. gateway: a client that may also read $SRV.STATS. Give each client its own --inbox-prefix "
+    "(_INBOX.<name>) and connect it with the same --nats-inbox-prefix."
 )
 
 
@@ -111,6 +163,17 @@ def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = Fal
     return asyncio.run(run_stack(config, parts, embedded_nats, store_dir))
 
 
+def nats_permissions_command(args: argparse.Namespace) -> int:
+    try:
+        role_grants = grants(args.role, args.subject_prefix, args.inbox_prefix, args.durable, args.queue_group)
+    except ValueError as exc:
+        print(f"llmbus: error: {exc}", file=sys.stderr)
+        return 2
+    block = server_permissions(role_grants) if args.format == "server" else jwt_permissions(role_grants)
+    print(json.dumps(block, indent=2))
+    return 0
+
+
 def schema_command(args: argparse.Namespace) -> int:
     from schemas.export import json_schemas, write_json_schemas
 
@@ -139,6 +202,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": worker_command,
     "gateway": gateway_command,
     "schema": schema_command,
+    "nats-permissions": nats_permissions_command,
 }
 
 if __name__ == "__main__":

@@ -79,6 +79,19 @@ class Config:
     )
     # local stack
     nats_port: int = _opt(4222, "port of the embedded nats-server that `llmbus up` starts")
+    # security: HTTPS, rate limit and CORS on the bridge; `llmbus up --secure`
+    http_tls_cert: str | None = _opt(None, "certificate file (PEM, with its chain) to serve the bridge over HTTPS")
+    http_tls_key: str | None = _opt(None, "private key file of --http-tls-cert")
+    rate_limit_per_minute: int = _opt(
+        0, "requests per minute per API key (per client address without keys) on /chat* and /v1/*; 0: no limit"
+    )
+    cors_origins: list[str] = _opt(
+        None, "browser origin allowed to call the bridge (repeatable; `*` for any); none: CORS off", factory=list
+    )
+    secure: bool = _opt(False, "llmbus up: embedded nats-server with TLS and generated credentials per role")
+    secure_dir: str | None = _opt(
+        None, "llmbus up --secure: where the CA, certificates and credentials live (default <cache dir>/secure)"
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -91,6 +104,10 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rate_limit_per_minute < 0:
+            raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute}")
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise ValueError("HTTPS needs both http_tls_cert and http_tls_key")
 
     def all_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

