@@ -15,8 +15,8 @@ from llmbus.bench.http_load import OpenAITarget, apply_event, probe
 from llmbus.bench.options import BenchError, parse_options
 from llmbus.bench.report import redact_url
 from llmbus.bench.stack import assign_cores
-from llmbus.bench.stats import RequestRecord, summarize
-from llmbus.bench.verdicts import compute_ratios, pairwise
+from llmbus.bench.stats import PointResult, RequestRecord, summarize
+from llmbus.bench.verdicts import compute_ratios, http_notes, pairwise, peer_notes
 from llmbus.nats_server import free_port
 
 
@@ -114,7 +114,7 @@ def test_point_statistics_from_arrival_times() -> None:
     assert counted.token_count_source == "deltas" and counted.completion_tokens == 1
 
 
-def point(concurrency: int, tokens_per_s: float, via: str = "nats"):
+def point(concurrency: int, tokens_per_s: float, via: str = "nats") -> PointResult:
     record = RequestRecord(sent=0.0, token_times=[0.1, 0.2], end=0.4, usage_tokens=2)
     p = summarize(concurrency, [record], 1.0, False, via)
     p.tokens_per_s = tokens_per_s
@@ -133,6 +133,17 @@ def test_ratios_use_64_clients_when_measured_and_say_na_when_not() -> None:
     without_http = {r.name: r for r in compute_ratios(nats, None)}
     assert without_http["http_over_nats"].status == "N/A"
     assert [row["concurrency"] for row in pairwise(http, nats)] == [1, 64]
+
+
+def test_notes_name_the_http_clients_cost_and_a_peer_without_usage() -> None:
+    nats, http = point(8, 300.0), point(8, 280.0, "http")
+    nats.client_cpu_s, http.client_cpu_s = 0.05, 0.25
+    assert "0.20 more cores" in http_notes([http], [nats])[0]
+    http.client_cpu_s = 0.06
+    assert http_notes([http], [nats]) == []
+    counted = summarize(8, [RequestRecord(sent=0.0, token_times=[0.1, 0.2], end=0.3)], 1.0, False, "peer")
+    assert any("count of content deltas" in note for note in peer_notes([counted], [nats]))
+    assert peer_notes([point(8, 200.0, "peer")], [nats]) == []
 
 
 def test_report_urls_carry_no_credentials() -> None:

@@ -8,12 +8,12 @@ sends none."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 
 from llmbus.bench.stats import RequestRecord
 from llmbus.bench.workload import chat_turns
@@ -57,8 +57,8 @@ def apply_event(record: RequestRecord, data: str, now: float) -> bool:
         record.end = record.end or now
         return True
     try:
-        event = json.loads(data)
-    except ValueError:
+        event = msgspec.json.decode(data)
+    except msgspec.DecodeError:
         record.error = f"not JSON in the event stream: {data[:80]!r}"
         return True
     if not isinstance(event, dict):

@@ -17,7 +17,7 @@ from llmbus.bench.report import build_report, write_json
 from llmbus.bench.stack import Stack
 from llmbus.bench.summary import print_summary
 from llmbus.bench.sweep import run_sweep
-from llmbus.bench.verdicts import compute_ratios, diagnostics, peer_notes
+from llmbus.bench.verdicts import compute_ratios, diagnostics, http_notes, peer_notes
 from llmbus.bench.workload import workload
 from llmbus.nats_server import NatsServerError
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.stop()
     ratios = compute_ratios(sweep.points, baselines, sweep.http_points)
     notes = diagnostics(sweep.points, baselines, load_before[0], sweep.worker_options)
-    notes += peer_notes(sweep.peer_points, sweep.points)
+    notes += http_notes(sweep.http_points, sweep.points) + peer_notes(sweep.peer_points, sweep.points)
     print_summary(sweep, baselines, ratios, notes)
     report = build_report(opts, stack, prompts, baselines, sweep, ratios, notes)
     report["machine"]["load_average_before"] = load_before

@@ -7,6 +7,7 @@ each ratio names the concurrency it used). A ratio whose inputs were not measure
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +156,23 @@ def diagnostics(
             f"{one.ttft_p50_s / baselines.prefill.suffix_p50_s:.3f} (the worker's prefix cache reused "
             f"{one.engine_prefix_tokens_reused} prompt tokens of {one.engine_prompt_tokens} at that point)"
         )
+    return notes
+
+
+def http_notes(http_points: list[PointResult], points: list[PointResult]) -> list[str]:
+    """The bench's own HTTP clients cost more CPU than its NATS clients; where cores are scarce, that comes out of
+    the workers' share and lowers the HTTP figure. Say how much, so the HTTP/NATS ratio can be read with it."""
+    notes = []
+    for http in http_points:
+        nats = at(points, http.concurrency)
+        if nats is None or not (http.wall_s > 0 and nats.wall_s > 0):
+            continue
+        extra = http.client_cpu_s / http.wall_s - nats.client_cpu_s / nats.wall_s
+        if extra > 0.05:
+            notes.append(
+                f"concurrency {http.concurrency}: the bench's HTTP clients used {extra:.2f} more cores than its NATS "
+                f"clients ({os.cpu_count()} cores here): with no spare core that comes out of the workers' share"
+            )
     return notes
 
 
