@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from llmbus import __version__
-from llmbus.config import ENV_PREFIX, Config, add_arguments
+from llmbus.config import CONNECTION_FIELDS, ENV_PREFIX, Config, add_arguments
 from llmbus.permissions import ROLES, grants, jwt_permissions, server_permissions
 from llmbus.stack import Part, run_stack
 from schemas.subjects import DEFAULT_PREFIX, DEFAULT_QUEUE_GROUP
@@ -29,17 +29,6 @@ GATEWAY_ONLY_FIELDS = (
     "http_tls_key",
     "rate_limit_per_minute",
     "cors_origins",
-)
-CONNECTION_FIELDS = (
-    "nats_creds",
-    "nats_nkey_seed",
-    "nats_user",
-    "nats_password",
-    "nats_token",
-    "nats_tls_ca",
-    "nats_tls_cert",
-    "nats_tls_key",
-    "nats_inbox_prefix",
 )
 BUS_FIELDS = ("nats_url", "subject_prefix", "queue_group", "durable", *CONNECTION_FIELDS)
 STACK_ONLY_FIELDS = ("nats_port", "secure", "secure_dir")

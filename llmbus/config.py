@@ -15,6 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 ENV_PREFIX = "LLMBUS_"
+CONNECTION_FIELDS = (
+    "nats_creds",
+    "nats_nkey_seed",
+    "nats_user",
+    "nats_password",
+    "nats_token",
+    "nats_tls_ca",
+    "nats_tls_cert",
+    "nats_tls_key",
+    "nats_inbox_prefix",
+)  # how a part logs in to NATS: every part takes these (`llmbus.connection`)
 
 
 def _opt(default: Any, help: str, factory: Any = None) -> Any:

@@ -1,0 +1,51 @@
+"""`llmbus bench`: throughput and latency of llmbus over NATS (and through its HTTP bridge, and of any
+OpenAI-compatible peer server), against in-process transformers baselines measured in the same run.
+
+Phases (one progress line each on stderr):
+0. With --peer-url, one short request to the peer, so that a wrong URL, model or key fails in seconds.
+1. Baselines, in this process, before any worker starts (so nothing competes for the cores): load the model with
+   plain transformers and measure the eager ceiling (the transformers decode loop with a DynamicCache, greedy,
+   at each batch size of the sweep), the in-process prefill time of the 1-client prompts, and the naive
+   baseline (one `model.generate` per request, 8 at a time in threads). Then free it.
+2. Start an embedded nats-server and `--workers N` worker processes (unless --nats-url), and with --http an
+   `llmbus gateway` process (unless --http-url); wait until N workers answer `$SRV.PING` and the bridge's
+   `/readyz` says ready; warm every target up.
+3. For each concurrency C, back to back: C clients in a closed loop (each sends its next request when the last
+   one is fully answered) over NATS through `BusClient.stream`, then through the bridge's
+   `POST /v1/chat/completions` (--http), then the peer's (--peer-url). Same prompts, max_tokens, greedy,
+   streaming for all three.
+4. Print the ratios against the targets (PASS/MISS/N/A); write bench.json and bench.png under --out.
+
+What is measured, per target and concurrency: tokens/s (completion tokens of the answered requests over the
+wall time of the point), requests/s, time to first token (first text chunk), inter-token latency (gaps between
+text chunks), end-to-end latency, errors; for llmbus's own workers also the engine's counters from
+`$SRV.STATS` (decode steps, mean decode batch, prefill forwards, prefix-cache reuse), and for every process the
+bench started the CPU seconds it used during the point ("cores used" = CPU seconds / wall seconds).
+
+How to read it:
+- throughput_vs_ceiling (target >= 1.5, aim 2) and throughput_vs_ceiling_at_1 (>= 2) compare the whole stack,
+  bus included, with the plain transformers loop at the same batch size: above 1 means the engine decodes faster
+  than eager transformers could even without a bus.
+- http_over_nats (>= 0.95): the bridge's cost, measured back to back against the same workers.
+- The ceiling takes the faster of wall-time and median-step rates, so noise from other processes never makes a
+  target easier to meet; the notes say when the load average shows such noise.
+- A peer's tokens come from its final usage chunk (`stream_options.include_usage`), else from counting content
+  deltas (the JSON's `token_count_source` says which). Peers stop at different places than llmbus, so compare
+  tokens/s and ITL rather than requests/s.
+
+--pin, and why N pinned workers give less than N times one: each worker gets `--cores-per-worker` cores of its
+own (default: an equal share) and as many torch threads. Only the workers are pinned. The bench's clients (one
+Python process: NATS or HTTP framing, JSON decoding and timing for every token of every stream), the
+nats-server (every token chunk passes through it twice: in from a worker, out to a client) and the bridge run
+wherever the kernel puts them. With one worker on core 0 of two, they run on the free core; with one worker on
+each core they take their share from the workers, and a worker's own asyncio thread (publishing each token)
+shares its one core with its engine. The workers also share the memory bus and last-level cache: every decode
+step of every worker streams its own copy of the weights (270 MB in bf16 for SmolLM2-135M), so two workers read
+twice the bytes through the same memory bandwidth. The "cores used" column shows the first two effects directly;
+the third shows as a lower decode rate per worker at the same batch size.
+"""
+
+from llmbus.bench.main import main
+from llmbus.bench.verdicts import TARGETS
+
+__all__ = ["TARGETS", "main"]

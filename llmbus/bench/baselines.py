@@ -1,0 +1,193 @@
+"""The in-process baselines, measured before any worker starts so that nothing competes for the cores:
+the eager ceiling at each batch size of the sweep, the prefill time of the 1-client prompts, the naive baseline."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from llmbus.bench.eager import EagerModel, decode_loop, generate, prefill_seconds
+from llmbus.bench.options import BenchOptions, progress
+from llmbus.bench.stats import percentile
+from llmbus.bench.workload import requests_per_client
+
+CEILING_METHODS = {
+    "hf": "the transformers eager decode loop: model(...) with a DynamicCache, left-padded prefill with an attention "
+    "mask, then timed greedy decode steps of the whole batch, in-process, no bus and no scheduler",
+}
+
+
+@dataclass(slots=True)
+class CeilingPoint:
+    """`tokens_per_s` = batch * steps / seconds (wall time of the timed decode steps). `tokens_per_s_median_step`
+    = batch / median step time: the same on a quiet machine, higher when other processes took the cores for part
+    of the loop (`disturbed`). The ratios use `ceiling_tokens_per_s`, the higher of the two: noise can only lower
+    a ceiling, so taking the higher one never makes a target easier to meet."""
+
+    batch: int
+    steps: int
+    seconds: float
+    tokens_per_s: float
+    median_step_s: float
+    tokens_per_s_median_step: float
+    ceiling_tokens_per_s: float
+    disturbed: bool
+    time_capped: bool
+    method: str
+    load_average_1m: float
+
+
+@dataclass(slots=True)
+class PrefillResult:
+    """`p50_s`: the whole prompt (what the TTFT target compares with). `suffix_p50_s`: only the tokens after the
+    shared chat-template prefix, on top of that prefix's KV: the work left to a worker whose prefix cache holds
+    the prefix (a diagnostic)."""
+
+    p50_s: float
+    samples_s: list[float]
+    prompt_tokens: list[int]
+    suffix_p50_s: float
+    prefix_tokens: list[int]
+    method: str = (
+        "transformers model(...) forward, batch 1, logits_to_keep=1; per prompt the fastest of 5 runs (the least "
+        "disturbed by other processes, so the TTFT target is never easier to meet because of noise); p50 over prompts"
+    )
+
+
+@dataclass(slots=True)
+class NaiveResult:
+    requests: int
+    threads: int
+    completion_tokens: int
+    seconds: float
+    tokens_per_s: float
+    method: str = "model.generate(max_new_tokens, do_sample=False) per request, N at a time in threads"
+
+
+@dataclass(slots=True)
+class Baselines:
+    ceiling_method: str
+    ceiling_description: str
+    ceiling: list[CeilingPoint]
+    prefill: PrefillResult
+    naive: NaiveResult
+    seconds: float
+    model: str = ""
+    device: str = ""
+    dtype: str = ""
+    torch_threads: int = 0
+
+
+def measure_baselines(opts: BenchOptions, prompts: list[str]) -> Baselines:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from inference_worker.hardware import pick_threads
+
+    hf_logging.set_verbosity_error()
+    started = time.perf_counter()
+    torch.set_num_threads(pick_threads())
+    m = EagerModel.load(opts.model, opts.device, opts.dtype)
+    dtype = str(m.dtype).removeprefix("torch.")
+    progress(f"model loaded: {m.name} on {m.device} ({dtype}), {torch.get_num_threads()} threads")
+    with_prefix = [m.encode(p) for p in prompts]
+    encoded = [ids for ids, _ in with_prefix]
+    ceiling = measure_ceiling(m, encoded, opts)
+    first = opts.concurrency[0]
+    count = requests_per_client(opts.requests_per_client, opts.min_requests, first) if first == 1 else 1
+    prefill = measure_prefill(m, [with_prefix[i % len(with_prefix)] for i in range(count)])
+    progress(
+        f"in-process prefill p50 {prefill.p50_s * 1000:.1f} ms over {len(prefill.samples_s)} prompts "
+        f"({prefill.suffix_p50_s * 1000:.1f} ms after a cached shared prefix)"
+    )
+    naive = measure_naive(m, encoded, opts)
+    threads = torch.get_num_threads()
+    baselines = Baselines(
+        opts.ceiling,
+        CEILING_METHODS[opts.ceiling],
+        ceiling,
+        prefill,
+        naive,
+        time.perf_counter() - started,
+        m.name,
+        str(m.device),
+        dtype,
+        threads,
+    )
+    del m
+    gc.collect()
+    return baselines
+
+
+def measure_ceiling(m: EagerModel, encoded: list[list[int]], opts: BenchOptions) -> list[CeilingPoint]:
+    points = []
+    for batch in opts.concurrency:
+        batch_prompts = [encoded[i % len(encoded)] for i in range(batch)]
+        decode_loop(m, batch_prompts, min(8, opts.max_tokens), opts.baseline_time_cap)  # warm-up at this shape
+        times, _ = decode_loop(m, batch_prompts, opts.max_tokens, opts.baseline_time_cap)
+        point = ceiling_point(batch, times, opts.ceiling, capped=len(times) < opts.max_tokens)
+        points.append(point)
+        progress(
+            f"eager ceiling batch {batch}: {point.tokens_per_s:.1f} tok/s ({point.steps} steps in "
+            f"{point.seconds:.2f} s; by median step {point.tokens_per_s_median_step:.1f} tok/s; "
+            f"load {point.load_average_1m:.2f})"
+        )
+    return points
+
+
+def ceiling_point(batch: int, step_times: list[float], method: str, capped: bool) -> CeilingPoint:
+    seconds, median = sum(step_times), percentile(step_times, 50)
+    wall, by_median = batch * len(step_times) / seconds, batch / median
+    return CeilingPoint(
+        batch=batch,
+        steps=len(step_times),
+        seconds=seconds,
+        tokens_per_s=wall,
+        median_step_s=median,
+        tokens_per_s_median_step=by_median,
+        ceiling_tokens_per_s=max(wall, by_median),
+        disturbed=wall < 0.8 * by_median,
+        time_capped=capped,
+        method=method,
+        load_average_1m=os.getloadavg()[0],
+    )
+
+
+def measure_prefill(m: EagerModel, prompts: list[tuple[list[int], int]], repeats: int = 5) -> PrefillResult:
+    """Fastest of `repeats` timed prefills per (prompt ids, shared prefix length), then the p50 over prompts."""
+
+    def fastest(ids: list[int], skip: int) -> float:
+        return min(prefill_seconds(m, ids, skip) for _ in range(repeats))
+
+    for ids, _ in prompts[:2]:
+        prefill_seconds(m, ids, 0)  # warm-up
+    whole = [fastest(ids, 0) for ids, _ in prompts]
+    suffix = [fastest(ids, prefix) for ids, prefix in prompts]
+    return PrefillResult(
+        percentile(whole, 50),
+        whole,
+        [len(ids) for ids, _ in prompts],
+        percentile(suffix, 50),
+        [prefix for _, prefix in prompts],
+    )
+
+
+def measure_naive(m: EagerModel, encoded: list[list[int]], opts: BenchOptions) -> NaiveResult:
+    generate(m, encoded[0], 4, opts.baseline_time_cap)  # warm-up
+    requests = [encoded[i % len(encoded)] for i in range(opts.naive_requests)]
+
+    def one(ids: list[int]) -> int:
+        return len(generate(m, ids, opts.max_tokens, opts.baseline_time_cap))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=opts.naive_threads) as pool:
+        tokens = sum(pool.map(one, requests))
+    seconds = time.perf_counter() - start
+    result = NaiveResult(len(requests), opts.naive_threads, tokens, seconds, tokens / seconds)
+    progress(
+        f"naive baseline: {result.tokens_per_s:.1f} tok/s ({tokens} tokens, {len(requests)} requests, {seconds:.1f}s)"
+    )
+    return result

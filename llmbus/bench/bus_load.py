@@ -1,0 +1,97 @@
+"""The NATS side of the load: requests through `BusClient.stream`, timed as its chunks arrive, and what the
+workers say about themselves on `$SRV.PING` / `$SRV.INFO` / `$SRV.STATS`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from bus_gateway.client import BusClient, BusError
+from llmbus.bench.options import BenchError
+from llmbus.bench.stack import Stack
+from llmbus.bench.stats import RequestRecord
+from schemas import SERVICE_NAME, ChatRequest
+
+
+async def stream_over_bus(bus: BusClient, prompt: str, max_tokens: int, timeout: float) -> RequestRecord:
+    """One greedy streaming chat; each chunk's arrival time is taken as `BusClient.stream` yields it."""
+    request = ChatRequest(
+        chat_id=uuid.uuid4().hex, user_prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True
+    )
+    record = RequestRecord(sent=time.perf_counter())
+    try:
+        async with contextlib.aclosing(bus.stream(request, timeout)) as chunks:
+            async for chunk in chunks:
+                now = time.perf_counter()
+                record.arrived(now, chunk.delta)
+                if chunk.done:
+                    record.end = now
+                    record.finish_reason = chunk.finish_reason
+                    record.usage_tokens = chunk.usage.completion_tokens if chunk.usage else None
+    except BusError as exc:
+        record.error = f"{exc.code} {exc.message}"
+    if record.error is None and record.end is None:
+        record.error = "the stream ended without its last chunk"
+    return record
+
+
+async def wait_for_workers(bus: BusClient, stack: Stack, count: int, timeout: float) -> list[dict[str, Any]]:
+    """The `$SRV.PING` replies once `count` workers answer; BenchError when a worker dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        seen = {str(reply.get("id")): reply for reply in await bus.ping()}
+        if len(seen) >= count:
+            return list(seen.values())
+        await asyncio.sleep(0.2)
+    raise BenchError(f"{len(seen)} of {count} workers answered $SRV.PING.{SERVICE_NAME} after {timeout:.0f}s")
+
+
+async def worker_options(bus: BusClient) -> list[dict[str, Any]]:
+    """Each worker's `$SRV.INFO` metadata (model, device, dtype, batch size and whatever options it reports)."""
+    infos = await bus.info()
+    return sorted((dict(info.get("metadata") or {}) for info in infos), key=lambda m: str(m.get("pid", "")))
+
+
+@dataclass(slots=True)
+class EngineCounters:
+    """Summed over the workers, from `$SRV.STATS`: what the engines did during one point."""
+
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    prefill_forwards: int = 0
+    prompt_tokens: int = 0
+    prefix_tokens_reused: int = 0
+
+    @property
+    def mean_decode_batch(self) -> float:
+        return self.decode_tokens / self.decode_steps if self.decode_steps else math.nan
+
+    def minus(self, before: EngineCounters) -> EngineCounters:
+        return EngineCounters(
+            self.decode_steps - before.decode_steps,
+            self.decode_tokens - before.decode_tokens,
+            self.prefill_forwards - before.prefill_forwards,
+            self.prompt_tokens - before.prompt_tokens,
+            self.prefix_tokens_reused - before.prefix_tokens_reused,
+        )
+
+
+async def engine_counters(bus: BusClient) -> EngineCounters:
+    total = EngineCounters()
+    for answer in await bus.stats():
+        endpoints = answer.get("endpoints") or [{}]
+        data = endpoints[0].get("data") or {}
+        batches = data.get("decode_batch_sizes", {})
+        total.decode_steps += int(data.get("decode_steps", 0))
+        total.decode_tokens += sum(int(size) * int(count) for size, count in batches.items())
+        total.prefill_forwards += int(data.get("prefill_forwards", 0))
+        total.prompt_tokens += int(data.get("prompt_tokens", 0))
+        total.prefix_tokens_reused += int(data.get("prefix_tokens_reused", 0))
+    return total

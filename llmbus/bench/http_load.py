@@ -1,0 +1,140 @@
+"""The HTTP side of the load: streaming `POST {url}/v1/chat/completions` (OpenAI SSE) with httpx, for llmbus's
+own bridge (`--http`) and for any OpenAI-compatible peer server (`--peer-url`: llama.cpp, vLLM, transformers
+serve). The request is the bench's workload: the same prompt as one user message, `max_tokens`, temperature 0,
+`stream: true` and `stream_options.include_usage`. TTFT is the first content delta, ITL the gaps between content
+deltas; completion tokens come from the final usage chunk, or from the count of content deltas when the server
+sends none."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+
+from llmbus.bench.stats import RequestRecord
+from llmbus.bench.workload import chat_turns
+
+CHAT_PATH = "/v1/chat/completions"
+ERROR_BODY_LIMIT = 300
+
+
+@dataclass(slots=True)
+class OpenAITarget:
+    """Where one HTTP target lives. `api_key` never leaves this object (not in the JSON, not in the log)."""
+
+    label: str
+    base_url: str
+    model: str
+    api_key: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": chat_turns(prompt),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+
+def http_client(concurrency: int, timeout: float) -> httpx.AsyncClient:
+    """One pooled client for every simulated user; no proxy, so the figures are the server's own."""
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=10.0), trust_env=False)
+
+
+def apply_event(record: RequestRecord, data: str, now: float) -> bool:
+    """Fold one SSE `data:` payload into the record; True at the end of the stream (`[DONE]` or an error)."""
+    if data == "[DONE]":
+        record.end = record.end or now
+        return True
+    try:
+        event = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        record.error = f"not JSON in the event stream: {data[:80]!r}"
+        return True
+    if not isinstance(event, dict):
+        return False
+    if "error" in event:
+        error = event["error"]
+        record.error = str(error.get("message", error) if isinstance(error, dict) else error)[:ERROR_BODY_LIMIT]
+        return True
+    for choice in event.get("choices") or []:
+        delta = choice.get("delta") or {}
+        record.arrived(now, delta.get("content"))
+        if choice.get("finish_reason"):
+            record.finish_reason = choice["finish_reason"]
+            record.end = now
+    usage = event.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+        record.usage_tokens = usage["completion_tokens"]
+        record.end = now
+    return False
+
+
+async def stream_over_http(
+    client: httpx.AsyncClient, target: OpenAITarget, prompt: str, max_tokens: int, timeout: float
+) -> RequestRecord:
+    """One streaming chat completion, timed as its SSE lines arrive."""
+    record = RequestRecord(sent=time.perf_counter())
+    try:
+        async with asyncio.timeout(timeout):
+            await _stream(client, target, prompt, max_tokens, record)
+    except TimeoutError:
+        record.error = f"no end of stream after {timeout:g}s"
+    except httpx.HTTPError as exc:
+        record.error = f"{type(exc).__name__}: {exc}"[:ERROR_BODY_LIMIT]
+    if record.error is None and record.end is None:
+        record.error = "the event stream ended without a finish_reason or [DONE]"
+    return record
+
+
+async def _stream(
+    client: httpx.AsyncClient, target: OpenAITarget, prompt: str, max_tokens: int, record: RequestRecord
+) -> None:
+    url = target.base_url + CHAT_PATH
+    body = target.body(prompt, max_tokens)
+    async with client.stream("POST", url, json=body, headers=target.headers()) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            record.error = f"HTTP {response.status_code}: {text[:ERROR_BODY_LIMIT]}"
+            return
+        async for line in response.aiter_lines():
+            if line.startswith("data:") and apply_event(record, line[5:].strip(), time.perf_counter()):
+                return
+
+
+async def probe(target: OpenAITarget, timeout: float) -> str | None:
+    """One short request, so a wrong URL, model or key fails before the long phases; the problem, or None."""
+    async with http_client(1, timeout) as client:
+        record = await stream_over_http(client, target, "Say hello.", 4, timeout)
+    if record.error:
+        return f"{target.label} at {target.base_url}: {record.error}"
+    return None
+
+
+async def wait_until_ready(url: str, alive: Any, timeout: float) -> None:
+    """Poll the bridge's `GET /readyz` until it answers 200 (it listens and a worker answers); `alive()` raises
+    when the bridge process has died."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            alive()
+            try:
+                response = await client.get(url + "/readyz")
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"the HTTP bridge at {url} was not ready after {timeout:.0f}s ({last})")

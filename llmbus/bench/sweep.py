@@ -1,0 +1,146 @@
+"""The sweep: wait for the workers (and the bridge), warm every target up, then at each concurrency measure the
+targets back to back: NATS, then the HTTP bridge (`--http`), then the peer (`--peer-url`). Measuring them one
+after the other at the same concurrency, against the same workers, keeps their ratio free of the drift that
+separate runs on a shared machine would add."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bus_gateway.client import BusClient
+from llmbus.bench.bus_load import engine_counters, stream_over_bus, wait_for_workers, worker_options
+from llmbus.bench.closed_loop import Send, closed_loop, warm_up
+from llmbus.bench.http_load import OpenAITarget, http_client, stream_over_http, wait_until_ready
+from llmbus.bench.options import BenchError, BenchOptions, progress
+from llmbus.bench.stack import Stack
+from llmbus.bench.stats import PointResult, RequestRecord, describe_point, summarize
+from llmbus.bench.workload import requests_per_client
+
+
+@dataclass(slots=True)
+class Target:
+    via: str
+    send: Send
+    ours: bool  # served by the stack's workers: engine counters apply
+
+
+@dataclass(slots=True)
+class Sweep:
+    workers_seen: int
+    warmup_s: float
+    points: list[PointResult]
+    http_points: list[PointResult] = field(default_factory=list)
+    peer_points: list[PointResult] = field(default_factory=list)
+    warmups_s: dict[str, float] = field(default_factory=dict)
+    worker_processes: list[dict[str, Any]] = field(default_factory=list)
+    worker_options: list[dict[str, Any]] = field(default_factory=list)
+    served_model: str | None = None
+
+
+async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Sweep:
+    connection = dataclasses.replace(
+        opts.connection, nats_url=stack.url, subject_prefix=opts.subject_prefix, request_timeout=opts.request_timeout
+    )
+    bus = await BusClient.from_config(connection, name="llmbus-bench")
+    try:
+        progress(f"waiting for {opts.workers} worker(s) to answer $SRV.PING")
+        seen = len(await wait_for_workers(bus, stack, opts.workers, opts.ready_timeout))
+        options = await worker_options(bus)
+        progress(f"{seen} worker(s) ready: {describe_workers(options)}")
+        sweep = Sweep(seen, 0.0, [], worker_processes=[w.describe() for w in stack.workers], worker_options=options)
+        models = sorted({str(o["model"]) for o in options if o.get("model")})
+        sweep.served_model = models[0] if models else None
+        async with contextlib.AsyncExitStack() as exits:
+            targets = [Target("nats", bus_sender(bus, opts.request_timeout), True)]
+            top = max(opts.concurrency)
+            if stack.http_url:
+                await wait_until_ready(stack.http_url, stack.check_alive, opts.ready_timeout)
+                if sweep.served_model is None:
+                    raise BenchError("the workers report no model name in $SRV.INFO, so the bridge cannot be asked")
+                bridge = OpenAITarget("the HTTP bridge", stack.http_url, sweep.served_model, opts.http_api_key)
+                client = await exits.enter_async_context(http_client(top, opts.request_timeout))
+                targets.append(Target("http", http_sender(client, bridge, opts.request_timeout), True))
+            if opts.peer_url and opts.peer_model:
+                peer = OpenAITarget("the peer", opts.peer_url, opts.peer_model, opts.peer_api_key)
+                client = await exits.enter_async_context(http_client(top, opts.request_timeout))
+                targets.append(Target("peer", http_sender(client, peer, opts.request_timeout), False))
+            for target in targets:
+                count = max(opts.warmup_requests, 2 * opts.workers) if target.via == "nats" else opts.warmup_requests
+                sweep.warmups_s[target.via] = await warm_up(target.send, prompts, count, target.via)
+            sweep.warmup_s = sweep.warmups_s["nats"]
+            by_via: dict[str, list[PointResult]] = {"nats": sweep.points, "http": sweep.http_points}
+            by_via["peer"] = sweep.peer_points
+            for concurrency in opts.concurrency:
+                per_client = requests_per_client(opts.requests_per_client, opts.min_requests, concurrency)
+                progress(f"concurrency {concurrency}: {concurrency * per_client} requests per target")
+                for target in targets:
+                    point = await measure_point(bus, stack, target, prompts, concurrency, per_client, opts)
+                    by_via[target.via].append(point)
+        return sweep
+    finally:
+        await bus.close()
+
+
+def bus_sender(bus: BusClient, timeout: float) -> Send:
+    async def send(prompt: str, max_tokens: int) -> RequestRecord:
+        return await stream_over_bus(bus, prompt, max_tokens, timeout)
+
+    return send
+
+
+def http_sender(client: httpx.AsyncClient, target: OpenAITarget, timeout: float) -> Send:
+    async def send(prompt: str, max_tokens: int) -> RequestRecord:
+        return await stream_over_http(client, target, prompt, max_tokens, timeout)
+
+    return send
+
+
+async def measure_point(
+    bus: BusClient,
+    stack: Stack,
+    target: Target,
+    prompts: list[str],
+    concurrency: int,
+    per_client: int,
+    opts: BenchOptions,
+) -> PointResult:
+    before = await engine_counters(bus) if target.ours else None
+    client_cpu = time.process_time()
+    worker_cpu, nats_cpu, bridge_cpu = (
+        stack.worker_cpu_seconds(),
+        stack.nats_server_cpu_seconds(),
+        stack.bridge_cpu_seconds(),
+    )
+    run = await closed_loop(target.send, prompts, concurrency, per_client, opts.max_tokens, opts.point_time_cap)
+    point = summarize(concurrency, run.records, run.wall_s, run.time_capped, target.via)
+    point.client_cpu_s = time.process_time() - client_cpu
+    point.worker_cpu_s = _minus(stack.worker_cpu_seconds(), worker_cpu)
+    point.nats_server_cpu_s = _minus(stack.nats_server_cpu_seconds(), nats_cpu)
+    point.bridge_cpu_s = _minus(stack.bridge_cpu_seconds(), bridge_cpu)
+    point.load_average_1m = os.getloadavg()[0]
+    if before is not None:
+        during = (await engine_counters(bus)).minus(before)
+        point.engine_decode_steps = during.decode_steps
+        point.engine_mean_decode_batch = during.mean_decode_batch
+        point.engine_prefill_forwards = during.prefill_forwards
+        point.engine_prompt_tokens = during.prompt_tokens
+        point.engine_prefix_tokens_reused = during.prefix_tokens_reused
+    stack.check_alive()
+    progress(describe_point(point))
+    return point
+
+
+def _minus(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def describe_workers(options: list[dict[str, Any]]) -> str:
+    keys = ("model", "device", "dtype", "max_batch_size")
+    return "; ".join(", ".join(f"{k} {o[k]}" for k in keys if k in o) or "no metadata" for o in options)
