@@ -2,7 +2,8 @@
 
 Routes: `POST /chat`, `POST /chat/batched` (chat_api), `POST /v1/chat/completions`, `GET /v1/models` (openai_api),
 `GET /healthz` (bridge up and NATS connected), `GET /readyz` (a worker answers `$SRV.PING`), `GET /openapi.json`
-(and a Swagger UI at `/docs`). With API keys configured, `/chat*` and `/v1/*` need `Authorization: Bearer <key>`.
+(and an offline viewer at `/docs`), and the web page (web.py: `/`, `/bus`, `/bus.json`, `/static/`).
+With API keys configured, `/chat*`, `/v1/*` and `/bus.json` need `Authorization: Bearer <key>`.
 With `durable`, non-streaming chats go through the JetStream work queue (`JobClient`); streams stay core.
 """
 
@@ -21,7 +22,6 @@ from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from bus_gateway.auth import ApiKeyError, api_key_guard
 from bus_gateway.chat_api import chat_router, error_response, retry_headers
@@ -31,6 +31,7 @@ from bus_gateway.openai_api import ModelCatalog, openai_router
 from bus_gateway.openai_translate import ApiFailure
 from bus_gateway.openai_types import ChatCompletionRequest
 from bus_gateway.openapi_doc import WireJsonRenderPlugin, with_request_bodies
+from bus_gateway.web import OfflineDocsPlugin, web_routes
 from llmbus.config import Config
 from schemas import BatchRequest, ChatRequest, ErrorBody, Subjects
 
@@ -135,7 +136,7 @@ def create_app(
 
     guards = api_key_guard(config.all_api_keys())
     return Litestar(
-        route_handlers=[healthz, readyz, openapi_json, chat_router(guards), openai_router(guards)],
+        route_handlers=[healthz, readyz, openapi_json, chat_router(guards), openai_router(guards), *web_routes(guards)],
         lifespan=[lifespan],
         on_startup=list(on_startup),
         logging_config=None,  # the embedding process (llmbus up, tests) owns logging
@@ -149,7 +150,7 @@ def create_app(
             version="0.1.0",
             description="LLM chat inference over NATS: native /chat API and an OpenAI-compatible /v1 API.",
             path="/docs",
-            render_plugins=[SwaggerRenderPlugin(path="/"), WireJsonRenderPlugin(REQUEST_BODIES, path="/openapi.json")],
+            render_plugins=[OfflineDocsPlugin(path="/"), WireJsonRenderPlugin(REQUEST_BODIES, path="/openapi.json")],
         ),
     )
 
