@@ -176,6 +176,7 @@ async def test_an_answer_streams_in_and_the_conversation_is_multi_turn(
 
     # The second turn carries the whole conversation; user text is shown as text, never as markup.
     markup = 'And Germany? <img src="x" onerror="window.pwned = 1">'
+    await page.fill("#max-tokens", "8")
     second = await ask(page, markup)
     assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
     assert second["messages"][2]["content"] == first_answer
@@ -193,7 +194,7 @@ async def test_an_answer_streams_in_and_the_conversation_is_multi_turn(
     request = msgspec.json.decode(body, type=ChatRequest)
     assert request.stream and request.messages is not None and len(request.messages) == 4
     async with await BusClient.connect(nats_server.url) as bus:
-        reply = await bus.chat(msgspec.structs.replace(request, stream=False, max_tokens=8))
+        reply = await bus.chat(msgspec.structs.replace(request, stream=False, max_tokens=4))
     assert reply.usage.completion_tokens >= 1
     curl = await page.locator("#request-curl").text_content() or ""
     assert f"curl -sN {bridge.url}/v1/chat/completions" in curl and '"include_usage":true' in curl
