@@ -253,6 +253,43 @@ async def test_the_worker_table_lists_a_second_worker(
     tab.assert_clean(bridge.url)
 
 
+async def test_a_draining_worker_is_flagged(lonely_bridge: Bridge, lonely_nats: NatsServer, open_tab: OpenTab) -> None:
+    """Workers do not report `draining` yet (the lead adds it to STATS data), so a plain NATS responder plays a
+    draining worker's `$SRV.INFO`/`$SRV.STATS` replies, in the shape nats-py's micro service sends."""
+    metadata = {"model": "m", "device": "cuda:0", "dtype": "bfloat16", "host": "gpu-box", "pid": "42"}
+    data = {"running": 3, "waiting": 2, "tokens_generated": 10, "requests_cancelled": 0, "draining": True}
+    replies = {
+        "$SRV.INFO.llm-inference": {"id": "draining-1", "name": "llm-inference", "metadata": metadata},
+        "$SRV.STATS.llm-inference": {
+            "id": "draining-1",
+            "started": "2026-01-01T00:00:00Z",
+            "endpoints": [{"name": "chat", "num_requests": 5, "num_errors": 1, "data": data}],
+            "metadata": metadata,
+        },
+    }
+    async with await BusClient.connect(lonely_nats.url) as bus:
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(json.dumps(replies[msg.subject]).encode())
+
+        subs = [await bus.nc.subscribe(subject, cb=answer) for subject in replies]
+        await bus.nc.flush()
+        try:
+            tab = await open_tab(lonely_bridge.url + "/bus")
+            row = tab.page.locator("#workers tbody tr")
+            await expect(row).to_have_count(1)
+            await expect(row.locator('[data-col="state"]')).to_have_text("draining")
+            await expect(row.locator('[data-col="worker"]')).to_have_text("gpu-box:42")
+            await expect(row.locator('[data-col="device"]')).to_have_text("cuda:0 bfloat16")
+            await expect(row.locator('[data-col="requests"]')).to_have_text("5 / 1")
+            await expect(tab.page.locator('[data-total="draining"]')).to_have_text("1 draining")
+            await expect(tab.page.locator('[data-total="waiting"]')).to_have_text("2 waiting")
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+    tab.assert_clean(lonely_bridge.url)
+
+
 async def test_the_page_asks_for_an_api_key_and_keeps_it_in_session_storage(
     keyed_bridge: Bridge, open_tab: OpenTab
 ) -> None:
