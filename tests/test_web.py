@@ -331,6 +331,7 @@ async def test_the_docs_viewer_reads_openapi_json_offline(lonely_bridge: Bridge,
     await operation.locator("a", has_text="ChatCompletionRequest").click()
     await expect(page.locator("#schema-ChatCompletionRequest pre")).to_contain_text('"messages"')
     await expect(page.locator(".path", has_text=re.compile(r"^/bus\.json$"))).to_have_count(1)
+    await screenshot(page, "docs.png")
     tab.assert_clean(lonely_bridge.url)
 
 
