@@ -98,7 +98,7 @@ async def test_bus_json_reports_the_worker_and_its_tokens_per_s(worker, http: ht
     assert (row["host"], row["pid"]) == (socket.gethostname(), os.getpid())
     assert (row["model"], row["device"], row["draining"]) == ("SmolLM2-135M-Instruct", "cpu", False)
     assert row["uptime_s"] >= 0
-    chat = await http.post("/chat", json={"chat_id": "rate", "user_prompt": "Count to twenty.", "max_tokens": 16})
+    chat = await http.post("/chat", json={"chat_id": "rate", "user_prompt": "Count to twenty.", "max_tokens": 8})
     generated = chat.json()["usage"]["completion_tokens"]
     second = (await http.get("/bus.json")).json()
     [after] = second["workers"]
