@@ -2,7 +2,8 @@
 
 Routes: `POST /chat`, `POST /chat/batched` (chat_api), `POST /v1/chat/completions`, `GET /v1/models` (openai_api),
 `GET /healthz` (bridge up and NATS connected), `GET /readyz` (a worker answers `$SRV.PING`), `GET /openapi.json`
-(and a Swagger UI at `/docs`). With API keys configured, `/chat*` and `/v1/*` need `Authorization: Bearer <key>`.
+(and an offline viewer at `/docs`), and the web page (web.py: `/`, `/bus`, `/bus.json`, `/static/`).
+With API keys configured, `/chat*`, `/v1/*` and `/bus.json` need `Authorization: Bearer <key>`.
 Optional: HTTPS (`http_tls_cert`/`http_tls_key`), a requests-per-minute limit per API key (429 with `Retry-After`),
 and CORS for the configured origins only (off by default).
 With `durable`, non-streaming chats go through the JetStream work queue (`JobClient`); streams stay core.
@@ -25,7 +26,6 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from bus_gateway.auth import ApiKeyError, RateLimited, api_key_guard, rate_limit_guard
 from bus_gateway.batch_api import chat_batched
@@ -37,6 +37,7 @@ from bus_gateway.openai_api import ModelCatalog, openai_router
 from bus_gateway.openai_translate import ApiFailure
 from bus_gateway.openai_types import ChatCompletionRequest
 from bus_gateway.openapi_doc import WireJsonRenderPlugin, with_request_bodies
+from bus_gateway.web import OfflineDocsPlugin, web_routes
 from llmbus.config import Config
 from llmbus.connection import connect, connected_to
 from schemas import BatchRequest, ChatRequest, ErrorBody, Subjects
@@ -188,6 +189,7 @@ def create_app(
             openapi_json,
             Router(path="/", route_handlers=[chat, chat_batched], guards=guards, tags=["chat"]),
             openai_router(guards),
+            *web_routes(guards),
         ],
         lifespan=[lifespan],
         on_startup=list(on_startup),
@@ -204,7 +206,7 @@ def create_app(
             version="0.1.0",
             description="LLM chat inference over NATS: native /chat API and an OpenAI-compatible /v1 API.",
             path="/docs",
-            render_plugins=[SwaggerRenderPlugin(path="/"), WireJsonRenderPlugin(REQUEST_BODIES, path="/openapi.json")],
+            render_plugins=[OfflineDocsPlugin(path="/"), WireJsonRenderPlugin(REQUEST_BODIES, path="/openapi.json")],
         ),
     )
 

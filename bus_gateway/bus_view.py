@@ -1,0 +1,247 @@
+"""The bus at a glance: one row per worker and the bus totals, from `$SRV.INFO` and `$SRV.STATS` replies.
+
+The functions here are pure: replies in (as `BusClient.info()` / `.stats()` return them), rows out. They accept
+partial or odd replies (a worker from another version, a missing field, a number sent as a string): what is
+missing reads as 0, "" or None, never as an error. Tokens/s needs two samples of each worker's
+`tokens_generated`; `BusSampler` keeps the previous samples and is the only stateful part:
+
+    sampler = BusSampler()
+    view = sampler.observe(await bus.info(), await bus.stats())   # tokens_per_s None on the first call
+    view = sampler.observe(await bus.info(), await bus.stats())   # tokens/s over the interval since then
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+Reply = Mapping[str, Any]
+MIN_RATE_INTERVAL = 1.0  # seconds: tokens/s is measured over at least this long when samples allow it
+
+
+class WorkerRow(msgspec.Struct, kw_only=True):
+    """One worker. `requests`/`errors` are the messages its endpoints handled and failed (a batch counts once);
+    `cancelled` is requests stopped by a cancel. `tokens_per_s` is None until two samples exist."""
+
+    id: str
+    host: str = ""
+    pid: int | None = None
+    model: str = ""
+    device: str = ""
+    dtype: str = ""
+    running: int = 0
+    waiting: int = 0
+    tokens_generated: int = 0
+    tokens_per_s: float | None = None
+    uptime_s: float | None = None
+    draining: bool = False
+    requests: int = 0
+    errors: int = 0
+    cancelled: int = 0
+
+
+class BusTotals(msgspec.Struct, kw_only=True):
+    workers: int = 0
+    draining: int = 0
+    models: list[str] = []
+    running: int = 0
+    waiting: int = 0
+    tokens_per_s: float | None = None
+    requests: int = 0
+    errors: int = 0
+    cancelled: int = 0
+
+
+class BusView(msgspec.Struct, kw_only=True):
+    """Rows sorted by host, pid and id. `interval_s` is the span tokens/s was measured over (None: one sample)."""
+
+    time: str
+    interval_s: float | None
+    workers: list[WorkerRow]
+    totals: BusTotals
+
+
+class Sample(msgspec.Struct, frozen=True):
+    """Each worker's `tokens_generated` at monotonic time `at`."""
+
+    at: float
+    tokens: dict[str, int]
+
+
+def worker_rows(infos: Iterable[Reply], stats: Iterable[Reply], now: datetime) -> list[WorkerRow]:
+    """One row per worker id seen in either list (STATS metadata fills in for a missing INFO reply)."""
+    info_by_id = _by_id(infos)
+    stats_by_id = _by_id(stats)
+    rows = [
+        worker_row(worker_id, info_by_id.get(worker_id, {}), stats_by_id.get(worker_id, {}), now)
+        for worker_id in dict.fromkeys([*info_by_id, *stats_by_id])
+    ]
+    return sorted(rows, key=lambda row: (row.host, row.pid or 0, row.id))
+
+
+def worker_row(worker_id: str, info: Reply, stats: Reply, now: datetime) -> WorkerRow:
+    metadata = {**_mapping(stats.get("metadata")), **_mapping(info.get("metadata"))}
+    endpoints = [_mapping(endpoint) for endpoint in _sequence(stats.get("endpoints"))]
+    data = next((endpoint["data"] for endpoint in endpoints if isinstance(endpoint.get("data"), Mapping)), {})
+    return WorkerRow(
+        id=worker_id,
+        host=_text(metadata.get("host")),
+        pid=_int_or_none(metadata.get("pid")),
+        model=_text(metadata.get("model")),
+        device=_text(metadata.get("device")),
+        dtype=_text(metadata.get("dtype")),
+        running=_int(data.get("running")),
+        waiting=_int(data.get("waiting")),
+        tokens_generated=_int(data.get("tokens_generated")),
+        uptime_s=uptime_seconds(stats.get("started"), now),
+        draining=data.get("draining") is True,
+        requests=sum(_int(endpoint.get("num_requests")) for endpoint in endpoints),
+        errors=sum(_int(endpoint.get("num_errors")) for endpoint in endpoints),
+        cancelled=_int(data.get("requests_cancelled")),
+    )
+
+
+def uptime_seconds(started: Any, now: datetime) -> float | None:
+    """Seconds since the micro `started` time (ISO 8601, UTC); None when absent or unreadable."""
+    if not isinstance(started, str):
+        return None
+    try:
+        since = datetime.fromisoformat(started)
+    except ValueError:
+        return None
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return max(0.0, (now - since).total_seconds())
+
+
+def with_rates(rows: Sequence[WorkerRow], previous: Sample | None, at: float) -> list[WorkerRow]:
+    """The rows with `tokens_per_s` over the interval since `previous` (None for workers it lacks, a counter
+    that went backwards, or no time passed)."""
+    if previous is None or at <= previous.at:
+        return list(rows)
+    elapsed = at - previous.at
+    out = []
+    for row in rows:
+        before = previous.tokens.get(row.id)
+        rate = None if before is None or row.tokens_generated < before else (row.tokens_generated - before) / elapsed
+        out.append(msgspec.structs.replace(row, tokens_per_s=rate))
+    return out
+
+
+def sample_of(rows: Iterable[WorkerRow], at: float) -> Sample:
+    return Sample(at=at, tokens={row.id: row.tokens_generated for row in rows})
+
+
+def bus_totals(rows: Sequence[WorkerRow]) -> BusTotals:
+    rates = [row.tokens_per_s for row in rows if row.tokens_per_s is not None]
+    return BusTotals(
+        workers=len(rows),
+        draining=sum(row.draining for row in rows),
+        models=sorted({row.model for row in rows if row.model}),
+        running=sum(row.running for row in rows),
+        waiting=sum(row.waiting for row in rows),
+        tokens_per_s=sum(rates) if rates else None,
+        requests=sum(row.requests for row in rows),
+        errors=sum(row.errors for row in rows),
+        cancelled=sum(row.cancelled for row in rows),
+    )
+
+
+def bus_view(
+    infos: Iterable[Reply], stats: Iterable[Reply], now: datetime, at: float, previous: Sample | None
+) -> tuple[BusView, Sample]:
+    """The view at wall time `now` and monotonic time `at`, with rates since `previous`; and this sample."""
+    rows = worker_rows(infos, stats, now)
+    rated = with_rates(rows, previous, at)
+    interval = at - previous.at if previous is not None and at > previous.at else None
+    view = BusView(time=now.isoformat(timespec="seconds"), interval_s=interval, workers=rated, totals=bus_totals(rated))
+    return view, sample_of(rows, at)
+
+
+def format_duration(seconds: float | None) -> str:
+    """`42s`, `7m05s`, `3h12m`, `2d04h`; `-` when unknown. For tables (the web page does the same in JS)."""
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class BusSampler:
+    """Keeps recent samples so that each view's tokens/s spans at least `min_interval` seconds when it can
+    (frequent callers, such as several open pages, then do not shrink the interval to noise)."""
+
+    def __init__(self, min_interval: float = MIN_RATE_INTERVAL) -> None:
+        self.min_interval = min_interval
+        self._samples: deque[Sample] = deque()
+
+    def observe(
+        self, infos: Iterable[Reply], stats: Iterable[Reply], now: datetime | None = None, at: float | None = None
+    ) -> BusView:
+        now = datetime.now(UTC) if now is None else now
+        at = time.monotonic() if at is None else at
+        view, sample = bus_view(infos, stats, now, at, self._base(at))
+        self._samples.append(sample)
+        while len(self._samples) > 1 and at - self._samples[1].at >= self.min_interval:
+            self._samples.popleft()  # the newest sample old enough to measure against stays first
+        return view
+
+    def _base(self, at: float) -> Sample | None:
+        """The newest sample at least `min_interval` old, else the oldest one kept."""
+        old_enough = [sample for sample in self._samples if at - sample.at >= self.min_interval]
+        if old_enough:
+            return old_enough[-1]
+        return self._samples[0] if self._samples else None
+
+
+def _by_id(replies: Iterable[Reply]) -> dict[str, Reply]:
+    out: dict[str, Reply] = {}
+    for reply in replies:
+        if isinstance(reply, Mapping) and isinstance(reply.get("id"), str) and reply["id"]:
+            out[reply["id"]] = reply
+    return out
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _sequence(value: Any) -> Sequence[Any]:
+    return value if isinstance(value, list | tuple) else ()
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _int(value: Any) -> int:
+    number = _int_or_none(value)
+    return number if number is not None and number >= 0 else 0

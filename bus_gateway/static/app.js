@@ -1,0 +1,212 @@
+// The page shell: API calls (with an API key asked for on a 401 and kept in sessionStorage only), the view
+// switch between / (chat and bus) and /bus (bus only), and the live bus view polled from /bus.json.
+// Model and user text only ever reaches the page through textContent.
+
+const KEY_STORAGE = "llmbus-api-key";
+const POLL_MS = 1500;
+
+// ---- API calls ----
+
+let pendingKey = null; // one dialog for every call that got a 401 at the same time
+
+export class KeyRequired extends Error {
+  constructor() {
+    super("this bridge needs an API key (reload the page to enter one)");
+    this.name = "KeyRequired";
+  }
+}
+
+export async function apiFetch(path, init = {}) {
+  for (;;) {
+    const headers = new Headers(init.headers || {});
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    if (key) headers.set("Authorization", `Bearer ${key}`);
+    const response = await fetch(path, { ...init, headers });
+    if (response.status !== 401) return response;
+    if (key) sessionStorage.removeItem(KEY_STORAGE);
+    const entered = await askForKey(await errorMessage(response));
+    if (!entered) throw new KeyRequired();
+  }
+}
+
+export async function errorMessage(response) {
+  const text = await response.text();
+  try {
+    const body = JSON.parse(text);
+    const error = body.error;
+    if (typeof error === "string") return error;
+    if (error && typeof error.message === "string") return error.message;
+  } catch {
+    // not JSON: fall through to the status line
+  }
+  return `${response.status} ${response.statusText || "error"}`.trim();
+}
+
+function askForKey(reason) {
+  if (pendingKey) return pendingKey;
+  const dialog = document.getElementById("key-dialog");
+  const input = document.getElementById("key-input");
+  document.getElementById("key-reason").textContent = `The bridge answered 401: ${reason}`;
+  input.value = "";
+  pendingKey = new Promise((resolve) => {
+    dialog.addEventListener(
+      "close",
+      () => {
+        const key = input.value.trim();
+        input.value = "";
+        pendingKey = null;
+        if (dialog.returnValue === "save" && key) {
+          sessionStorage.setItem(KEY_STORAGE, key);
+          showForgetKey();
+          resolve(true);
+        } else {
+          resolve(false);
+        }
+      },
+      { once: true },
+    );
+    dialog.showModal();
+    input.focus();
+  });
+  return pendingKey;
+}
+
+function showForgetKey() {
+  document.getElementById("forget-key").hidden = !sessionStorage.getItem(KEY_STORAGE);
+}
+
+// ---- views ----
+
+function setView() {
+  const view = location.pathname === "/bus" ? "bus" : "chat";
+  document.body.dataset.view = view;
+  for (const link of document.querySelectorAll("nav a[data-view]")) {
+    if (link.dataset.view === view) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+}
+
+// ---- the bus view ----
+
+const listeners = new Set();
+export const bus = { view: null, chatSubject: "llm.chat" };
+
+export function onBus(listener) {
+  listeners.add(listener);
+  if (bus.view) listener(bus.view);
+}
+
+export function formatDuration(seconds) {
+  if (seconds === null || seconds === undefined) return "-";
+  const whole = Math.floor(seconds);
+  const days = Math.floor(whole / 86400);
+  const hours = Math.floor((whole % 86400) / 3600);
+  const minutes = Math.floor((whole % 3600) / 60);
+  const secs = whole % 60;
+  const two = (n) => String(n).padStart(2, "0");
+  if (days) return `${days}d${two(hours)}h`;
+  if (hours) return `${hours}h${two(minutes)}m`;
+  if (minutes) return `${minutes}m${two(secs)}s`;
+  return `${secs}s`;
+}
+
+function rate(value) {
+  return value === null || value === undefined ? "-" : value.toFixed(1);
+}
+
+function cell(row, text, column, className = "") {
+  const td = document.createElement("td");
+  td.textContent = text;
+  td.dataset.col = column;
+  if (className) td.className = className;
+  row.append(td);
+  return td;
+}
+
+function workerRow(worker) {
+  const tr = document.createElement("tr");
+  tr.dataset.workerId = worker.id;
+  const where = worker.host ? `${worker.host}${worker.pid === null ? "" : `:${worker.pid}`}` : worker.id;
+  cell(tr, where, "worker").title = `micro service id ${worker.id}`;
+  cell(tr, worker.model || "-", "model", "model");
+  cell(tr, [worker.device, worker.dtype].filter(Boolean).join(" ") || "-", "device", "opt");
+  cell(tr, String(worker.running), "running", "num");
+  cell(tr, String(worker.waiting), "waiting", "num");
+  cell(tr, rate(worker.tokens_per_s), "tokens_per_s", "num");
+  cell(tr, formatDuration(worker.uptime_s), "uptime", "opt");
+  cell(tr, worker.draining ? "draining" : "serving", "state", worker.draining ? "warn" : "ok");
+  cell(tr, `${worker.requests} / ${worker.errors}`, "requests", "num opt");
+  cell(tr, String(worker.cancelled), "cancelled", "num");
+  return tr;
+}
+
+function renderTotals(totals) {
+  const parts = [
+    ["workers", `${totals.workers} worker${totals.workers === 1 ? "" : "s"}`],
+    ["draining", `${totals.draining} draining`],
+    ["running", `${totals.running} running`],
+    ["waiting", `${totals.waiting} waiting`],
+    ["tokens_per_s", `${rate(totals.tokens_per_s)} tok/s`],
+    ["requests", `${totals.requests} requests`],
+    ["errors", `${totals.errors} errors`],
+    ["cancelled", `${totals.cancelled} cancelled`],
+  ];
+  const spans = parts.map(([name, text]) => {
+    const span = document.createElement("span");
+    span.dataset.total = name;
+    span.textContent = text;
+    return span;
+  });
+  document.getElementById("bus-totals").replaceChildren(...spans);
+}
+
+function renderBus(view) {
+  document.querySelector("#workers tbody").replaceChildren(...view.workers.map(workerRow));
+  renderTotals(view.totals);
+  const interval = view.interval_s === null ? "" : `, tokens/s over the last ${view.interval_s.toFixed(1)} s`;
+  const models = view.totals.models.length ? ` · serving ${view.totals.models.join(", ")}` : "";
+  document.getElementById("bus-status").textContent = `Updated ${new Date(view.time).toLocaleTimeString()}${interval}${models}`;
+}
+
+let pollTimer = null;
+let polling = false;
+
+function schedulePoll(ms) {
+  clearTimeout(pollTimer);
+  pollTimer = setTimeout(pollBus, ms);
+}
+
+async function pollBus() {
+  if (polling) return;
+  polling = true;
+  let again = true;
+  const status = document.getElementById("bus-status");
+  try {
+    const response = await apiFetch("/bus.json");
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const view = await response.json();
+    bus.view = view;
+    bus.chatSubject = view.chat_subject || bus.chatSubject;
+    renderBus(view);
+    for (const listener of listeners) listener(view);
+  } catch (error) {
+    status.textContent = `Bus view unavailable: ${error.message}`;
+    again = !(error instanceof KeyRequired);
+  } finally {
+    polling = false;
+  }
+  if (again && !document.hidden) schedulePoll(POLL_MS);
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) schedulePoll(0);
+});
+
+document.getElementById("forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_STORAGE);
+  showForgetKey();
+});
+
+setView();
+showForgetKey();
+pollBus();

@@ -1,0 +1,303 @@
+// The chat playground: streams /v1/chat/completions over SSE (fetch + ReadableStream, since EventSource cannot
+// POST), sends the whole conversation as `messages`, and stops a generation by aborting the fetch (the bridge
+// then cancels it on the worker). Model and user text only ever reaches the page through textContent.
+
+import { apiFetch, bus, errorMessage, KeyRequired, onBus } from "./app.js";
+
+const $ = (id) => document.getElementById(id);
+const history = []; // the conversation so far: {role, content}
+let controller = null; // the running generation's AbortController
+let lastRequest = null; // the body of the last call, for "Show the request"
+let callCount = 0;
+
+// ---- models ----
+
+let knownModels = "";
+
+async function loadModels() {
+  const select = $("model");
+  try {
+    const response = await apiFetch("/v1/models");
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const names = (await response.json()).data.map((card) => card.id);
+    const chosen = select.value;
+    const options = names.map((name) => new Option(name, name, false, name === chosen));
+    if (!options.length) options.push(new Option("no model on the bus", "", true, true));
+    select.replaceChildren(...options);
+    knownModels = names.join("\n");
+  } catch (error) {
+    if (!(error instanceof KeyRequired)) showError(`Could not list models: ${error.message}`);
+  }
+  renderRequest();
+}
+
+onBus((view) => {
+  if (view.totals.models.join("\n") !== knownModels) loadModels();
+});
+
+// ---- the conversation ----
+
+function settings() {
+  const temperature = Number.parseFloat($("temperature").value);
+  const maxTokens = Number.parseInt($("max-tokens").value, 10);
+  return {
+    model: $("model").value,
+    system: $("system-prompt").value.trim(),
+    temperature: Number.isFinite(temperature) ? temperature : 0,
+    maxTokens: Number.isFinite(maxTokens) ? maxTokens : 256,
+  };
+}
+
+function requestBody(turns) {
+  const { model, system, temperature, maxTokens } = settings();
+  const messages = system ? [{ role: "system", content: system }, ...turns] : [...turns];
+  return {
+    model,
+    messages,
+    temperature,
+    max_tokens: maxTokens,
+    stream: true,
+    stream_options: { include_usage: true },
+  };
+}
+
+function addTurn(role, text) {
+  const item = document.createElement("li");
+  item.className = `turn ${role}`;
+  const label = document.createElement("span");
+  label.className = "role";
+  label.textContent = role === "user" ? "You" : "Model";
+  const body = document.createElement("div");
+  body.className = "text";
+  body.textContent = text;
+  item.append(label, body);
+  if (role === "assistant") {
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = "waiting for the first token…";
+    item.append(meta);
+  }
+  $("log").append(item);
+  item.scrollIntoView({ block: "end" });
+  return item;
+}
+
+function showError(message) {
+  const box = $("chat-error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+  $("new-chat").disabled = busy;
+}
+
+async function* sseData(stream) {
+  const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+      const data = block
+        .split(/\r?\n/)
+        .filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).trimStart());
+      if (data.length) yield data.join("\n");
+    }
+  }
+}
+
+function describe(answer, outcome) {
+  const { tokens, ttftMs, tokensPerS } = outcome;
+  const parts = [];
+  if (tokens !== null) parts.push(`${tokens} tokens`);
+  if (ttftMs !== null) parts.push(`TTFT ${Math.round(ttftMs)} ms`);
+  if (tokensPerS !== null) parts.push(`${tokensPerS.toFixed(1)} tok/s`);
+  parts.push(outcome.finish);
+  const meta = answer.querySelector(".meta");
+  meta.textContent = parts.join(" · ");
+  meta.title = "tokens: usage.completion_tokens · TTFT: send to first text · tok/s: tokens after the first / time after it";
+  answer.dataset.finish = outcome.finish;
+  if (tokens !== null) answer.dataset.tokens = String(tokens);
+}
+
+async function send(text) {
+  showError("");
+  history.push({ role: "user", content: text });
+  const body = requestBody(history);
+  if (!body.model) {
+    history.pop();
+    showError("No model to ask: no worker on the bus serves one yet.");
+    return false;
+  }
+  lastRequest = body;
+  renderRequest();
+  addTurn("user", text);
+  const answer = addTurn("assistant", "");
+  const output = answer.querySelector(".text");
+  controller = new AbortController();
+  setBusy(true);
+  const started = performance.now();
+  let first = null;
+  let reply = "";
+  let usage = null;
+  let finish = "incomplete";
+  try {
+    const response = await apiFetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+      signal: controller.signal,
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    for await (const data of sseData(response.body)) {
+      if (data === "[DONE]") break;
+      const event = JSON.parse(data);
+      if (event.error) throw new Error(event.error.message || "the stream failed");
+      const choice = event.choices && event.choices[0];
+      const delta = choice && choice.delta && choice.delta.content;
+      if (delta) {
+        first ??= performance.now();
+        reply += delta;
+        output.textContent = reply;
+        answer.scrollIntoView({ block: "end" });
+      }
+      if (choice && choice.finish_reason) finish = choice.finish_reason;
+      if (event.usage) usage = event.usage;
+    }
+  } catch (error) {
+    if (error.name === "AbortError") finish = "stopped";
+    else {
+      finish = "failed";
+      showError(error.message);
+    }
+  } finally {
+    controller = null;
+    setBusy(false);
+  }
+  const ended = performance.now();
+  const tokens = usage ? usage.completion_tokens : null;
+  const decodeSeconds = first === null ? 0 : (ended - first) / 1000;
+  describe(answer, {
+    finish,
+    tokens,
+    ttftMs: first === null ? null : first - started,
+    tokensPerS: tokens !== null && tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null,
+  });
+  if (reply) history.push({ role: "assistant", content: reply });
+  else if (finish === "failed") {
+    history.pop(); // the turn was not answered: give it back to edit and resend
+    answer.remove();
+    answer.previousElementSibling?.remove();
+    return false;
+  }
+  return true;
+}
+
+// ---- "Show the request" ----
+
+function shellQuote(text) {
+  return `'${text.replaceAll("'", "'\\''")}'`;
+}
+
+function curlCommand(body) {
+  return [
+    `curl -sN ${location.origin}/v1/chat/completions \\`,
+    `  -H 'Content-Type: application/json' \\`,
+    `  -H "Authorization: Bearer $LLMBUS_API_KEY" \\`,
+    `  -d ${shellQuote(JSON.stringify(body))}`,
+  ].join("\n");
+}
+
+function natsRequest(body) {
+  const chatRequest = {
+    chat_id: `playground-${lastRequest ? callCount : callCount + 1}`,
+    messages: body.messages,
+    max_tokens: body.max_tokens,
+    temperature: body.temperature,
+    stream: true,
+  };
+  return [
+    `subject: ${bus.chatSubject}`,
+    "headers: Llmbus-Request-Id: <your id> (optional; publish to the cancel subject with it to stop)",
+    "body:",
+    JSON.stringify(chatRequest, null, 2),
+    "",
+    "# The answer arrives on the reply inbox as ChatChunk messages, the last with done: true.",
+    `# One-shot from the nats CLI (set "stream": false): nats req ${bus.chatSubject} '<body>'`,
+  ].join("\n");
+}
+
+function pythonCode(body) {
+  return [
+    "import os",
+    "",
+    "from openai import OpenAI",
+    "",
+    `client = OpenAI(base_url="${location.origin}/v1", api_key=os.environ.get("LLMBUS_API_KEY", "none"))`,
+    "stream = client.chat.completions.create(",
+    `    model=${JSON.stringify(body.model)},`,
+    `    messages=${JSON.stringify(body.messages, null, 4).replaceAll("\n", "\n    ")},`,
+    `    temperature=${Number.isInteger(body.temperature) ? body.temperature.toFixed(1) : body.temperature},`,
+    `    max_tokens=${body.max_tokens},`,
+    "    stream=True,",
+    '    stream_options={"include_usage": True},',
+    ")",
+    "for chunk in stream:",
+    "    if chunk.choices and chunk.choices[0].delta.content:",
+    '        print(chunk.choices[0].delta.content, end="", flush=True)',
+  ].join("\n");
+}
+
+function renderRequest() {
+  const draft = $("prompt").value.trim() || "What is the capital of France?";
+  const body = lastRequest ?? requestBody([...history, { role: "user", content: draft }]);
+  $("request-curl").textContent = curlCommand(body);
+  $("request-nats").textContent = natsRequest(body);
+  $("request-python").textContent = pythonCode(body);
+}
+
+// ---- wiring ----
+
+$("composer").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const prompt = $("prompt");
+  const text = prompt.value.trim();
+  if (!text || controller) return;
+  prompt.value = "";
+  callCount += 1;
+  if (!(await send(text))) prompt.value = text;
+});
+
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+$("stop").addEventListener("click", () => controller?.abort());
+
+$("new-chat").addEventListener("click", () => {
+  history.length = 0;
+  lastRequest = null;
+  $("log").replaceChildren();
+  showError("");
+  renderRequest();
+});
+
+for (const id of ["prompt", "system-prompt", "temperature", "max-tokens", "model"]) {
+  $(id).addEventListener("input", () => {
+    if (!controller) lastRequest = null;
+    renderRequest();
+  });
+}
+
+loadModels();

@@ -1,0 +1,109 @@
+"""The web page's routes over real sockets: the page and its files come from the package with no CDN and stay
+small, `/docs` is the bundled viewer, and `/bus.json` reports the workers (with the real SmolLM2 worker: tokens/s
+over the interval matches the tokens a chat generated). The browser flows are in test_web.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bus_gateway.web import STATIC_DIR
+from helpers.bridge import API_KEY
+
+pytestmark = pytest.mark.timeout(120)
+
+ASSET_BUDGET_BYTES = 200_000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def assets() -> list[Path]:
+    return sorted(path for path in STATIC_DIR.rglob("*") if path.is_file())
+
+
+def test_assets_stay_under_the_budget() -> None:
+    total = sum(path.stat().st_size for path in assets())
+    assert {path.name for path in assets()} >= {"index.html", "style.css", "app.js", "chat.js", "docs.html"}
+    assert total < ASSET_BUDGET_BYTES, f"{total} bytes of web assets"
+
+
+def test_assets_load_nothing_from_elsewhere_and_never_write_html() -> None:
+    for path in assets():
+        text = path.read_text()
+        assert not re.search(r"https?://", text), f"{path.name} names an outside URL"
+        assert not re.search(r"\bsrc=\"//|\bhref=\"//", text), f"{path.name} loads a protocol-relative URL"
+        if path.suffix == ".js":
+            for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+                assert sink not in text, f"{path.name} uses {sink}: use textContent"
+
+
+def test_the_assets_ship_in_the_package() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "static/*" in pyproject["tool"]["setuptools"]["package-data"]["bus_gateway"]
+
+
+async def test_the_page_and_its_files_are_served_with_a_strict_policy(lonely_http: httpx.AsyncClient) -> None:
+    for path in ("/", "/bus"):
+        page = await lonely_http.get(path)
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert page.text == (STATIC_DIR / "index.html").read_text()
+    for name in ("style.css", "app.js", "chat.js", "docs.js"):
+        asset = await lonely_http.get(f"/static/{name}")
+        assert asset.status_code == 200, name
+        assert asset.content == (STATIC_DIR / name).read_bytes()
+    assert (await lonely_http.get("/static/../web.py")).status_code == 404
+    assert (await lonely_http.get("/static/nothing.js")).status_code == 404
+
+
+async def test_docs_is_the_bundled_viewer(lonely_http: httpx.AsyncClient) -> None:
+    docs = await lonely_http.get("/docs")
+    assert docs.status_code == 200
+    assert docs.text == (STATIC_DIR / "docs.html").read_text()
+    assert "swagger" not in docs.text.lower()
+    document = (await lonely_http.get("/openapi.json")).json()
+    assert "/bus.json" in document["paths"]
+    assert "/" not in document["paths"] and "/bus" not in document["paths"]
+
+
+async def test_bus_json_with_no_worker_is_an_empty_bus(lonely_http: httpx.AsyncClient) -> None:
+    response = await lonely_http.get("/bus.json")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["workers"] == []
+    assert body["totals"]["workers"] == 0
+    assert body["chat_subject"] == "llm.chat"
+
+
+async def test_bus_json_needs_the_api_key_when_keys_are_set(keyed_bridge) -> None:  # type: ignore[no-untyped-def]
+    async with keyed_bridge.client() as client:
+        missing = await client.get("/bus.json")
+        assert missing.status_code == 401
+        assert "missing API key" in missing.json()["error"]
+        allowed = await client.get("/bus.json", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert allowed.status_code == 200
+        assert (await client.get("/")).status_code == 200  # the page itself is open: it asks for the key
+
+
+@pytest.mark.model
+async def test_bus_json_reports_the_worker_and_its_tokens_per_s(worker, http: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
+    first = (await http.get("/bus.json")).json()
+    [row] = first["workers"]
+    assert (row["host"], row["pid"]) == (socket.gethostname(), os.getpid())
+    assert (row["model"], row["device"], row["draining"]) == ("SmolLM2-135M-Instruct", "cpu", False)
+    assert row["uptime_s"] >= 0
+    chat = await http.post("/chat", json={"chat_id": "rate", "user_prompt": "Count to twenty.", "max_tokens": 8})
+    generated = chat.json()["usage"]["completion_tokens"]
+    second = (await http.get("/bus.json")).json()
+    [after] = second["workers"]
+    assert after["tokens_generated"] - row["tokens_generated"] == generated
+    assert second["interval_s"] > 0
+    assert after["tokens_per_s"] == pytest.approx(generated / second["interval_s"], rel=1e-6)
+    assert second["totals"]["tokens_per_s"] == after["tokens_per_s"]
+    assert after["requests"] == row["requests"] + 1
