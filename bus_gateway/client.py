@@ -183,11 +183,12 @@ class BusClient:
     ) -> Msg:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout + REPLY_GRACE
-        request_id = self._claim(request_id)
+        given = self._claim(request_id) if request_id is not None else None
         attempts = (self.retries if retries is None else retries) + 1
         for attempt in range(attempts):
+            this_try = given or new_request_id()  # each attempt its own reply subject, unless the caller named one
             try:
-                return await self._request_once(subject, data, deadline - loop.time(), timeout, request_id, headers)
+                return await self._request_once(subject, data, deadline - loop.time(), timeout, this_try, headers)
             except BusError as exc:
                 delay = self._backoff_delay(attempt)
                 if not exc.come_back_later or attempt + 1 == attempts or loop.time() + delay >= deadline - REPLY_GRACE:

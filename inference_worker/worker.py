@@ -17,6 +17,8 @@ import functools
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 
 import torch
 from nats.aio.client import Client as NATS
@@ -63,8 +65,11 @@ class EngineDied(RuntimeError):
 
 
 class Worker:
-    def __init__(self, config: Config, nc: NATS, loaded: LoadedModel) -> None:
+    def __init__(
+        self, config: Config, nc: NATS, loaded: LoadedModel, wall_clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
+        self.wall_clock = wall_clock  # this host's clock; durable deadlines correct it to the server's
         self.nc = nc
         self.loaded = loaded
         self.subjects = Subjects(config.subject_prefix)
@@ -80,6 +85,7 @@ class Worker:
         self.coordinator = BatchCoordinator(BusClient(nc, self.subjects), config.request_timeout)
         self.accepting = True
         self.draining = False
+        self.threads = pick_threads(config.threads)
         self.dead: BaseException | None = None
         self.died = asyncio.Event()
         self.jobs: JobConsumer | None = None
@@ -113,15 +119,20 @@ class Worker:
         self._cancel_sub = await self.nc.subscribe(self.subjects.cancel_all, cb=self._handle_cancel)
         if self.config.durable:
             reply_prefixes = tuple(self.config.durable_reply_prefixes)
-            self.jobs = JobConsumer(self.nc, self, JobLimits.from_config(self.config), reply_prefixes, ServerClock())
+            clock = ServerClock(self.wall_clock)
+            self.jobs = JobConsumer(self.nc, self, JobLimits.from_config(self.config), reply_prefixes, clock)
             await self.jobs.start()
         if self.config.threads == 0:
             ping = self.coordinator.client.ping
-            self._tasks.append(asyncio.create_task(share_threads(ping, self._thread.set_threads)))
+            self._tasks.append(asyncio.create_task(share_threads(ping, self._set_threads)))
 
     def _build_engine(self) -> LLMEngine:
         """Runs in the engine thread, so that every torch op of the engine (its caches too) runs in one thread."""
         return LLMEngine(self.loaded, self.engine_config)
+
+    def _set_threads(self, threads: int) -> None:
+        self.threads = threads
+        self._thread.set_threads(threads)
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -142,6 +153,7 @@ class Worker:
             "pending": len(self.held),
             "batches": len(self.batches),
             "draining": self.draining,
+            "threads": self.threads,
             "errors_by_code": dict(self.outbox.errors_by_code),
         }
         if self.jobs is not None:

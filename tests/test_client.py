@@ -264,3 +264,29 @@ async def _wait_until_idle(client: BusClient, timeout: float = 10.0) -> None:
             return
         await asyncio.sleep(0.05)
     pytest.fail(f"the worker still holds {pending} requests {timeout}s after the cancel")
+
+
+async def test_a_stream_has_an_idle_timeout_not_a_total_deadline(lonely_nats: NatsServer) -> None:
+    """A worker that keeps producing for 3 s is read to its end with an idle timeout of 1 s; nothing in the request
+    tells the worker to give up after a total time."""
+    responder = await nats.connect(lonely_nats.url)
+    seen: list[dict] = []
+
+    async def slow_worker(msg: nats.aio.msg.Msg) -> None:
+        seen.append(msgspec.json.decode(msg.data))
+        for index in range(15):
+            chunk = {"chat_id": "slow", "delta": f"t{index} ", "index": index}
+            await responder.publish(msg.reply, msgspec.json.encode(chunk), headers={"Llmbus-Stream": "chunk"})
+            await asyncio.sleep(0.2)
+        end = {"chat_id": "slow", "delta": "", "index": 15, "done": True, "finish_reason": "stop"}
+        await responder.publish(msg.reply, msgspec.json.encode(end), headers={"Llmbus-Stream": "end"})
+
+    await responder.subscribe("slow.chat", cb=slow_worker)
+    await responder.flush()
+    try:
+        async with await BusClient.connect(lonely_nats.url, subjects=Subjects("slow")) as bus:
+            chunks = [chunk async for chunk in bus.stream(FRANCE, timeout=1.0)]
+    finally:
+        await responder.close()
+    assert len(chunks) == 16 and chunks[-1].done
+    assert seen[0].get("timeout") is None and seen[0]["stream"] is True

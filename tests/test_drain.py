@@ -5,6 +5,7 @@ final answer (clients retry 503 "shutting down" / no responders with backoff).""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -151,3 +152,38 @@ async def shut_down_while_holding(client: BusClient, spy: ReplySpy, workers: lis
         errored=1,
         notes={"drain_s": round(drain_s, 2), "after_drain": "503 no responders (expected: no worker left)"},
     ).record()
+
+
+@pytest.mark.model
+async def test_two_workers_on_one_host_share_its_cores_and_a_drain_under_load_stays_bounded(
+    server: NatsServer, spied_client: tuple[BusClient, ReplySpy], tmp_path: Path
+) -> None:
+    """Two workers left at `--threads 0` (auto) on this 2-core host use one thread each. Before, each used one per
+    core, and a drain with 12 requests in hand took 13 s to over 60 s (timing out with 503s in one run of three)."""
+    client, spy = spied_client
+    flags = ("--threads", "0", "--max-tokens-cap", "48", "--drain-timeout", "120")
+    workers = await start_workers(server.url, tmp_path, ["share-a", "share-b"], *flags)
+    try:
+
+        async def sharing() -> bool:
+            stats = await gather_stats(client.nc, 2.0)
+            return len(stats) == 2 and all(engine_data(s)["threads"] == max(1, cores() // 2) for s in stats)
+
+        await wait_until(sharing, 60, "both workers to count each other and share the cores")
+        requests = [chat(f"load-{i}", max_tokens=48, user_prompt=LONG_PROMPT) for i in range(24)]
+        calls = [asyncio.create_task(client.chat(r, timeout=300, retries=0)) for r in requests]
+        doomed = workers[0]
+        await wait_until(lambda: holding(client.nc, doomed), 60, f"{doomed.name} to hold requests")
+        doomed.terminate()
+        assert await doomed.wait(130) == 0, doomed.log_tail()  # drained within its --drain-timeout of 120 s
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        for worker in workers:
+            await worker.ensure_stopped()
+    errors = [r for r in results if not isinstance(r, ChatResponse)]
+    assert not errors, errors  # none of them a 503 "worker stopped before finishing this request"
+    assert spy.duplicates == 0
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))

@@ -4,6 +4,7 @@ health, OpenAPI, API keys, reconnects, and (with the real SmolLM2 worker) answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 
@@ -14,6 +15,7 @@ from nats.aio.client import Client as NATS
 
 import bus_gateway.app as app_module
 from bus_gateway.app import run_gateway
+from bus_gateway.client import BusClient
 from helpers.bridge import (
     API_KEY,
     Bridge,
@@ -23,6 +25,7 @@ from helpers.bridge import (
     start_bridge,
     watching_cancels,
 )
+from helpers.faults import wait_until
 from helpers.workers import start_worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer, free_port
@@ -361,3 +364,34 @@ async def test_durable_bridge_sends_chats_through_jetstream(smollm: object) -> N
             assert jobs.state.last_seq == 2, "the chat and the batch each went through the work queue once"
         finally:
             await durable_worker.shutdown()
+
+
+@pytest.mark.model
+async def test_a_non_streaming_client_that_disconnects_cancels_its_generation(
+    worker: object, bridge: Bridge, nc: NATS
+) -> None:
+    """Without this, an abandoned call (or each retry of an SDK that timed out) generated to `max_tokens`."""
+    cancelled_before = await worker_figure(nc, "requests_cancelled")
+    request = {"chat_id": "gone", "user_prompt": "Write a very long story.", "max_tokens": 500}
+    async with watching_cancels(nc) as cancels, bridge.client() as http:
+        call = asyncio.ensure_future(http.post("/chat", json=request))
+
+        async def held() -> bool:
+            return await worker_figure(nc, "pending") > 0
+
+        await wait_until(held, 120, "the worker to hold the request")
+        call.cancel()  # the HTTP client goes away: its connection closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        assert await cancels.next_id(timeout=60)
+
+    async def cancelled() -> bool:
+        return await worker_figure(nc, "requests_cancelled") > cancelled_before
+
+    await wait_until(cancelled, 120, "the worker to cancel the generation")
+
+
+async def worker_figure(nc: NATS, name: str) -> int:
+    """One figure from the STATS data of the session worker (the one on `llm.chat`)."""
+    stats = [s for s in await BusClient(nc).stats(2.0) if s["endpoints"][0]["subject"] == "llm.chat"]
+    return stats[0]["endpoints"][0]["data"][name]

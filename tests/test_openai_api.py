@@ -3,6 +3,8 @@ bridge with the real SmolLM2 worker (streaming and not)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -10,7 +12,14 @@ import openai
 import pytest
 from nats.aio.client import Client as NATS
 
-from helpers.bridge import API_KEY, Bridge, sse_data, sse_json, watching_cancels
+from bus_gateway.bus_errors import BusError
+from bus_gateway.client import BusClient
+from bus_gateway.openai_translate import ChunkRenderer, from_bus_error, openai_finish_reason, to_completion
+from helpers.bridge import API_KEY, Bridge, running_bridge, sse_data, sse_json, watching_cancels
+from helpers.workers import start_worker
+from llmbus.config import Config
+from llmbus.nats_server import NatsServer
+from schemas import ChatChunk, ChatResponse, Usage
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -238,3 +247,67 @@ async def test_stream_disconnect_cancels_the_generation(bridge: Bridge, model_na
                 if '"content":"' in line and '"content":""' not in line:
                     break  # one real token arrived; now hang up
         assert await cancels.next_id(timeout=10)
+
+
+# --- OpenAI behaviour that clients rely on ------------------------------------------------------------------------
+
+
+def test_finish_reason_takes_only_openai_values() -> None:
+    renderer = ChunkRenderer("chatcmpl-x", 0, "m", include_usage=False)
+    cancelled = ChatChunk(chat_id="x", delta="", index=3, done=True, finish_reason="cancelled", usage=Usage(1, 2, 3))
+    [_, finish] = renderer.render(cancelled)  # the role chunk, then the finish chunk
+    assert finish.choices[0].finish_reason == "stop"
+    reply = ChatResponse(chat_id="x", response="", finish_reason="cancelled", usage=Usage(1, 0, 1), model="m")
+    assert to_completion(reply, "chatcmpl-x", 0).choices[0].finish_reason == "stop"
+    assert {openai_finish_reason(r) for r in ("stop", "length", "cancelled", None)} == {"stop", "length"}
+
+
+def test_shutting_down_stays_a_503_and_overload_is_a_429() -> None:
+    shutting = from_bus_error(BusError(503, "worker is shutting down", name="shutting_down"))
+    overloaded = from_bus_error(BusError(503, "worker overloaded", name="overloaded"))
+    too_long = from_bus_error(BusError(400, "context window", name="context_length_exceeded"))
+    assert (shutting.status, shutting.type) == (503, "server_error")
+    assert (overloaded.status, overloaded.type) == (429, "rate_limit_error")
+    assert (too_long.status, too_long.code) == (400, "context_length_exceeded")
+
+
+@pytest.mark.model
+async def test_a_prompt_that_does_not_fit_is_a_400_context_length_exceeded(
+    sdk: openai.AsyncOpenAI, model_name: str
+) -> None:
+    long_prompt = [{"role": "user", "content": "word " * 2500}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model=model_name, messages=long_prompt, max_tokens=4)  # type: ignore[arg-type]
+    assert isinstance(caught.value.body, dict) and caught.value.body["code"] == "context_length_exceeded"
+    fits_alone = [{"role": "user", "content": "word " * 1850}]  # about 1,880 of the 2,048 tokens
+    with pytest.raises(openai.BadRequestError) as no_room:  # the prompt fits, but not with max_tokens on top
+        await sdk.chat.completions.create(model=model_name, messages=fits_alone, max_tokens=256)  # type: ignore[arg-type]
+    assert isinstance(no_room.value.body, dict) and no_room.value.body["code"] == "context_length_exceeded"
+
+
+@pytest.mark.model
+async def test_sse_headers_and_the_role_chunk_come_before_any_token(
+    nats_server: NatsServer, smollm: object, nc: NATS
+) -> None:
+    """The engine holds its first prefill until a second request arrives (max_wait_ms): the stream is accepted and
+    its HTTP response has started while not a single token exists, so a proxy's header timeout cannot drop it."""
+    config = Config(nats_url=nats_server.url, subject_prefix="held", max_batch_size=2, max_wait_ms=600_000)
+    held = await start_worker(config, smollm)  # type: ignore[arg-type]
+    try:
+        async with running_bridge(config) as bridge, bridge.client() as http:
+            body = {"model": "SmolLM2-135M-Instruct", "messages": HELLO, "max_tokens": 4, "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                events = (line[5:].strip() async for line in response.aiter_lines() if line.startswith("data:"))
+                first = json.loads(await anext(events))
+                assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+                stats = [s for s in await BusClient(nc).stats(2.0) if s["endpoints"][0]["subject"] == "held.chat"]
+                assert stats[0]["endpoints"][0]["data"]["tokens_generated"] == 0
+                ask = {"chat_id": "2", "user_prompt": "Hi", "max_tokens": 4}
+                second = asyncio.ensure_future(http.post("/chat", json=ask))
+                rest = [event async for event in events]  # the engine starts once it has two requests
+                assert rest[-1] == "[DONE]"
+                assert (await second).status_code == 200
+    finally:
+        await held.shutdown()
