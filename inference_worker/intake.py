@@ -27,7 +27,7 @@ from inference_worker.engine import Failed
 from inference_worker.held import Held, Key, Replier
 from inference_worker.job_consumer import jobs_to_fetch
 from inference_worker.requests import check_max_tokens, deadline_of, parse_batch, parse_chat, prepare, request_id_of
-from inference_worker.routing import Forward, route
+from inference_worker.routing import Forward
 from inference_worker.sequence import Sequence
 from schemas import Batch, ChatRequest, WireError, content_type
 from schemas.subjects import JSON, PROPAGATED_HEADERS, REPLY_TO
@@ -47,7 +47,7 @@ class Intake:
         request = parse_chat(req.data, kind, durable=isinstance(req, Job))
         if isinstance(request, WireError):
             return await self.outbox.send(req, replies.error(kind, request))
-        where = route(request.model, self.model_name, await self.directory.current(request.model))
+        where = await self.directory.route(request.model)
         if isinstance(where, WireError):
             return await self.outbox.send(req, replies.error(kind, where, stream=request.stream))
         if isinstance(where, Forward):

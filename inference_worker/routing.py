@@ -92,12 +92,25 @@ class ModelDirectory:
     async def current(self, wanted: str | None = None) -> BusModels:
         """The models on the bus; refreshed when stale, or when `wanted` is not among them."""
         age = time.monotonic() - self._fetched_at
-        if age > self.ttl or (wanted is not None and wanted not in self.models.workers and age > self.min_refresh):
-            async with self._lock:
-                if time.monotonic() - self._fetched_at > self.min_refresh:
-                    self.models = self._with_own(await self.gather())
-                    self._fetched_at = time.monotonic()
+        if age > self.ttl or (wanted is not None and wanted not in self.models.workers):
+            await self.refresh()
         return self.models
+
+    async def refresh(self) -> BusModels:
+        """Ask the bus again, unless that was done less than `min_refresh` seconds ago."""
+        async with self._lock:
+            if time.monotonic() - self._fetched_at > self.min_refresh:
+                self.models = self._with_own(await self.gather())
+                self._fetched_at = time.monotonic()
+        return self.models
+
+    async def route(self, requested: str | None) -> Route:
+        """`route` on what the bus looks like now; a request that cannot be routed is looked at again after a fresh
+        look at the bus (a model or a default that just arrived), before it is refused."""
+        where = route(requested, self.own, await self.current(requested))
+        if isinstance(where, WireError):
+            where = route(requested, self.own, await self.refresh())
+        return where
 
     def _with_own(self, models: BusModels) -> BusModels:
         """This worker counts even when discovery missed it (it no longer answers INFO while draining)."""
