@@ -73,14 +73,16 @@ its message lists the models on the bus."""
 
 CHAT_STREAM = """A streamed answer: send a ChatRequest with `"stream": true` (and a `Llmbus-Request-Id`, to cancel
 it later) with a reply subject you subscribe to, and read, in order:
-1. the accepted chunk (`index` 0, empty `delta`), as soon as a worker holds the request;
+1. the accepted chunk (`index` 0, empty `delta`), as soon as a worker's engine has taken the request (a request
+   refused before that, or cancelled before it came, gets only the end message and the sentinel);
 2. one `ChatChunk` per text delta (`index` counts up; a delta never splits a UTF-8 character nor holds the start of
    a stop string);
 3. the end message (`Llmbus-Stream: end`): `done: true` with `finish_reason`, `usage` and `model`, or an error answer;
 4. an empty message, the sentinel.
 
-Stop at the end message or at the sentinel. Every message but the sentinel carries `Llmbus-Request-Id`. A request
-whose body cannot be decoded gets a single error answer, without `Llmbus-Stream` and without a sentinel."""
+Stop at the end message, at the sentinel, or at any error answer: a request whose body cannot be decoded gets a
+single error answer, without `Llmbus-Stream: end` and without a sentinel. Every message but the sentinel carries
+`Llmbus-Request-Id` (when the one sent was valid)."""
 
 BATCHED = """Request-reply with one answer: a `BatchResponse` with every query's result in input order (a failed
 query is `{chat_id, error, code}`, its error naming its position, such as `$.queries[3].top_p`), with
@@ -92,7 +94,9 @@ model, each as its own chat request; a query must not set `stream`."""
 BATCHED_STREAM = """A streamed batch (`"stream": true` on the batch): one `BatchItemDone` per query as soon as its
 result is ready (in completion order; `index` is its position in `queries`), then `BatchDone` (`Llmbus-Stream: end`)
 with the counts, then the empty sentinel. Every message but the sentinel carries the batch's `Llmbus-Request-Id`;
-cancelling it stops the queries still running."""
+cancelling it stops the queries still running. Stop at `BatchDone`, at the sentinel, or at any error answer: a batch
+that fails before it runs (undecodable, too many queries, a bad `Llmbus-Request-Id`, cancelled first) gets a single
+error answer, without `Llmbus-Stream: end` and without a sentinel."""
 
 PER_MODEL = "The same on one model's subject: only that model's workers receive it."
 
