@@ -32,9 +32,8 @@ from bus_gateway.bus_errors import BusError, decode_reply, error_from_reply, no_
 from bus_gateway.client import DEFAULT_TIMEOUT, REPLY_GRACE, new_request_id, with_deadline
 from bus_gateway.inbox import ReplyInbox
 from schemas import BatchResponse, ChatRequest, ChatResponse, Subjects
-from schemas.subjects import REPLY_TO, REQUEST_ID, valid_request_id
+from schemas.subjects import MSG_ID, REPLY_TO, REQUEST_ID, valid_request_id
 
-MSG_ID = "Nats-Msg-Id"
 PUBLISH_TIMEOUT = 5.0
 PUBLISH_RETRY_DELAY = 0.2
 REMEMBERED_ANSWERS = 10_000

@@ -31,7 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolic
 
 from schemas import ErrorBody, Subjects, WireError, encode
 from schemas.errors import error_headers
-from schemas.subjects import REQUEST_ID, model_token
+from schemas.subjects import JOBS_CONSUMER, JOBS_STREAM, MSG_ID, REQUEST_ID, model_token
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -40,12 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmbus.jobs")
 
-STREAM_NAME = "LLM_JOBS"
-CONSUMER_NAME = "llm-workers"
+STREAM_NAME = JOBS_STREAM
+CONSUMER_NAME = JOBS_CONSUMER
 RETRYABLE_CODES = frozenset({"500", "503"})  # an internal error or a worker that stopped: another delivery may work
 FIRST_REDELIVERY_DELAY = 1.0  # seconds before a failed job's next delivery; doubles with each delivery
 MAX_REDELIVERY_DELAY = 30.0
-MSG_ID = "Nats-Msg-Id"
 FETCH_TIMEOUT = 1.0  # also bounds how long a draining worker waits for its last fetch
 REPLY_SUBJECT = re.compile(r"^[^\s*>]{1,255}$")
 

@@ -26,7 +26,15 @@ from inference_worker.durable import Job
 from inference_worker.engine import Failed
 from inference_worker.held import Held, Key, Replier
 from inference_worker.job_consumer import jobs_to_fetch
-from inference_worker.requests import check_max_tokens, deadline_of, parse_batch, parse_chat, prepare, request_id_of
+from inference_worker.requests import (
+    check_batch,
+    check_max_tokens,
+    deadline_of,
+    parse_batch,
+    parse_chat,
+    prepare,
+    request_id_of,
+)
 from inference_worker.routing import Forward
 from inference_worker.sequence import Sequence
 from schemas import Batch, ChatRequest, WireError, content_type
@@ -115,12 +123,15 @@ class Intake:
         if not req.reply:
             return
         kind = content_type(req.headers)
-        batch = parse_batch(req.data, kind, self.limits, model)
+        batch = parse_batch(req.data, kind, model)
         if isinstance(batch, WireError):
             return await self.outbox.send(req, replies.error(kind, batch))
-        batch_id = req.request_id if isinstance(req, Job) else request_id_of(req.headers)
-        if isinstance(batch_id, WireError):
-            return await self.outbox.send(req, replies.error(kind, batch_id))
+        durable = isinstance(req, Job)
+        batch_id = req.request_id if durable else request_id_of(req.headers)
+        problem = batch_id if isinstance(batch_id, WireError) else check_batch(batch, self.limits, durable)
+        if problem is not None:
+            stream = batch.stream and not durable  # a stream's error ends it: the end marker and the sentinel
+            return await self.outbox.send(req, replies.error(kind, problem, stream=stream))
         key = (req.reply, batch_id)
         if self.held.was_cancelled(key):
             cancelled = WireError.of("cancelled", "the batch was cancelled before it ran")

@@ -59,16 +59,11 @@ def parse_chat(data: bytes, kind: str, *, durable: bool = False) -> ChatRequest 
     return request
 
 
-def parse_batch(data: bytes, kind: str, limits: Limits, model: str | None = None) -> Batch | WireError:
+def parse_batch(data: bytes, kind: str, model: str | None = None) -> Batch | WireError:
     """Each query decoded on its own; those that name no model get `model` (the model whose subject it came on)."""
     batch = decode_batch(data, kind)
     if isinstance(batch, WireError):
         return batch
-    if len(batch.items) > limits.max_batch_queries:
-        return WireError.of(
-            "too_large",
-            f"batch has {len(batch.items)} queries; the limit is {limits.max_batch_queries} (max_batch_queries)",
-        )
     items: list[ChatRequest | BatchItemError] = []
     for item in batch.items:
         if isinstance(item, ChatRequest) and item.stream:
@@ -78,6 +73,17 @@ def parse_batch(data: bytes, kind: str, limits: Limits, model: str | None = None
             item = msgspec.structs.replace(item, model=model)
         items.append(item)
     return Batch(items, batch.stream)
+
+
+def check_batch(batch: Batch, limits: Limits, durable: bool) -> WireError | None:
+    if len(batch.items) > limits.max_batch_queries:
+        return WireError.of(
+            "too_large",
+            f"batch has {len(batch.items)} queries; the limit is {limits.max_batch_queries} (max_batch_queries)",
+        )
+    if batch.stream and durable:
+        return WireError.of("bad_request", "`stream` is not available for durable jobs; use core request-reply")
+    return None
 
 
 def check_max_tokens(request: ChatRequest, limits: Limits) -> WireError | None:

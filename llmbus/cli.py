@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     permissions.add_argument("--queue-group", default=DEFAULT_QUEUE_GROUP, help="the workers' queue group")
     permissions.add_argument("--durable", action="store_true", help="add what durable (JetStream) jobs need")
     permissions.add_argument(
+        "--model", default=None, help="worker: its served model name (default: any model's per-model subjects)"
+    )
+    permissions.add_argument(
         "--format",
         choices=["server", "jwt"],
         default="server",
@@ -167,7 +170,9 @@ def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = Fal
 
 def nats_permissions_command(args: argparse.Namespace) -> int:
     try:
-        role_grants = grants(args.role, args.subject_prefix, args.inbox_prefix, args.durable, args.queue_group)
+        role_grants = grants(
+            args.role, args.subject_prefix, args.inbox_prefix, args.durable, args.queue_group, model=args.model
+        )
     except ValueError as exc:
         print(f"llmbus: error: {exc}", file=sys.stderr)
         return 2

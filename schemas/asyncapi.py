@@ -19,6 +19,7 @@ from schemas.asyncapi_messages import components, error_table
 from schemas.subjects import (
     DEFAULT_PREFIX,
     DEFAULT_QUEUE_GROUP,
+    JOBS_STREAM,
     JSON,
     NATS_STATUS,
     NO_RESPONDERS,
@@ -31,7 +32,6 @@ Doc = dict[str, Any]
 ASYNCAPI_PATH = Path(__file__).parent / "asyncapi.json"
 DISCOVERY = "$SRV"
 VERBS = ("PING", "INFO", "STATS")
-JOBS_STREAM = "LLM_JOBS"
 TOKEN, REQUEST = "MODELTOKEN", "REQUESTID"  # valid subject tokens, replaced by the channel parameters
 REPLY_TO_LOCATION = "$message.header#/Llmbus-Reply-To"
 

@@ -28,6 +28,7 @@ from schemas.subjects import (
     ERROR_CODE,
     ERROR_NAME,
     JSON,
+    MSG_ID,
     MSGPACK,
     REPLY_TO,
     REQUEST_ID,
@@ -42,7 +43,6 @@ from schemas.subjects import (
 
 Schema = dict[str, Any]
 REF = "#/components/schemas/{name}"
-MSG_ID = "Nats-Msg-Id"  # JetStream's de-duplication header
 EMPTY = "application/octet-stream"
 TRACEPARENT_PATTERN = "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 DEFAULT_PREFIX = "llm"
 DEFAULT_QUEUE_GROUP = "llm-workers"
 SERVICE_NAME = "llm-inference"
+JOBS_STREAM = "LLM_JOBS"  # the JetStream work queue of durable jobs
+JOBS_CONSUMER = "llm-workers"  # its consumer of model-less jobs; one model's: llm-workers-<token>
+MSG_ID = "Nats-Msg-Id"  # JetStream's de-duplication header; a durable job's is its reply subject
 
 CONTENT_TYPE = "Content-Type"
 JSON = "application/json"
