@@ -28,9 +28,10 @@ async def gather(
     window: float = DISCOVERY_WINDOW,
     *,
     expect: int | None = None,
-    settle: float = DISCOVERY_SETTLE,
+    settle: float | None = DISCOVERY_SETTLE,
 ) -> list[dict[str, Any]]:
-    """The JSON replies to one message on `subject`, one per instance (by `id`)."""
+    """The JSON replies to one message on `subject`, one per instance (by `id`). `settle=None` waits the whole
+    window (for when missing a slow instance matters more than the wait)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + window
     inbox = nc.new_inbox()
@@ -39,7 +40,7 @@ async def gather(
     try:
         await nc.publish(subject, b"", reply=inbox)
         while (wait := deadline - loop.time()) > 0 and (expect is None or len(replies) < expect):
-            if replies and expect is None:
+            if replies and expect is None and settle is not None:
                 wait = min(wait, settle)
             try:
                 msg = await sub.next_msg(timeout=wait)
@@ -102,9 +103,13 @@ class Discovery:
         """The model names the serving workers have, from their INFO `metadata.model`, sorted."""
         return sorted((await self.bus_models(timeout)).workers)
 
-    async def bus_models(self, timeout: float = DISCOVERY_WINDOW) -> BusModels:
-        """Each model on the bus with its number of serving workers, and the ones that claim to be the default."""
-        return BusModels.of(await self.info(timeout), self.subjects.prefix)
+    async def bus_models(self, timeout: float = DISCOVERY_WINDOW, *, thorough: bool = False) -> BusModels:
+        """Each model on the bus with its number of serving workers, and the ones that claim to be the default.
+        `thorough` waits the whole `timeout` for slow workers instead of stopping soon after the last reply."""
+        self._check_connected()
+        settle = None if thorough else DISCOVERY_SETTLE
+        infos = await gather(self.nc, f"$SRV.INFO.{self.service_name}", timeout, settle=settle)
+        return BusModels.of(infos, self.subjects.prefix)
 
     async def _gather(self, verb: str, timeout: float, expect: int | None) -> list[dict[str, Any]]:
         self._check_connected()

@@ -93,7 +93,7 @@ class Intake:
         deadline = deadline_of(request, req.age if durable else 0.0)
         self.held.hold(held)
         self._idle.clear()
-        self._thread.submit(functools.partial(self._prepare, held.engine_id, request, deadline))
+        self._thread.submit(functools.partial(self._prepare, held.engine_id, request, deadline), held.engine_id)
 
     def _prepare(self: Worker, engine_id: str, request: ChatRequest, deadline: float | None) -> Sequence | Failed:
         """Runs in the engine thread: template and tokenize (a failure here fails this request only)."""

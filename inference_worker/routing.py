@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from bus_gateway.discovery import BusModels
 from schemas import WireError
 
-Gather = Callable[[], Awaitable[BusModels]]
+Gather = Callable[[bool], Awaitable[BusModels]]  # thorough: wait the whole window for slow workers
 
 TTL_S = 5.0
 MIN_REFRESH_S = 0.5
@@ -96,11 +96,11 @@ class ModelDirectory:
             await self.refresh()
         return self.models
 
-    async def refresh(self) -> BusModels:
-        """Ask the bus again, unless that was done less than `min_refresh` seconds ago."""
+    async def refresh(self, thorough: bool = False) -> BusModels:
+        """Ask the bus again, unless that was done less than `min_refresh` seconds ago (a thorough look always)."""
         async with self._lock:
-            if time.monotonic() - self._fetched_at > self.min_refresh:
-                self.models = self._with_own(await self.gather())
+            if thorough or time.monotonic() - self._fetched_at > self.min_refresh:
+                self.models = self._with_own(await self.gather(thorough))
                 self._fetched_at = time.monotonic()
         return self.models
 
@@ -109,7 +109,7 @@ class ModelDirectory:
         look at the bus (a model or a default that just arrived), before it is refused."""
         where = route(requested, self.own, await self.current(requested))
         if isinstance(where, WireError):
-            where = route(requested, self.own, await self.refresh())
+            where = route(requested, self.own, await self.refresh(thorough=True))
         return where
 
     def _with_own(self, models: BusModels) -> BusModels:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ import torch
 from nats.aio.client import Client as NATS
 
 from bus_gateway.client import BusClient
+from bus_gateway.discovery import BusModels
 from inference_worker.batches import BatchCoordinator
 from inference_worker.durable import JobLimits, job_consumers
 from inference_worker.engine import (
@@ -74,7 +76,10 @@ class Worker(Intake):
         self.batches: dict[Key, asyncio.Task[None]] = {}
         peers = BusClient(nc, self.subjects)  # this worker as a client of the bus: batches, discovery
         self.coordinator = BatchCoordinator(peers, config.request_timeout)
-        self.directory = ModelDirectory(peers.bus_models, self.model_name, config.default_model)
+        gather = functools.partial(BusClient.bus_models, peers)  # (thorough) -> the models on the bus
+        self.directory = ModelDirectory(
+            lambda thorough: gather(thorough=thorough), self.model_name, config.default_model
+        )
         self.accepting = True
         self.draining = False
         self.threads = pick_threads(config.threads)
@@ -120,6 +125,9 @@ class Worker(Intake):
             ping = self.coordinator.client.ping
             self._tasks.append(asyncio.create_task(share_threads(ping, self._set_threads)))
         await self.nc.flush()  # the server knows every subscription before anyone is told this worker serves
+
+    async def _bus_models(self, thorough: bool) -> BusModels:
+        return await self.coordinator.client.bus_models(thorough=thorough)
 
     def _released(self) -> None:
         """A held request or a batch is done: there may be room for a durable job, or nothing left to drain."""
@@ -196,7 +204,8 @@ class Worker(Intake):
         if self._tasks:
             await asyncio.gather(self._tasks[0], return_exceptions=True)
         failure = failure or WireError.of("shutting_down", "worker stopped before finishing this request")
-        await self.outbox.publish([Failed(h.engine_id, failure.code, failure.message, failure.name) for h in self.held])
+        leftovers = [Failed(h.engine_id, failure.code, failure.message, name=failure.name) for h in self.held]
+        await self.outbox.publish(leftovers)
         for task in [*self.batches.values(), *self._tasks]:
             task.cancel()
         await asyncio.gather(*self.batches.values(), *self._tasks, return_exceptions=True)
