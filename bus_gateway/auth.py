@@ -8,6 +8,7 @@ a `Retry-After` of the seconds until the next one is allowed.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import time
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Guard
+
+from schemas.subjects import TENANT
+
+TENANT_STATE = "llmbus_tenant"
 
 
 class ApiKeyError(Exception):
@@ -47,16 +52,30 @@ def check_api_key(authorization: str | None, keys: Sequence[str]) -> ApiKeyError
     return None
 
 
+def tenant_of_key(key: str) -> str:
+    """The tenant an API key's requests count for (`Llmbus-Tenant`): a stable name that does not reveal the key."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def tenant_headers(connection: ASGIConnection) -> dict[str, str]:
+    """The NATS headers that tag a request with its API key's tenant (none without API keys)."""
+    tenant = connection.state.get(TENANT_STATE)
+    return {TENANT: tenant} if tenant else {}
+
+
 def api_key_guard(keys: Sequence[str]) -> list[Guard]:
-    """The guards for a router: none when no key is configured."""
+    """The guards for a router: none when no key is configured. A valid key's tenant goes with the request, so a
+    worker's admission rotates among API keys (one key's burst cannot hold back another's requests)."""
     if not keys:
         return []
     allowed = tuple(keys)
 
     def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        error = check_api_key(connection.headers.get("authorization"), allowed)
+        authorization = connection.headers.get("authorization")
+        error = check_api_key(authorization, allowed)
         if error is not None:
             raise error
+        connection.state[TENANT_STATE] = tenant_of_key(bearer_token(authorization) or "")
 
     return [guard]
 

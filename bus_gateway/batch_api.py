@@ -14,6 +14,7 @@ from litestar import Request, Response, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
+from bus_gateway.auth import tenant_headers
 from bus_gateway.bus_errors import BusError
 from bus_gateway.chat_api import ERROR_RESPONSES, bus_of, config_of, sender_of
 from bus_gateway.client import BusClient
@@ -62,11 +63,15 @@ async def chat_batched(request: Request, state: State) -> Response[BatchResponse
     items = batch.items
     valid = [item for item in items if isinstance(item, ChatRequest)]
     if batch.stream:
-        return await stream_batch(items, valid, bus_of(state), config_of(state).request_timeout)
+        return await stream_batch(
+            items, valid, bus_of(state), config_of(state).request_timeout, tenant_headers(request)
+        )
     answered: list[BatchResult] | None = []
     if valid:  # only valid queries travel; the invalid ones keep their local error, in place
         try:
-            sending = sender_of(state).chat_batched(valid, config_of(state).request_timeout)
+            sending = sender_of(state).chat_batched(
+                valid, config_of(state).request_timeout, headers=tenant_headers(request)
+            )
             answered = (await unless_disconnected(request, sending)).responses
         except ClientGone:
             return client_gone()
@@ -107,7 +112,11 @@ def batch_response(results: list[BatchResult]) -> Response[Any]:
 
 
 async def stream_batch(
-    items: list[ChatRequest | BatchItemError], valid: list[ChatRequest], bus: BusClient, idle_timeout: float
+    items: list[ChatRequest | BatchItemError],
+    valid: list[ChatRequest],
+    bus: BusClient,
+    idle_timeout: float,
+    headers: dict[str, str],
 ) -> Stream | Response[Any]:
     """SSE of a streamed batch; a failure before the first result (no worker...) is an HTTP error instead."""
     positions = [index for index, item in enumerate(items) if isinstance(item, ChatRequest)]
@@ -116,7 +125,7 @@ async def stream_batch(
         for i, item in enumerate(items)
         if not isinstance(item, ChatRequest)
     ]
-    remote = bus.stream_batch(valid, idle_timeout) if valid else None
+    remote = bus.stream_batch(valid, idle_timeout, headers=headers) if valid else None
     first: BatchItemDone | BatchDone | None = None
     if remote is not None:
         try:

@@ -15,6 +15,7 @@ from litestar import Request, Response, post
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 
+from bus_gateway.auth import tenant_headers
 from bus_gateway.bus_errors import BusError
 from bus_gateway.client import BusClient
 from bus_gateway.disconnect import ClientGone, unless_disconnected
@@ -35,9 +36,13 @@ from schemas import (
 class ChatSender(Protocol):
     """Where non-streaming chats go: `BusClient` (core request-reply) or `JobClient` (durable JetStream jobs)."""
 
-    async def chat(self, request: ChatRequest, timeout: float | None = None) -> ChatResponse: ...
+    async def chat(
+        self, request: ChatRequest, timeout: float | None = None, *, headers: dict[str, str] | None = None
+    ) -> ChatResponse: ...
 
-    async def chat_batched(self, queries: Sequence[ChatRequest], timeout: float | None = None) -> BatchResponse: ...
+    async def chat_batched(
+        self, queries: Sequence[ChatRequest], timeout: float | None = None, *, headers: dict[str, str] | None = None
+    ) -> BatchResponse: ...
 
 
 def bus_of(state: State) -> BusClient:
@@ -91,12 +96,13 @@ async def chat(request: Request, state: State) -> Response[ChatResponse]:
         return bus_error_response(parsed)
     timeout = config_of(state).request_timeout
     if parsed.stream:  # streams always use core request-reply (durable jobs do not stream)
-        opened = await open_stream(bus_of(state), parsed, timeout)
+        opened = await open_stream(bus_of(state), parsed, timeout, tenant_headers(request))
         if isinstance(opened, BusError):
             return bus_error_response(opened)
         return sse_response(opened, render_chunk, render_stream_error)
     try:
-        return Response(await unless_disconnected(request, sender_of(state).chat(parsed, timeout)))
+        sending = sender_of(state).chat(parsed, timeout, headers=tenant_headers(request))
+        return Response(await unless_disconnected(request, sending))
     except BusError as exc:
         return bus_error_response(exc)
     except ClientGone:

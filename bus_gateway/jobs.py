@@ -58,26 +58,43 @@ class JobClient:
         return self.inbox.unclaimed
 
     async def chat(
-        self, request: ChatRequest, timeout: float | None = None, *, request_id: str | None = None
+        self,
+        request: ChatRequest,
+        timeout: float | None = None,
+        *,
+        request_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> ChatResponse:
         """One chat completion as a durable job on `<prefix>.jobs.chat`."""
         timeout = self.timeout if timeout is None else timeout
         data = msgspec.json.encode(msgspec.structs.replace(with_deadline(request, timeout), stream=False))
         subject = self.subjects.model_jobs_chat(request.model) if request.model else self.subjects.jobs_chat
-        reply = await self.submit(subject, data, timeout, request_id)
+        reply = await self.submit(subject, data, timeout, request_id, headers)
         return decode_reply(reply.data, ChatResponse)
 
     async def chat_batched(
-        self, queries: Sequence[ChatRequest], timeout: float | None = None, *, request_id: str | None = None
+        self,
+        queries: Sequence[ChatRequest],
+        timeout: float | None = None,
+        *,
+        request_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> BatchResponse:
         """Many chats as one durable job on `<prefix>.jobs.chat.batched`; answers come back in input order."""
         timeout = self.timeout if timeout is None else timeout
         envelope = {"queries": [with_deadline(q, timeout) for q in queries]}
         subject = self.subjects.jobs_chat_batched
-        reply = await self.submit(subject, msgspec.json.encode(envelope), timeout, request_id)
+        reply = await self.submit(subject, msgspec.json.encode(envelope), timeout, request_id, headers)
         return decode_reply(reply.data, BatchResponse)
 
-    async def submit(self, subject: str, data: bytes, timeout: float, request_id: str | None = None) -> Msg:
+    async def submit(
+        self,
+        subject: str,
+        data: bytes,
+        timeout: float,
+        request_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Msg:
         """Publish one job and wait for its first answer; raises `BusError` for an error answer or no answer.
 
         The job's `Nats-Msg-Id` is its reply subject (this client's inbox plus the request id), so JetStream's
@@ -93,7 +110,7 @@ class JobClient:
             raise BusError(409, f"request id {request_id!r} was already used by this client", name="duplicate_request")
         answers = await self.inbox.open(request_id)
         try:
-            await self._publish(subject, data, request_id, deadline)
+            await self._publish(subject, data, request_id, deadline, headers or {})
             try:
                 reply = await asyncio.wait_for(answers.get(), max(deadline - loop.time(), 0.001))
             except TimeoutError:
@@ -127,11 +144,13 @@ class JobClient:
         while len(self._answered) > REMEMBERED_ANSWERS:
             self._answered.popitem(last=False)
 
-    async def _publish(self, subject: str, data: bytes, request_id: str, deadline: float) -> None:
+    async def _publish(
+        self, subject: str, data: bytes, request_id: str, deadline: float, extra: dict[str, str]
+    ) -> None:
         """Store the job in JetStream. A publish whose ack timed out is retried: the same Nats-Msg-Id stores it once."""
         loop = asyncio.get_running_loop()
         reply_to = self.inbox.reply_subject(request_id)
-        headers = {REQUEST_ID: request_id, REPLY_TO: reply_to, MSG_ID: reply_to}
+        headers = {**extra, REQUEST_ID: request_id, REPLY_TO: reply_to, MSG_ID: reply_to}
         first_try = True
         while True:
             if not self.nc.is_connected:

@@ -17,7 +17,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath
 from litestar.types import Guard
 
-from bus_gateway.auth import ApiKeyError
+from bus_gateway.auth import ApiKeyError, tenant_headers
 from bus_gateway.bus_errors import BusError
 from bus_gateway.chat_api import sender_of
 from bus_gateway.client import BusClient
@@ -144,7 +144,7 @@ async def chat_completions(request: Request, state: State) -> Response[ChatCompl
     config: Config = state["config"]
     created = int(time.time())
     if bus_request.stream:
-        opened = await open_stream(bus, bus_request, config.request_timeout)
+        opened = await open_stream(bus, bus_request, config.request_timeout, tenant_headers(request))
         if isinstance(opened, BusError):
             return failure_response(from_bus_error(opened))
         include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
@@ -155,7 +155,8 @@ async def chat_completions(request: Request, state: State) -> Response[ChatCompl
 
         return sse_response(opened, render, render_stream_error, trailer=DONE)
     try:
-        reply = await unless_disconnected(request, sender_of(state).chat(bus_request, config.request_timeout))
+        sending = sender_of(state).chat(bus_request, config.request_timeout, headers=tenant_headers(request))
+        reply = await unless_disconnected(request, sending)
     except BusError as exc:
         return failure_response(from_bus_error(exc))
     except ClientGone:

@@ -45,11 +45,13 @@ class OpenStream:
         await self.rest.aclose()
 
 
-async def open_stream(bus: BusClient, request: ChatRequest, timeout: float) -> OpenStream | BusError:
+async def open_stream(
+    bus: BusClient, request: ChatRequest, timeout: float, headers: dict[str, str] | None = None
+) -> OpenStream | BusError:
     """Start a stream and wait for its first chunk (the worker's `accepted` chunk, sent before any token, so the SSE
     headers go out at once); a failure before it (no worker, 400, 503...) is returned, for a proper HTTP status.
     `timeout` is the stream's idle timeout: a long generation that keeps producing tokens is never cut."""
-    rest = bus.stream(request, timeout)
+    rest = bus.stream(request, timeout, headers=headers)
     try:
         first = await anext(rest)
     except BusError as exc:

@@ -34,6 +34,7 @@ from inference_worker.requests import (
     parse_chat,
     prepare,
     request_id_of,
+    tenant_of,
 )
 from inference_worker.routing import Forward
 from inference_worker.sequence import Sequence
@@ -81,8 +82,10 @@ class Intake:
     async def _serve_chat(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
         durable = isinstance(req, Job)
         request_id = req.request_id if durable else request_id_of(req.headers)
-        if isinstance(request_id, WireError):
-            return await self.outbox.send(req, replies.error(kind, request_id, stream=request.stream))
+        tenant = tenant_of(req.headers)
+        for problem in (request_id, tenant):
+            if isinstance(problem, WireError):
+                return await self.outbox.send(req, replies.error(kind, problem, stream=request.stream))
         held = Held(req, (req.reply, request_id), self.held.new_engine_id(), kind, request.chat_id, request.stream)
         if self.held.was_cancelled(held.key):
             return await self.outbox.send(req, replies.cancelled_before_start(held, self.model_name))
@@ -93,12 +96,15 @@ class Intake:
         deadline = deadline_of(request, req.age if durable else 0.0)
         self.held.hold(held)
         self._idle.clear()
-        self._thread.submit(functools.partial(self._prepare, held.engine_id, request, deadline), held.engine_id)
+        build = functools.partial(self._prepare, held.engine_id, request, deadline, tenant)
+        self._thread.submit(build, held.engine_id)
 
-    def _prepare(self: Worker, engine_id: str, request: ChatRequest, deadline: float | None) -> Sequence | Failed:
+    def _prepare(
+        self: Worker, engine_id: str, request: ChatRequest, deadline: float | None, tenant: str
+    ) -> Sequence | Failed:
         """Runs in the engine thread: template and tokenize (a failure here fails this request only)."""
         try:
-            return prepare(engine_id, request, self.loaded.encode_chat_with_prefix, self.limits, deadline)
+            return prepare(engine_id, request, self.loaded.encode_chat_with_prefix, self.limits, deadline, tenant)
         except Exception as exc:
             log.exception("preparing request %s failed", engine_id)
             return Failed(engine_id, 500, f"internal error while preparing the request: {exc!r}", name="internal")

@@ -26,7 +26,7 @@ from schemas import (
     decode_chat_request,
     stop_strings,
 )
-from schemas.subjects import REQUEST_ID, valid_request_id
+from schemas.subjects import REQUEST_ID, TENANT, valid_request_id
 
 EncodeChat = Callable[[list[dict[str, str]]], tuple[list[int], int]]
 
@@ -38,6 +38,16 @@ class Limits:
     max_tokens_cap: int
     max_batch_queries: int
     context_window: int
+
+
+def tenant_of(headers: Mapping[str, str] | None) -> str | WireError:
+    """The `Llmbus-Tenant` header (1-128 of A-Z a-z 0-9 _ -), or "" (everyone without one shares one turn)."""
+    given = (headers or {}).get(TENANT)
+    if given is None:
+        return ""
+    if not valid_request_id(given):
+        return WireError.of("bad_request", f"invalid {TENANT} header: use 1-128 characters from A-Z a-z 0-9 _ -")
+    return given
 
 
 def request_id_of(headers: Mapping[str, str] | None) -> str | WireError:
@@ -116,6 +126,7 @@ def prepare(
     encode_chat: EncodeChat,
     limits: Limits,
     deadline: float | None,
+    tenant: str = "",
 ) -> Sequence | Failed:
     """Template and tokenize a request into an engine `Sequence` (runs in the engine thread)."""
     prompt_ids, prefix_len = encode_chat(conversation(request))
@@ -125,7 +136,16 @@ def prepare(
     params = SamplingParams(
         max_tokens, request.temperature, request.top_p, request.top_k, request.seed, stop_strings(request)
     )
-    return Sequence(engine_id, prompt_ids, params, stream=request.stream, deadline=deadline, prefix_len=prefix_len)
+    return Sequence(
+        engine_id,
+        prompt_ids,
+        params,
+        stream=request.stream,
+        deadline=deadline,
+        prefix_len=prefix_len,
+        tenant=tenant,
+        priority=request.priority,
+    )
 
 
 def deadline_of(request: ChatRequest, age: float = 0.0, now: float | None = None) -> float | None:

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 
+from inference_worker.admission import WaitingQueue
 from inference_worker.sequence import Sequence, Status
 
 
 class Scheduler:
-    """FIFO admission into a running batch of at most `max_batch_size` rows.
+    """Admission into a running batch of at most `max_batch_size` rows, in the order `WaitingQueue` gives
+    (tenants take turns, lower priority first, with aging).
 
     `running[i]` is the sequence in cache slot i, so the live rows are always `[0, len(running))`. The rows
     that decode come first; after them sits at most one `partial` row whose prompt is still being prefilled
@@ -19,7 +20,7 @@ class Scheduler:
     def __init__(self, max_batch_size: int, prefill_budget: int) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_budget = prefill_budget
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Sequence] = []
         self.partial: Sequence | None = None
 
@@ -40,7 +41,7 @@ class Scheduler:
         batch: list[Sequence] = []
         width = 0
         while self.waiting and len(self.running) + len(batch) < self.max_batch_size:
-            new_width = max(width, self.waiting[0].num_prompt_tokens)
+            new_width = max(width, self.waiting.peek().num_prompt_tokens)
             if batch and new_width * (len(batch) + 1) > self.prefill_budget:
                 break
             batch.append(self.waiting.popleft())

@@ -34,6 +34,8 @@ class Sequence:
     stream: bool = False
     deadline: float | None = None
     prefix_len: int = 0
+    tenant: str = ""  # whose request it is: admission rotates among tenants (admission.py)
+    priority: int = 0  # lower is admitted first within its tenant
     seq_id: int = field(default_factory=itertools.count().__next__)
     status: Status = Status.WAITING
     completion_ids: list[int] = field(default_factory=list)

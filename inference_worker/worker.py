@@ -126,6 +126,15 @@ class Worker(Intake):
             self._tasks.append(asyncio.create_task(share_threads(ping, self._set_threads)))
         await self.nc.flush()  # the server knows every subscription before anyone is told this worker serves
 
+    def _waiting_counts(self) -> dict[str, dict[str, int]]:
+        """Requests waiting for admission, by tenant and by priority (copied atomically from the engine thread's)."""
+        waiting = self.engine.scheduler.waiting
+        by_priority = dict(waiting.by_priority)
+        return {
+            "waiting_by_tenant": {tenant or "-": n for tenant, n in dict(waiting.by_tenant).items()},
+            "waiting_by_priority": {str(priority): n for priority, n in sorted(by_priority.items())},
+        }
+
     async def _bus_models(self, thorough: bool) -> BusModels:
         return await self.coordinator.client.bus_models(thorough=thorough)
 
@@ -166,6 +175,7 @@ class Worker(Intake):
             "draining": self.draining,
             "threads": self.threads,
             "errors_by_code": dict(self.outbox.errors_by_code),
+            **self._waiting_counts(),
         }
         if self.jobs is not None:
             figures["jobs"] = self.jobs.snapshot()

@@ -372,7 +372,7 @@ async def test_a_non_streaming_client_that_disconnects_cancels_its_generation(
 ) -> None:
     """Without this, an abandoned call (or each retry of an SDK that timed out) generated to `max_tokens`."""
     cancelled_before = await worker_figure(nc, "requests_cancelled")
-    request = {"chat_id": "gone", "user_prompt": "Write a very long story.", "max_tokens": 500}
+    request = {"chat_id": "gone", "user_prompt": "Write a very long story.", "max_tokens": 250}
     async with watching_cancels(nc) as cancels, bridge.client() as http:
         call = asyncio.ensure_future(http.post("/chat", json=request))
 
