@@ -106,10 +106,20 @@ def converted_smollm2() -> Path:
     return target
 
 
-def load_model(path: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def model_directory(path: str | None = None) -> Path:
     directory = Path(path) if path else converted_smollm2()
     if not (directory / "config.json").is_file():
         raise ModelNotFound(f"{directory} is not a Hugging Face model directory (no config.json)")
+    return directory
+
+
+def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer alone, without the weights (fast tests that pair it with a tiny random model)."""
+    return AutoTokenizer.from_pretrained(model_directory(path))
+
+
+def load_model(path: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    directory = model_directory(path)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -110,7 +110,7 @@ def prepare(
     prompt_ids, prefix_len = encode_chat(conversation(request))
     max_tokens = fit_max_tokens(request, len(prompt_ids), limits)
     if isinstance(max_tokens, WireError):
-        return Failed(engine_id, max_tokens.code, max_tokens.message, max_tokens.name)
+        return Failed(engine_id, max_tokens.code, max_tokens.message, name=max_tokens.name)
     params = SamplingParams(
         max_tokens, request.temperature, request.top_p, request.top_k, request.seed, stop_strings(request)
     )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from inference_worker.sequence import Sequence, Status
@@ -46,11 +47,26 @@ class Scheduler:
             width = new_width
             if width > self.prefill_budget:
                 break
+        now = time.monotonic()
         for seq in batch:
             seq.slot = len(self.running)
             seq.status = Status.RUNNING
+            seq.scheduled_at = now
             self.running.append(seq)
         return batch
+
+    def prefilled(self, batch: list[Sequence]) -> None:
+        """After a prefill forward over `batch`: its last row stays partial while its prompt is not complete."""
+        self.partial = batch[-1] if not batch[-1].prefill_done else None
+
+    def abort_all(self) -> list[Sequence]:
+        """Finish every sequence held (running and waiting), e.g. after an engine error; returns them."""
+        held = [*self.running, *self.waiting]
+        for seq in held:
+            seq.finish("cancelled")
+        self.waiting.clear()
+        self.partial = None
+        return held
 
     def release_finished(self) -> list[tuple[Sequence, int, int]]:
         """Drop finished rows, filling each hole with the last decoding row, and keep the partial row last.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -23,6 +24,8 @@ class Sequence:
 
     Token i of `prompt_ids + completion_ids` has position i and lives in column i of its KV-cache slot.
     The newest completion token is *pending*: sampled but not yet run through the model.
+    The `*_at` fields are `time.monotonic()` milestones: arrival (creation, unless the caller passes the time it
+    received the request), first prefill, first token, finish.
     """
 
     request_id: str
@@ -41,6 +44,11 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     decoder: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
+    arrived_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -66,8 +74,11 @@ class Sequence:
     def last_token(self) -> int:
         return self.completion_ids[-1]
 
-    def append_token(self, token_id: int, tokenizer: Tokenizer, eos_token_ids: frozenset[int]) -> None:
+    def append_token(self, token_id: int, tokenizer: Tokenizer, eos_token_ids: frozenset[int], now: float) -> None:
         self.completion_ids.append(token_id)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
         if token_id in eos_token_ids and not self.params.ignore_eos:
             self.finish("stop")
             return
@@ -101,3 +112,4 @@ class Sequence:
     def finish(self, reason: str) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
+        self.finished_at = time.monotonic()

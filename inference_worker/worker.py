@@ -184,7 +184,7 @@ class Worker:
         deadline = deadline_of(request, req.age if durable else 0.0)
         self.held.hold(held)
         self._idle.clear()
-        self._thread.submit(functools.partial(self._prepare, held.engine_id, request, deadline))
+        self._thread.submit(functools.partial(self._prepare, held.engine_id, request, deadline), held.engine_id)
 
     def _prepare(self, engine_id: str, request: ChatRequest, deadline: float | None) -> Sequence | Failed:
         """Runs in the engine thread: template and tokenize (a failure here fails this request only)."""
@@ -192,7 +192,7 @@ class Worker:
             return prepare(engine_id, request, self.loaded.encode_chat_with_prefix, self.limits, deadline)
         except Exception as exc:
             log.exception("preparing request %s failed", engine_id)
-            return Failed(engine_id, 500, f"internal error while preparing the request: {exc!r}", "internal")
+            return Failed(engine_id, 500, f"internal error while preparing the request: {exc!r}", name="internal")
 
     async def _handle_batch(self, req: Replier) -> None:
         if not req.reply:
@@ -326,7 +326,9 @@ class Worker:
         if self._tasks:
             await asyncio.gather(self._tasks[0], return_exceptions=True)
         failure = failure or WireError.of("shutting_down", "worker stopped before finishing this request")
-        await self.outbox.publish([Failed(h.engine_id, failure.code, failure.message, failure.name) for h in self.held])
+        await self.outbox.publish(
+            [Failed(h.engine_id, failure.code, failure.message, name=failure.name) for h in self.held]
+        )
         for task in [*self.batches.values(), *self._tasks]:
             task.cancel()
         await asyncio.gather(*self.batches.values(), *self._tasks, return_exceptions=True)

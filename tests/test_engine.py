@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers.tiny_model import tiny_model
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.sampling_params import SamplingParams
@@ -18,19 +18,8 @@ GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm: LoadedModel) -> LoadedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    model = LlamaForCausalLM(config).eval()
-    return LoadedModel(model, smollm.tokenizer, "tiny", torch.device("cpu"), torch.float32, frozenset({2}), 1024)
+def tiny() -> LoadedModel:
+    return tiny_model()
 
 
 def prompt(loaded: LoadedModel, text: str) -> list[int]:
@@ -120,7 +109,10 @@ def test_expired_deadline_is_answered_504_and_never_prefilled(tiny: LoadedModel)
     engine = LLMEngine(tiny, EngineConfig(max_batch_size=4))
     engine.add_request(Sequence("late", prompt(tiny, "hi"), GREEDY, deadline=time.monotonic() - 1))
     events = engine.step()
-    assert events == [Failed("late", 504, "deadline exceeded before generation started")]
+    assert [(e.request_id, e.code, e.message) for e in events if isinstance(e, Failed)] == [
+        ("late", 504, "deadline exceeded before generation started")
+    ]
+    assert len(events) == 1 and events[0].timings.scheduled_at is None and events[0].timings.finished_at is not None
     assert engine.stats.prefill_forwards == 0 and not engine.has_work()
 
 
@@ -293,3 +285,73 @@ def test_a_vanishing_temperature_is_greedy(tiny: LoadedModel) -> None:
     ids = prompt(tiny, "cold")
     cold = SamplingParams(max_tokens=8, temperature=1e-39, ignore_eos=True)
     assert solo(tiny, ids, cold).text == solo(tiny, ids, SamplingParams(max_tokens=8, ignore_eos=True)).text
+
+
+def test_unseeded_sampling_differs_between_fresh_engines_and_a_seed_still_reproduces(tiny: LoadedModel) -> None:
+    ids = prompt(tiny, "random words please")
+    hot = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    first, second = (LLMEngine(tiny, EngineConfig(max_batch_size=2)).generate([ids], hot)[0].text for _ in range(2))
+    assert first != second
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    runs = [LLMEngine(tiny, EngineConfig(max_batch_size=2)).generate([ids], seeded)[0].text for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_scheduler_keeps_its_partial_row_and_abort_all_empties_it(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, prefill_budget=32))
+    engine.add_request(Sequence("long", list(range(3000, 3100)), GREEDY))
+    engine.add_request(Sequence("next", prompt(tiny, "next"), GREEDY))
+    engine.step()
+    assert engine.scheduler.partial is not None and engine.scheduler.partial.request_id == "long"
+    failed = engine.fail_all(500, "boom")
+    assert sorted(e.request_id for e in failed) == ["long", "next"]
+    assert engine.scheduler.partial is None and not engine.has_work()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.prefills: list[tuple[float, int, int]] = []
+        self.decodes: list[tuple[float, int]] = []
+        self.gaps: list[list[float]] = []
+
+    def prefill_step(self, seconds: float, rows: int, tokens: int) -> None:
+        self.prefills.append((seconds, rows, tokens))
+
+    def decode_step(self, seconds: float, rows: int) -> None:
+        self.decodes.append((seconds, rows))
+
+    def token_gaps(self, gaps: list[float]) -> None:
+        self.gaps.append(gaps)
+
+
+def test_events_carry_timings_and_the_observer_sees_every_step(tiny: LoadedModel) -> None:
+    recorder = Recorder()
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, prefix_cache=False), observer=recorder)
+    ids = [prompt(tiny, "one"), prompt(tiny, "two, longer")]
+    for i, p in enumerate(ids):
+        engine.add_request(Sequence(str(i), p, SamplingParams(max_tokens=5, ignore_eos=True)))
+    done = run(engine)
+    for result in done.values():
+        t = result.timings
+        assert t.arrived_at <= t.scheduled_at <= t.first_token_at <= t.finished_at
+    assert recorder.prefills and recorder.prefills[0][1:] == (2, sum(map(len, ids)))
+    assert [rows for _, rows in recorder.decodes] == [2, 2, 2, 2]
+    assert [len(g) for g in recorder.gaps] == [2, 2, 2, 2] and all(g >= 0 for gaps in recorder.gaps for g in gaps)
+
+
+def test_fast_engine_tests_never_load_the_smollm2_weights() -> None:
+    """`-m "not model"` engine tests use the tokenizer alone: the session's `smollm` fixture is never set up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_engine.py", "-m", "not model", "-k", "lifecycle", "--setup-show"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "SETUP    M tiny" in out.stdout and "smollm" not in out.stdout

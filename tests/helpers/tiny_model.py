@@ -1,0 +1,29 @@
+"""A tiny random Llama with SmolLM2's tokenizer, for fast engine tests and fault injection (no SmolLM2 weights)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from inference_worker.model_loader import LoadedModel, load_tokenizer
+
+
+def tiny_model(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """2 layers, hidden 64, GQA 4/2 heads; float32 by default, so batched and solo greedy runs are bit-equal."""
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    return LoadedModel(model, tokenizer, "tiny", torch.device("cpu"), dtype, frozenset({2}), 1024)
+
+
+def chat_prompt(loaded: LoadedModel, text: str) -> list[int]:
+    return loaded.encode_chat([{"role": "user", "content": text}])
