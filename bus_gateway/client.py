@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -23,7 +23,6 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus_gateway import discovery
 from bus_gateway.bus_errors import (
     BusError,
     decode_reply,
@@ -32,20 +31,19 @@ from bus_gateway.bus_errors import (
     not_connected,
     too_large,
 )
+from bus_gateway.discovery import Discovery
 from bus_gateway.inbox import ReplyInbox
+from bus_gateway.streaming import Streaming
 from llmbus.config import Config
 from llmbus.connection import connect, servers_of
 from schemas import (
     SERVICE_NAME,
-    BatchDone,
-    BatchItemDone,
     BatchResponse,
-    ChatChunk,
     ChatRequest,
     ChatResponse,
     Subjects,
 )
-from schemas.subjects import REPLY_TO, REQUEST_ID, STREAM, STREAM_END, valid_request_id
+from schemas.subjects import REPLY_TO, REQUEST_ID, valid_request_id
 
 __all__ = ["BusClient", "BusError", "new_request_id", "with_deadline"]
 
@@ -67,7 +65,7 @@ def with_deadline(request: ChatRequest, timeout: float) -> ChatRequest:
     return msgspec.structs.replace(request, timeout=limit)
 
 
-class BusClient:
+class BusClient(Streaming, Discovery):
     """Chat with the `llm-inference` workers on a connected NATS client.
 
     `retries` retries the errors that mean "come back shortly" (no worker, overloaded, shutting down, not
@@ -155,7 +153,11 @@ class BusClient:
         """One chat completion on `<prefix>.chat`."""
         timeout = self.timeout if timeout is None else timeout
         data = msgspec.json.encode(msgspec.structs.replace(with_deadline(request, timeout), stream=False))
-        reply = await self._request(self.subjects.chat, data, timeout, retries, request_id, headers)
+        subject = self._chat_subject(request.model)
+        try:
+            reply = await self._request(subject, data, timeout, retries, request_id, headers)
+        except BusError as exc:
+            raise await self._unknown_model(exc, request.model) from None
         return decode_reply(reply.data, ChatResponse)
 
     async def chat_batched(
@@ -226,6 +228,23 @@ class BusClient:
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
             raise not_connected(type(exc).__name__) from None
 
+    async def _unknown_model(self, exc: BusError, model: str | None) -> BusError:
+        """No worker on a model's subject: a 404 that lists the models on the bus, when that model is not among them
+        (with none listed at all, it stays a 503: no worker is there yet)."""
+        if exc.name != "no_responders" or not model:
+            return exc
+        served = await self.models()
+        if not served or model in served:
+            return exc
+        listing = ", ".join(served)
+        return BusError(
+            404, f"the model `{model}` is not served on this bus; models on the bus: {listing}", name="model_not_found"
+        )
+
+    def _chat_subject(self, model: str | None) -> str:
+        """A request that names its model goes straight to that model's workers (no forwarding hop)."""
+        return self.subjects.model_chat(model) if model else self.subjects.chat
+
     def _claim(self, request_id: str | None) -> str:
         if request_id is None:
             return new_request_id()
@@ -241,95 +260,6 @@ class BusClient:
     def _check_connected(self) -> None:
         if not self.nc.is_connected:
             raise not_connected("closed" if self.nc.is_closed else "reconnecting")
-
-    # streaming
-
-    def stream(
-        self,
-        request: ChatRequest,
-        timeout: float | None = None,
-        *,
-        retries: int | None = None,
-        request_id: str | None = None,
-        headers: Headers = None,
-    ) -> AsyncGenerator[ChatChunk, None]:
-        """Chunks of one streamed chat: first an empty one (index 0) as soon as a worker has accepted the request,
-        then the text deltas, the last with `done: true`.
-
-        `timeout` bounds the wait for each next message (an idle timeout), not the whole stream, so a long answer
-        that keeps producing tokens is never cut. Stopping early (break, `aclose()`, the consuming task cancelled)
-        cancels the generation on the worker; wrap it in `contextlib.aclosing(...)` to make that immediate.
-        """
-        data = msgspec.json.encode(msgspec.structs.replace(request, stream=True))
-        messages = self._messages(self.subjects.chat, data, timeout, retries, self._claim(request_id), headers)
-        return _decoded(messages, lambda _: ChatChunk)
-
-    def stream_batch(
-        self,
-        queries: Sequence[ChatRequest],
-        timeout: float | None = None,
-        *,
-        retries: int | None = None,
-        request_id: str | None = None,
-        headers: Headers = None,
-    ) -> AsyncGenerator[BatchItemDone | BatchDone, None]:
-        """Each query's result as soon as it is ready (`BatchItemDone`, with its index, in completion order), then a
-        `BatchDone` summary. `timeout` is the idle timeout between messages; each query keeps its own `timeout`."""
-        envelope = {"queries": list(queries), "stream": True}
-        messages = self._messages(
-            self.subjects.chat_batched,
-            msgspec.json.encode(envelope),
-            timeout,
-            retries,
-            self._claim(request_id),
-            headers,
-        )
-        return _decoded(messages, lambda end: BatchDone if end else BatchItemDone)
-
-    async def _messages(
-        self, subject: str, data: bytes, timeout: float | None, retries: int | None, request_id: str, headers: Headers
-    ) -> AsyncGenerator[Msg, None]:
-        """The messages of one streamed answer through its end message; errors raised as `BusError`."""
-        idle = self.timeout if timeout is None else timeout
-        attempts = (self.retries if retries is None else retries) + 1
-        for attempt in range(attempts):
-            live = False  # a worker may hold the work: cancel it if we leave early
-            try:
-                self._check_connected()
-                answers = await self.inbox.open(request_id)
-                await self._publish(subject, data, request_id, headers)
-                live = True
-                self._live_streams.add(request_id)
-                while True:
-                    msg = await self._next(answers, idle)
-                    if not msg.data and not msg.headers:
-                        continue  # the sentinel of an earlier attempt's error
-                    error = error_from_reply(msg, subject)
-                    if error is not None:
-                        live = False
-                        raise error
-                    end = (msg.headers or {}).get(STREAM) == STREAM_END
-                    live = not end
-                    yield msg
-                    if end:
-                        return
-            except BusError as exc:
-                delay = self._backoff_delay(attempt)
-                if not (exc.come_back_later and attempt + 1 < attempts):
-                    raise
-            finally:
-                self._live_streams.discard(request_id)
-                self.inbox.close(request_id)
-                if live:
-                    self._spawn(self._send_cancel(request_id))
-            await asyncio.sleep(delay)
-
-    @staticmethod
-    async def _next(answers: asyncio.Queue[Msg], idle: float) -> Msg:
-        try:
-            return await asyncio.wait_for(answers.get(), idle)
-        except TimeoutError:
-            raise no_reply(idle, idle=True) from None
 
     # cancel
 
@@ -356,35 +286,3 @@ class BusClient:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    # discovery
-
-    async def ping(self, timeout: float = discovery.DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
-        """Every worker's `$SRV.PING` reply (name, id, version, metadata); draining workers do not answer."""
-        return await self._gather("PING", timeout, expect)
-
-    async def info(self, timeout: float = discovery.DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
-        """Every serving worker's `$SRV.INFO` reply (adds description and endpoints)."""
-        return await self._gather("INFO", timeout, expect)
-
-    async def stats(self, timeout: float = discovery.DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
-        """Every worker's `$SRV.STATS` reply, draining ones included; each endpoint's `data` holds its figures."""
-        return await self._gather("STATS", timeout, expect)
-
-    async def models(self, timeout: float = discovery.DISCOVERY_WINDOW) -> list[str]:
-        """The model names the serving workers have, from their INFO `metadata.model`, sorted."""
-        names = {reply.get("metadata", {}).get("model") for reply in await self.info(timeout)}
-        return sorted(name for name in names if isinstance(name, str) and name)
-
-    async def _gather(self, verb: str, timeout: float, expect: int | None) -> list[dict[str, Any]]:
-        self._check_connected()
-        return await discovery.gather(self.nc, f"$SRV.{verb}.{self.service_name}", timeout, expect=expect)
-
-
-async def _decoded(messages: AsyncGenerator[Msg, None], type_of: Callable[[bool], type]) -> AsyncGenerator[Any, None]:
-    """Decode each message of a stream (`type_of(is the end message)`); closing this closes and cancels the stream."""
-    try:
-        async for msg in messages:
-            yield decode_reply(msg.data, type_of((msg.headers or {}).get(STREAM) == STREAM_END))
-    finally:
-        await messages.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -27,9 +28,10 @@ async def gather(
     window: float = DISCOVERY_WINDOW,
     *,
     expect: int | None = None,
-    settle: float = DISCOVERY_SETTLE,
+    settle: float | None = DISCOVERY_SETTLE,
 ) -> list[dict[str, Any]]:
-    """The JSON replies to one message on `subject`, one per instance (by `id`)."""
+    """The JSON replies to one message on `subject`, one per instance (by `id`). `settle=None` waits the whole
+    window (for when missing a slow instance matters more than the wait)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + window
     inbox = nc.new_inbox()
@@ -38,7 +40,7 @@ async def gather(
     try:
         await nc.publish(subject, b"", reply=inbox)
         while (wait := deadline - loop.time()) > 0 and (expect is None or len(replies) < expect):
-            if replies and expect is None:
+            if replies and expect is None and settle is not None:
                 wait = min(wait, settle)
             try:
                 msg = await sub.next_msg(timeout=wait)
@@ -53,6 +55,65 @@ async def gather(
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
     return list(replies.values())
+
+
+@dataclass
+class BusModels:
+    """The models on the bus: name -> number of workers, and the names whose workers claim to be the default."""
+
+    workers: dict[str, int] = field(default_factory=dict)
+    defaults: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, infos: list[dict], subject_prefix: str | None = None) -> BusModels:
+        """From INFO replies; with `subject_prefix`, only the workers on that prefix (another prefix is another bus
+        that shares the NATS server)."""
+        models = cls()
+        for info in infos:
+            metadata = info.get("metadata") or {}
+            if subject_prefix is not None and metadata.get("subject_prefix", subject_prefix) != subject_prefix:
+                continue
+            name = metadata.get("model")
+            if isinstance(name, str) and name:
+                models.workers[name] = models.workers.get(name, 0) + 1
+                if metadata.get("default_model") == "true":
+                    models.defaults.add(name)
+        return models
+
+    def listing(self) -> str:
+        return ", ".join(sorted(self.workers)) or "none"
+
+
+class Discovery:
+    """The `$SRV` side of a `BusClient`: every worker's PING, INFO and STATS, and the models they serve."""
+
+    async def ping(self, timeout: float = DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
+        """Every worker's `$SRV.PING` reply (name, id, version, metadata); draining workers do not answer."""
+        return await self._gather("PING", timeout, expect)
+
+    async def info(self, timeout: float = DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
+        """Every serving worker's `$SRV.INFO` reply (adds description and endpoints)."""
+        return await self._gather("INFO", timeout, expect)
+
+    async def stats(self, timeout: float = DISCOVERY_WINDOW, *, expect: int | None = None) -> list[dict]:
+        """Every worker's `$SRV.STATS` reply, draining ones included; each endpoint's `data` holds its figures."""
+        return await self._gather("STATS", timeout, expect)
+
+    async def models(self, timeout: float = DISCOVERY_WINDOW) -> list[str]:
+        """The model names the serving workers have, from their INFO `metadata.model`, sorted."""
+        return sorted((await self.bus_models(timeout)).workers)
+
+    async def bus_models(self, timeout: float = DISCOVERY_WINDOW, *, thorough: bool = False) -> BusModels:
+        """Each model on the bus with its number of serving workers, and the ones that claim to be the default.
+        `thorough` waits the whole `timeout` for slow workers instead of stopping soon after the last reply."""
+        self._check_connected()
+        settle = None if thorough else DISCOVERY_SETTLE
+        infos = await gather(self.nc, f"$SRV.INFO.{self.service_name}", timeout, settle=settle)
+        return BusModels.of(infos, self.subjects.prefix)
+
+    async def _gather(self, verb: str, timeout: float, expect: int | None) -> list[dict[str, Any]]:
+        self._check_connected()
+        return await gather(self.nc, f"$SRV.{verb}.{self.service_name}", timeout, expect=expect)
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:

@@ -32,9 +32,8 @@ from bus_gateway.bus_errors import BusError, decode_reply, error_from_reply, no_
 from bus_gateway.client import DEFAULT_TIMEOUT, REPLY_GRACE, new_request_id, with_deadline
 from bus_gateway.inbox import ReplyInbox
 from schemas import BatchResponse, ChatRequest, ChatResponse, Subjects
-from schemas.subjects import REPLY_TO, REQUEST_ID, valid_request_id
+from schemas.subjects import MSG_ID, REPLY_TO, REQUEST_ID, valid_request_id
 
-MSG_ID = "Nats-Msg-Id"
 PUBLISH_TIMEOUT = 5.0
 PUBLISH_RETRY_DELAY = 0.2
 REMEMBERED_ANSWERS = 10_000
@@ -64,7 +63,8 @@ class JobClient:
         """One chat completion as a durable job on `<prefix>.jobs.chat`."""
         timeout = self.timeout if timeout is None else timeout
         data = msgspec.json.encode(msgspec.structs.replace(with_deadline(request, timeout), stream=False))
-        reply = await self.submit(self.subjects.jobs_chat, data, timeout, request_id)
+        subject = self.subjects.model_jobs_chat(request.model) if request.model else self.subjects.jobs_chat
+        reply = await self.submit(subject, data, timeout, request_id)
         return decode_reply(reply.data, ChatResponse)
 
     async def chat_batched(
@@ -73,7 +73,7 @@ class JobClient:
         """Many chats as one durable job on `<prefix>.jobs.chat.batched`; answers come back in input order."""
         timeout = self.timeout if timeout is None else timeout
         envelope = {"queries": [with_deadline(q, timeout) for q in queries]}
-        subject = f"{self.subjects.jobs_chat}.batched"
+        subject = self.subjects.jobs_chat_batched
         reply = await self.submit(subject, msgspec.json.encode(envelope), timeout, request_id)
         return decode_reply(reply.data, BatchResponse)
 

@@ -22,6 +22,7 @@ from bus_gateway.bus_errors import BusError
 from bus_gateway.chat_api import sender_of
 from bus_gateway.client import BusClient
 from bus_gateway.disconnect import ClientGone, unless_disconnected
+from bus_gateway.discovery import BusModels
 from bus_gateway.openai_translate import (
     ApiFailure,
     ChunkRenderer,
@@ -40,25 +41,32 @@ DONE = b"data: [DONE]\n\n"
 
 
 class ModelCatalog:
-    """The model names the workers serve, refreshed from `$SRV.INFO` at most every `ttl` seconds, or on a miss."""
+    """The models the workers serve, with how many workers serve each, from `$SRV.INFO`; refreshed at most every
+    `ttl` seconds, or at once for a model not seen yet."""
 
     def __init__(self, bus: BusClient, ttl: float = CATALOG_TTL) -> None:
         self.bus = bus
         self.ttl = ttl
         self.first_seen: dict[str, int] = {}
-        self._names: list[str] = []
+        self._models = BusModels()
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
 
-    async def names(self, *, fresh: bool = False) -> list[str]:
+    async def models(self, *, fresh: bool = False) -> BusModels:
         async with self._lock:
             now = asyncio.get_running_loop().time()
             if fresh or self._fetched_at is None or now - self._fetched_at > self.ttl:
-                self._names = await self.bus.models()
+                self._models = await self.bus.bus_models()
                 self._fetched_at = now
-                for name in self._names:
+                for name in self._models.workers:
                     self.first_seen.setdefault(name, int(time.time()))
-            return self._names
+            return self._models
+
+    async def names(self, *, fresh: bool = False) -> list[str]:
+        return sorted((await self.models(fresh=fresh)).workers)
+
+    def card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, created=self.first_seen.get(name, 0), workers=self._models.workers.get(name, 0))
 
     async def resolve(self, model: str) -> str | ApiFailure:
         """`model` when a worker serves it; 404 when none does, 503 when no worker answers at all."""
@@ -131,6 +139,7 @@ async def chat_completions(request: Request, state: State) -> Response[ChatCompl
     model = await catalog_of(state).resolve(parsed.model)
     if isinstance(model, ApiFailure):
         return failure_response(model)
+    bus_request = msgspec.structs.replace(bus_request, model=model)  # answered by that model's workers only
     bus: BusClient = state["bus"]
     config: Config = state["config"]
     created = int(time.time())
@@ -165,7 +174,7 @@ async def list_models(state: State) -> Response[ModelList]:
         names = await catalog.names(fresh=True)
     except BusError as exc:
         return failure_response(from_bus_error(exc))
-    return Response(ModelList(data=[ModelCard(id=name, created=catalog.first_seen.get(name, 0)) for name in names]))
+    return Response(ModelList(data=[catalog.card(name) for name in names]))
 
 
 @get("/models/{model:path}", summary="One served model (OpenAI format)", responses=ERRORS)
@@ -175,7 +184,7 @@ async def retrieve_model(model: FromPath[str], state: State) -> Response[ModelCa
     resolved = await catalog.resolve(name)
     if isinstance(resolved, ApiFailure):
         return failure_response(resolved)
-    return Response(ModelCard(id=resolved, created=catalog.first_seen.get(resolved, 0)))
+    return Response(catalog.card(resolved))
 
 
 def openai_router(guards: list[Guard]) -> Router:

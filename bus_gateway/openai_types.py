@@ -89,10 +89,13 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
 
 
 class ModelCard(msgspec.Struct, kw_only=True):
+    """An OpenAI model object, plus `workers`: how many workers on the bus serve it."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llmbus"
+    workers: int = 0
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -31,7 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolic
 
 from schemas import ErrorBody, Subjects, WireError, encode
 from schemas.errors import error_headers
-from schemas.subjects import REQUEST_ID
+from schemas.subjects import JOBS_CONSUMER, JOBS_STREAM, MSG_ID, REQUEST_ID, model_token
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmbus.jobs")
 
-STREAM_NAME = "LLM_JOBS"
-CONSUMER_NAME = "llm-workers"
+STREAM_NAME = JOBS_STREAM
+CONSUMER_NAME = JOBS_CONSUMER
 RETRYABLE_CODES = frozenset({"500", "503"})  # an internal error or a worker that stopped: another delivery may work
 FIRST_REDELIVERY_DELAY = 1.0  # seconds before a failed job's next delivery; doubles with each delivery
 MAX_REDELIVERY_DELAY = 30.0
@@ -61,7 +61,6 @@ class JobLimits:
 
     subjects: str = "llm.jobs.>"
     stream: str = STREAM_NAME
-    consumer: str = CONSUMER_NAME
     max_age: float = 3600.0
     max_msgs: int = 10_000
     max_attempts: int = 3
@@ -94,22 +93,33 @@ class JobLimits:
             duplicate_window=min(120.0, self.max_age),  # a re-published job (same Nats-Msg-Id) is stored once
         )
 
-    def consumer_config(self) -> ConsumerConfig:
+    def consumer_config(self, name: str, filters: list[str]) -> ConsumerConfig:
         return ConsumerConfig(
-            durable_name=self.consumer,
+            durable_name=name,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
-            filter_subject=self.subjects,
+            filter_subjects=filters,
         )
+
+
+def job_consumers(subjects: Subjects, model: str) -> dict[str, list[str]]:
+    """The durable consumers a worker of `model` pulls from: the model-less jobs (shared by every worker, which
+    forwards a job for another model to that model's queue) and its own model's jobs. A work-queue stream lets no
+    two consumers share a subject, so their filters do not overlap."""
+    return {
+        CONSUMER_NAME: [subjects.jobs_chat, subjects.jobs_chat_batched],
+        f"{CONSUMER_NAME}-{model_token(model)}": [subjects.model_jobs(model)],
+    }
 
 
 class JetStreamUnavailable(RuntimeError):
     pass
 
 
-async def ensure_jobs_stream(js: JetStreamContext, limits: JobLimits) -> None:
-    """Create the work-queue stream and the shared durable consumer if they do not exist (existing ones are kept)."""
+async def ensure_jobs_stream(js: JetStreamContext, limits: JobLimits, consumers: dict[str, list[str]]) -> None:
+    """Create the work-queue stream and the durable consumers if they do not exist; a consumer whose filter is not
+    `consumers`' (an older llmbus's `llm.jobs.>`, which would overlap the per-model consumers) is updated."""
     try:
         await js.stream_info(limits.stream)
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
@@ -119,10 +129,13 @@ async def ensure_jobs_stream(js: JetStreamContext, limits: JobLimits) -> None:
     except nats.js.errors.NotFoundError:
         with contextlib.suppress(nats.js.errors.BadRequestError):  # another worker created it in between
             await js.add_stream(limits.stream_config())
-    try:
-        await js.consumer_info(limits.stream, limits.consumer)
-    except nats.js.errors.NotFoundError:
-        await js.add_consumer(limits.stream, limits.consumer_config())
+    for name, filters in consumers.items():
+        try:
+            info = await js.consumer_info(limits.stream, name)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is None or sorted(info.config.filter_subjects or [info.config.filter_subject]) != sorted(filters):
+            await js.add_consumer(limits.stream, limits.consumer_config(name, filters))
 
 
 class Job:
@@ -222,6 +235,17 @@ class Job:
         headers = {**error_headers(500, description), REQUEST_ID: self.request_id}
         await self._publish(encode(ErrorBody(description, 500)), headers)
         await self._settle("given_up", self.msg.term)
+
+    async def forward(self, subject: str) -> None:
+        """Store this job again on `subject` (another model's job queue), then ack it here: it is never lost, and
+        the worker that takes it answers the same reply subject. Its `Nats-Msg-Id` gets the subject as a suffix,
+        so the store does not take it for a duplicate of itself."""
+        if self.settled:
+            return
+        headers = dict(self.headers or {})
+        headers[MSG_ID] = f"{headers.get(MSG_ID, self.request_id)}>{subject}"
+        await self.nc.jetstream().publish(subject, self.data, headers=headers)
+        await self._settle("forwarded", self.msg.ack)
 
     async def keep_alive(self) -> None:
         if not self.settled:

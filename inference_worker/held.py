@@ -46,6 +46,8 @@ class Replier(Protocol):
         self, error: WireError, data: bytes = b"", headers: dict[str, str] | None = None
     ) -> None: ...
 
+    async def forward(self, subject: str) -> None: ...
+
 
 @dataclass(eq=False)
 class Held:

@@ -106,35 +106,42 @@ class JobConsumer:
     job, never adopted into this one."""
 
     def __init__(
-        self, nc: NATS, host: JobHost, limits: JobLimits, reply_prefixes: tuple[str, ...], clock: ServerClock
+        self,
+        nc: NATS,
+        host: JobHost,
+        limits: JobLimits,
+        consumers: dict[str, list[str]],
+        reply_prefixes: tuple[str, ...],
+        clock: ServerClock,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.host = host
         self.limits = limits
+        self.consumers = consumers
         self.reply_prefixes = reply_prefixes
         self.clock = clock
         self.held: dict[tuple[str, str], Job] = {}
-        outcomes = ("answered", "failed", "requeued", "given_up", "abandoned", "refused")
+        outcomes = ("answered", "failed", "requeued", "given_up", "abandoned", "refused", "forwarded")
         self.counts = dict.fromkeys(("received", "redelivered", *outcomes), 0)
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._subs: list[JetStreamContext.PullSubscription] = []
+        self._fetching = asyncio.Lock()  # one fetch at a time, so the consumers share one capacity
         self._stop_pulling = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        await ensure_jobs_stream(self.js, self.limits)
+        await ensure_jobs_stream(self.js, self.limits, self.consumers)
         await self.clock.measure(self.nc, self.limits.stream)
-        self._sub = await self.js.pull_subscribe_bind(durable=self.limits.consumer, stream=self.limits.stream)
-        self._tasks = [
-            asyncio.create_task(self._pull(), name="llmbus-jobs-pull"),
-            asyncio.create_task(self._keep_alive(), name="llmbus-jobs-progress"),
-        ]
+        for name in self.consumers:
+            self._subs.append(await self.js.pull_subscribe_bind(durable=name, stream=self.limits.stream))
+        self._tasks = [asyncio.create_task(self._pull(sub), name="llmbus-jobs-pull") for sub in self._subs]
+        self._tasks.append(asyncio.create_task(self._keep_alive(), name="llmbus-jobs-progress"))
 
     async def stop_pulling(self) -> None:
         """Take no more jobs (the last fetch ends within FETCH_TIMEOUT); the jobs held keep running."""
         self._stop_pulling.set()
         if self._tasks:
-            await asyncio.wait([self._tasks[0]])
+            await asyncio.wait(self._tasks[: len(self._subs)])
 
     async def close(self) -> None:
         self._stop_pulling.set()
@@ -142,35 +149,36 @@ class JobConsumer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
+        self._subs = []
 
     def snapshot(self) -> dict:
         return {"held": len(self.held), "clock_offset_s": round(self.clock.offset, 3), **self.counts}
 
-    async def _pull(self) -> None:
+    async def _pull(self, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stop_pulling.is_set():
-            wanted = self.host.jobs_wanted()
-            if wanted <= 0:
+            if self.host.jobs_wanted() <= 0:
                 await _first_of(self.host.wait_for_capacity(), self._stop_pulling.wait())
                 continue
-            try:
-                msgs = await self._sub.fetch(batch=wanted, timeout=FETCH_TIMEOUT)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except nats.errors.ConnectionClosedError:
-                return
-            except Exception as exc:  # a reconnect or a JetStream hiccup: try again shortly
-                log.warning("fetching jobs failed: %r", exc)
-                await _first_of(asyncio.sleep(FETCH_TIMEOUT), self._stop_pulling.wait())
-                continue
-            for msg in msgs:
+            async with self._fetching:
+                wanted = self.host.jobs_wanted()
                 try:
-                    await self._take(msg)
-                except Exception:  # one job that cannot be taken (or answered) must not stop the pulling
-                    log.exception("taking a durable job failed; it will be redelivered")
+                    msgs = await sub.fetch(batch=wanted, timeout=FETCH_TIMEOUT) if wanted > 0 else []
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                except Exception as exc:  # a reconnect or a JetStream hiccup: try again shortly
+                    log.warning("fetching jobs failed: %r", exc)
+                    await _first_of(asyncio.sleep(FETCH_TIMEOUT), self._stop_pulling.wait())
+                    continue
+                for msg in msgs:
+                    try:
+                        await self._take(msg)
+                    except Exception:  # one job that cannot be taken (or answered) must not stop the pulling
+                        log.exception("taking a durable job failed; it will be redelivered")
 
     async def _take(self, msg: Msg) -> None:
         headers = msg.headers or {}

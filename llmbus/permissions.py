@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from schemas.subjects import DEFAULT_PREFIX, DEFAULT_QUEUE_GROUP, SERVICE_NAME, Subjects
+from schemas.subjects import DEFAULT_PREFIX, DEFAULT_QUEUE_GROUP, JOBS_STREAM, SERVICE_NAME, Subjects, model_token
 
 Role = Literal["worker", "client", "gateway"]
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -30,8 +30,6 @@ ROLES: tuple[Role, ...] = get_args(Role)
 RESPONSE_EXPIRES = "1h"  # a stream may last this long after its request was delivered
 RESPONSE_EXPIRES_NS = 3600 * 1_000_000_000
 INBOX_ROOT = "_INBOX"
-JOBS_STREAM = "LLM_JOBS"  # inference_worker.durable.STREAM_NAME and CONSUMER_NAME (kept free of that import)
-JOBS_CONSUMER = "llm-workers"
 SRV_VERBS = ("PING", "INFO", "STATS")
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -70,8 +68,10 @@ def grants(
     durable: bool = False,
     queue_group: str = DEFAULT_QUEUE_GROUP,
     service: str = SERVICE_NAME,
+    model: str | None = None,
 ) -> Grants:
-    """The grants of `role`. `inbox_prefix` is the role's own reply inbox prefix (default `_INBOX.<role>`)."""
+    """The grants of `role`. `inbox_prefix` is the role's own reply inbox prefix (default `_INBOX.<role>`). A
+    worker's `model` (its served name) narrows its per-model subjects to that model's; without it, any model's."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
     if problem := check_names(subject_prefix, inbox_prefix, queue_group):
@@ -79,10 +79,13 @@ def grants(
     subjects = Subjects(subject_prefix)
     inbox = f"{inbox_prefix or default_inbox_prefix(role)}.>"
     if role == "worker":
-        return worker_grants(subjects, inbox, durable, queue_group, service)
+        token = model_token(model) if model else "*"
+        return worker_grants(subjects, inbox, durable, queue_group, service, token)
     publish = [
         subjects.chat,
         subjects.chat_batched,
+        f"{subjects.prefix}.model.*.chat",
+        f"{subjects.prefix}.model.*.chat.batched",
         subjects.cancel_all,
         f"$SRV.PING.{service}",
         f"$SRV.INFO.{service}",
@@ -90,27 +93,35 @@ def grants(
     if role == "gateway":
         publish.append(f"$SRV.STATS.{service}")
     if durable:
-        publish += [subjects.jobs_chat, f"{subjects.jobs_chat}.batched"]
+        publish += [subjects.jobs_chat, subjects.jobs_chat_batched, f"{subjects.prefix}.jobs.model.*.>"]
     return Grants(publish=tuple(publish), subscribe=(inbox,), responds=False)
 
 
-def worker_grants(subjects: Subjects, inbox: str, durable: bool, queue_group: str, service: str) -> Grants:
+def worker_grants(
+    subjects: Subjects, inbox: str, durable: bool, queue_group: str, service: str, token: str = "*"
+) -> Grants:
     """A worker answers requests, and is also a client of its peers: it spreads the queries of a batch over the queue
     group (publishing them on the chat subject, cancelling them, reading their answers in its own inbox) and counts
     the workers on its host (`$SRV.PING`) to share the cores."""
-    subscribe = [f"{subjects.chat} {queue_group}", f"{subjects.chat_batched} {queue_group}", subjects.cancel_all]
+    own = f"{subjects.prefix}.model.{token}"
+    subscribe = [f"{subjects.chat} {queue_group}", f"{subjects.chat_batched} {queue_group}"]
+    subscribe += [f"{own}.chat {queue_group}", f"{own}.chat.batched {queue_group}", subjects.cancel_all]
     subscribe += [f"$SRV.{verb}{suffix}" for verb in SRV_VERBS for suffix in ("", f".{service}", f".{service}.*")]
     subscribe.append(inbox)  # answers to the batch queries it sent; JetStream API replies and pulled jobs
-    publish = [subjects.chat, subjects.cancel_all, f"$SRV.PING.{service}"]
+    models = f"{subjects.prefix}.model.*"  # forwarding a request for another model, and a batch's queries
+    publish = [subjects.chat, f"{models}.chat", f"{models}.chat.batched", subjects.cancel_all, f"$SRV.PING.{service}"]
+    publish += [f"$SRV.INFO.{service}"]  # which models are on the bus
     if durable:
         api = "$JS.API"
+        consumers = "*"  # `llm-workers` (model-less jobs) and `llm-workers-<token>` (one model's): one token each
         publish += [
             f"{api}.STREAM.INFO.{JOBS_STREAM}",
             f"{api}.STREAM.CREATE.{JOBS_STREAM}",
-            f"{api}.CONSUMER.INFO.{JOBS_STREAM}.{JOBS_CONSUMER}",
-            f"{api}.CONSUMER.DURABLE.CREATE.{JOBS_STREAM}.{JOBS_CONSUMER}",
-            f"{api}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{JOBS_CONSUMER}",
-            f"$JS.ACK.{JOBS_STREAM}.{JOBS_CONSUMER}.>",
+            f"{api}.CONSUMER.INFO.{JOBS_STREAM}.{consumers}",
+            f"{api}.CONSUMER.DURABLE.CREATE.{JOBS_STREAM}.{consumers}",
+            f"{api}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumers}",
+            f"$JS.ACK.{JOBS_STREAM}.{consumers}.>",
+            f"{subjects.prefix}.jobs.model.*.>",  # a job for another model, forwarded to that model's queue
             f"{INBOX_ROOT}.>",  # answers to the clients' inboxes (Llmbus-Reply-To; the worker checks the prefix)
         ]
     return Grants(publish=tuple(publish), subscribe=tuple(subscribe), responds=True)

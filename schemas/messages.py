@@ -13,6 +13,7 @@ from msgspec import Meta, Struct
 
 NonEmptyStr = Annotated[str, Meta(min_length=1)]
 ChatId = Annotated[str, Meta(min_length=1, max_length=256)]
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -23,9 +24,13 @@ class Message(Struct, forbid_unknown_fields=True):
 
 
 class ChatRequest(Struct, kw_only=True, forbid_unknown_fields=True):
-    """One chat completion. Give either `user_prompt` (with an optional `system_prompt`) or `messages`."""
+    """One chat completion. Give either `user_prompt` (with an optional `system_prompt`) or `messages`.
+
+    `model` picks one of the models on the bus (default: the bus's default model). `priority` orders admission
+    when a worker is busy: lower is served first (-10..10, default 0); waiting requests age, so none starves."""
 
     chat_id: ChatId
+    model: ModelName | None = None
     user_prompt: NonEmptyStr | None = None
     system_prompt: str | None = None
     messages: Annotated[list[Message], Meta(min_length=1)] | None = None
@@ -37,6 +42,7 @@ class ChatRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     stop: str | Annotated[list[NonEmptyStr], Meta(max_length=16)] | None = None
     stream: bool = False
     timeout: Annotated[float, Meta(gt=0.0)] | None = None
+    priority: Annotated[int, Meta(ge=-10, le=10)] = 0
 
 
 class Usage(Struct):

@@ -1,13 +1,32 @@
-"""Subject names, queue group and header names, in one place."""
+"""Subject names, queue group and header names, in one place.
+
+Subjects (prefix `llm`, `--subject-prefix`):
+- `llm.chat`, `llm.chat.batched`: every worker, queue group `llm-workers`. The default model, or the model a request
+  names (`model`): a worker forwards a request for another model to that model's subject, with the client's reply
+  subject, so the answer comes from a worker of the right model.
+- `llm.model.<token>.chat`, `llm.model.<token>.chat.batched`: the workers of one model, queue group `llm-workers`.
+- `llm.cancel.<request id>`: every worker, no queue group; the request's reply subject goes in `Llmbus-Reply-To`.
+- `llm.jobs.chat`, `llm.jobs.chat.batched`: durable jobs (stream `LLM_JOBS`, consumer `llm-workers`) for the default
+  model or the one they name; `llm.jobs.model.<token>.chat[.batched]`: one model's (consumer `llm-workers-<token>`).
+
+`<token>` is `model_token(name)`: a model name of 1-64 letters, digits, `_` and `-` is its own token
+(`SmolLM2-135M-Instruct`); any other name (`Qwen/Qwen2.5-0.5B-Instruct`) becomes its letters, digits, `_` and `-`
+(every other character replaced by `_`, at most 48 of them), a `-`, and the first 8 hex digits of the SHA-256 of the
+name in UTF-8 (`Qwen_Qwen2_5-0_5B-Instruct-4b05be1d`), so two names never share a token and any language computes it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "llm"
 DEFAULT_QUEUE_GROUP = "llm-workers"
 SERVICE_NAME = "llm-inference"
+JOBS_STREAM = "LLM_JOBS"  # the JetStream work queue of durable jobs
+JOBS_CONSUMER = "llm-workers"  # its consumer of model-less jobs; one model's: llm-workers-<token>
+MSG_ID = "Nats-Msg-Id"  # JetStream's de-duplication header; a durable job's is its reply subject
 
 CONTENT_TYPE = "Content-Type"
 JSON = "application/json"
@@ -20,13 +39,24 @@ ERROR = "Nats-Service-Error"
 ERROR_CODE = "Nats-Service-Error-Code"
 ERROR_NAME = "Llmbus-Error"
 REPLY_TO = "Llmbus-Reply-To"
+TENANT = "Llmbus-Tenant"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-PROPAGATED_HEADERS = frozenset({TRACEPARENT, TRACESTATE})  # carried from a batch to each of its queries
+PROPAGATED_HEADERS = frozenset({TENANT, TRACEPARENT, TRACESTATE})  # carried from a batch to each of its queries
 NATS_STATUS = "Status"
 NO_RESPONDERS = "503"
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+MODEL_TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+UNSAFE_IN_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def model_token(name: str) -> str:
+    """The subject token of a model name (see the module docstring)."""
+    if MODEL_TOKEN_PATTERN.match(name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{UNSAFE_IN_TOKEN.sub('_', name)[:48]}-{digest}"
 
 
 def valid_request_id(request_id: str) -> bool:
@@ -66,3 +96,18 @@ class Subjects:
     @property
     def jobs_chat_batched(self) -> str:
         return f"{self.prefix}.jobs.chat.batched"
+
+    def model_chat(self, model: str) -> str:
+        return f"{self.prefix}.model.{model_token(model)}.chat"
+
+    def model_chat_batched(self, model: str) -> str:
+        return f"{self.prefix}.model.{model_token(model)}.chat.batched"
+
+    def model_jobs(self, model: str) -> str:
+        return f"{self.prefix}.jobs.model.{model_token(model)}.>"
+
+    def model_jobs_chat(self, model: str) -> str:
+        return f"{self.prefix}.jobs.model.{model_token(model)}.chat"
+
+    def model_jobs_chat_batched(self, model: str) -> str:
+        return f"{self.prefix}.jobs.model.{model_token(model)}.chat.batched"

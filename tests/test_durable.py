@@ -22,14 +22,16 @@ from inference_worker.durable import (
     JetStreamUnavailable,
     JobLimits,
     ensure_jobs_stream,
+    job_consumers,
 )
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
-from schemas import ChatResponse
+from schemas import ChatResponse, Subjects
 from schemas.subjects import ERROR, ERROR_CODE, REPLY_TO, REQUEST_ID
 
 LONG_PROMPT = "Count from 1 to 300, one number per line."
+CONSUMERS = job_consumers(Subjects(), "SmolLM2-135M-Instruct")
 
 
 async def stream_messages(nc: nats.NATS) -> int:
@@ -47,7 +49,7 @@ async def test_durable_mode_without_jetstream_is_a_clear_error() -> None:
         nc = await nats.connect(plain.url)
         try:
             with pytest.raises(JetStreamUnavailable, match="needs JetStream"):
-                await ensure_jobs_stream(nc.jetstream(), JobLimits())
+                await ensure_jobs_stream(nc.jetstream(), JobLimits(), CONSUMERS)
         finally:
             await nc.close()
 
@@ -119,7 +121,7 @@ async def test_a_job_whose_client_gave_up_is_answered_504_without_running(
 ) -> None:
     """The job's `timeout` counts from its publication: a job that waited in the queue past it never starts."""
     js = fresh_nc.jetstream()
-    await ensure_jobs_stream(js, JobLimits())
+    await ensure_jobs_stream(js, JobLimits(), CONSUMERS)
     inbox = fresh_nc.new_inbox()
     answers = await fresh_nc.subscribe(inbox)
     body = msgspec.json.encode(chat("expired", max_tokens=4, timeout=0.05))
@@ -152,7 +154,7 @@ async def test_a_job_no_worker_finishes_stops_after_max_deliveries(
     `jobs_max_deliver=1`, the next delivery does not run it again: the client gets an error that names the limit."""
     js = fresh_nc.jetstream()
     limits = JobLimits(max_attempts=1, ack_wait=1.0)
-    await ensure_jobs_stream(js, limits)
+    await ensure_jobs_stream(js, limits, CONSUMERS)
     started = time.monotonic()
     async with JobClient(fresh_nc) as jobs:
         call = asyncio.create_task(jobs.chat(chat("doomed", max_tokens=4), timeout=60))

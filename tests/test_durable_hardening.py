@@ -13,7 +13,7 @@ import pytest
 from bus_gateway.client import BusError
 from bus_gateway.jobs import JobClient
 from helpers.faults import chat
-from helpers.tiny import tiny_llama
+from helpers.tiny_model import tiny_model
 from inference_worker.durable import STREAM_NAME
 from inference_worker.worker import Worker
 from llmbus.config import Config
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(600)
 
 async def durable_worker(server: NatsServer, **worker_options: object) -> Worker:
     config = Config(nats_url=server.url, durable=True)
-    worker = Worker(config, await nats.connect(server.url), tiny_llama(), **worker_options)  # type: ignore[arg-type]
+    worker = Worker(config, await nats.connect(server.url), tiny_model(), **worker_options)  # type: ignore[arg-type]
     await worker.start()
     return worker
 

@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from bus_gateway.client import BusClient
-from helpers.tiny import tiny_llama
+from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
 from inference_worker.model_loader import LoadedModel
 from inference_worker.worker import EngineDied, Worker, run_worker
@@ -90,7 +90,7 @@ async def test_templating_and_tokenizing_run_off_the_event_loop(nats_server: Nat
             threads.add(threading.current_thread().name)
             return super().encode_chat_with_prefix(turns)
 
-    tiny = tiny_llama()
+    tiny = tiny_model()
     loaded = Recording(**{f.name: getattr(tiny, f.name) for f in dataclasses.fields(tiny)})
     running = await start_worker(Config(nats_url=nats_server.url, subject_prefix="offloop"), loaded)
     try:
@@ -116,7 +116,7 @@ async def test_a_dead_engine_fails_its_requests_leaves_the_bus_and_stops_the_wor
 ) -> None:
     config = Config(nats_url=nats_server.url, subject_prefix="doomed", threads=1)
     stop, ready = asyncio.Event(), asyncio.Event()
-    loaded = tiny_llama()
+    loaded = tiny_model()
     model_forward = loaded.model.model.forward
 
     def poisoned(*args: object, **kwargs: object) -> object:
@@ -137,12 +137,12 @@ async def test_a_dead_engine_fails_its_requests_leaves_the_bus_and_stops_the_wor
         await asyncio.wait_for(task, 120)  # run_worker raises, so `llmbus worker` exits non-zero
     with pytest.raises(nats.errors.NoRespondersError):
         await nc.request("doomed.chat", b'{"chat_id": "y", "user_prompt": "hi"}', timeout=10)
-    assert not [r for r in await BusClient(nc).ping(1.0) if r["metadata"].get("model") == "tiny-llama"]
+    assert not [r for r in await BusClient(nc).ping(1.0) if r["metadata"].get("model") == "tiny"]
 
 
 async def test_a_drain_publishes_finished_work_before_failing_what_is_left(nats_server: NatsServer) -> None:
     config = Config(nats_url=nats_server.url, subject_prefix="flush", drain_timeout=0.0, max_batch_size=8)
-    running = await start_worker(config, tiny_llama())
+    running = await start_worker(config, tiny_model())
     nc = await nats.connect(nats_server.url)
     try:
         subs = []
@@ -165,7 +165,7 @@ async def test_stats_measure_whole_requests_and_a_draining_worker_is_not_ready(
     nats_server: NatsServer, nc: NATS
 ) -> None:
     config = Config(nats_url=nats_server.url, subject_prefix="measured", max_tokens_cap=64)
-    loaded = tiny_llama()
+    loaded = tiny_model()
     worker = Worker(config, await nats.connect(nats_server.url), loaded)
     await worker.start()
     try:

@@ -37,6 +37,17 @@ CONNECTION_FLAGS = (
 # --- llmbus nats-permissions -------------------------------------------------------------------------------------
 
 
+# replies, plus what forwarding to another model, spreading a batch and sharing a host's cores take; nothing else
+WORKER_PUBLISH = [
+    "llm.chat",
+    "llm.model.*.chat",
+    "llm.model.*.chat.batched",
+    "llm.cancel.*",
+    "$SRV.PING.llm-inference",
+    "$SRV.INFO.llm-inference",
+]
+
+
 def printed(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     assert main(["nats-permissions", *argv]) == 0
     return json.loads(capsys.readouterr().out)
@@ -48,7 +59,7 @@ def test_the_command_prints_each_roles_block(capsys: pytest.CaptureFixture[str])
     worker = printed(capsys, "--role", "worker")
     assert worker["allow_responses"] == {"max": -1, "expires": "1h"}
     # replies, plus what spreading a batch over the queue group and sharing a host's cores take; nothing else
-    assert worker["publish"] == {"allow": ["llm.chat", "llm.cancel.*", "$SRV.PING.llm-inference"]}
+    assert worker["publish"] == {"allow": WORKER_PUBLISH}
     assert "llm.chat llm-workers" in worker["subscribe"]["allow"] and "_INBOX.worker.>" in worker["subscribe"]["allow"]
     assert "llm.cancel.*" in worker["subscribe"]["allow"] and "$SRV.PING" in worker["subscribe"]["allow"]
     client = printed(capsys, "--role", "client", "--inbox-prefix", "_INBOX.alice", "--subject-prefix", "ai")
@@ -56,6 +67,8 @@ def test_the_command_prints_each_roles_block(capsys: pytest.CaptureFixture[str])
     assert set(client["publish"]["allow"]) == {
         "ai.chat",
         "ai.chat.batched",
+        "ai.model.*.chat",
+        "ai.model.*.chat.batched",
         "ai.cancel.*",
         "$SRV.PING.llm-inference",
         "$SRV.INFO.llm-inference",
@@ -69,8 +82,9 @@ def test_the_command_prints_each_roles_block(capsys: pytest.CaptureFixture[str])
 
 def test_durable_adds_the_jetstream_subjects(capsys: pytest.CaptureFixture[str]) -> None:
     worker = printed(capsys, "--role", "worker", "--durable", "--inbox-prefix", "_INBOX.w1")
-    assert "$JS.API.CONSUMER.MSG.NEXT.LLM_JOBS.llm-workers" in worker["publish"]["allow"]
-    assert "$JS.ACK.LLM_JOBS.llm-workers.>" in worker["publish"]["allow"]
+    assert "$JS.API.CONSUMER.MSG.NEXT.LLM_JOBS.*" in worker["publish"]["allow"]  # every llm-workers[-<model>]
+    assert "$JS.ACK.LLM_JOBS.*.>" in worker["publish"]["allow"]
+    assert "llm.jobs.model.*.>" in worker["publish"]["allow"]
     assert "_INBOX.>" in worker["publish"]["allow"]
     assert "_INBOX.w1.>" in worker["subscribe"]["allow"]
     client = printed(capsys, "--role", "client", "--durable")
@@ -81,7 +95,7 @@ def test_durable_adds_the_jetstream_subjects(capsys: pytest.CaptureFixture[str])
 def test_the_jwt_format_uses_the_user_claim_names(capsys: pytest.CaptureFixture[str]) -> None:
     worker = printed(capsys, "--role", "worker", "--format", "jwt")
     assert worker["resp"] == {"max": -1, "ttl": 3_600_000_000_000}
-    assert worker["pub"] == {"allow": ["llm.chat", "llm.cancel.*", "$SRV.PING.llm-inference"]}
+    assert worker["pub"] == {"allow": WORKER_PUBLISH}
     assert "llm.chat llm-workers" in worker["sub"]["allow"]
     assert printed(capsys, "--role", "client", "--format", "jwt") == jwt_permissions(grants("client"))
 

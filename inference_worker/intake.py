@@ -1,0 +1,220 @@
+"""Requests in: the handlers of a worker's endpoints, its cancel subscription and its durable jobs.
+
+Handlers only validate, route, hold and enqueue, then return (nats.py runs one handler at a time per subscription):
+- a chat for this worker's model is held and handed to the engine thread as a closure that templates and tokenizes
+  it there (`requests.prepare`), off the event loop;
+- a chat on a model-less subject for another model is forwarded to that model's subject (`routing`);
+- a batch is scattered over the queue group and gathered by a task (`batches`);
+- a cancel names its request by reply subject and id (`held`).
+
+`Intake` is the request side of `Worker` (worker.py), which owns the state these methods use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+
+from inference_worker import replies
+from inference_worker.batches import Headers
+from inference_worker.durable import Job
+from inference_worker.engine import Failed
+from inference_worker.held import Held, Key, Replier
+from inference_worker.job_consumer import jobs_to_fetch
+from inference_worker.requests import (
+    check_batch,
+    check_max_tokens,
+    deadline_of,
+    parse_batch,
+    parse_chat,
+    prepare,
+    request_id_of,
+)
+from inference_worker.routing import Forward
+from inference_worker.sequence import Sequence
+from schemas import Batch, ChatRequest, WireError, content_type
+from schemas.subjects import JSON, PROPAGATED_HEADERS, REPLY_TO
+
+if TYPE_CHECKING:
+    from inference_worker.worker import Worker
+
+log = logging.getLogger("llmbus.worker")
+
+
+class Intake:
+    async def route_chat(self: Worker, req: Replier) -> None:
+        """`llm.chat` (and `llm.jobs.chat`): any model, or the default one."""
+        if not req.reply:
+            return  # published without a reply subject: nobody would read the answer
+        kind = content_type(req.headers)
+        request = parse_chat(req.data, kind, durable=isinstance(req, Job))
+        if isinstance(request, WireError):
+            return await self.outbox.send(req, replies.error(kind, request))
+        where = await self.directory.route(request.model)
+        if isinstance(where, WireError):
+            return await self.outbox.send(req, replies.error(kind, where, stream=request.stream))
+        if isinstance(where, Forward):
+            return await self._forward(req, where.model, batched=False)
+        await self._serve_chat(req, kind, request)
+
+    async def serve_chat(self: Worker, req: Replier) -> None:
+        """`llm.model.<token>.chat` (and its durable subject): this worker's model only."""
+        if not req.reply:
+            return
+        kind = content_type(req.headers)
+        request = parse_chat(req.data, kind, durable=isinstance(req, Job))
+        if isinstance(request, WireError):
+            return await self.outbox.send(req, replies.error(kind, request))
+        if request.model not in (None, self.model_name):
+            wrong = WireError.of(
+                "bad_request",
+                f"this subject serves `{self.model_name}`, not `{request.model}`: use llm.chat or that model's subject",
+            )
+            return await self.outbox.send(req, replies.error(kind, wrong, stream=request.stream))
+        await self._serve_chat(req, kind, request)
+
+    async def _serve_chat(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
+        durable = isinstance(req, Job)
+        request_id = req.request_id if durable else request_id_of(req.headers)
+        if isinstance(request_id, WireError):
+            return await self.outbox.send(req, replies.error(kind, request_id, stream=request.stream))
+        held = Held(req, (req.reply, request_id), self.held.new_engine_id(), kind, request.chat_id, request.stream)
+        if self.held.was_cancelled(held.key):
+            return await self.outbox.send(req, replies.cancelled_before_start(held, self.model_name))
+        refusal = self._refusal(held.key, 1, check_load=not durable) or check_max_tokens(request, self.limits)
+        if refusal is not None:
+            answer = replies.error(kind, refusal, stream=request.stream, request_id=request_id)
+            return await self.outbox.send(req, answer)
+        deadline = deadline_of(request, req.age if durable else 0.0)
+        self.held.hold(held)
+        self._idle.clear()
+        self._thread.submit(functools.partial(self._prepare, held.engine_id, request, deadline), held.engine_id)
+
+    def _prepare(self: Worker, engine_id: str, request: ChatRequest, deadline: float | None) -> Sequence | Failed:
+        """Runs in the engine thread: template and tokenize (a failure here fails this request only)."""
+        try:
+            return prepare(engine_id, request, self.loaded.encode_chat_with_prefix, self.limits, deadline)
+        except Exception as exc:
+            log.exception("preparing request %s failed", engine_id)
+            return Failed(engine_id, 500, f"internal error while preparing the request: {exc!r}", name="internal")
+
+    async def _forward(self: Worker, req: Replier, model: str, batched: bool) -> None:
+        """Hand a request to `model`'s workers with the client's reply subject: they answer the client directly."""
+        if isinstance(req, Job):
+            jobs = self.subjects.model_jobs_chat_batched if batched else self.subjects.model_jobs_chat
+            return await req.forward(jobs(model))
+        subject = self.subjects.model_chat_batched(model) if batched else self.subjects.model_chat(model)
+        await req.forward(subject)
+
+    async def route_batch(self: Worker, req: Replier) -> None:
+        """`llm.chat.batched`: each query goes to the model it names, or to the default model."""
+        await self._batch(req, model=None)
+
+    async def serve_batch(self: Worker, req: Replier) -> None:
+        """`llm.model.<token>.chat.batched`: queries that name no model are for this worker's model."""
+        await self._batch(req, model=self.model_name)
+
+    async def _batch(self: Worker, req: Replier, model: str | None) -> None:
+        if not req.reply:
+            return
+        kind = content_type(req.headers)
+        batch = parse_batch(req.data, kind, model)
+        if isinstance(batch, WireError):
+            return await self.outbox.send(req, replies.error(kind, batch))
+        durable = isinstance(req, Job)
+        batch_id = req.request_id if durable else request_id_of(req.headers)
+        problem = batch_id if isinstance(batch_id, WireError) else check_batch(batch, self.limits, durable)
+        if problem is not None:
+            stream = batch.stream and not durable  # a stream's error ends it: the end marker and the sentinel
+            return await self.outbox.send(req, replies.error(kind, problem, stream=stream))
+        key = (req.reply, batch_id)
+        if self.held.was_cancelled(key):
+            cancelled = WireError.of("cancelled", "the batch was cancelled before it ran")
+            return await self.outbox.send(req, replies.error(kind, cancelled, stream=batch.stream, request_id=batch_id))
+        if (refusal := self._refusal(key, 0, check_load=False)) is not None:
+            return await self.outbox.send(req, replies.error(kind, refusal, stream=batch.stream, request_id=batch_id))
+        headers = {k: v for k, v in (req.headers or {}).items() if k in PROPAGATED_HEADERS}
+        self._idle.clear()
+        task = asyncio.create_task(self._run_batch(req, kind, batch, batch_id, headers))
+        self.batches[key] = task
+        task.add_done_callback(lambda _: self._batch_done(key))
+
+    async def _run_batch(self: Worker, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers) -> None:
+        try:
+            if (code := await self.coordinator.answer(req, kind, batch, batch_id, headers)) is not None:
+                self.outbox.count(code)
+        except asyncio.CancelledError:
+            reason = "shutting_down" if not self.accepting else "cancelled"
+            failure = WireError.of(reason, "the batch was cancelled before it finished")
+            with contextlib.suppress(Exception):
+                await self.outbox.send(req, replies.error(kind, failure, stream=batch.stream, request_id=batch_id))
+        except Exception as exc:  # one batch that cannot be answered must not take the worker down
+            log.exception("batch %s failed", batch_id)
+            with contextlib.suppress(Exception):
+                await self.outbox.send(req, replies.error(kind, WireError.of("internal", f"internal error: {exc!r}")))
+
+    def _batch_done(self: Worker, key: Key) -> None:
+        self.batches.pop(key, None)
+        self._released()
+
+    async def handle_cancel(self: Worker, msg: Msg) -> None:
+        reply = (msg.headers or {}).get(REPLY_TO)
+        if not reply:
+            return  # a cancel names its request by reply subject and id; an id alone never cancels anything
+        key = (reply, msg.subject.rsplit(".", 1)[-1])
+        if (held := self.held.find(key)) is not None:
+            self._thread.cancel(held.engine_id)
+        elif (task := self.batches.get(key)) is not None:
+            task.cancel()
+        else:
+            self.held.bury(key)
+
+    def _refusal(self: Worker, key: Key, count: int, check_load: bool) -> WireError | None:
+        """Why a new request cannot be held (None: it can). A batch holds nothing itself (its queries come back as
+        requests), and a durable job was fetched only when it fits (`jobs_wanted`), so neither checks the load."""
+        if self.held.holds(key) or key in self.batches:
+            return WireError.of("duplicate_request", f"request id {key[1]!r} is already in flight from this client")
+        if not self.accepting:
+            return WireError.of("shutting_down", "worker is shutting down; retry and another worker will answer")
+        if check_load and len(self.held) + count > self.config.max_pending:
+            return WireError.of(
+                "overloaded",
+                f"worker overloaded: {len(self.held)} requests held, limit {self.config.max_pending} (max_pending);"
+                " retry later",
+            )
+        return None
+
+    # --- durable jobs ----------------------------------------------------------------------------------------
+
+    def jobs_wanted(self: Worker) -> int:
+        if not self.accepting:
+            return 0
+        idle = not len(self.held) and not self.batches
+        return jobs_to_fetch(len(self.held), idle, self.config)
+
+    async def wait_for_capacity(self: Worker) -> None:
+        while self.jobs_wanted() <= 0:  # check and clear together, so capacity freed meanwhile is not missed
+            self._capacity.clear()
+            await self._capacity.wait()
+
+    async def run_job(self: Worker, job: Job) -> None:
+        subjects, own = self.subjects, self.model_name
+        handlers = {
+            subjects.jobs_chat: self.route_chat,
+            subjects.jobs_chat_batched: self.route_batch,
+            subjects.model_jobs_chat(own): self.serve_chat,
+            subjects.model_jobs_chat_batched(own): self.serve_batch,
+        }
+        try:
+            if (handler := handlers.get(job.subject)) is None:
+                unknown = WireError.of("not_found", f"no durable job type {job.subject}")
+                return await self.outbox.send(job, replies.error(JSON, unknown))
+            await handler(job)
+        except Exception as exc:  # as micro does for a handler: a 500 answer (here: a redelivery)
+            log.exception("durable job %s failed", job.request_id)
+            await self.outbox.send(job, replies.error(JSON, WireError.of("internal", f"internal error: {exc!r}")))

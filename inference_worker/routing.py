@@ -1,0 +1,120 @@
+"""Which model answers a request, when several models share one bus.
+
+Every worker also serves the model-less subjects (`llm.chat`, `llm.chat.batched`), so a request there may name any
+model, or none. `route` decides: this worker's own model is served here; another model is forwarded to that model's
+subject (with the client's reply subject, so the answer comes straight from a worker of that model); a model nobody
+serves is a 404 that lists the models on the bus.
+
+A request that names no model gets the bus's default model: the model whose workers run with `--default-model`, or,
+when none does, the only model on the bus. With several models and no default, it is a 400 that lists them.
+
+The models on the bus come from `$SRV.INFO` (metadata `model` and `default_model`), gathered at most every `ttl`
+seconds, and again at once (at most every `min_refresh` seconds) when a request names a model not seen yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from bus_gateway.discovery import BusModels
+from schemas import WireError
+
+Gather = Callable[[bool], Awaitable[BusModels]]  # thorough: wait the whole window for slow workers
+
+TTL_S = 5.0
+MIN_REFRESH_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """Serve it here."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    model: str
+
+
+Route = Local | Forward | WireError
+
+
+def default_model(models: BusModels) -> str | WireError:
+    if len(models.defaults) == 1:
+        return next(iter(models.defaults))
+    if len(models.defaults) > 1:
+        return WireError.of(
+            "bad_request",
+            f"several models claim to be the default ({', '.join(sorted(models.defaults))}): name one in `model`",
+        )
+    if len(models.workers) == 1:
+        return next(iter(models.workers))
+    return WireError.of(
+        "bad_request",
+        f"this bus serves several models and none is the default: name one in `model` ({models.listing()})",
+    )
+
+
+def route(requested: str | None, own: str, models: BusModels) -> Route:
+    """Where a request on a model-less subject goes (pure: `models` is what discovery saw)."""
+    if requested is None:
+        chosen = default_model(models)
+        if isinstance(chosen, WireError):
+            return chosen
+        requested = chosen
+    if requested == own:
+        return Local()
+    if requested in models.workers:
+        return Forward(requested)
+    return WireError.of(
+        "model_not_found",
+        f"the model `{requested}` is not served on this bus; models on the bus: {models.listing()}",
+    )
+
+
+class ModelDirectory:
+    """`BusModels` from `$SRV.INFO`, refreshed every `ttl` seconds and on a miss."""
+
+    def __init__(
+        self, gather: Gather, own: str, own_is_default: bool, ttl: float = TTL_S, min_refresh: float = MIN_REFRESH_S
+    ) -> None:
+        self.gather = gather
+        self.own = own
+        self.own_is_default = own_is_default
+        self.ttl = ttl
+        self.min_refresh = min_refresh
+        self.models = self._with_own(BusModels())
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def current(self, wanted: str | None = None) -> BusModels:
+        """The models on the bus; refreshed when stale, or when `wanted` is not among them."""
+        age = time.monotonic() - self._fetched_at
+        if age > self.ttl or (wanted is not None and wanted not in self.models.workers):
+            await self.refresh()
+        return self.models
+
+    async def refresh(self, thorough: bool = False) -> BusModels:
+        """Ask the bus again, unless that was done less than `min_refresh` seconds ago (a thorough look always)."""
+        async with self._lock:
+            if thorough or time.monotonic() - self._fetched_at > self.min_refresh:
+                self.models = self._with_own(await self.gather(thorough))
+                self._fetched_at = time.monotonic()
+        return self.models
+
+    async def route(self, requested: str | None) -> Route:
+        """`route` on what the bus looks like now; a request that cannot be routed is looked at again after a fresh
+        look at the bus (a model or a default that just arrived), before it is refused."""
+        where = route(requested, self.own, await self.current(requested))
+        if isinstance(where, WireError):
+            where = route(requested, self.own, await self.refresh(thorough=True))
+        return where
+
+    def _with_own(self, models: BusModels) -> BusModels:
+        """This worker counts even when discovery missed it (it no longer answers INFO while draining)."""
+        models.workers.setdefault(self.own, 1)
+        if self.own_is_default:
+            models.defaults.add(self.own)
+        return models
