@@ -25,7 +25,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from inference_worker.events import Failed, Finished
+from inference_worker.events import Failed, Finished, Timings
 from inference_worker.held import Held
 from llmbus import logs, tracing
 from schemas.errors import ERRORS
@@ -50,8 +50,8 @@ BY_LABEL = {"request_success": "finished_reason", "request_failure": "code"}  # 
 
 
 def kv_cache_usage(engine: LLMEngine) -> float:
-    """The share of the KV cache's token capacity (slots x context window) that the running sequences hold.
-    The slot cache reserves a whole context window per slot, so this is how full the batch's memory is."""
+    """The share of the KV cache's token capacity (slots x context window) that the running sequences hold: the
+    slot cache grows up to a whole context window per slot, so 1 means the batch's memory is full."""
     capacity = engine.config.max_batch_size * engine.max_seq_len
     held = sum(seq.num_cached_tokens for seq in tuple(engine.scheduler.running))
     return min(1.0, held / capacity) if capacity else 0.0
@@ -217,7 +217,7 @@ class WorkerMetrics:
             self._server = None
 
 
-def request_phases(arrived: float, timings: Any, answered: float) -> tuple[tracing.Phase, list[tracing.Phase]]:
+def request_phases(arrived: float, timings: Timings, answered: float) -> tuple[tracing.Phase, list[tracing.Phase]]:
     """The request's span and its parts: queue wait, prefill, decode (to the last token), reply (to the answer)."""
     return tracing.Phase("worker request", arrived, answered), [
         tracing.Phase("queue wait", arrived, timings.scheduled_at),

@@ -4,10 +4,12 @@ Built from `$SRV.INFO` and `$SRV.STATS` by `bus_gateway.bus_view` (the same view
 Tokens/s needs two samples, so a one-shot status samples twice, `RATE_WINDOW` seconds apart; `--watch` redraws
 every `--interval` seconds until Ctrl-C (on a terminal in place, otherwise one table after another).
 
-    llmbus status  nats://127.0.0.1:4222  2026-11-26 01:30:00 UTC
-     worker        model                  device    run  wait  tok/s   up       state
-     vm:7605       SmolLM2-135M-Instruct  cpu/bf16   12     0  310.4   2h05m    serving
-     2 workers · 12 running · 0 waiting · 310.4 tok/s · 1,204 requests · 3 errors
+    llmbus status  nats://127.0.0.1:4222  2026-11-26 03:23:45 UTC
+    worker        model                 device      run wait   tok/s     up state
+    vm:15894      SmolLM2-135M-Instruct cpu/bf16      7    0    29.8    26s serving
+    vm:15947      SmolLM2-135M-Instruct cpu/bf16      5    0    21.3    20s serving
+    2 workers · 12 running · 0 waiting · 51.0 tok/s
+    12 requests · 0 errors · 0 cancelled · models: SmolLM2-135M-Instruct
 """
 
 from __future__ import annotations
