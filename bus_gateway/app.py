@@ -2,7 +2,8 @@
 
 Routes: `POST /chat`, `POST /chat/batched` (chat_api), `POST /v1/chat/completions`, `GET /v1/models` (openai_api),
 `GET /healthz` (bridge up and NATS connected), `GET /readyz` (a worker answers `$SRV.PING`), `GET /openapi.json`
-(and an offline viewer at `/docs`), and the web page (web.py: `/`, `/bus`, `/bus.json`, `/static/`).
+(and an offline viewer at `/docs`), `GET /metrics` (Prometheus; metrics.py, which also carries each request's trace
+context onto the bus), and the web page (web.py: `/`, `/bus`, `/bus.json`, `/static/`).
 With API keys configured, `/chat*`, `/v1/*` and `/bus.json` need `Authorization: Bearer <key>`.
 Optional: HTTPS (`http_tls_cert`/`http_tls_key`), a requests-per-minute limit per API key (429 with `Retry-After`),
 and CORS for the configured origins only (off by default).
@@ -33,6 +34,7 @@ from bus_gateway.chat_api import chat
 from bus_gateway.client import BusClient
 from bus_gateway.http_errors import error_response, retry_headers
 from bus_gateway.jobs import JobClient
+from bus_gateway.metrics import BridgeMetrics, CountingErrors, metrics_endpoint, observe_http
 from bus_gateway.openai_api import ModelCatalog, openai_router
 from bus_gateway.openai_translate import ApiFailure
 from bus_gateway.openai_types import ChatCompletionRequest
@@ -162,16 +164,18 @@ def create_app(
 ) -> Litestar:
     """The bridge app. `client` is a connected BusClient (the caller closes it) or a factory run at startup
     (whose client the app closes at shutdown). `on_startup` hooks run once the client is in place."""
+    metrics = BridgeMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         owned = not isinstance(client, BusClient)
         bus = client if isinstance(client, BusClient) else await client()
         jobs = JobClient(bus.nc, bus.subjects, timeout=config.request_timeout) if config.durable else None
-        app.state["bus"] = bus
-        app.state["jobs"] = jobs
+        app.state["metrics"] = metrics
+        app.state["bus"] = CountingErrors(bus, metrics)
+        app.state["jobs"] = CountingErrors(jobs, metrics) if jobs is not None else None
         app.state["config"] = config
-        app.state["models"] = ModelCatalog(bus)
+        app.state["models"] = ModelCatalog(app.state["bus"])
         try:
             yield
         finally:
@@ -182,11 +186,12 @@ def create_app(
 
     keys = config.all_api_keys()
     guards = api_key_guard(keys) + rate_limit_guard(config.rate_limit_per_minute, keyed=bool(keys))
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             healthz,
             readyz,
             openapi_json,
+            metrics_endpoint,
             Router(path="/", route_handlers=[chat, chat_batched], guards=guards, tags=["chat"]),
             openai_router(guards),
             *web_routes(guards),
@@ -209,6 +214,8 @@ def create_app(
             render_plugins=[OfflineDocsPlugin(path="/"), WireJsonRenderPlugin(REQUEST_BODIES, path="/openapi.json")],
         ),
     )
+    app.asgi_handler = observe_http(app.asgi_handler, metrics)  # outermost: sees 404s and errors too
+    return app
 
 
 class _Server(uvicorn.Server):

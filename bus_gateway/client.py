@@ -34,6 +34,7 @@ from bus_gateway.bus_errors import (
 from bus_gateway.discovery import Discovery
 from bus_gateway.inbox import ReplyInbox
 from bus_gateway.streaming import Streaming
+from llmbus import tracing
 from llmbus.config import Config
 from llmbus.connection import connect, servers_of
 from schemas import (
@@ -222,7 +223,8 @@ class BusClient(Streaming, Discovery):
     async def _publish(self, subject: str, data: bytes, request_id: str, headers: Headers) -> None:
         reply = self.inbox.reply_subject(request_id)
         try:
-            await self.nc.publish(subject, data, reply=reply, headers={**(headers or {}), REQUEST_ID: request_id})
+            headers = {**tracing.outgoing(), **(headers or {}), REQUEST_ID: request_id}  # the caller's trace context
+            await self.nc.publish(subject, data, reply=reply, headers=headers)
         except nats.errors.MaxPayloadError:
             raise too_large(len(data), self.nc.max_payload) from None
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:

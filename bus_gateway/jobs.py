@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from bus_gateway.bus_errors import BusError, decode_reply, error_from_reply, no_reply, not_connected
 from bus_gateway.client import DEFAULT_TIMEOUT, REPLY_GRACE, new_request_id, with_deadline
 from bus_gateway.inbox import ReplyInbox
+from llmbus import tracing
 from schemas import BatchResponse, ChatRequest, ChatResponse, Subjects
 from schemas.subjects import MSG_ID, REPLY_TO, REQUEST_ID, valid_request_id
 
@@ -150,7 +151,7 @@ class JobClient:
         """Store the job in JetStream. A publish whose ack timed out is retried: the same Nats-Msg-Id stores it once."""
         loop = asyncio.get_running_loop()
         reply_to = self.inbox.reply_subject(request_id)
-        headers = {**extra, REQUEST_ID: request_id, REPLY_TO: reply_to, MSG_ID: reply_to}
+        headers = {**tracing.outgoing(), **extra, REQUEST_ID: request_id, REPLY_TO: reply_to, MSG_ID: reply_to}
         first_try = True
         while True:
             if not self.nc.is_connected:

@@ -38,7 +38,8 @@ from inference_worker.requests import (
 )
 from inference_worker.routing import Forward
 from inference_worker.sequence import Sequence
-from schemas import Batch, ChatRequest, WireError, content_type
+from llmbus import logs
+from schemas import Batch, ChatRequest, WireError, content_type, conversation
 from schemas.subjects import JSON, PROPAGATED_HEADERS, REPLY_TO
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class Intake:
             answer = replies.error(kind, refusal, stream=request.stream, request_id=request_id)
             return await self.outbox.send(req, answer)
         deadline = deadline_of(request, req.age if durable else 0.0)
+        if self.config.log_prompts:
+            logs.prompt(request_id, conversation(request))
         self.held.hold(held)
         self._idle.clear()
         build = functools.partial(self._prepare, held.engine_id, request, deadline, tenant)

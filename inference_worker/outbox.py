@@ -2,6 +2,8 @@
 
 The engine thread hands each step's events to `put` (thread-safe); one task (`run`) publishes them. `close` lets
 that task publish everything already queued before it stops, so a stopping worker never drops finished work.
+Each final answer is recorded in `metrics` once it is out (with its log line and spans), and every error answer
+is counted by code.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from collections.abc import Callable
 from inference_worker import replies
 from inference_worker.engine import Accepted, Event, Failed, Finished, TokenDelta
 from inference_worker.held import HeldRequests, Replier
+from inference_worker.metrics import WorkerMetrics
 from schemas import WireError
 
 log = logging.getLogger("llmbus.worker")
 
 
 class Outbox:
-    def __init__(self, held: HeldRequests, model: str, on_release: Callable[[], None]) -> None:
+    def __init__(self, held: HeldRequests, model: str, on_release: Callable[[], None], metrics: WorkerMetrics) -> None:
         self.held = held
         self.model = model
         self.on_release = on_release
+        self.metrics = metrics
         self.errors_by_code: Counter[str] = Counter()
         self._events: asyncio.Queue[list[Event] | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -65,6 +69,7 @@ class Outbox:
             await self.send(
                 held.replier, replies.error(held.kind, failure, stream=held.stream, request_id=held.request_id)
             )
+        self.metrics.answered(held, event)
 
     async def send(self, replier: Replier, messages: list[replies.Outgoing]) -> None:
         for message in messages:
@@ -76,3 +81,4 @@ class Outbox:
 
     def count(self, code: int) -> None:
         self.errors_by_code[str(code)] += 1
+        self.metrics.failed(code)

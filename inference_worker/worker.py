@@ -37,13 +37,14 @@ from inference_worker.hardware import pick_threads
 from inference_worker.held import HeldRequests, Key
 from inference_worker.intake import Intake
 from inference_worker.job_consumer import JobConsumer, ServerClock
+from inference_worker.metrics import WorkerMetrics
 from inference_worker.micro import MicroService
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.outbox import Outbox
 from inference_worker.requests import Limits
 from inference_worker.routing import ModelDirectory
 from inference_worker.thread_share import share_threads
-from llmbus import __version__
+from llmbus import __version__, logs
 from llmbus.config import Config
 from llmbus.connection import connect, connected_to
 from schemas import SERVICE_NAME, Subjects, WireError
@@ -87,6 +88,9 @@ class Worker(Intake):
         self.died = asyncio.Event()
         self.jobs: JobConsumer | None = None
         self.service: MicroService | None = None
+        worker_label = f"{socket.gethostname()}:{os.getpid()}"
+        self.metrics = WorkerMetrics(self.model_name, worker_label, log_prompts=config.log_prompts)
+        self.metrics_url: str | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._capacity = asyncio.Event()
@@ -96,7 +100,7 @@ class Worker(Intake):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.outbox = Outbox(self.held, self.model_name, self._released)
+        self.outbox = Outbox(self.held, self.model_name, self._released, self.metrics)
         self._thread = EngineThread(
             self._build_engine,
             self.outbox.put,
@@ -104,6 +108,11 @@ class Worker(Intake):
         )
         engine = await asyncio.to_thread(self._thread.start)
         self.engine = engine
+        self.metrics.watch(engine)
+        if self.config.metrics_port:
+            self.metrics_url = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+        if self.config.log_prompts:
+            logs.allow_prompts(True)
         self.limits = Limits(self.config.max_tokens_cap, self.config.max_batch_queries, engine.max_seq_len)
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="llmbus-outbox"))
         self.service = MicroService(
@@ -146,7 +155,7 @@ class Worker(Intake):
 
     def _build_engine(self) -> LLMEngine:
         """Runs in the engine thread, so that every torch op of the engine (its caches too) runs in one thread."""
-        return LLMEngine(self.loaded, self.engine_config)
+        return LLMEngine(self.loaded, self.engine_config, observer=self.metrics)
 
     def _set_threads(self, threads: int) -> None:
         self.threads = threads
@@ -176,6 +185,7 @@ class Worker(Intake):
             "threads": self.threads,
             "errors_by_code": dict(self.outbox.errors_by_code),
             **self._waiting_counts(),
+            "metrics": self.metrics.summary(),
         }
         if self.jobs is not None:
             figures["jobs"] = self.jobs.snapshot()

@@ -13,8 +13,12 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from llmbus import __version__
+import nats.errors
+
+from llmbus import __version__, tracing
 from llmbus.config import CONNECTION_FIELDS, ENV_PREFIX, Config, add_arguments
+from llmbus.connection import redact_urls
+from llmbus.logs import FORMATS, setup_logging
 from llmbus.permissions import ROLES, check_names, grants, jwt_permissions, server_permissions
 from llmbus.stack import Part, run_stack
 from schemas.subjects import DEFAULT_PREFIX, DEFAULT_QUEUE_GROUP
@@ -32,6 +36,7 @@ GATEWAY_ONLY_FIELDS = (
 )
 BUS_FIELDS = ("nats_url", "subject_prefix", "queue_group", "durable", *CONNECTION_FIELDS)
 STACK_ONLY_FIELDS = ("nats_port", "secure", "secure_dir")
+DEFAULT_METRICS_PORT = 9464  # `llmbus up`: the worker's Prometheus endpoint unless --metrics-port says otherwise
 
 ALL_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 WORKER_FIELDS = tuple(name for name in ALL_FIELDS if name not in GATEWAY_ONLY_FIELDS + STACK_ONLY_FIELDS)
@@ -87,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="server: the `permissions` block of a nats-server user entry; jwt: the pub/sub/resp claims of a user JWT",
     )
 
+    status = commands.add_parser(
+        "status",
+        help="every worker on the bus (host, pid, model, load, tokens/s, uptime) and the bus totals",
+        description="A table of every worker on the bus, from $SRV.INFO and $SRV.STATS, and the bus totals.",
+    )
+    add_arguments(status, ("nats_url", *CONNECTION_FIELDS))
+    status.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws with --watch (>= 0.5)")
+
     schema = commands.add_parser(
         "schema", help="print the JSON Schemas of the wire messages, or the AsyncAPI document of the bus, or write them"
     )
@@ -129,6 +143,12 @@ def add_logging_argument(parser: argparse.ArgumentParser) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level of the stderr log (env LLMBUS_LOG_LEVEL; default INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get(f"{ENV_PREFIX}LOG_FORMAT", "text").lower(),
+        choices=FORMATS,
+        help="text, or json: one JSON object per line, for log shippers (env LLMBUS_LOG_FORMAT; default text)",
+    )
 
 
 def uses_existing_nats(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> bool:
@@ -146,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def up_command(args: argparse.Namespace) -> int:
-    return serve(args, ["worker", "gateway"], embedded_nats=not uses_existing_nats(args))
+    return serve(args, ["worker", "gateway"], embedded_nats=not uses_existing_nats(args), metrics=DEFAULT_METRICS_PORT)
 
 
 def worker_command(args: argparse.Namespace) -> int:
@@ -157,15 +177,47 @@ def gateway_command(args: argparse.Namespace) -> int:
     return serve(args, ["gateway"])
 
 
-def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = False) -> int:
+def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = False, metrics: int | None = None) -> int:
+    """Run `parts`; `metrics`: the worker's metrics port when --metrics-port is unset (`llmbus up`)."""
     try:
         config = Config.load(args)
     except (ValueError, TypeError) as exc:
         print(f"llmbus: error: invalid setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format, config.log_prompts)
+    try:
+        traces = tracing.setup_from_env("llmbus" if len(parts) > 1 else f"llmbus-{parts[0]}")
+    except RuntimeError as exc:
+        print(f"llmbus: error: {exc}", file=sys.stderr)
+        return 2
+    if traces is not None:
+        logging.getLogger("llmbus").info("tracing: spans exported over %s", traces)
     store_dir = getattr(args, "nats_store_dir", None)
-    return asyncio.run(run_stack(config, parts, embedded_nats, store_dir))
+    try:
+        return asyncio.run(run_stack(config, parts, embedded_nats, store_dir, default_metrics_port=metrics))
+    finally:
+        tracing.shutdown()
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from llmbus.connection import ConnectionSettingsError, NatsConnectError
+    from llmbus.status import run_status
+
+    if args.interval < 0.5:
+        print("llmbus: error: --interval must be at least 0.5 seconds", file=sys.stderr)
+        return 2
+    try:
+        config = Config.load(args)
+    except (ValueError, TypeError) as exc:
+        print(f"llmbus: error: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run_status(config, args.watch, args.interval))
+    except KeyboardInterrupt:
+        return 0
+    except (ConnectionSettingsError, NatsConnectError, OSError, nats.errors.Error) as exc:
+        print(f"llmbus: error: cannot read the bus at {redact_urls(config.nats_url)}: {exc}", file=sys.stderr)
+        return 1
 
 
 def nats_permissions_command(args: argparse.Namespace) -> int:
@@ -226,6 +278,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gateway": gateway_command,
     "schema": schema_command,
     "nats-permissions": nats_permissions_command,
+    "status": status_command,
 }
 
 if __name__ == "__main__":

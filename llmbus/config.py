@@ -108,6 +108,15 @@ class Config:
         None, "llmbus up --secure: where the CA, certificates and credentials live (default <cache dir>/secure)"
     )
 
+    # observability: the worker's Prometheus endpoint, prompt logging (the bridge serves GET /metrics on its port)
+    metrics_port: int | None = _opt(
+        None, "worker: serve Prometheus metrics at http://<metrics-host>:<port>/metrics; 0 or unset: off (`up`: 9464)"
+    )
+    metrics_host: str = _opt("127.0.0.1", "worker: address the metrics endpoint binds to")
+    log_prompts: bool = _opt(
+        False, "debugging only: log prompts and generated text at DEBUG (off by default: they are private data)"
+    )
+
     def __post_init__(self) -> None:
         for name in (
             "max_batch_size",
@@ -119,6 +128,8 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
         if self.rate_limit_per_minute < 0:
             raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute}")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):

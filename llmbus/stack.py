@@ -55,21 +55,41 @@ def part_runner(part: Part) -> PartRunner:
         raise StackError(f"cannot load the {part}: {exc}") from exc
 
 
-def describe_ready(part: Part, config: Config) -> str:
+def describe_ready(part: Part, config: Config) -> list[str]:
     if part == "gateway":
         scheme = "https" if config.http_tls_cert else "http"
-        return f"HTTP  {scheme}://{config.http_host}:{config.http_port}"
+        base = f"{scheme}://{config.http_host}:{config.http_port}"
+        return [f"HTTP  {base}", f"metrics  {base}/metrics (bridge)"]
     prefix = config.subject_prefix
-    return f"worker  {prefix}.chat, {prefix}.chat.batched (queue group {config.queue_group})"
+    lines = [f"worker  {prefix}.chat, {prefix}.chat.batched (queue group {config.queue_group})"]
+    if config.metrics_port:
+        lines.append(f"metrics  http://{config.metrics_host}:{config.metrics_port}/metrics (worker)")
+    return lines
+
+
+def with_metrics_port(config: Config, default: int | None) -> Config:
+    """`llmbus up`: the worker's metrics on `default` unless --metrics-port was given; when that port is taken (a
+    second stack on this machine), on a free one instead."""
+    if config.metrics_port is not None or not default:
+        return config
+    port = default if port_is_free(default, config.metrics_host) else free_port()
+    return dataclasses.replace(config, metrics_port=port)
 
 
 async def run_stack(
-    config: Config, parts: Sequence[Part], embedded_nats: bool = False, nats_store_dir: str | None = None
+    config: Config,
+    parts: Sequence[Part],
+    embedded_nats: bool = False,
+    nats_store_dir: str | None = None,
+    *,
+    default_metrics_port: int | None = None,
 ) -> int:
     """Serve `parts` until a signal arrives; with `embedded_nats`, start nats-server on config.nats_port first.
+    `default_metrics_port`: the worker's metrics port when config.metrics_port is unset (`llmbus up`).
 
     Returns the process exit code: 0 after a clean stop, 1 when something failed to start or stopped on its own.
     """
+    config = with_metrics_port(config, default_metrics_port) if "worker" in parts else config
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled_signals = install_signal_handlers(loop, stop)
@@ -172,7 +192,8 @@ async def serve_parts(configs: Mapping[Part, Config], stop: asyncio.Event, serve
 async def announce_when_ready(ready: dict[Part, asyncio.Event], configs: Mapping[Part, Config]) -> None:
     for part, config in configs.items():
         await ready[part].wait()
-        announce(describe_ready(part, config))
+        for line in describe_ready(part, config):
+            announce(line)
     announce("ready")
 
 

@@ -1,0 +1,146 @@
+"""`llmbus status [--watch]` as a user runs it (a subprocess) against real workers, in 80 columns; and `llmbus up`'s
+metrics endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import socket
+import sys
+from datetime import UTC, datetime
+
+import pytest
+from rich.console import Console
+
+from bus_gateway.bus_view import bus_view
+from helpers.scrape import scrape
+from helpers.workers import RunningWorker
+from llmbus.nats_server import NatsServer, env_without_proxy, free_port
+from llmbus.status import render
+
+LLMBUS = [sys.executable, "-m", "llmbus.cli"]
+COLUMNS = 80
+
+
+def llmbus_env() -> dict[str, str]:
+    env = {k: v for k, v in env_without_proxy().items() if not k.startswith("LLMBUS_") or k == "LLMBUS_CACHE_DIR"}
+    return env | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "80"}
+
+
+async def llmbus(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *LLMBUS, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=llmbus_env()
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def fits(text: str) -> None:
+    for line in text.splitlines():
+        assert len(line) <= COLUMNS, f"{len(line)} columns: {line!r}"
+
+
+def stats_reply(worker_id: str, host: str, pid: int, model: str, tokens: int, **data: object) -> dict:
+    metadata = {"host": host, "pid": str(pid), "model": model, "device": "cuda:0", "dtype": "bfloat16"}
+    body = {"running": 12, "waiting": 3, "tokens_generated": tokens, "draining": False, **data}
+    endpoint = {"name": "chat", "num_requests": 1204, "num_errors": 3, "data": body}
+    return {"id": worker_id, "metadata": metadata, "started": "2026-11-26T01:20:00Z", "endpoints": [endpoint]}
+
+
+def test_the_table_fits_80_columns_with_long_names() -> None:
+    now = datetime(2026, 11, 26, 3, 25, tzinfo=UTC)
+    first = [stats_reply("a", "a-very-long-hostname.example.internal", 123456, "SmolLM2-135M-Instruct-but-longer", 0)]
+    second = [
+        stats_reply("a", "a-very-long-hostname.example.internal", 123456, "SmolLM2-135M-Instruct-but-longer", 620),
+        stats_reply("b", "gpu-1", 7, "Qwen2.5-0.5B-Instruct", 0, draining=True),
+    ]
+    _, sample = bus_view([], first, now, 10.0, None)
+    view, _ = bus_view([], second, now, 12.0, sample)
+    out = io.StringIO()
+    Console(file=out, width=COLUMNS, color_system=None).print(render(view, "nats://127.0.0.1:4222"))
+    text = out.getvalue()
+    fits(text)
+    assert "llmbus status  nats://127.0.0.1:4222  2026-11-26 03:25:00 UTC" in text
+    assert "a-ve…:123456 " in text and "gpu-1:7 " in text and "SmolLM2-135M-Instruct…" in text
+    assert "cuda:0/bf16" in text and "310.0" in text and "draining" in text and "serving" in text
+    assert "2 workers (1 draining) · 24 running · 6 waiting · 310.0 tok/s\n" in text
+    assert "2,408 requests · 6 errors · 0 cancelled · models: Qwen2.5-0.5B-Instruct, SmolLM…\n" in text
+
+
+def test_an_empty_bus_says_so() -> None:
+    view, _ = bus_view([], [], datetime(2026, 11, 26, tzinfo=UTC), 1.0, None)
+    out = io.StringIO()
+    Console(file=out, width=COLUMNS, color_system=None).print(render(view, "nats://h:4222"))
+    assert "no worker answers $SRV.STATS.llm-inference" in out.getvalue()
+
+
+@pytest.mark.model
+async def test_status_shows_the_workers_on_the_bus(worker: RunningWorker, nats_server: NatsServer) -> None:
+    code, out, err = await llmbus("status", "--nats-url", nats_server.url)
+    assert code == 0, err
+    fits(out)
+    rows = [line for line in out.splitlines() if f"{socket.gethostname()}:{os.getpid()}" in line]
+    assert any("SmolLM2-135M-" in row and "cpu/" in row and "serving" in row for row in rows), out
+    assert re.search(r"\d+ workers? · \d+ running · \d+ waiting · [\d.,-]+ tok/s", out), out
+
+
+@pytest.mark.model
+async def test_status_watch_redraws_until_ctrl_c(worker: RunningWorker, nats_server: NatsServer) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *LLMBUS, "status", "--watch", "--interval", "0.5", "--nats-url", nats_server.url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=llmbus_env(),
+    )  # fmt: skip
+    frames = 0
+    while frames < 3:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line, (await proc.stderr.read()).decode()
+        frames += line.startswith("llmbus status")
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_status_without_a_server_fails_with_a_clear_message() -> None:
+    code, _, err = await llmbus("status", "--nats-url", f"nats://127.0.0.1:{free_port()}")
+    assert code == 1
+    assert "llmbus: error: cannot read the bus at nats://127.0.0.1:" in err
+
+
+async def test_status_of_an_empty_bus_exits_1(nats_server: NatsServer) -> None:
+    with NatsServer() as empty:
+        code, out, _ = await llmbus("status", "--nats-url", empty.url)
+    assert code == 1 and "no worker answers" in out
+
+
+@pytest.mark.model
+async def test_up_serves_metrics_and_status_sees_it(tmp_path: object) -> None:
+    nats_port, http_port = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *LLMBUS, "up", "--nats-port", str(nats_port), "--http-port", str(http_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=llmbus_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        while "llmbus: ready" not in lines:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 300)).decode()
+            assert line, f"llmbus up exited: {lines}"
+            lines.append(line.rstrip())
+        worker_metrics = next(line for line in lines if line.endswith("/metrics (worker)"))
+        url = re.search(r"http://127\.0\.0\.1:\d+/metrics", worker_metrics).group(0)
+        assert f"llmbus: metrics  http://127.0.0.1:{http_port}/metrics (bridge)" in lines
+
+        worker = await scrape(url)
+        assert worker.value("llmbus_num_requests_running") == 0
+        assert {labels["model"] for _, labels, _ in worker.llmbus()} == {"SmolLM2-135M-Instruct"}
+        bridge = await scrape(f"http://127.0.0.1:{http_port}/metrics")
+        assert "llmbus_http_requests_in_flight" in bridge.text
+
+        code, out, err = await llmbus("status", "--nats-url", f"nats://127.0.0.1:{nats_port}")
+        assert code == 0, err
+        fits(out)
+        assert f"{socket.gethostname()}:{proc.pid}" in out
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 90) == 0
