@@ -114,6 +114,7 @@ class Intake:
 
     async def _forward(self: Worker, req: Replier, model: str, batched: bool) -> None:
         """Hand a request to `model`'s workers with the client's reply subject: they answer the client directly."""
+        log.debug("forwarding a request for %s to its workers", model)
         if isinstance(req, Job):
             jobs = self.subjects.model_jobs_chat_batched if batched else self.subjects.model_jobs_chat
             return await req.forward(jobs(model))
