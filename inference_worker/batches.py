@@ -11,7 +11,7 @@ index, in completion order.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from bus_gateway.bus_errors import BusError
 from bus_gateway.client import BusClient
@@ -34,12 +34,14 @@ QUERY_RETRIES = 100  # bounded by each query's deadline, not by this count
 
 Item = ChatRequest | BatchItemError
 Headers = Mapping[str, str] | None
+Knows = Callable[[str], Awaitable[bool]]
 
 
 class BatchCoordinator:
-    def __init__(self, client: BusClient, default_timeout: float) -> None:
+    def __init__(self, client: BusClient, default_timeout: float, knows: Knows) -> None:
         self.client = client
         self.default_timeout = default_timeout
+        self.knows = knows  # is a model on the bus? (a query for an unknown model fails at once, not after retries)
 
     async def answer(self, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers) -> int | None:
         """Run `batch` and answer `req`: one message in input order, or (with `stream`) each result as it is ready,
@@ -73,6 +75,7 @@ class BatchCoordinator:
     async def as_completed(self, items: list[Item], headers: Headers = None) -> AsyncIterator[tuple[int, BatchResult]]:
         """(index, result) of each query as it finishes; the invalid ones first. Closing the iterator early (or
         cancelling the task that reads it) cancels the queries still running, on their workers too."""
+        items = await self._unknown_models_failed(items)
         tasks = {
             asyncio.ensure_future(self._one(index, item, headers))
             for index, item in enumerate(items)
@@ -89,6 +92,20 @@ class BatchCoordinator:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _unknown_models_failed(self, items: list[Item]) -> list[Item]:
+        """Queries that name a model nobody serves become a 404 at once (the others are sent, and retried while their
+        model's workers are busy or restarting)."""
+        named = {item.model for item in items if isinstance(item, ChatRequest) and item.model}
+        unknown = {model for model in named if not await self.knows(model)}
+        if not unknown:
+            return items
+        return [
+            BatchItemError(chat_id=item.chat_id, error=f"the model `{item.model}` is not served on this bus", code=404)
+            if isinstance(item, ChatRequest) and item.model in unknown
+            else item
+            for item in items
+        ]
 
     async def _one(self, index: int, query: ChatRequest, headers: Headers) -> tuple[int, BatchResult]:
         timeout = query.timeout or self.default_timeout

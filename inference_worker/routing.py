@@ -104,6 +104,12 @@ class ModelDirectory:
                 self._fetched_at = time.monotonic()
         return self.models
 
+    async def knows(self, model: str) -> bool:
+        """Whether a worker on the bus serves `model` (after a thorough look when it is not known yet)."""
+        if model in (await self.current(model)).workers:
+            return True
+        return model in (await self.refresh(thorough=True)).workers
+
     async def route(self, requested: str | None) -> Route:
         """`route` on what the bus looks like now; a request that cannot be routed is looked at again after a fresh
         look at the bus (a model or a default that just arrived), before it is refused."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -75,12 +74,9 @@ class Worker(Intake):
         self.limits = Limits(config.max_tokens_cap, config.max_batch_queries, config.max_seq_len)
         self.held = HeldRequests()
         self.batches: dict[Key, asyncio.Task[None]] = {}
-        peers = BusClient(nc, self.subjects)  # this worker as a client of the bus: batches, discovery
-        self.coordinator = BatchCoordinator(peers, config.request_timeout)
-        gather = functools.partial(BusClient.bus_models, peers)  # (thorough) -> the models on the bus
-        self.directory = ModelDirectory(
-            lambda thorough: gather(thorough=thorough), self.model_name, config.default_model
-        )
+        self.peers = BusClient(nc, self.subjects)  # this worker as a client of the bus: batches, discovery
+        self.directory = ModelDirectory(self._bus_models, self.model_name, config.default_model)
+        self.coordinator = BatchCoordinator(self.peers, config.request_timeout, self.directory.knows)
         self.accepting = True
         self.draining = False
         self.threads = pick_threads(config.threads)
@@ -131,8 +127,8 @@ class Worker(Intake):
             self.jobs = JobConsumer(self.nc, self, limits, consumers, prefixes, clock)
             await self.jobs.start()
         if self.config.threads == 0:
-            ping = self.coordinator.client.ping
-            self._tasks.append(asyncio.create_task(share_threads(ping, self._set_threads)))
+            ping = self.peers.ping
+            self._tasks.append(asyncio.create_task(share_threads(ping, self._set_threads, self.service.id)))
         await self.nc.flush()  # the server knows every subscription before anyone is told this worker serves
 
     def _waiting_counts(self) -> dict[str, dict[str, int]]:
@@ -145,7 +141,7 @@ class Worker(Intake):
         }
 
     async def _bus_models(self, thorough: bool) -> BusModels:
-        return await self.coordinator.client.bus_models(thorough=thorough)
+        return await self.peers.bus_models(thorough=thorough)
 
     def _released(self) -> None:
         """A held request or a batch is done: there may be room for a durable job, or nothing left to drain."""
@@ -234,7 +230,7 @@ class Worker(Intake):
         if self._cancel_sub is not None:
             with contextlib.suppress(Exception):
                 await self._cancel_sub.unsubscribe()
-        await self.coordinator.client.close()
+        await self.peers.close()
 
     def _engine_died(self, exc: BaseException) -> None:
         log.critical("the engine thread died (%r): leaving the bus so that a supervisor restarts this worker", exc)

@@ -17,6 +17,7 @@ from bus_gateway.client import BusClient
 from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
 from inference_worker.model_loader import LoadedModel
+from inference_worker.thread_share import fair_threads, workers_on_host
 from inference_worker.worker import EngineDied, Worker, run_worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
@@ -192,3 +193,12 @@ async def test_stats_measure_whole_requests_and_a_draining_worker_is_not_ready(
     finally:
         await worker.close()
         await worker.nc.close()
+
+
+def test_a_worker_counts_itself_among_the_workers_on_its_host_even_while_draining() -> None:
+    """A draining worker no longer answers PING; if it stopped counting itself it would take every core again."""
+    here = {"host": "vm"}
+    others = [{"id": "b", "metadata": here}, {"id": "c", "metadata": {"host": "elsewhere"}}]
+    assert workers_on_host(others, "vm", own_id="a") == 2  # draining: its own reply is missing
+    assert workers_on_host([{"id": "a", "metadata": here}, *others], "vm", own_id="a") == 2
+    assert fair_threads(2, 2) == 1 and fair_threads(2, 3) == 1 and fair_threads(16, 3) == 5
