@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
 import pytest
 
 from bus_gateway.client import BusClient
 from helpers.bridge import API_KEY, Bridge
+from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
+from inference_worker.worker import Worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 from schemas import ChatRequest
@@ -254,39 +257,32 @@ async def test_the_worker_table_lists_a_second_worker(
 
 
 async def test_a_draining_worker_is_flagged(lonely_bridge: Bridge, lonely_nats: NatsServer, open_tab: OpenTab) -> None:
-    """Workers do not report `draining` yet (the lead adds it to STATS data), so a plain NATS responder plays a
-    draining worker's `$SRV.INFO`/`$SRV.STATS` replies, in the shape nats-py's micro service sends."""
-    metadata = {"model": "m", "device": "cuda:0", "dtype": "bfloat16", "host": "gpu-box", "pid": "42"}
-    data = {"running": 3, "waiting": 2, "tokens_generated": 10, "requests_cancelled": 0, "draining": True}
-    replies = {
-        "$SRV.INFO.llm-inference": {"id": "draining-1", "name": "llm-inference", "metadata": metadata},
-        "$SRV.STATS.llm-inference": {
-            "id": "draining-1",
-            "started": "2026-01-01T00:00:00Z",
-            "endpoints": [{"name": "chat", "num_requests": 5, "num_errors": 1, "data": data}],
-            "metadata": metadata,
-        },
-    }
-    async with await BusClient.connect(lonely_nats.url) as bus:
-
-        async def answer(msg: Any) -> None:
-            await msg.respond(json.dumps(replies[msg.subject]).encode())
-
-        subs = [await bus.nc.subscribe(subject, cb=answer) for subject in replies]
-        await bus.nc.flush()
-        try:
-            tab = await open_tab(lonely_bridge.url + "/bus")
-            row = tab.page.locator("#workers tbody tr")
-            await expect(row).to_have_count(1)
-            await expect(row.locator('[data-col="state"]')).to_have_text("draining")
-            await expect(row.locator('[data-col="worker"]')).to_have_text("gpu-box:42")
-            await expect(row.locator('[data-col="device"]')).to_have_text("cuda:0 bfloat16")
-            await expect(row.locator('[data-col="requests"]')).to_have_text("5 / 1")
-            await expect(tab.page.locator('[data-total="draining"]')).to_have_text("1 draining")
-            await expect(tab.page.locator('[data-total="waiting"]')).to_have_text("2 waiting")
-        finally:
-            for sub in subs:
-                await sub.unsubscribe()
+    """A real worker that drains while it holds a request (its engine waits for a second request before its first
+    prefill, so the request stays held): it leaves PING and INFO, and its STATS say `draining`."""
+    config = Config(nats_url=lonely_nats.url, max_batch_size=2, max_wait_ms=600_000, threads=1)
+    worker = Worker(config, await nats.connect(lonely_nats.url), tiny_model())
+    await worker.start()
+    held = asyncio.ensure_future(worker.nc.request("llm.chat", b'{"chat_id": "h", "user_prompt": "Hi"}', timeout=600))
+    draining = None
+    try:
+        async with await BusClient.connect(lonely_nats.url) as bus:
+            while not (await bus.stats(1.0)) or (await bus.stats(1.0))[0]["endpoints"][0]["data"]["waiting"] != 1:
+                await asyncio.sleep(0.05)  # a bounded poll (the test timeout) of state we cannot subscribe to
+        draining = asyncio.ensure_future(worker.drain(600))
+        tab = await open_tab(lonely_bridge.url + "/bus")
+        row = tab.page.locator("#workers tbody tr")
+        await expect(row).to_have_count(1)
+        await expect(row.locator('[data-col="state"]')).to_have_text("draining")
+        await expect(row.locator('[data-col="worker"]')).to_have_text(f"{socket.gethostname()}:{os.getpid()}")
+        await expect(row.locator('[data-col="device"]')).to_have_text("cpu float32")
+        await expect(tab.page.locator('[data-total="draining"]')).to_have_text("1 draining")
+        await expect(tab.page.locator('[data-total="waiting"]')).to_have_text("1 waiting")
+    finally:
+        if draining is not None:
+            draining.cancel()
+        await worker.close()
+        await worker.nc.close()
+        held.cancel()
     tab.assert_clean(lonely_bridge.url)
 
 
