@@ -11,14 +11,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from bus_gateway.client import BusClient
 from bus_gateway.jobs import JobClient
 from helpers.bridge import running_bridge
 from helpers.nats_auth import SecureServer
 from helpers.security_fixtures import WORKER_LIMITS, LogRecorder
+from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
@@ -105,20 +104,9 @@ async def test_a_client_chats_and_streams_with_the_client_permissions(
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm: LoadedModel) -> LoadedModel:
+def tiny() -> LoadedModel:
     """A random 2-layer Llama with no end-of-sequence token: its streams always run to max_tokens."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    )
-    model = LlamaForCausalLM(config).eval()
-    return LoadedModel(model, smollm.tokenizer, "tiny", torch.device("cpu"), torch.float32, frozenset(), 2048)
+    return tiny_model(max_context=2048, eos_token_ids=frozenset())
 
 
 async def test_a_client_streams_over_1000_chunks_through_the_worker_permissions(

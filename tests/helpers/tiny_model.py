@@ -8,8 +8,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from inference_worker.model_loader import LoadedModel, load_tokenizer
 
 
-def tiny_model(dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """2 layers, hidden 64, GQA 4/2 heads; float32 by default, so batched and solo greedy runs are bit-equal."""
+def tiny_model(
+    dtype: torch.dtype = torch.float32, max_context: int = 1024, eos_token_ids: frozenset[int] = frozenset({2})
+) -> LoadedModel:
+    """2 layers, hidden 64, GQA 4/2 heads; float32 by default, so batched and solo greedy runs are bit-equal.
+    With `eos_token_ids=frozenset()` its answers always run to `max_tokens`."""
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -19,10 +22,10 @@ def tiny_model(dtype: torch.dtype = torch.float32) -> LoadedModel:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_context,
     )
     model = LlamaForCausalLM(config).to(dtype).eval()
-    return LoadedModel(model, tokenizer, "tiny", torch.device("cpu"), dtype, frozenset({2}), 1024)
+    return LoadedModel(model, tokenizer, "tiny", torch.device("cpu"), dtype, eos_token_ids, max_context)
 
 
 def chat_prompt(loaded: LoadedModel, text: str) -> list[int]:
