@@ -193,7 +193,7 @@ class BusClient(Streaming, Discovery):
             try:
                 return await self._request_once(subject, data, deadline - loop.time(), timeout, this_try, headers)
             except BusError as exc:
-                delay = self._backoff_delay(attempt)
+                delay = self.backoff_delay(attempt)
                 if not exc.come_back_later or attempt + 1 == attempts or loop.time() + delay >= deadline - REPLY_GRACE:
                     raise
                 await asyncio.sleep(delay)
@@ -256,7 +256,7 @@ class BusClient(Streaming, Discovery):
             raise BusError(409, f"request id {request_id!r} is already in flight", name="duplicate_request")
         return request_id
 
-    def _backoff_delay(self, attempt: int) -> float:
+    def backoff_delay(self, attempt: int) -> float:
         return min(self.backoff * (2**attempt), MAX_BACKOFF) * random.uniform(0.8, 1.2)
 
     def _check_connected(self) -> None:

@@ -96,7 +96,7 @@ class Streaming:
                     if end:
                         return
             except BusError as exc:
-                delay = self._backoff_delay(attempt)
+                delay = self.backoff_delay(attempt)
                 if not (exc.come_back_later and attempt + 1 < attempts):
                     raise
             finally:

@@ -11,6 +11,7 @@ index, in completion order.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from bus_gateway.bus_errors import BusError
@@ -29,8 +30,6 @@ from schemas import (
     encode,
 )
 from schemas.subjects import REQUEST_ID, STREAM, STREAM_CHUNK, STREAM_END
-
-QUERY_RETRIES = 100  # bounded by each query's deadline, not by this count
 
 Item = ChatRequest | BatchItemError
 Headers = Mapping[str, str] | None
@@ -101,19 +100,34 @@ class BatchCoordinator:
         if not unknown:
             return items
         return [
-            BatchItemError(chat_id=item.chat_id, error=f"the model `{item.model}` is not served on this bus", code=404)
-            if isinstance(item, ChatRequest) and item.model in unknown
-            else item
-            for item in items
+            unknown_model(item) if isinstance(item, ChatRequest) and item.model in unknown else item for item in items
         ]
 
     async def _one(self, index: int, query: ChatRequest, headers: Headers) -> tuple[int, BatchResult]:
-        timeout = query.timeout or self.default_timeout
-        try:
-            answer = await self.client.chat(query, timeout, retries=QUERY_RETRIES, headers=headers)
-        except BusError as exc:
-            return index, BatchResult.failed(BatchItemError(chat_id=query.chat_id, error=exc.message, code=exc.code))
-        return index, BatchResult.ok(answer)
+        """One query, retried with backoff while its model's workers are busy or restarting (within its timeout);
+        when no worker answers at all, it is retried only while its model is still on the bus."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (query.timeout or self.default_timeout)
+        for attempt in itertools.count():
+            try:
+                answer = await self.client.chat(query, max(deadline - loop.time(), 0.001), retries=0, headers=headers)
+            except BusError as exc:
+                delay = self.client.backoff_delay(attempt)
+                gone = exc.name == "no_responders" and query.model is not None and not await self.knows(query.model)
+                if gone:
+                    return index, BatchResult.failed(unknown_model(query))
+                if not exc.come_back_later or loop.time() + delay >= deadline:
+                    return index, BatchResult.failed(
+                        BatchItemError(chat_id=query.chat_id, error=exc.message, code=exc.code)
+                    )
+                await asyncio.sleep(delay)
+                continue
+            return index, BatchResult.ok(answer)
+        raise AssertionError("unreachable")
+
+
+def unknown_model(query: ChatRequest) -> BatchItemError:
+    return BatchItemError(chat_id=query.chat_id, error=f"the model `{query.model}` is not served on this bus", code=404)
 
 
 def common_code(results: list[BatchResult]) -> int:
