@@ -110,6 +110,11 @@ class Worker:
             prefill_budget=config.prefill_chunk_tokens,
             max_seq_len=config.max_seq_len,
             max_wait_ms=config.max_wait_ms,
+            prefix_cache=config.prefix_cache_tokens > 0,
+            prefix_cache_tokens=config.prefix_cache_tokens,
+            kv_cache_tokens=config.kv_cache_tokens,
+            compile=config.compile,
+            quantize=config.quantize,
         )
         self.engine: LLMEngine | None = None
         self.pending: dict[str, Pending] = {}
