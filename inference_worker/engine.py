@@ -34,6 +34,7 @@ __all__ = [  # the engine's public names, events included (callers import them f
     "Timings",
     "TokenDelta",
 ]
+from inference_worker.memory import plan_memory
 from inference_worker.model_loader import LoadedModel
 from inference_worker.model_runner import ModelRunner
 from inference_worker.prefix_cache import PrefixCache
@@ -53,6 +54,10 @@ class EngineConfig:
     max_wait_ms: float = 0.0
     prefix_cache: bool = True
     min_prefix_tokens: int = 8
+    prefix_cache_tokens: int = 4096
+    kv_cache_tokens: int = 0
+    compile: bool = False
+    quantize: str = "none"
 
 
 @dataclass
@@ -79,9 +84,24 @@ class LLMEngine:
         self.observer = observer or NoObserver()
         self.max_seq_len = min(self.config.max_seq_len, loaded.max_context)
         self.tokenizer = loaded.tokenizer.backend_tokenizer
-        self.runner = ModelRunner(loaded, self.config.max_batch_size, self.max_seq_len)
-        self.scheduler = Scheduler(self.config.max_batch_size, self.config.prefill_budget)
-        self.prefix_cache = PrefixCache(min_len=self.config.min_prefix_tokens) if self.config.prefix_cache else None
+        prefix_tokens = self.config.prefix_cache_tokens if self.config.prefix_cache else 0
+        self.plan = plan_memory(
+            loaded.model,
+            loaded.dtype,
+            loaded.device,
+            self.config.max_batch_size,
+            self.max_seq_len,
+            self.config.kv_cache_tokens,
+            prefix_tokens,
+        )
+        log.info("%s", self.plan.describe())
+        self.runner = ModelRunner(
+            loaded, self.plan.rows, self.max_seq_len, compile=self.config.compile, quantize=self.config.quantize
+        )
+        self.scheduler = Scheduler(self.plan.rows, self.config.prefill_budget)
+        self.prefix_cache = (
+            PrefixCache(max_tokens=prefix_tokens, min_len=self.config.min_prefix_tokens) if prefix_tokens else None
+        )
         self.shared_generator = torch.Generator(loaded.device).manual_seed(_os_seed())
         self.stats = EngineStats()
         self._lock = threading.Lock()
@@ -113,6 +133,10 @@ class LLMEngine:
         seq.finish("cancelled")
         self.stats.requests_cancelled += 1
         return seq
+
+    def close(self) -> None:
+        """Stop compiling in the background (the engine itself holds no thread)."""
+        self.runner.close()
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0

@@ -128,6 +128,8 @@ class EngineThread:
             self._serve(engine)
         except BaseException as exc:
             self._die(exc)
+        finally:
+            engine.close()
 
     def _serve(self, engine: LLMEngine) -> None:
         while True:

@@ -1,17 +1,77 @@
-"""Runs the model over rows of the slot cache: one call per prefill batch and one per decode step."""
+"""Runs the model over rows of the slot cache: one call per prefill batch and one per decode step.
+
+The decoder is the hand-written Llama-family forward (`llama.py`) when the model is a Llama, Mistral or Qwen2,
+else the HF modules with the slot cache plugged in (`hf_decoder.py`); both read and write the same cache. Attention
+is two plain matmuls on CPU and PyTorch SDPA (flash / memory-efficient kernels) on CUDA. Decode steps go through the
+compiled step (`compiled_decode.py`) once their batch-size bucket is compiled, and run eagerly until then.
+"""
 
 from __future__ import annotations
 
-import torch
+import logging
+import weakref
 
+import torch
+from torch import nn
+
+from inference_worker import llama
+from inference_worker.compiled_decode import CompiledDecode, use_compile_cache
+from inference_worker.hardware import float32_wins_wide_matmuls
+from inference_worker.hf_decoder import HFDecoder
 from inference_worker.kv_cache import SlotKVCache
-from inference_worker.model_loader import LoadedModel
+from inference_worker.model_loader import LoadedModel, cache_root
+from inference_worker.quantize import linear_for
+
+log = logging.getLogger("llmbus.engine")
+
+ROPE_TABLE_MIN = 32768  # positions the shared RoPE tables cover at least (more if a runner asks for more)
+
+_shared: weakref.WeakKeyDictionary[nn.Module, dict[str, llama.LlamaFamilyModel]] = weakref.WeakKeyDictionary()
+
+
+def family_decoder(
+    loaded: LoadedModel, row_len: int, quantize: str = "none", dtype: torch.dtype | None = None
+) -> llama.LlamaFamilyModel | None:
+    """The hand-written decoder of this loaded model, built once per process, quantize mode and dtype (it shares the
+    HF weights unless it computes in another dtype, and every engine on it shares its compiled steps); None if the
+    architecture is not of the family."""
+    make_linear = linear_for(quantize)
+    if not llama.supports(loaded.model.config):
+        if make_linear is not None:
+            raise ValueError(f"--quantize {quantize} needs a Llama, Mistral or Qwen2 model")
+        return None
+    built = _shared.setdefault(loaded.model, {})
+    key = f"{quantize}/{dtype}"
+    decoder = built.get(key)
+    if decoder is None or decoder.cos.shape[0] <= row_len:
+        length = max(row_len, min(loaded.max_context, ROPE_TABLE_MIN))
+        decoder = llama.LlamaFamilyModel(loaded.model, length, make_linear or llama.Linear, dtype).eval()
+        built[key] = decoder
+    return decoder
+
+
+def wide_decoder(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
+    """A float32 copy of a bf16 model for large decode batches, where this CPU's float32 matmuls are faster."""
+    config = loaded.model.config
+    if loaded.device.type != "cpu" or loaded.dtype != torch.bfloat16 or quantize != "none":
+        return None
+    if not float32_wins_wide_matmuls(config.hidden_size, config.intermediate_size):
+        return None
+    log.info("large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
+    return family_decoder(loaded, row_len, quantize, torch.float32)
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, max_slots: int, max_len: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_slots: int,
+        max_len: int,
+        compile: bool = False,
+        quantize: str = "none",
+        background_compile: bool = True,
+    ) -> None:
         config = loaded.model.config
-        self.model = loaded.model
         self.device = loaded.device
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = SlotKVCache(
@@ -23,33 +83,48 @@ class ModelRunner:
             loaded.dtype,
             loaded.device,
         )
+        family = family_decoder(loaded, max_len, quantize)
+        self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
+        self.attention = llama.matmul_attention if self.device.type == "cpu" else llama.sdpa_attention
+        self.compiled: CompiledDecode | None = None
+        if compile and family is not None:
+            use_compile_cache(str(cache_root() / "inductor"))
+            decode_attention = llama.reduction_attention if self.device.type == "cpu" else llama.sdpa_attention
+            wide = wide_decoder(loaded, max_len, quantize)
+            self.compiled = CompiledDecode(family, self.cache, decode_attention, max_slots, wide)
+            if background_compile:
+                self.compiled.start_background()
 
     @torch.inference_mode()
     def forward(self, first_row: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Run row `first_row + r` on tokens `chunks[r]` placed at columns `starts[r]...`; return the float32
-        logits of each row's last token, shape [rows, vocab]. Rows are right-padded to the longest chunk."""
-        lengths = torch.tensor([len(c) for c in chunks], device=self.device)
-        width = int(lengths.max())
+        logits of each row's last token, shape [rows, vocab]. Rows are right-padded to the longest chunk; the
+        padding sits in the scratch column, so it never touches a column a sequence owns."""
+        lengths = [len(c) for c in chunks]
+        kv_len = max(s + n for s, n in zip(starts, lengths, strict=True))
+        if self.compiled is not None and first_row == 0 and max(lengths) == 1 and self.compiled.ready(len(chunks)):
+            return self.compiled(chunks, starts, kv_len)
+        width = max(lengths)
         tokens = torch.zeros((len(chunks), width), dtype=torch.long)
-        for r, chunk in enumerate(chunks):
+        positions = torch.full((len(chunks), width), self.cache.scratch, dtype=torch.long)
+        for r, (chunk, start) in enumerate(zip(chunks, starts, strict=True)):
             tokens[r, : len(chunk)] = torch.tensor(chunk)
-        start = torch.tensor(starts, device=self.device)[:, None]
-        offsets = torch.arange(width, device=self.device)[None, :]
-        columns = (start + offsets).clamp(max=self.cache.max_len - 1)  # pads past the window: masked, never read
-        self.cache.bind(slice(first_row, first_row + len(chunks)), columns)
-        key_columns = torch.arange(self.cache.kv_len, device=self.device)[None, None, :]
-        causal = key_columns <= columns[:, :, None]
-        real = key_columns < (start + lengths[:, None])[:, :, None]
-        mask = (causal & real)[:, None, :, :]
-        hidden = self.model.model(
-            input_ids=tokens.to(self.device),
-            position_ids=columns,
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-        ).last_hidden_state
-        last = hidden[torch.arange(len(chunks), device=self.device), lengths - 1]
-        return self.model.lm_head(last).float()
+            positions[r, : len(chunk)] = torch.arange(start, start + len(chunk))
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self.decoder(
+            tokens.to(self.device),
+            positions.to(self.device),
+            first_row,
+            torch.arange(kv_len, device=self.device),
+            self.cache.keys,
+            self.cache.values,
+            self.attention,
+            last,
+        )
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         self.cache.move_row(src, dst, length)
+
+    def close(self) -> None:
+        if self.compiled is not None:
+            self.compiled.stop()

@@ -2,7 +2,7 @@
 
 A prefix is everything before the last message's content, so requests that share a system prompt
 reuse its KV: the engine copies it into the new slot and prefills only the rest. Entries are kept
-in LRU order, bounded by count and by total tokens.
+in LRU order, bounded by count and by total tokens (`prefix_cache_tokens`, counted inside the memory plan).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class PrefixCache:
-    def __init__(self, max_entries: int = 32, max_tokens: int = 16384, min_len: int = 8) -> None:
+    def __init__(self, max_entries: int = 32, max_tokens: int = 4096, min_len: int = 8) -> None:
         self.max_entries = max_entries
         self.max_tokens = max_tokens
         self.min_len = min_len

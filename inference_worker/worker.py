@@ -70,6 +70,11 @@ class Worker(Intake):
             prefill_budget=config.prefill_chunk_tokens,
             max_seq_len=config.max_seq_len,
             max_wait_ms=config.max_wait_ms,
+            prefix_cache=config.prefix_cache_tokens > 0,
+            prefix_cache_tokens=config.prefix_cache_tokens,
+            kv_cache_tokens=config.kv_cache_tokens,
+            compile=config.compile,
+            quantize=config.quantize,
         )
         self.limits = Limits(config.max_tokens_cap, config.max_batch_queries, config.max_seq_len)
         self.held = HeldRequests()

@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("bench", help="benchmark a running stack (`llmbus bench --help` for its flags)", add_help=False)
+    commands.add_parser(
+        "quality",
+        help="perplexity and QA exact match of the engine, per --quantize mode (`llmbus quality --help`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -160,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return bench_command(argv[1:])
+    if argv[:1] == ["quality"]:
+        from llmbus import quality  # loads torch: only for this command
+
+        return quality.main(argv[1:])
     args = build_parser().parse_args(argv)
     command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
     return command(args)

@@ -76,6 +76,15 @@ class Config:
     max_pending: int = _opt(256, "requests a worker holds (running + waiting) before it answers 503 overloaded")
     max_batch_queries: int = _opt(128, "most queries in one llm.chat.batched request")
     drain_timeout: float = _opt(60.0, "seconds a stopping worker waits for the requests it holds")
+    # engine speed and memory (inference_worker/compiled_decode.py, quantize.py, memory.py)
+    compile: bool = _opt(
+        True, "compile the decode step (torch.compile; CUDA graphs on GPU); the worker serves eagerly until compiled"
+    )
+    quantize: str = _opt("none", "weight-only quantization of the layers' projections: none or int8")
+    kv_cache_tokens: int = _opt(
+        0, "KV cache tokens planned at start (0: max_batch_size x max_seq_len + prefix_cache_tokens); fewer: fewer rows"
+    )
+    prefix_cache_tokens: int = _opt(4096, "tokens of shared prompt prefixes kept, inside kv_cache_tokens (0: none)")
     # gateway
     http_host: str = _opt("127.0.0.1", "HTTP bridge bind address")
     http_port: int = _opt(8000, "HTTP bridge port")
@@ -134,6 +143,11 @@ class Config:
             raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute}")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):
             raise ValueError("HTTPS needs both http_tls_cert and http_tls_key")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        for name in ("kv_cache_tokens", "prefix_cache_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def all_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

@@ -10,6 +10,7 @@ import torch
 
 from helpers.tiny_model import tiny_model
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
+from inference_worker.memory import MemoryPlanError
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence, Status
@@ -126,14 +127,30 @@ def test_prompt_longer_than_context_is_an_error_and_max_tokens_is_cut_to_fit(tin
     assert done["fits"].completion_tokens == 14 and done["fits"].finish_reason == "length"
 
 
-def test_cache_grows_past_its_initial_capacity(tiny: LoadedModel) -> None:
+def test_memory_is_planned_at_start_and_a_kv_budget_buys_rows(tiny: LoadedModel) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=8, max_seq_len=512, prefix_cache_tokens=256))
+    assert (engine.plan.rows, engine.plan.window, engine.plan.kv_tokens) == (8, 512, 8 * 512 + 256)
+    assert engine.runner.cache.keys[0].shape == (8, 2, 513, 16)  # the whole window, plus the scratch column
+    assert engine.prefix_cache is not None and engine.prefix_cache.max_tokens == 256
+    small = LLMEngine(
+        tiny, EngineConfig(max_batch_size=8, max_seq_len=512, kv_cache_tokens=3 * 512 + 256, prefix_cache_tokens=256)
+    )
+    assert small.plan.rows == 3
+    for i in range(5):
+        small.add_request(Sequence(str(i), prompt(tiny, f"row {i}"), GREEDY))
+    small.step()
+    assert small.num_running == 3 and small.num_waiting == 2  # admission waits for a free row
+    with pytest.raises(MemoryPlanError, match="cannot hold one row"):
+        LLMEngine(tiny, EngineConfig(max_seq_len=512, kv_cache_tokens=600, prefix_cache_tokens=256))
+    with pytest.raises(MemoryPlanError, match="does not fit"):
+        LLMEngine(tiny, EngineConfig(max_batch_size=10**7, max_seq_len=1024))
+
+
+def test_a_long_prompt_fills_the_static_cache_and_still_matches_generate(tiny: LoadedModel) -> None:
     ids = list(range(1000, 1300))
-    engine = LLMEngine(tiny, EngineConfig(max_batch_size=2))
-    assert engine.runner.cache.capacity == 256
-    result = engine.generate([ids], GREEDY)[0]
+    result = LLMEngine(tiny, EngineConfig(max_batch_size=2)).generate([ids], GREEDY)[0]
     out = tiny.model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert result.text == tiny.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
-    assert engine.runner.cache.capacity == 512
 
 
 def test_same_seed_same_text_and_top_k_1_is_greedy(tiny: LoadedModel) -> None:
@@ -355,3 +372,28 @@ def test_fast_engine_tests_never_load_the_smollm2_weights() -> None:
     )
     assert out.returncode == 0, out.stdout[-2000:]
     assert "SETUP    M tiny" in out.stdout and "smollm" not in out.stdout
+
+
+def test_an_architecture_outside_the_llama_family_runs_on_the_hf_modules(tiny: LoadedModel) -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tiny.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+    )
+    model = Qwen3ForCausalLM(config).eval()
+    qwen3 = LoadedModel(model, tiny.tokenizer, "tiny-qwen3", torch.device("cpu"), torch.float32, frozenset({2}), 1024)
+    engine = LLMEngine(qwen3, EngineConfig(max_batch_size=4))
+    assert type(engine.runner.decoder).__name__ == "HFDecoder"
+    prompts = [prompt(qwen3, "hello there"), prompt(qwen3, "a longer prompt than the first one")]
+    results = engine.generate(prompts, GREEDY)
+    for ids, result in zip(prompts, results, strict=True):
+        out = model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        assert result.text == qwen3.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)

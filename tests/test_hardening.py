@@ -8,15 +8,19 @@ import asyncio
 import dataclasses
 import json
 import threading
+from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from torch import nn
 
 from bus_gateway.client import BusClient
 from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
+from inference_worker import model_runner
 from inference_worker.model_loader import LoadedModel
+from inference_worker.model_runner import family_decoder
 from inference_worker.thread_share import fair_threads, workers_on_host
 from inference_worker.worker import EngineDied, Worker, run_worker
 from llmbus.config import Config
@@ -113,25 +117,30 @@ class Poison(Exception):
 
 
 async def test_a_dead_engine_fails_its_requests_leaves_the_bus_and_stops_the_worker(
-    nats_server: NatsServer, nc: NATS
+    nats_server: NatsServer, nc: NATS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = Config(nats_url=nats_server.url, subject_prefix="doomed", threads=1)
+    config = Config(nats_url=nats_server.url, subject_prefix="doomed", threads=1, compile=False)
     stop, ready = asyncio.Event(), asyncio.Event()
-    loaded = tiny_model()
-    model_forward = loaded.model.model.forward
+    armed = threading.Event()
 
-    def poisoned(*args: object, **kwargs: object) -> object:
-        if poisoned.armed:
-            raise Poison()
-        return model_forward(*args, **kwargs)
+    def poisoned_decoder(*args: Any, **kwargs: Any) -> nn.Module:
+        decoder = family_decoder(*args, **kwargs)
+        forward = decoder.forward
 
-    poisoned.armed = False
-    loaded.model.model.forward = poisoned  # type: ignore[method-assign]
-    task = asyncio.create_task(run_worker(config, stop, ready, loaded=loaded))
+        def poisoned(*args: Any, **kwargs: Any) -> Any:
+            if armed.is_set():
+                raise Poison()
+            return forward(*args, **kwargs)
+
+        decoder.forward = poisoned  # type: ignore[method-assign]
+        return decoder
+
+    monkeypatch.setattr(model_runner, "family_decoder", poisoned_decoder)
+    task = asyncio.create_task(run_worker(config, stop, ready, loaded=tiny_model()))
     await asyncio.wait_for(ready.wait(), 120)
     ok = await nc.request("doomed.chat", b'{"chat_id": "ok", "user_prompt": "hi", "max_tokens": 2}', timeout=120)
     assert ERROR_CODE not in (ok.headers or {})
-    poisoned.armed = True
+    armed.set()
     failed = await nc.request("doomed.chat", b'{"chat_id": "x", "user_prompt": "hi", "max_tokens": 2}', timeout=120)
     assert failed.headers[ERROR_CODE] == "500"
     with pytest.raises(EngineDied):

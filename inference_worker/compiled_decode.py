@@ -1,0 +1,177 @@
+"""The decode step under `torch.compile`, compiled in the background while the engine serves eagerly.
+
+- CPU: inductor's C++/OpenMP backend with freezing (the weights are folded into the graph and pre-packed for oneDNN,
+  which halves the batch-1 projection time here). The batch size, the attended length and the cache's shape are
+  symbolic (a batch of 1 is padded to 2, since dynamo specializes size 1), so one graph serves every step and every
+  engine of the process. With a `wide` decoder (float32 weights, on CPUs whose bf16 matmuls are slower than float32
+  ones at large batches, see hardware.py), batches of `WIDE_FROM` rows or more run a second graph on it.
+- CUDA: `mode="reduce-overhead"` (CUDA graphs). A batch is padded to the next of a few bucket sizes and the attended
+  length to a multiple of 256, so that only a few graphs are recorded; the cache tensors have static addresses.
+
+Padding rows run token 0 at the cache's scratch column, which no real query reads (see kv_cache.py); their logits
+are dropped. Inductor keeps compiled code on disk (`TORCHINDUCTOR_CACHE_DIR`), so a restart compiles faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from inference_worker.kv_cache import SlotKVCache
+
+log = logging.getLogger("llmbus.engine")
+
+CUDA_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+CUDA_COLUMN_BLOCK = 256
+MIN_CPU_ROWS = 2
+WIDE_FROM = 16
+WARM_UP_COLUMNS = 64
+_compile_lock = threading.Lock()
+_steps: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def cuda_buckets(max_rows: int) -> tuple[int, ...]:
+    return (*(b for b in CUDA_BUCKETS if b < max_rows), max_rows)
+
+
+def use_compile_cache(directory: str) -> None:
+    """Keep inductor's compiled artifacts under `directory` (unless TORCHINDUCTOR_CACHE_DIR says otherwise)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", directory)
+
+
+def compiled_step(decoder: nn.Module, attention: Callable, device_type: str) -> Callable[..., torch.Tensor]:
+    """One compiled step per decoder and process, shared by every engine on the decoder. The decoder is captured,
+    not passed: freezing folds only the weights the graph captures."""
+    if decoder in _steps:
+        return _steps[decoder]
+
+    def step(keys, values, tokens, positions, kv_columns) -> torch.Tensor:
+        return decoder(tokens, positions, 0, kv_columns, keys, values, attention)
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if device_type == "cuda":
+        compiled = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    else:
+        torch._inductor.config.freezing = True  # process-wide: torch.compile(options=...) does not apply it
+        torch._inductor.config.compile_threads = 1  # no pool of compile processes competing with the steps
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    _steps[decoder] = compiled
+    return compiled
+
+
+class CompiledDecode:
+    def __init__(
+        self,
+        decoder: nn.Module,
+        cache: SlotKVCache,
+        attention: Callable,
+        max_rows: int,
+        wide: nn.Module | None = None,
+    ) -> None:
+        self.cache = cache
+        self.device = cache.keys[0].device
+        self.on_cuda = self.device.type == "cuda"
+        self.max_rows = max_rows
+        self.wide_from = WIDE_FROM if wide is not None and not self.on_cuda and max_rows >= WIDE_FROM else None
+        if self.on_cuda:
+            self.sizes = cuda_buckets(max_rows)
+        else:
+            self.sizes = (min(MIN_CPU_ROWS, max_rows), *(() if self.wide_from is None else (self.wide_from,)))
+        self.column_block = CUDA_COLUMN_BLOCK if self.on_cuda else 1
+        self.step = compiled_step(decoder, attention, self.device.type)
+        self.wide_step = compiled_step(wide, attention, self.device.type) if self.wide_from else None
+        self.compile_seconds: dict[int, float] = {}
+        self._ready: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.on_cuda:
+            for tensor in (*cache.keys, *cache.values):
+                torch._dynamo.mark_static_address(tensor)
+
+    def padded(self, rows: int) -> int:
+        if self.on_cuda:
+            return next(b for b in self.sizes if b >= rows)
+        return min(max(rows, MIN_CPU_ROWS), self.max_rows)
+
+    def graph_size(self, rows: int) -> int:
+        """The warm-up size of the graph that runs `rows` rows."""
+        if self.on_cuda:
+            return self.padded(rows)
+        return self.wide_from if self.wide_from is not None and rows >= self.wide_from else self.sizes[0]
+
+    def ready(self, rows: int) -> bool:
+        return rows <= self.max_rows and self.graph_size(rows) in self._ready
+
+    @property
+    def all_ready(self) -> bool:
+        return len(self._ready) == len(self.sizes)
+
+    def __call__(self, chunks: list[list[int]], starts: list[int], kv_len: int) -> torch.Tensor:
+        rows = len(chunks)
+        size = self.padded(rows)
+        tokens = torch.zeros((size, 1), dtype=torch.long)
+        positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long)
+        tokens[:rows, 0] = torch.tensor([c[0] for c in chunks])
+        positions[:rows, 0] = torch.tensor(starts)
+        columns = min(-(-kv_len // self.column_block) * self.column_block, self.cache.row_len)
+        logits = self._run(tokens, positions, columns)
+        return logits[:rows].clone() if self.on_cuda else logits[:rows]
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, columns: int) -> torch.Tensor:
+        kv_columns = torch.arange(columns, device=self.device)
+        torch._dynamo.maybe_mark_dynamic(kv_columns, 0)
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        if not self.on_cuda:
+            torch._dynamo.maybe_mark_dynamic(tokens, 0)
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
+            for tensor in (*self.cache.keys, *self.cache.values):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+        wide = self.wide_from is not None and tokens.shape[0] >= self.wide_from
+        step = self.wide_step if wide else self.step
+        return step(self.cache.keys, self.cache.values, tokens, positions, kv_columns)
+
+    @torch.inference_mode()
+    def warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
+        """Compile (or load from the cache) and run each size once; padding rows only, so no sequence is touched.
+        In inference mode, as the engine's steps run: dynamo guards on it, so a warm-up outside would not count."""
+        for size in sizes or self.sizes:
+            if self._stop.is_set():
+                return
+            if size in self._ready:
+                continue
+            started = time.perf_counter()
+            tokens = torch.zeros((size, 1), dtype=torch.long)
+            positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long)
+            with _compile_lock:
+                self._run(tokens, positions, max(self.column_block, WARM_UP_COLUMNS))
+            self.compile_seconds[size] = time.perf_counter() - started
+            self._ready.add(size)
+            log.info("decode step compiled for batch %d in %.1f s", size, self.compile_seconds[size])
+
+    def start_background(self) -> None:
+        """Warm up in a daemon thread; `ready(n)` turns true as the graphs arrive."""
+        self._thread = threading.Thread(target=self._warm_up_quietly, name="llmbus-compile", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the background warm-up; True once every size is compiled."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.all_ready
+
+    def _warm_up_quietly(self) -> None:
+        try:
+            self.warm_up()
+        except Exception:
+            log.exception("compiling the decode step failed; decoding stays eager")
+
+    def stop(self) -> None:
+        self._stop.set()

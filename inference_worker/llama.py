@@ -1,0 +1,260 @@
+"""A hand-written decoder for the Llama family (Llama, Mistral, Qwen2) that reads and writes the slot KV cache.
+
+Per layer: one fused QKV projection, RoPE from tables computed once, attention over the rows' own cache columns,
+one fused gate/up projection; RMSNorm, residuals and SiLU are left to the compiler to fuse. The weights are the
+loaded HF model's own tensors (the fused projections are concatenated once, and the HF modules are pointed at
+views of them, so nothing is stored twice and `model.generate` keeps working).
+
+`forward(tokens, positions, first_row, kv_len, cache)` runs rows `first_row + b` of the cache on `tokens[b]` at
+columns `positions[b]`: it writes their keys and values there, then attends over columns `[0, kv_len)` where
+column c is visible to a query at position p when c <= p (and p - c < the sliding window, if the model has one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILY = frozenset({"llama", "mistral", "qwen2"})
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def supports(config) -> bool:
+    """Whether the hand-written forward reproduces this HF config exactly (else the runner uses the HF modules)."""
+    return (
+        getattr(config, "model_type", None) in FAMILY
+        and getattr(config, "hidden_act", "silu") == "silu"
+        and not getattr(config, "pretraining_tp", 1) > 1
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """Attention as two plain matmuls, queries grouped by their KV head (no repeated keys). On CPU this beat
+    SDPA by 2.4x at batch 64 decode (one query per row): q [B, T, H, D], k/v [B, KV, L, D], visible [B, T, L]."""
+    batch, width, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    q = q.view(batch, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * width, dim)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    visible = visible[:, None, None].expand(batch, 1, group, width, visible.shape[-1])
+    scores = scores.masked_fill(~visible.reshape(batch, 1, group * width, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v).view(batch, kv_heads, group, width, dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, width, heads * dim)
+
+
+def reduction_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """The same maths as broadcast products and sums, for compiled decode on CPU: inductor turns each into one loop
+    that reads the cache rows in place, where bf16 batched matmuls over the strided cache views copied them first
+    (1.7x faster at batch 64, 2.7x at batch 1, measured here)."""
+    batch, width, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    q = q.view(batch, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * width, dim)
+    scores = (q[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * scale
+    visible = visible[:, None, None].expand(batch, 1, group, width, visible.shape[-1])
+    scores = scores.masked_fill(~visible.reshape(batch, 1, group * width, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs[..., None] * v[:, :, None, :, :].float()).sum(-2).to(q.dtype).view(batch, kv_heads, group, width, dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, width, heads * dim)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """PyTorch's fused attention (flash / memory-efficient kernels on CUDA), GQA without repeating the keys."""
+    batch, width, heads, dim = q.shape
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None], scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2).reshape(batch, width, heads * dim)
+
+
+class Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def fuse(*modules: nn.Linear, share: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight (and bias) of one projection whose output is the modules' outputs side by side. With `share`, the
+    HF modules are pointed at views of it, so the weights are stored once."""
+    weight = torch.cat([m.weight.data for m in modules])
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.data for m in modules])
+    if share:
+        start = 0
+        for m in modules:
+            end = start + m.out_features
+            m.weight.data = weight[start:end]
+            if m.bias is not None:
+                m.bias.data = bias[start:end]
+            start = end
+    return weight, bias
+
+
+MakeLinear = Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
+
+
+def _cast(tensors: tuple[torch.Tensor, torch.Tensor | None], dtype: torch.dtype | None):
+    weight, bias = tensors
+    if dtype is None:
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _param(tensor: torch.Tensor, dtype: torch.dtype | None) -> nn.Parameter:
+    return nn.Parameter(tensor if dtype is None else tensor.to(dtype), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, hf_layer: nn.Module, config, make_linear: MakeLinear = Linear, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        share = make_linear is Linear and dtype is None
+        self.qkv = make_linear(*_cast(fuse(attn.q_proj, attn.k_proj, attn.v_proj, share=share), dtype))
+        self.o = make_linear(*_cast(_weight_and_bias(attn.o_proj), dtype))
+        self.gate_up = make_linear(*_cast(fuse(mlp.gate_proj, mlp.up_proj, share=share), dtype))
+        self.down = make_linear(*_cast(_weight_and_bias(mlp.down_proj), dtype))
+        self.input_norm = _param(hf_layer.input_layernorm.weight.data, dtype)
+        self.post_norm = _param(hf_layer.post_attention_layernorm.weight.data, dtype)
+        self.eps = config.rms_norm_eps
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+        self.intermediate = mlp.gate_proj.out_features
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        first_row: int,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        attention: Attention,
+    ) -> torch.Tensor:
+        batch, width, _ = x.shape
+        rows = torch.arange(first_row, first_row + batch, device=x.device)[:, None]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.qkv(rms_norm(x, self.input_norm, self.eps)).split((q_size, kv_size, kv_size), dim=-1)
+        q = rotate(q.view(batch, width, self.heads, self.head_dim), cos, sin)
+        k = rotate(k.view(batch, width, self.kv_heads, self.head_dim), cos, sin)
+        k_cache[rows, :, positions] = k.to(k_cache.dtype)
+        v_cache[rows, :, positions] = v.view(batch, width, self.kv_heads, self.head_dim).to(v_cache.dtype)
+        kv_len = visible.shape[-1]
+        keys = k_cache[first_row : first_row + batch, :, :kv_len]
+        values = v_cache[first_row : first_row + batch, :, :kv_len]
+        x = x + self.o(attention(q, keys, values, visible, self.scale))
+        gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps)).split(self.intermediate, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class LlamaFamilyModel(nn.Module):
+    """Built from a loaded HF `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` (sharing its weights).
+    `make_linear` builds the layers' projections (`Linear`, or a quantized one); the LM head stays as loaded.
+    With `dtype`, it computes in that dtype on copies of the weights (the KV cache keeps its own dtype)."""
+
+    def __init__(
+        self, hf_model: nn.Module, max_len: int, make_linear: MakeLinear = Linear, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        config = hf_model.config
+        inner = hf_model.model
+        self.embed = _param(inner.embed_tokens.weight.data, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(layer, config, make_linear, dtype) for layer in inner.layers)
+        self.norm = _param(inner.norm.weight.data, dtype)
+        self.lm_head = _param(hf_model.lm_head.weight.data, dtype)
+        self.eps = config.rms_norm_eps
+        self.window = getattr(config, "sliding_window", None) if _uses_sliding_window(config) else None
+        cos, sin = _rope_tables(inner.rotary_emb, max_len + 1, self.embed.dtype, self.embed.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        first_row: int,
+        kv_columns: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        attention: Attention,
+        last: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (float32) of row b's token `last[b]` (default: its last), writing K/V at `positions`.
+
+        tokens/positions: [B, T]; rows first_row + b of the cache; kv_columns: arange(L), the columns read.
+        """
+        x = self.hidden_states(tokens, positions, first_row, kv_columns, keys, values, attention)
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        return self.head(x)
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        first_row: int,
+        kv_columns: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        attention: Attention,
+    ) -> torch.Tensor:
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        visible = kv_columns[None, None, :] <= positions[:, :, None]
+        if self.window is not None:
+            visible &= kv_columns[None, None, :] > positions[:, :, None] - self.window
+        for layer, k_cache, v_cache in zip(self.layers, keys, values, strict=True):
+            x = layer(x, cos, sin, k_cache, v_cache, first_row, positions, visible, attention)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
+
+
+def _weight_and_bias(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return linear.weight.data, None if linear.bias is None else linear.bias.data
+
+
+def _uses_sliding_window(config) -> bool:
+    if getattr(config, "sliding_window", None) is None:
+        return False
+    return getattr(config, "use_sliding_window", True)
+
+
+def _rope_tables(rotary: nn.Module, length: int, dtype: torch.dtype, device: torch.device):
+    """cos/sin for every position, from the HF model's own rotary module (so every RoPE scaling type matches)."""
+    positions = torch.arange(length, device=device)[None]
+    probe = torch.empty(0, dtype=dtype, device=device)
+    with torch.no_grad():
+        cos, sin = rotary(probe, positions)
+    assert math.prod(cos.shape[:2]) == length
+    return cos[0], sin[0]

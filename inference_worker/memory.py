@@ -1,0 +1,137 @@
+"""Memory planned at start: the KV token budget, the rows it buys, the prefix cache inside it, and a check that
+the whole plan fits the memory this process can have, so running out shows up at start, not at peak load.
+
+The slot cache gives every row the whole context window, so the KV part of the budget is rows x window. A
+budget (`kv_cache_tokens`) below `max_batch_size` x window buys fewer rows, i.e. fewer sequences decoded
+together (admission waits for a free row); it never shortens the window. The prefix cache's tokens
+(`prefix_cache_tokens`) are counted inside the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("llmbus.engine")
+
+MEMORY_HEADROOM = 0.9  # of the available memory the plan may take (the rest: activations, allocator slack)
+
+
+class MemoryPlanError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class MemoryPlan:
+    rows: int
+    window: int
+    prefix_tokens: int
+    bytes_per_token: int
+    weight_bytes: int
+    available_bytes: int | None
+    device: str
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.rows * self.window + self.prefix_tokens
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_tokens * self.bytes_per_token
+
+    def describe(self) -> str:
+        available = "unknown" if self.available_bytes is None else _gb(self.available_bytes)
+        return (
+            f"memory plan ({self.device}): KV cache {self.rows} rows x {self.window} tokens + prefix cache "
+            f"{self.prefix_tokens} tokens = {self.kv_tokens} tokens x {self.bytes_per_token / 1024:.1f} KiB = "
+            f"{_gb(self.kv_bytes)}; weights {_gb(self.weight_bytes)}; available {available}"
+        )
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def plan_memory(
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_rows: int,
+    window: int,
+    kv_cache_tokens: int = 0,
+    prefix_cache_tokens: int = 0,
+) -> MemoryPlan:
+    """Rows and prefix tokens within the budget (0: `max_rows` full rows plus the prefix cache), checked against
+    the memory available now. Raises `MemoryPlanError` with the settings to change when it cannot fit."""
+    budget = kv_cache_tokens or max_rows * window + prefix_cache_tokens
+    if prefix_cache_tokens >= budget:
+        raise MemoryPlanError(
+            f"prefix_cache_tokens ({prefix_cache_tokens}) leaves nothing of kv_cache_tokens ({budget}) for the rows"
+        )
+    rows = min(max_rows, (budget - prefix_cache_tokens) // window)
+    if rows < 1:
+        raise MemoryPlanError(
+            f"kv_cache_tokens ({budget}) cannot hold one row of the {window}-token context window plus "
+            f"{prefix_cache_tokens} prefix-cache tokens: raise kv_cache_tokens or lower max_seq_len"
+        )
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = MemoryPlan(
+        rows,
+        window,
+        prefix_cache_tokens,
+        kv_bytes_per_token(model.config, dtype),
+        weight_bytes,
+        available_memory(device),
+        str(device),
+    )
+    if plan.available_bytes is not None and plan.kv_bytes > MEMORY_HEADROOM * plan.available_bytes:
+        raise MemoryPlanError(
+            f"{plan.describe()}: the KV cache does not fit; lower kv_cache_tokens, max_batch_size, max_seq_len "
+            "or prefix_cache_tokens"
+        )
+    if rows < max_rows:
+        log.warning("kv_cache_tokens %d buys %d of max_batch_size %d rows", budget, rows, max_rows)
+    return plan
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate: free GPU memory, or MemAvailable (within a cgroup limit)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type != "cpu":
+        return None
+    available = _meminfo_available()
+    limit = _cgroup_room()
+    if available is None:
+        return limit
+    return available if limit is None else min(available, limit)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - used)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

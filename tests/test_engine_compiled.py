@@ -1,0 +1,157 @@
+"""The compiled decode step against the eager one, int8 weights, and masked cache columns.
+
+Compiling is slow (tens of seconds for the tiny model, minutes for SmolLM2 on a cold cache), so each model is
+compiled once per module and shared; inductor's on-disk cache makes later runs faster.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.tiny_model import chat_prompt, tiny_model
+from inference_worker.compiled_decode import CompiledDecode
+from inference_worker.engine import EngineConfig, Finished, LLMEngine
+from inference_worker.llama import reduction_attention
+from inference_worker.model_loader import LoadedModel, load_model
+from inference_worker.model_runner import family_decoder
+from inference_worker.sampling_params import SamplingParams
+from inference_worker.sequence import Sequence
+
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+COMPILE_WAIT_S = 900
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny: LoadedModel) -> LLMEngine:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=16, compile=True))
+    assert engine.runner.compiled.wait(COMPILE_WAIT_S), "the decode step did not compile"
+    return engine
+
+
+def run_all(engine: LLMEngine) -> dict[str, str]:
+    texts: dict[str, str] = {}
+    while engine.has_work():
+        texts |= {e.request_id: e.text for e in engine.step() if isinstance(e, Finished)}
+    return texts
+
+
+def test_compiled_decode_equals_eager_at_every_batch_size_with_rows_of_different_lengths(
+    tiny: LoadedModel, compiled: LLMEngine
+) -> None:
+    prompts = [chat_prompt(tiny, "word " * (3 * i + 1)) for i in range(13)]
+    eager = LLMEngine(tiny, EngineConfig(max_batch_size=16))
+    for size in (1, 2, 3, 5, 8, 13):
+        expected = [r.text for r in eager.generate(prompts[:size], GREEDY)]
+        assert [r.text for r in compiled.generate(prompts[:size], GREEDY)] == expected, f"batch of {size}"
+    assert compiled.stats.decode_batch_sizes.keys() >= {1, 2, 3, 5, 8, 13}
+
+
+def test_rows_joining_and_leaving_a_compiled_batch_match_their_solo_runs(tiny: LoadedModel, compiled: LLMEngine):
+    prompts = [chat_prompt(tiny, t) for t in ("first", "a second, longer prompt", "third one here")]
+    lengths = [20, 5, 12]
+    solo = [
+        compiled.generate([p], SamplingParams(max_tokens=n, ignore_eos=True))[0].text
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    compiled.add_request(Sequence("0", prompts[0], SamplingParams(max_tokens=20, ignore_eos=True)))
+    compiled.step()
+    compiled.step()
+    for i in (1, 2):
+        compiled.add_request(Sequence(str(i), prompts[i], SamplingParams(max_tokens=lengths[i], ignore_eos=True)))
+    done = run_all(compiled)
+    assert [done[str(i)] for i in range(3)] == solo
+
+
+def test_large_batches_run_on_the_wide_decoder_and_still_equal_eager(tiny: LoadedModel) -> None:
+    """The second graph (a float32 copy of the weights, for CPUs whose bf16 matmuls lose at large batches) takes
+    batches of 16 rows and more; here the copy of a float32 model computes exactly what the eager decoder does."""
+    prompts = [chat_prompt(tiny, "row " * (i % 7 + 1)) for i in range(18)]
+    expected = [r.text for r in LLMEngine(tiny, EngineConfig(max_batch_size=20)).generate(prompts, GREEDY)]
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=20))
+    runner = engine.runner
+    wide = family_decoder(tiny, runner.cache.row_len, "none", torch.float32)
+    runner.compiled = CompiledDecode(runner.decoder, runner.cache, reduction_attention, 20, wide)
+    runner.compiled.warm_up()
+    assert runner.compiled.sizes == (2, 16) and runner.compiled.ready(18) and runner.compiled.ready(3)
+    assert [r.text for r in engine.generate(prompts, GREEDY)] == expected
+    assert max(engine.stats.decode_batch_sizes) == 18
+
+
+def test_garbage_in_masked_cache_columns_changes_nothing(tiny: LoadedModel, compiled: LLMEngine) -> None:
+    """Columns a row does not own (beyond its length, and the scratch column) are masked exactly: filling them with
+    large values leaves the logits bit-equal, eager and compiled."""
+    prompts = [chat_prompt(tiny, "masked"), chat_prompt(tiny, "columns of a longer row")]
+    for runner in (LLMEngine(tiny, EngineConfig(max_batch_size=16)).runner, compiled.runner):
+        starts = [0, 0]
+        runner.forward(0, prompts, starts)
+        lengths = [len(p) for p in prompts]
+        step = ([[5], [7]], lengths)
+        clean = runner.forward(0, *step)
+        for keys, values in zip(runner.cache.keys, runner.cache.values, strict=True):
+            for row, length in enumerate(lengths):
+                keys[row, :, length + 1 :] = 1e4
+                values[row, :, length + 1 :] = -1e4
+        assert torch.equal(runner.forward(0, *step), clean)
+
+
+def test_int8_weights_stay_close_to_the_float_model(tiny: LoadedModel) -> None:
+    prompt = [chat_prompt(tiny, "quantize me")]
+    dense = LLMEngine(tiny, EngineConfig(max_batch_size=2)).runner.forward(0, prompt, [0])
+    int8 = LLMEngine(tiny, EngineConfig(max_batch_size=2, quantize="int8"))
+    assert int8.runner.decoder.layers[0].qkv.weight.dtype == torch.int8
+    quantized = int8.runner.forward(0, prompt, [0])
+    assert torch.allclose(quantized, dense, atol=0.05 * dense.abs().max().item())
+    assert int8.generate(prompt, GREEDY)[0].completion_tokens == 16
+    with pytest.raises(ValueError, match="unknown quantize mode"):
+        LLMEngine(tiny, EngineConfig(quantize="int3"))
+
+
+@pytest.mark.model
+@pytest.mark.timeout(1800)  # a cold inductor cache compiles SmolLM2 for minutes on 2 cores
+def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_prompts() -> None:
+    """SmolLM2 in bfloat16 at batch sizes 1, 8 and 64 (8 prompts of different lengths, repeated). Compiled and eager
+    bf16 round differently, so their greedy texts can part at a near-tie; the reference is float32 `generate`.
+    Measured here: compiled bf16 matched it on 7/8, 7/8 and 56/64 replies, eager bf16 on 4/8, 5/8 and 40/64
+    (inductor keeps RoPE, norms and attention in float32 inside its fused kernels; eager rounds between ops)."""
+    questions = [
+        "What is the capital of France?",
+        "Write one sentence about cats.",
+        "List three colours.",
+        "Why is the sky blue? Answer briefly.",
+        "What is 12 times 12?",
+        "Name a famous scientist.",
+        "Say hello in Spanish.",
+        "What do bees make?",
+    ]
+    params = SamplingParams(max_tokens=16)
+    reference = load_model(dtype="float32")
+    prompts = [reference.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    truth = []
+    for ids in prompts:
+        out = reference.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+        truth.append(reference.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+    del reference
+    loaded = load_model(dtype="bfloat16")
+    eager = LLMEngine(loaded, EngineConfig(max_batch_size=64))
+    engine = LLMEngine(loaded, EngineConfig(max_batch_size=64, compile=True))
+    assert engine.runner.compiled.wait(COMPILE_WAIT_S)
+    for size in (1, 8, 64):
+        batch = [prompts[i % len(prompts)] for i in range(size)]
+        expected = [truth[i % len(prompts)] for i in range(size)]
+        by_engine = {
+            name: [r.text for r in e.generate(batch, params)] for name, e in (("eager", eager), ("compiled", engine))
+        }
+        hits = {name: sum(a == b for a, b in zip(texts, expected, strict=True)) for name, texts in by_engine.items()}
+        print(f"batch {size}: replies equal to float32 generate: {hits}")
+        assert hits["compiled"] >= hits["eager"] and hits["compiled"] >= 0.75 * size, hits
+        compiled = by_engine["compiled"]
+        assert all(compiled[i] == compiled[i % len(prompts)] for i in range(size)), (
+            "a repeated prompt changed its reply"
+        )
+    assert "Paris" in engine.generate(prompts[:1], params)[0].text
