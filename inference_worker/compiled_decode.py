@@ -5,8 +5,9 @@
   symbolic (a batch of 1 is padded to 2, since dynamo specializes size 1), so one graph serves every step and every
   engine of the process. With a `wide` decoder (float32 weights, on CPUs whose bf16 matmuls are slower than float32
   ones at large batches, see hardware.py), batches of `WIDE_FROM` rows or more run a second graph on it.
-- CUDA: `mode="reduce-overhead"` (CUDA graphs). A batch is padded to the next of a few bucket sizes and the attended
-  length to a multiple of 256, so that only a few graphs are recorded; the cache tensors have static addresses.
+- CUDA: `mode="reduce-overhead"` (CUDA graphs). The batch and the attended length are symbolic here too, so inductor
+  compiles once; a batch is padded to the next of a few bucket sizes and the attended length to a multiple of 256,
+  so that CUDA graphs are recorded for only a few shapes; the cache tensors have static addresses.
 
 Padding rows run token 0 at the cache's scratch column, which no real query reads (see kv_cache.py); their logits
 are dropped. Inductor keeps compiled code on disk (`TORCHINDUCTOR_CACHE_DIR`), so a restart compiles faster.
@@ -28,7 +29,7 @@ from inference_worker.kv_cache import SlotKVCache
 
 log = logging.getLogger("llmbus.engine")
 
-CUDA_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+CUDA_BUCKETS = (2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 CUDA_COLUMN_BLOCK = 256
 MIN_CPU_ROWS = 2
 WIDE_FROM = 16
@@ -38,6 +39,8 @@ _steps: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weak
 
 
 def cuda_buckets(max_rows: int) -> tuple[int, ...]:
+    """Batch sizes recorded as CUDA graphs. No bucket of 1: dynamo specializes size 1, which would cost a second
+    compile; a single row runs padded to 2 (a decode step on a GPU is bound by reading the weights, not by rows)."""
     return (*(b for b in CUDA_BUCKETS if b < max_rows), max_rows)
 
 
@@ -56,6 +59,7 @@ def compiled_step(decoder: nn.Module, attention: Callable, device_type: str) -> 
         return decoder(tokens, positions, 0, kv_columns, keys, values, attention)
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # dynamic=False: no automatic dynamic shapes; only the dimensions `_run` marks are symbolic
     if device_type == "cuda":
         compiled = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
     else:
@@ -91,6 +95,7 @@ class CompiledDecode:
         self._ready: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.failed = False
         if self.on_cuda:
             for tensor in (*cache.keys, *cache.values):
                 torch._dynamo.mark_static_address(tensor)
@@ -113,6 +118,13 @@ class CompiledDecode:
     def all_ready(self) -> bool:
         return len(self._ready) == len(self.sizes)
 
+    @property
+    def state(self) -> str:
+        """compiling, ready, or failed (decoding stays eager): reported in `$SRV.STATS` as `compile`."""
+        if self.failed:
+            return "failed"
+        return "ready" if self.all_ready else "compiling"
+
     def __call__(self, chunks: list[list[int]], starts: list[int], kv_len: int) -> torch.Tensor:
         rows = len(chunks)
         size = self.padded(rows)
@@ -128,9 +140,9 @@ class CompiledDecode:
         kv_columns = torch.arange(columns, device=self.device)
         torch._dynamo.maybe_mark_dynamic(kv_columns, 0)
         tokens, positions = tokens.to(self.device), positions.to(self.device)
+        torch._dynamo.maybe_mark_dynamic(tokens, 0)
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
         if not self.on_cuda:
-            torch._dynamo.maybe_mark_dynamic(tokens, 0)
-            torch._dynamo.maybe_mark_dynamic(positions, 0)
             for tensor in (*self.cache.keys, *self.cache.values):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
@@ -171,6 +183,7 @@ class CompiledDecode:
         try:
             self.warm_up()
         except Exception:
+            self.failed = True
             log.exception("compiling the decode step failed; decoding stays eager")
 
     def stop(self) -> None:

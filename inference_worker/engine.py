@@ -286,6 +286,7 @@ class LLMEngine:
         with self._lock:
             s = self.stats
             return {
+                "compile": self.runner.compile_state,
                 "running": self.num_running,
                 "waiting": self.num_waiting,
                 "decode_steps": s.decode_steps,

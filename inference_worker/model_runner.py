@@ -95,6 +95,11 @@ class ModelRunner:
             if background_compile:
                 self.compiled.start_background()
 
+    @property
+    def compile_state(self) -> str:
+        """off, compiling, ready or failed."""
+        return "off" if self.compiled is None else self.compiled.state
+
     @torch.inference_mode()
     def forward(self, first_row: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Run row `first_row + r` on tokens `chunks[r]` placed at columns `starts[r]...`; return the float32

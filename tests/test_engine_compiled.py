@@ -34,6 +34,11 @@ def compiled(tiny: LoadedModel) -> LLMEngine:
     return engine
 
 
+def test_stats_say_whether_the_decode_step_is_compiled(tiny: LoadedModel, compiled: LLMEngine) -> None:
+    assert compiled.snapshot()["compile"] == "ready"
+    assert LLMEngine(tiny, EngineConfig(max_batch_size=2)).snapshot()["compile"] == "off"
+
+
 def run_all(engine: LLMEngine) -> dict[str, str]:
     texts: dict[str, str] = {}
     while engine.has_work():

@@ -53,6 +53,19 @@ async def wait_for_workers(bus: BusClient, stack: Stack, count: int, timeout: fl
     raise BenchError(f"{len(seen)} of {count} workers answered $SRV.PING.{SERVICE_NAME} after {timeout:.0f}s")
 
 
+async def wait_for_compiled(bus: BusClient, stack: Stack, timeout: float) -> float:
+    """Wait until no worker's engine reports `compile: compiling` in `$SRV.STATS` (workers serve eagerly while their
+    decode step compiles, and the bench measures the engine as it runs once compiled); the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        stack.check_alive()
+        answers = await bus.stats()
+        if all(_endpoint_data(answer).get("compile") != "compiling" for answer in answers):
+            return time.monotonic() - started
+        await asyncio.sleep(0.5)
+    raise BenchError(f"the workers' decode step was still compiling after {timeout:.0f}s")
+
+
 async def worker_options(bus: BusClient) -> list[dict[str, Any]]:
     """Each worker's `$SRV.INFO` metadata (model, device, dtype, batch size and whatever options it reports)."""
     infos = await bus.info()
@@ -86,8 +99,7 @@ class EngineCounters:
 async def engine_counters(bus: BusClient) -> EngineCounters:
     total = EngineCounters()
     for answer in await bus.stats():
-        endpoints = answer.get("endpoints") or [{}]
-        data = endpoints[0].get("data") or {}
+        data = _endpoint_data(answer)
         batches = data.get("decode_batch_sizes", {})
         total.decode_steps += int(data.get("decode_steps", 0))
         total.decode_tokens += sum(int(size) * int(count) for size, count in batches.items())
@@ -95,3 +107,8 @@ async def engine_counters(bus: BusClient) -> EngineCounters:
         total.prompt_tokens += int(data.get("prompt_tokens", 0))
         total.prefix_tokens_reused += int(data.get("prefix_tokens_reused", 0))
     return total
+
+
+def _endpoint_data(stats_answer: dict[str, Any]) -> dict[str, Any]:
+    endpoints = stats_answer.get("endpoints") or [{}]
+    return endpoints[0].get("data") or {}

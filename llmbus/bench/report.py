@@ -47,6 +47,7 @@ def build_report(
         },
         "baselines": None if baselines is None else asdict(baselines),
         "warmup_s": sweep.warmup_s,
+        "compile_wait_s": sweep.compile_wait_s,
         "warmups_s": sweep.warmups_s,
         "points": [asdict(p) for p in sweep.points],
         "http": None

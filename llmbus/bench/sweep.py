@@ -15,7 +15,13 @@ from typing import Any
 import httpx
 
 from bus_gateway.client import BusClient
-from llmbus.bench.bus_load import engine_counters, stream_over_bus, wait_for_workers, worker_options
+from llmbus.bench.bus_load import (
+    engine_counters,
+    stream_over_bus,
+    wait_for_compiled,
+    wait_for_workers,
+    worker_options,
+)
 from llmbus.bench.closed_loop import Send, closed_loop, warm_up
 from llmbus.bench.http_load import OpenAITarget, http_client, stream_over_http, wait_until_ready
 from llmbus.bench.options import BenchError, BenchOptions, progress
@@ -42,6 +48,7 @@ class Sweep:
     worker_processes: list[dict[str, Any]] = field(default_factory=list)
     worker_options: list[dict[str, Any]] = field(default_factory=list)
     served_model: str | None = None
+    compile_wait_s: float = 0.0
 
 
 async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Sweep:
@@ -52,11 +59,14 @@ async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Swe
     try:
         progress(f"waiting for {opts.workers} worker(s) to answer $SRV.PING")
         seen = len(await wait_for_workers(bus, stack, opts.workers, opts.ready_timeout))
+        progress("waiting for the workers' decode step to compile ($SRV.STATS compile)")
+        compile_wait_s = await wait_for_compiled(bus, stack, opts.ready_timeout)
         options = await worker_options(bus)
         progress(f"{seen} worker(s) ready: {describe_workers(options)}")
         sweep = Sweep(seen, 0.0, [], worker_processes=[w.describe() for w in stack.workers], worker_options=options)
         models = sorted({str(o["model"]) for o in options if o.get("model")})
         sweep.served_model = models[0] if models else None
+        sweep.compile_wait_s = compile_wait_s
         async with contextlib.AsyncExitStack() as exits:
             targets = [Target("nats", bus_sender(bus, opts.request_timeout), True)]
             top = max(opts.concurrency)
