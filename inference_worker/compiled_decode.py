@@ -9,6 +9,11 @@
   compiles once; a batch is padded to the next of a few bucket sizes and the attended length to a multiple of 256,
   so that CUDA graphs are recorded for only a few shapes; the cache tensors have static addresses.
 
+Every warm-up of the process runs on one daemon thread (`llmbus-compile`): CUDA graph trees keep their state per
+thread, and a second decoder compiled on another thread failed there (an AssertionError in cudagraph_trees, seen on
+an H200 with torch 2.11). On CUDA the warm-up also records every attended-length block of each batch bucket, so no
+graph is recorded during a step. A compiled step that raises anyway turns this engine eager (`compile: failed`).
+
 Padding rows run token 0 at the cache's scratch column, which no real query reads (see kv_cache.py); their logits
 are dropped. Inductor keeps compiled code on disk (`TORCHINDUCTOR_CACHE_DIR`), so a restart compiles faster.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
@@ -36,6 +42,23 @@ WIDE_FROM = 16
 WARM_UP_COLUMNS = 64
 _compile_lock = threading.Lock()
 _steps: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
+_warm_ups: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+_warm_up_thread: threading.Thread | None = None
+
+
+def _run_warm_ups() -> None:
+    while True:
+        _warm_ups.get()()
+
+
+def _submit_warm_up(job: Callable[[], None]) -> None:
+    """Run `job` on the process's one compile thread (started on first use; a daemon, so exit never waits)."""
+    global _warm_up_thread
+    with _compile_lock:
+        if _warm_up_thread is None:
+            _warm_up_thread = threading.Thread(target=_run_warm_ups, name="llmbus-compile", daemon=True)
+            _warm_up_thread.start()
+    _warm_ups.put(job)
 
 
 def cuda_buckets(max_rows: int) -> tuple[int, ...]:
@@ -94,7 +117,7 @@ class CompiledDecode:
         self.compile_seconds: dict[int, float] = {}
         self._ready: set[int] = set()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._done: threading.Event | None = None
         self.failed = False
         if self.on_cuda:
             for tensor in (*cache.keys, *cache.values):
@@ -112,7 +135,7 @@ class CompiledDecode:
         return self.wide_from if self.wide_from is not None and rows >= self.wide_from else self.sizes[0]
 
     def ready(self, rows: int) -> bool:
-        return rows <= self.max_rows and self.graph_size(rows) in self._ready
+        return not self.failed and rows <= self.max_rows and self.graph_size(rows) in self._ready
 
     @property
     def all_ready(self) -> bool:
@@ -162,29 +185,39 @@ class CompiledDecode:
             started = time.perf_counter()
             tokens = torch.zeros((size, 1), dtype=torch.long)
             positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long)
-            with _compile_lock:
-                self._run(tokens, positions, max(self.column_block, WARM_UP_COLUMNS))
+            for columns in self._warm_up_columns():
+                self._run(tokens, positions, columns)
             self.compile_seconds[size] = time.perf_counter() - started
             self._ready.add(size)
             log.info("decode step compiled for batch %d in %.1f s", size, self.compile_seconds[size])
 
+    def _warm_up_columns(self) -> tuple[int, ...]:
+        """CPU: one length (it is symbolic). CUDA: every block of 256 columns, each its own CUDA graph."""
+        if self.on_cuda:
+            row_len, block = self.cache.row_len, self.column_block
+            return tuple(sorted({min(c, row_len) for c in range(block, row_len + block, block)}))
+        return (WARM_UP_COLUMNS,)
+
     def start_background(self) -> None:
-        """Warm up in a daemon thread; `ready(n)` turns true as the graphs arrive."""
-        self._thread = threading.Thread(target=self._warm_up_quietly, name="llmbus-compile", daemon=True)
-        self._thread.start()
+        """Warm up on the compile thread; `ready(n)` turns true as the graphs arrive."""
+        done = self._done = threading.Event()
+
+        def job() -> None:
+            try:
+                self.warm_up()
+            except Exception:
+                self.failed = True
+                log.exception("compiling the decode step failed; decoding stays eager")
+            finally:
+                done.set()
+
+        _submit_warm_up(job)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the background warm-up; True once every size is compiled."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._done is not None:
+            self._done.wait(timeout)
         return self.all_ready
-
-    def _warm_up_quietly(self) -> None:
-        try:
-            self.warm_up()
-        except Exception:
-            self.failed = True
-            log.exception("compiling the decode step failed; decoding stays eager")
 
     def stop(self) -> None:
         self._stop.set()

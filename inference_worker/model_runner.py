@@ -108,7 +108,11 @@ class ModelRunner:
         lengths = [len(c) for c in chunks]
         kv_len = max(s + n for s, n in zip(starts, lengths, strict=True))
         if self.compiled is not None and first_row == 0 and max(lengths) == 1 and self.compiled.ready(len(chunks)):
-            return self.compiled(chunks, starts, kv_len)
+            try:
+                return self.compiled(chunks, starts, kv_len)
+            except Exception:  # the step below rewrites the same cache columns, so the batch loses nothing
+                self.compiled.failed = True
+                log.exception("the compiled decode step failed; this engine decodes eagerly from now on")
         width = max(lengths)
         tokens = torch.zeros((len(chunks), width), dtype=torch.long)
         positions = torch.full((len(chunks), width), self.cache.scratch, dtype=torch.long)

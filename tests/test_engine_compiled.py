@@ -39,6 +39,22 @@ def test_stats_say_whether_the_decode_step_is_compiled(tiny: LoadedModel, compil
     assert LLMEngine(tiny, EngineConfig(max_batch_size=2)).snapshot()["compile"] == "off"
 
 
+def test_a_compiled_step_that_raises_turns_the_engine_eager_without_failing_a_request(
+    tiny: LoadedModel, compiled: LLMEngine
+) -> None:
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=16, compile=True))  # shares the compiled graph
+    assert engine.runner.compiled.wait(COMPILE_WAIT_S)
+    prompts = [chat_prompt(tiny, t) for t in ("one", "and two")]
+
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("a CUDA graph could not be recorded")
+
+    engine.runner.compiled._run = broken  # type: ignore[method-assign]
+    expected = [r.text for r in LLMEngine(tiny, EngineConfig(max_batch_size=16)).generate(prompts, GREEDY)]
+    assert [r.text for r in engine.generate(prompts, GREEDY)] == expected
+    assert engine.snapshot()["compile"] == "failed"
+
+
 def run_all(engine: LLMEngine) -> dict[str, str]:
     texts: dict[str, str] = {}
     while engine.has_work():
