@@ -173,8 +173,26 @@ class CompiledDecode:
         step = self.wide_step if wide else self.step
         return step(self.cache.keys, self.cache.values, tokens, positions, kv_columns)
 
-    @torch.inference_mode()
     def warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
+        """Compile each size now, on the compile thread (CUDA graphs must be recorded there), and wait for it."""
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def job() -> None:
+            try:
+                self._warm_up(sizes)
+            except BaseException as exc:
+                failure.append(exc)
+            finally:
+                done.set()
+
+        _submit_warm_up(job)
+        done.wait()
+        if failure:
+            raise failure[0]
+
+    @torch.inference_mode()
+    def _warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
         """Compile (or load from the cache) and run each size once; padding rows only, so no sequence is touched.
         In inference mode, as the engine's steps run: dynamo guards on it, so a warm-up outside would not count."""
         for size in sizes or self.sizes:
@@ -204,7 +222,7 @@ class CompiledDecode:
 
         def job() -> None:
             try:
-                self.warm_up()
+                self._warm_up()
             except Exception:
                 self.failed = True
                 log.exception("compiling the decode step failed; decoding stays eager")
