@@ -113,6 +113,17 @@ def model_directory(path: str | None = None) -> Path:
     return directory
 
 
+def model_name_of(directory: Path) -> str:
+    """The name a model directory is served under (unless --served-model-name says otherwise): the folder's name,
+    or `org/name` for a snapshot in the Hugging Face cache (`models--org--name/snapshots/<hash>`), whose own folder
+    is a commit hash."""
+    directory = directory.resolve()
+    repo = directory.parent.parent.name
+    if directory.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/")
+    return directory.name
+
+
 def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer alone, without the weights (fast tests that pair it with a tiny random model)."""
     return AutoTokenizer.from_pretrained(model_directory(path))
@@ -129,6 +140,6 @@ def load_model(path: str | None = None, device: str = "auto", dtype: str = "auto
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
-    name = DEFAULT_MODEL_NAME if path is None else directory.name
+    name = DEFAULT_MODEL_NAME if path is None else model_name_of(directory)
     max_context = int(getattr(model.config, "max_position_embeddings", 2048))
     return LoadedModel(model, tokenizer, name, torch_device, torch_dtype, frozenset(eos_ids), max_context)

@@ -4,6 +4,7 @@ greedy equality with `model.generate` on the real SmolLM2."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from helpers.tiny_model import tiny_model
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
 from inference_worker.memory import MemoryPlanError
-from inference_worker.model_loader import LoadedModel, load_model
+from inference_worker.model_loader import LoadedModel, load_model, model_name_of
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence, Status
 
@@ -397,3 +398,12 @@ def test_an_architecture_outside_the_llama_family_runs_on_the_hf_modules(tiny: L
     for ids, result in zip(prompts, results, strict=True):
         out = model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
         assert result.text == qwen3.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_a_model_directory_is_served_under_its_name_and_a_hub_snapshot_under_its_repo(tmp_path: Path) -> None:
+    plain = tmp_path / "my-model"
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "0123abcd"
+    for directory in (plain, snapshot):
+        directory.mkdir(parents=True)
+    assert model_name_of(plain) == "my-model"
+    assert model_name_of(snapshot) == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -6,17 +6,26 @@ compiled once per module and shared; inductor's on-disk cache makes later runs f
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
+import nats
 import pytest
 import torch
 
+from bus_gateway.client import BusClient
 from helpers.tiny_model import chat_prompt, tiny_model
-from inference_worker.compiled_decode import CompiledDecode
+from helpers.workers import start_worker
+from inference_worker.compiled_decode import CompiledDecode, _submit_warm_up
 from inference_worker.engine import EngineConfig, Finished, LLMEngine
 from inference_worker.llama import reduction_attention
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.model_runner import family_decoder
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
+from llmbus.config import Config
+from llmbus.nats_server import NatsServer
+from schemas import ChatRequest, Subjects
 
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 COMPILE_WAIT_S = 900
@@ -53,6 +62,33 @@ def test_a_compiled_step_that_raises_turns_the_engine_eager_without_failing_a_re
     expected = [r.text for r in LLMEngine(tiny, EngineConfig(max_batch_size=16)).generate(prompts, GREEDY)]
     assert [r.text for r in engine.generate(prompts, GREEDY)] == expected
     assert engine.snapshot()["compile"] == "failed"
+
+
+async def test_a_worker_serves_eagerly_while_its_decode_step_compiles(
+    tiny: LoadedModel, compiled: LLMEngine, nats_server: NatsServer
+) -> None:
+    compiling = threading.Event()
+    _submit_warm_up(compiling.wait)  # holds the process's compile thread, so this worker's warm-up waits behind it
+    config = Config(nats_url=nats_server.url, subject_prefix="compiling", max_batch_size=16)
+    running = await start_worker(config, tiny)
+    nc = await nats.connect(nats_server.url)
+    bus = BusClient(nc, Subjects("compiling"))
+
+    async def compile_state() -> list[str]:
+        stats = [s["endpoints"][0] for s in await bus.stats()]
+        return [e["data"]["compile"] for e in stats if e["subject"].startswith("compiling.")]
+
+    try:
+        answer = await bus.chat(ChatRequest(chat_id="eager", user_prompt="hi", max_tokens=4), timeout=120)
+        assert answer.finish_reason == "length"
+        assert await compile_state() == ["compiling"]
+        compiling.set()
+        while await compile_state() != ["ready"]:
+            await asyncio.sleep(0.1)  # the graph is compiled already (module fixture): this is a few runs
+    finally:
+        compiling.set()
+        await nc.close()
+        await running.shutdown()
 
 
 def run_all(engine: LLMEngine) -> dict[str, str]:
