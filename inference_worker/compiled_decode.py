@@ -48,7 +48,29 @@ _warm_up_thread: threading.Thread | None = None
 
 def _run_warm_ups() -> None:
     while True:
-        _warm_ups.get()()
+        job = _warm_ups.get()
+        _busy.set()
+        try:
+            job()
+        finally:
+            _busy.clear()
+
+
+_busy = threading.Event()
+
+
+def compiling() -> bool:
+    """Whether the compile thread is running a warm-up now (a process must not exit then: see llmbus.cli.run)."""
+    return _busy.is_set() or not _warm_ups.empty()
+
+
+def wait_until_idle(timeout: float | None = None) -> bool:
+    """Wait for every warm-up queued so far (stopped engines skip theirs); True when the thread is idle."""
+    done = threading.Event()
+    if _warm_up_thread is None:
+        return True
+    _warm_ups.put(done.set)
+    return done.wait(timeout)
 
 
 def _submit_warm_up(job: Callable[[], None]) -> None:

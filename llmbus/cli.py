@@ -290,5 +290,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": status_command,
 }
 
+
+def run() -> None:
+    """The `llmbus` command: main(), then the process's exit."""
+    code = main()
+    compiled_decode = sys.modules.get("inference_worker.compiled_decode")
+    if compiled_decode is not None and compiled_decode.compiling():
+        # A decode step still compiling on its daemon thread makes the interpreter's own exit abort ("terminate
+        # called without an active exception", status -6). Everything is stopped and flushed by now: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,3 +59,10 @@ async def fresh_nc(fresh_nats_server: NatsServer) -> AsyncIterator[NATS]:
     conn = await nats.connect(fresh_nats_server.url)
     yield conn
     await conn.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Let a decode step still compiling in the background finish: exiting under it aborts the interpreter."""
+    compiled_decode = sys.modules.get("inference_worker.compiled_decode")
+    if compiled_decode is not None:
+        compiled_decode.wait_until_idle(600)
