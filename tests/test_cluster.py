@@ -10,7 +10,7 @@ import nats
 import pytest
 
 from bus_gateway.client import BusClient
-from helpers.faults import FaultFigures, chat, engine_data, gather_stats, wait_until
+from helpers.faults import FaultFigures, chat, engine_data, gather_stats, stats_of, wait_until
 from helpers.workers import start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
@@ -86,7 +86,7 @@ async def test_workers_on_two_nodes_share_requests_from_a_third(cluster: list[Na
         assert not failures, failures
         assert sorted(r.chat_id for r in results) == sorted(f"cluster-{i}" for i in range(REQUESTS))
 
-        stats = await gather_stats(nc, 2.0)
+        stats = await stats_of(nc, lambda _: True, count=2)
         finished = {s["id"]: engine_data(s)["requests_finished"] for s in stats}
         assert len(finished) == 2
         assert sum(finished.values()) == REQUESTS

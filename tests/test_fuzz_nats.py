@@ -57,6 +57,7 @@ async def fuzz_worker(nats_server: NatsServer, smollm_f32: LoadedModel) -> Async
         max_batch_queries=MAX_BATCH_QUERIES,
         max_seq_len=CONTEXT_WINDOW,
         max_batch_size=16,
+        compile=False,  # a second SmolLM2 decoder (float32) would compile in the background during the fuzz
     )
     running = await start_worker(config, smollm_f32)
     yield running

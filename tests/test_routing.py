@@ -19,6 +19,7 @@ from bus_gateway.bus_errors import BusError
 from bus_gateway.client import BusClient
 from bus_gateway.jobs import JobClient
 from helpers.bridge import Bridge, running_bridge
+from helpers.faults import stats_of
 from helpers.workers import RunningWorker, start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
@@ -144,11 +145,11 @@ async def test_a_durable_job_is_answered_by_its_model(two_models: TwoModels) -> 
 async def test_a_batch_is_spread_over_every_worker_of_its_model(two_models: TwoModels, bus: BusClient) -> None:
     """32 queries for `alpha`, which has two workers: both serve some (each one's model_chat count rises)."""
     alpha_subject = f"{PREFIX}.model.alpha.chat"
-    before = await model_chat_counts(bus, alpha_subject)
+    before = await model_chat_counts(bus, alpha_subject, workers=2)
     answer = await bus.chat_batched([ask(f"b{i}", model="alpha", max_tokens=4) for i in range(32)], timeout=300)
     assert [r.chat_id for r in answer.responses] == [f"b{i}" for i in range(32)]
     assert not answer.partial_success and {r.model for r in answer.responses} == {"alpha"}
-    after = await model_chat_counts(bus, alpha_subject)
+    after = await model_chat_counts(bus, alpha_subject, workers=2)
     served = {worker: after[worker] - before.get(worker, 0) for worker in after}
     assert len(served) == 2 and all(n > 0 for n in served.values()) and sum(served.values()) == 32, served
 
@@ -182,9 +183,14 @@ async def sse_events(bridge: Bridge, path: str, body: dict) -> list[dict]:
         return [json.loads(line[5:]) async for line in r.aiter_lines() if line.startswith("data:")]
 
 
-async def model_chat_counts(bus: BusClient, subject: str) -> dict[str, int]:
+async def model_chat_counts(bus: BusClient, subject: str, workers: int) -> dict[str, int]:
+    """Requests on `subject` by worker id, once all `workers` serving it answered `$SRV.STATS`."""
+
+    def serves(stats: dict) -> bool:
+        return any(endpoint["subject"] == subject for endpoint in stats["endpoints"])
+
     counts = {}
-    for stats in await bus.stats(2.0):
+    for stats in await stats_of(bus.nc, serves, workers):
         for endpoint in stats["endpoints"]:
             if endpoint["subject"] == subject:
                 counts[stats["id"]] = endpoint["num_requests"]

@@ -9,8 +9,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from bus_gateway.client import BusClient
-from helpers.faults import wait_until
+from helpers.faults import stats_of, wait_until
 from helpers.workers import RunningWorker, start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
@@ -29,10 +28,10 @@ async def ask(
     return (msg.headers or {}), json.loads(msg.data)
 
 
-async def stats(nc: NATS, subject: str = "llm.chat") -> list[dict]:
-    """STATS `data` of every worker serving `subject` (micro answers once per instance)."""
-    replies = await BusClient(nc).stats()
-    return [r["endpoints"][0]["data"] for r in replies if r["endpoints"][0]["subject"] == subject]
+async def stats(nc: NATS, subject: str = "llm.chat", count: int = 1) -> list[dict]:
+    """STATS `data` of the workers serving `subject` (micro answers once per instance), once `count` answered."""
+    replies = await stats_of(nc, lambda r: r["endpoints"][0]["subject"] == subject, count)
+    return [r["endpoints"][0]["data"] for r in replies]
 
 
 async def test_raw_request_with_handwritten_json_answers_paris(worker: RunningWorker, nc: NATS) -> None:
@@ -271,7 +270,7 @@ async def test_two_workers_in_one_queue_group_both_serve(
             )
         )
         assert all(ERROR_CODE not in headers for headers, _ in answers)
-        per_worker = [d["requests_finished"] for d in await stats(nc, "pair.chat")]
+        per_worker = [d["requests_finished"] for d in await stats(nc, "pair.chat", count=2)]
         assert len(per_worker) == 2 and all(n > 0 for n in per_worker) and sum(per_worker) == 16
     finally:
         await asyncio.gather(first.shutdown(), second.shutdown())

@@ -77,6 +77,21 @@ async def gather_stats(nc: NATS, window: float = 1.0) -> list[dict[str, Any]]:
     return await BusClient(nc).stats(window)
 
 
+async def stats_of(nc: NATS, wanted: Callable[[dict[str, Any]], bool], count: int, timeout: float = 60) -> list[dict]:
+    """The `$SRV.STATS` replies that `wanted` accepts, once `count` of them came in one gather. A gather ends a
+    moment after the last reply, so a worker slow to answer (a loaded machine) can be missed: gather again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        replies = [r for r in await gather_stats(nc, 2.0) if wanted(r)]
+        if len(replies) >= count or time.monotonic() > deadline:
+            return replies
+
+
+def serving(subject_prefix: str) -> Callable[[dict[str, Any]], bool]:
+    """Accepts the STATS reply of a worker whose first endpoint is under `subject_prefix`."""
+    return lambda stats: stats["endpoints"][0]["subject"].startswith(subject_prefix)
+
+
 def engine_data(stats: dict[str, Any]) -> dict[str, Any]:
     """The worker's custom stats (the same `data` on each endpoint)."""
     return stats["endpoints"][0]["data"]

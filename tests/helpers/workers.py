@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 from inference_worker.model_loader import LoadedModel
@@ -21,8 +22,13 @@ class RunningWorker:
         await asyncio.wait_for(self.task, timeout)
 
 
-async def start_worker(config: Config, loaded: LoadedModel, timeout: float = 120) -> RunningWorker:
-    """Run a worker in this event loop and wait until it serves."""
+async def start_worker(
+    config: Config, loaded: LoadedModel, timeout: float = 120, *, compile_tiny: bool = False
+) -> RunningWorker:
+    """Run a worker in this event loop and wait until it serves. A worker of a tiny test model serves eagerly
+    unless `compile_tiny`: every tiny model is a new decoder, so each such worker would cost a compile."""
+    if loaded.name == "tiny" and not compile_tiny:
+        config = dataclasses.replace(config, compile=False)
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_worker(config, stop, ready, loaded=loaded))
     ready_wait = asyncio.create_task(ready.wait())
