@@ -14,10 +14,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from inference_worker.engine_stats import EngineStats
 from inference_worker.engine_thread import EngineThread
 from inference_worker.events import Accepted, Event, Failed, Finished, NoObserver, StepObserver, Timings, TokenDelta
 
@@ -58,21 +59,6 @@ class EngineConfig:
     kv_cache_tokens: int = 0
     compile: bool = False
     quantize: str = "none"
-
-
-@dataclass
-class EngineStats:
-    decode_steps: int = 0
-    prefill_forwards: int = 0
-    tokens_generated: int = 0
-    prompt_tokens: int = 0
-    prefix_tokens_reused: int = 0
-    requests_finished: int = 0
-    requests_failed: int = 0
-    requests_cancelled: int = 0
-    max_running: int = 0
-    decode_batch_sizes: dict[int, int] = field(default_factory=dict)
-    prefill_batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -202,7 +188,7 @@ class LLMEngine:
             self.stats.prompt_tokens += computed + reused
             self.stats.prefix_tokens_reused += reused
             if done:
-                _bump(self.stats.prefill_batch_sizes, len(done))
+                self.stats.prefill_batch(len(done))
         self._release()
         self.observer.prefill_step(time.perf_counter() - started, len(batch), computed)
         return events
@@ -217,9 +203,7 @@ class LLMEngine:
         logits = self.runner.forward(0, [[s.last_token] for s in running], [s.num_cached_tokens for s in running])
         gaps = self._advance(running, logits, events)
         with self._lock:
-            self.stats.decode_steps += 1
-            self.stats.max_running = max(self.stats.max_running, rows)
-            _bump(self.stats.decode_batch_sizes, rows)
+            self.stats.decode_step(rows)
         self._release()
         self.observer.decode_step(time.perf_counter() - started, rows)
         self.observer.token_gaps(gaps)
@@ -284,22 +268,11 @@ class LLMEngine:
 
     def snapshot(self) -> dict:
         with self._lock:
-            s = self.stats
             return {
                 "compile": self.runner.compile_state,
                 "running": self.num_running,
                 "waiting": self.num_waiting,
-                "decode_steps": s.decode_steps,
-                "prefill_forwards": s.prefill_forwards,
-                "tokens_generated": s.tokens_generated,
-                "prompt_tokens": s.prompt_tokens,
-                "prefix_tokens_reused": s.prefix_tokens_reused,
-                "requests_finished": s.requests_finished,
-                "requests_failed": s.requests_failed,
-                "requests_cancelled": s.requests_cancelled,
-                "max_running": s.max_running,
-                "decode_batch_sizes": {str(k): v for k, v in sorted(s.decode_batch_sizes.items())},
-                "prefill_batch_sizes": {str(k): v for k, v in sorted(s.prefill_batch_sizes.items())},
+                **self.stats.figures(),
             }
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Finished]:
@@ -323,7 +296,3 @@ def _os_seed() -> int:
     """A seed from the OS, so every replica and every restart draws different noise (a request's own seed still
     makes its text reproducible)."""
     return int.from_bytes(os.urandom(8), "little") & (2**63 - 1)
-
-
-def _bump(histogram: dict[int, int], key: int) -> None:
-    histogram[key] = histogram.get(key, 0) + 1

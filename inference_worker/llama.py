@@ -30,6 +30,7 @@ def supports(config) -> bool:
         getattr(config, "model_type", None) in FAMILY
         and getattr(config, "hidden_act", "silu") == "silu"
         and not getattr(config, "pretraining_tp", 1) > 1
+        and len(set(getattr(config, "layer_types", None) or ())) <= 1  # one window for all layers, or none
     )
 
 
@@ -245,8 +246,12 @@ def _weight_and_bias(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def _uses_sliding_window(config) -> bool:
+    """Whether every layer attends through the sliding window (a config that mixes window and full-attention
+    layers, as Qwen2 does from `max_window_layers` on, is not `supports`-ed: the HF modules run it)."""
     if getattr(config, "sliding_window", None) is None:
         return False
+    if layer_types := getattr(config, "layer_types", None):
+        return all(kind == "sliding_attention" for kind in layer_types)
     return getattr(config, "use_sliding_window", True)
 
 

@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Worker processes the tests start (`python -m llmbus.cli worker|up`) serve eagerly: each would otherwise compile
 # its decode step in the background, a minute of CPU per process on this machine, for tests about the bus. The
-# compiled step is tested in-process (tests/test_engine_compiled.py, and the shared SmolLM2 worker here compiles).
+# compiled step is tested in-process (tests/test_engine_compiled.py: a worker serving while it compiles, and the
+# SmolLM2 engine compiled); in-process workers serve eagerly too, unless a test asks (helpers.workers).
 os.environ.setdefault("LLMBUS_COMPILE", "false")
 
 import nats

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 async def durable_worker(server: NatsServer, **worker_options: object) -> Worker:
-    config = Config(nats_url=server.url, durable=True)
+    config = Config(nats_url=server.url, durable=True, compile=False)
     worker = Worker(config, await nats.connect(server.url), tiny_model(), **worker_options)  # type: ignore[arg-type]
     await worker.start()
     return worker

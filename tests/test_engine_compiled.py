@@ -70,7 +70,7 @@ async def test_a_worker_serves_eagerly_while_its_decode_step_compiles(
     compiling = threading.Event()
     _submit_warm_up(compiling.wait)  # holds the process's compile thread, so this worker's warm-up waits behind it
     config = Config(nats_url=nats_server.url, subject_prefix="compiling", max_batch_size=16)
-    running = await start_worker(config, tiny, compile_tiny=True)
+    running = await start_worker(config, tiny, compiled=True)
     nc = await nats.connect(nats_server.url)
     bus = BusClient(nc, Subjects("compiling"))
 

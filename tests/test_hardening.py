@@ -174,7 +174,7 @@ async def test_a_drain_publishes_finished_work_before_failing_what_is_left(nats_
 async def test_stats_measure_whole_requests_and_a_draining_worker_is_not_ready(
     nats_server: NatsServer, nc: NATS
 ) -> None:
-    config = Config(nats_url=nats_server.url, subject_prefix="measured", max_tokens_cap=64)
+    config = Config(nats_url=nats_server.url, subject_prefix="measured", max_tokens_cap=64, compile=False)
     loaded = tiny_model()
     worker = Worker(config, await nats.connect(nats_server.url), loaded)
     await worker.start()

@@ -259,7 +259,7 @@ async def test_the_worker_table_lists_a_second_worker(
 async def test_a_draining_worker_is_flagged(lonely_bridge: Bridge, lonely_nats: NatsServer, open_tab: OpenTab) -> None:
     """A real worker that drains while it holds a request (its engine waits for a second request before its first
     prefill, so the request stays held): it leaves PING and INFO, and its STATS say `draining`."""
-    config = Config(nats_url=lonely_nats.url, max_batch_size=2, max_wait_ms=600_000, threads=1)
+    config = Config(nats_url=lonely_nats.url, max_batch_size=2, max_wait_ms=600_000, threads=1, compile=False)
     worker = Worker(config, await nats.connect(lonely_nats.url), tiny_model())
     await worker.start()
     held = asyncio.ensure_future(worker.nc.request("llm.chat", b'{"chat_id": "h", "user_prompt": "Hi"}', timeout=600))

@@ -23,11 +23,12 @@ class RunningWorker:
 
 
 async def start_worker(
-    config: Config, loaded: LoadedModel, timeout: float = 120, *, compile_tiny: bool = False
+    config: Config, loaded: LoadedModel, timeout: float = 120, *, compiled: bool = False
 ) -> RunningWorker:
-    """Run a worker in this event loop and wait until it serves. A worker of a tiny test model serves eagerly
-    unless `compile_tiny`: every tiny model is a new decoder, so each such worker would cost a compile."""
-    if loaded.name == "tiny" and not compile_tiny:
+    """Run a worker in this event loop and wait until it serves. It serves eagerly unless `compiled`: a compile in
+    the test process holds the GIL for a minute or more (every tiny model is a new one to compile), and every test
+    that talks to an in-process worker would wait on it. tests/test_engine_compiled.py tests the compiled worker."""
+    if not compiled:
         config = dataclasses.replace(config, compile=False)
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_worker(config, stop, ready, loaded=loaded))

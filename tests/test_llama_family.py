@@ -1,0 +1,123 @@
+"""The hand-written Llama-family decoder (`inference_worker/llama.py`) on tiny random Mistral and Qwen2 models:
+the engine picks it, and its greedy text equals `model.generate` (float32, so the two agree token for token).
+
+Sliding windows: llama.py applies one window to every layer (a query at position p sees columns c with
+p - window < c <= p, transformers' `sliding_window_overlay` rule), as Mistral does. Qwen2 windows only the layers
+`>= max_window_layers` (`config.layer_types`): such a mixed config is not `supports`-ed and runs on the HF modules,
+which match transformers. Shipped Qwen2/2.5 checkpoints set `use_sliding_window: false` (no window).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from inference_worker import llama
+from inference_worker.engine import EngineConfig, LLMEngine
+from inference_worker.hf_decoder import HFDecoder
+from inference_worker.model_loader import LoadedModel, load_tokenizer
+from inference_worker.sampling_params import SamplingParams
+
+NEW_TOKENS = 16
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+WINDOW = 12  # shorter than every prompt below (the chat template alone is ~30 tokens)
+TEXTS = ("hi", "a longer prompt, about the sea, the sky and the birds that fly between them", "third one")
+SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+
+
+def tiny(config_class: type[PretrainedConfig], model_class: type[PreTrainedModel], **extra: object) -> LoadedModel:
+    """2 layers, hidden 64, GQA 4/2 heads, float32, SmolLM2's tokenizer; any linear bias is made non-zero (HF
+    initialises biases to zero, which would hide a decoder that drops them)."""
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=len(tokenizer), **SHAPE, **extra)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
+    return LoadedModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32, frozenset({2}), 1024)
+
+
+def prompts(loaded: LoadedModel) -> list[list[int]]:
+    return [loaded.encode_chat([{"role": "user", "content": text}]) for text in TEXTS]
+
+
+def hf_greedy(loaded: LoadedModel, ids: list[int]) -> str:
+    out = loaded.model.generate(
+        torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+    )
+    return loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def engine_greedy(loaded: LoadedModel) -> tuple[LLMEngine, list[str]]:
+    engine = LLMEngine(loaded, EngineConfig(max_batch_size=4))
+    return engine, [result.text for result in engine.generate(prompts(loaded), GREEDY)]
+
+
+def assert_matches_hf(loaded: LoadedModel) -> tuple[llama.LlamaFamilyModel, list[str]]:
+    """The engine runs `loaded` on the hand-written decoder, and its greedy texts equal HF's; returns both."""
+    assert llama.supports(loaded.model.config)
+    engine, texts = engine_greedy(loaded)
+    assert isinstance(engine.runner.decoder, llama.LlamaFamilyModel)
+    assert len({len(ids) for ids in prompts(loaded)}) == len(TEXTS)  # different lengths, batched together
+    assert texts == [hf_greedy(loaded, ids) for ids in prompts(loaded)]
+    return engine.runner.decoder, texts
+
+
+def test_mistral_with_a_sliding_window_matches_hf_generate() -> None:
+    mistral = tiny(MistralConfig, MistralForCausalLM, sliding_window=WINDOW)
+    assert min(len(ids) for ids in prompts(mistral)) > WINDOW
+    decoder, texts = assert_matches_hf(mistral)
+    assert decoder.window == WINDOW
+    # the window changes the answers, so a decoder that ignored it would have failed the comparison above
+    unwindowed = tiny(MistralConfig, MistralForCausalLM, sliding_window=None)
+    unwindowed.model.load_state_dict(mistral.model.state_dict())
+    assert [hf_greedy(unwindowed, ids) for ids in prompts(mistral)] != texts
+
+
+def test_mistral_without_a_window_matches_hf_generate() -> None:
+    decoder, _ = assert_matches_hf(tiny(MistralConfig, MistralForCausalLM, sliding_window=None))
+    assert decoder.window is None
+
+
+def test_qwen2_with_qkv_biases_matches_hf_generate() -> None:
+    qwen2 = tiny(Qwen2Config, Qwen2ForCausalLM)
+    attention = qwen2.model.model.layers[0].self_attn
+    assert attention.q_proj.bias is not None and attention.o_proj.bias is None
+    assert attention.k_proj.bias.abs().max() > 0
+    decoder, texts = assert_matches_hf(qwen2)
+    assert decoder.window is None  # use_sliding_window defaults to false
+    # the biases change the answers, so a decoder that dropped them would have failed the comparison above
+    unbiased = dataclasses.replace(qwen2, model=copy.deepcopy(qwen2.model))
+    with torch.no_grad():
+        for layer in unbiased.model.model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.bias.zero_()
+    assert [hf_greedy(unbiased, ids) for ids in prompts(qwen2)] != texts
+
+
+def test_qwen2_with_a_window_on_some_layers_runs_on_the_hf_modules_and_matches_hf_generate() -> None:
+    qwen2 = tiny(Qwen2Config, Qwen2ForCausalLM, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    assert qwen2.model.config.layer_types == ["full_attention", "sliding_attention"]
+    assert not llama.supports(qwen2.model.config)
+    engine = LLMEngine(qwen2, EngineConfig(max_batch_size=4))
+    assert isinstance(engine.runner.decoder, HFDecoder)
+    expected = [hf_greedy(qwen2, ids) for ids in prompts(qwen2)]
+    assert [r.text for r in engine.generate(prompts(qwen2), GREEDY)] == expected
