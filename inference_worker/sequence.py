@@ -82,6 +82,7 @@ class Sequence:
             self.first_token_at = now
         self.last_token_at = now
         if token_id in eos_token_ids and not self.params.ignore_eos:
+            self._decode_held_bytes(tokenizer, self.completion_ids[:-1])
             self.finish("stop")
             return
         before = len(self.text)
@@ -89,7 +90,15 @@ class Sequence:
         if self.params.stop and self._cut_at_stop(before):
             self.finish("stop")
         elif self.num_completion_tokens >= self.params.max_tokens:
+            self._decode_held_bytes(tokenizer, self.completion_ids)
             self.finish("length")
+
+    def _decode_held_bytes(self, tokenizer: Tokenizer, ids: list[int]) -> None:
+        """At the end, the bytes of an incomplete UTF-8 character that the streaming decoder still holds come out
+        as U+FFFD, as `tokenizer.decode` gives them, instead of being lost."""
+        whole = tokenizer.decode(ids, skip_special_tokens=True)
+        if len(whole) > len(self.text) and whole.startswith(self.text):
+            self.text = whole
 
     def _cut_at_stop(self, before: int) -> bool:
         longest = max(map(len, self.params.stop))

@@ -12,7 +12,7 @@ import torch
 from helpers.tiny_model import tiny_model
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
 from inference_worker.memory import MemoryPlanError
-from inference_worker.model_loader import LoadedModel, load_model, model_name_of
+from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence, Status
 
@@ -407,3 +407,15 @@ def test_a_model_directory_is_served_under_its_name_and_a_hub_snapshot_under_its
         directory.mkdir(parents=True)
     assert model_name_of(plain) == "my-model"
     assert model_name_of(snapshot) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_an_incomplete_utf8_character_at_the_end_of_an_answer_is_not_lost() -> None:
+    """Token 18862 is one byte of a multi-byte character: the streaming decoder holds it back, waiting for the rest.
+    When the answer ends there, it comes out as U+FFFD, as `tokenizer.decode` gives it."""
+    tokenizer = load_tokenizer().backend_tokenizer
+    ids = [*tokenizer.encode("Hello", add_special_tokens=False).ids, 18862]
+    seq = Sequence("utf8", [1], SamplingParams(max_tokens=len(ids)))
+    for token in ids:
+        seq.append_token(token, tokenizer, frozenset({2}), time.monotonic())
+    assert seq.finish_reason == "length"
+    assert seq.text == tokenizer.decode(ids) == "Hello\ufffd"
