@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -88,18 +89,26 @@ async def test_status_shows_the_workers_on_the_bus(worker: RunningWorker, nats_s
 
 
 @pytest.mark.model
-async def test_status_watch_redraws_until_ctrl_c(worker: RunningWorker, nats_server: NatsServer) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *LLMBUS, "status", "--watch", "--interval", "0.5", "--nats-url", nats_server.url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=llmbus_env(),
-    )  # fmt: skip
+async def test_status_watch_redraws_until_ctrl_c(
+    worker: RunningWorker, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("wb") as stderr:  # a file, not a pipe nobody reads: a full pipe would block the process
+        proc = await asyncio.create_subprocess_exec(
+            *LLMBUS, "status", "--watch", "--interval", "0.5", "--nats-url", nats_server.url,
+            stdout=asyncio.subprocess.PIPE, stderr=stderr, env=llmbus_env(),
+        )  # fmt: skip
     frames = 0
-    while frames < 3:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line, (await proc.stderr.read()).decode()
-        frames += line.startswith("llmbus status")
-    proc.send_signal(signal.SIGINT)
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    try:
+        while frames < 3:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert line, stderr_path.read_text()
+            frames += line.startswith("llmbus status")
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, stderr_path.read_text()
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(f"after {frames} frames, no output for 60 s; stderr:\n{stderr_path.read_text()}") from None
 
 
 async def test_status_without_a_server_fails_with_a_clear_message() -> None:
