@@ -32,6 +32,8 @@ from bus_gateway.bus_errors import BusError, decode_reply, error_from_reply, no_
 from bus_gateway.client import DEFAULT_TIMEOUT, REPLY_GRACE, new_request_id, with_deadline
 from bus_gateway.inbox import ReplyInbox
 from llmbus import tracing
+from llmbus.config import Config
+from llmbus.connection import connect
 from schemas import BatchResponse, ChatRequest, ChatResponse, Subjects
 from schemas.subjects import MSG_ID, REPLY_TO, REQUEST_ID, valid_request_id
 
@@ -43,8 +45,16 @@ REMEMBERED_ANSWERS = 10_000
 class JobClient:
     """Durable chat on a connected NATS client (the connection stays the caller's)."""
 
-    def __init__(self, nc: Client, subjects: Subjects | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        owns_connection: bool = False,
+    ) -> None:
         self.nc = nc
+        self._owns_connection = owns_connection
         self.js = nc.jetstream()
         self.subjects = subjects or Subjects()
         self.timeout = timeout
@@ -129,10 +139,20 @@ class JobClient:
             raise error
         return reply
 
+    @classmethod
+    async def from_config(cls, config: Config, *, name: str = "llmbus-jobs") -> JobClient:
+        """Connect with every connection setting of `config` (credentials, TLS, inbox prefix) and own the connection."""
+        nc = await connect(config, name, reconnect_forever=False)
+        return cls(nc, Subjects(config.subject_prefix), timeout=config.request_timeout, owns_connection=True)
+
     async def close(self) -> None:
+        """Finish background work, then close the connection if this client opened it."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.inbox.stop()
+        if self._owns_connection and not self.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.drain()
 
     async def __aenter__(self) -> JobClient:
         return self

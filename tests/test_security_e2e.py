@@ -133,14 +133,10 @@ async def test_a_durable_worker_and_job_client_work_under_the_durable_grants(
     secure_worker: RunningWorker, secure_bus: SecureServer, log_recorder: LogRecorder
 ) -> None:
     """The worker created the LLM_JOBS stream and consumer, pulls, acks and answers with only its durable grants."""
-    nc = await connect(secure_bus.config("dave"), "test-dave", reconnect_forever=False)
-    jobs = JobClient(nc, timeout=120)
-    try:
+    async with await JobClient.from_config(secure_bus.config("dave", request_timeout=120)) as jobs:
         answer = await jobs.chat(ChatRequest(chat_id="d1", user_prompt=PROMPT, max_tokens=8))
         batch = await jobs.chat_batched([ChatRequest(chat_id="d2", user_prompt=PROMPT, max_tokens=4)])
-    finally:
-        await jobs.close()
-        await nc.close()
+    assert jobs.nc.is_closed  # the client opened its connection with dave's settings, and closed it
     assert "Paris" in answer.response
     assert batch.responses[0].response
     assert not [line for line in log_recorder.lines if "permissions violation" in line.lower()]
