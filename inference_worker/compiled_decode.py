@@ -9,10 +9,9 @@
   compiles once; a batch is padded to the next of a few bucket sizes and the attended length to a multiple of 256,
   so that CUDA graphs are recorded for only a few shapes; the cache tensors have static addresses.
 
-Every warm-up of the process runs on one daemon thread (`llmbus-compile`): CUDA graph trees keep their state per
-thread, and a second decoder compiled on another thread failed there (an AssertionError in cudagraph_trees, seen on
-an H200 with torch 2.11). On CUDA the warm-up also records every attended-length block of each batch bucket, so no
-graph is recorded during a step. A compiled step that raises anyway turns this engine eager (`compile: failed`).
+Warm-ups run off the engine thread, on threads chosen by device (`warm_up.py`). On CUDA the warm-up also records
+every attended-length block of each batch bucket, so no graph is recorded during a step. A compiled step that
+raises anyway turns this engine eager (`compile: failed`).
 
 Padding rows run token 0 at the cache's scratch column, which no real query reads (see kv_cache.py); their logits
 are dropped. Inductor keeps compiled code on disk (`TORCHINDUCTOR_CACHE_DIR`), so a restart compiles faster.
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import weakref
@@ -31,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from inference_worker import warm_up
 from inference_worker.kv_cache import SlotKVCache
 
 log = logging.getLogger("llmbus.engine")
@@ -40,47 +39,7 @@ CUDA_COLUMN_BLOCK = 256
 MIN_CPU_ROWS = 2
 WIDE_FROM = 16
 WARM_UP_COLUMNS = 64
-_compile_lock = threading.Lock()
 _steps: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
-_warm_ups: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-_warm_up_thread: threading.Thread | None = None
-
-
-def _run_warm_ups() -> None:
-    while True:
-        job = _warm_ups.get()
-        _busy.set()
-        try:
-            job()
-        finally:
-            _busy.clear()
-
-
-_busy = threading.Event()
-
-
-def compiling() -> bool:
-    """Whether the compile thread is running a warm-up now (a process must not exit then: see llmbus.cli.run)."""
-    return _busy.is_set() or not _warm_ups.empty()
-
-
-def wait_until_idle(timeout: float | None = None) -> bool:
-    """Wait for every warm-up queued so far (stopped engines skip theirs); True when the thread is idle."""
-    done = threading.Event()
-    if _warm_up_thread is None:
-        return True
-    _warm_ups.put(done.set)
-    return done.wait(timeout)
-
-
-def _submit_warm_up(job: Callable[[], None]) -> None:
-    """Run `job` on the process's one compile thread (started on first use; a daemon, so exit never waits)."""
-    global _warm_up_thread
-    with _compile_lock:
-        if _warm_up_thread is None:
-            _warm_up_thread = threading.Thread(target=_run_warm_ups, name="llmbus-compile", daemon=True)
-            _warm_up_thread.start()
-    _warm_ups.put(job)
 
 
 def cuda_buckets(max_rows: int) -> tuple[int, ...]:
@@ -208,7 +167,7 @@ class CompiledDecode:
             finally:
                 done.set()
 
-        _submit_warm_up(job)
+        warm_up.submit(job, self.on_cuda)
         done.wait()
         if failure:
             raise failure[0]
@@ -251,7 +210,7 @@ class CompiledDecode:
             finally:
                 done.set()
 
-        _submit_warm_up(job)
+        warm_up.submit(job, self.on_cuda)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the background warm-up; True once every size is compiled."""

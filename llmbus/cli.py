@@ -294,8 +294,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def run() -> None:
     """The `llmbus` command: main(), then the process's exit."""
     code = main()
-    compiled_decode = sys.modules.get("inference_worker.compiled_decode")
-    if compiled_decode is not None and compiled_decode.compiling():
+    warm_up = sys.modules.get("inference_worker.warm_up")
+    if warm_up is not None and warm_up.compiling():
         # A decode step still compiling on its daemon thread makes the interpreter's own exit abort ("terminate
         # called without an active exception", status -6). Everything is stopped and flushed by now: leave at once.
         sys.stdout.flush()

@@ -68,6 +68,6 @@ async def fresh_nc(fresh_nats_server: NatsServer) -> AsyncIterator[NATS]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Let a decode step still compiling in the background finish: exiting under it aborts the interpreter."""
-    compiled_decode = sys.modules.get("inference_worker.compiled_decode")
-    if compiled_decode is not None:
-        compiled_decode.wait_until_idle(600)
+    warm_up = sys.modules.get("inference_worker.warm_up")
+    if warm_up is not None:
+        warm_up.wait_until_idle(600)

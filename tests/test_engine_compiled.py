@@ -16,7 +16,7 @@ import torch
 from bus_gateway.client import BusClient
 from helpers.tiny_model import chat_prompt, tiny_model
 from helpers.workers import start_worker
-from inference_worker.compiled_decode import CompiledDecode, _submit_warm_up
+from inference_worker.compiled_decode import CompiledDecode
 from inference_worker.engine import EngineConfig, Finished, LLMEngine
 from inference_worker.llama import reduction_attention
 from inference_worker.model_loader import LoadedModel, load_model
@@ -65,10 +65,16 @@ def test_a_compiled_step_that_raises_turns_the_engine_eager_without_failing_a_re
 
 
 async def test_a_worker_serves_eagerly_while_its_decode_step_compiles(
-    tiny: LoadedModel, compiled: LLMEngine, nats_server: NatsServer
+    tiny: LoadedModel, compiled: LLMEngine, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     compiling = threading.Event()
-    _submit_warm_up(compiling.wait)  # holds the process's compile thread, so this worker's warm-up waits behind it
+    warm_up = CompiledDecode._warm_up
+
+    def held_warm_up(self: CompiledDecode, sizes: tuple[int, ...] | None = None) -> None:
+        compiling.wait()  # the compile goes on (on its own thread) only when the test says so
+        warm_up(self, sizes)
+
+    monkeypatch.setattr(CompiledDecode, "_warm_up", held_warm_up)
     config = Config(nats_url=nats_server.url, subject_prefix="compiling", max_batch_size=16)
     running = await start_worker(config, tiny, compiled=True)
     nc = await nats.connect(nats_server.url)
