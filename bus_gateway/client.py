@@ -119,11 +119,14 @@ class BusClient(Streaming, Discovery):
         subjects = Subjects(config.subject_prefix)
         return cls(nc, subjects, timeout=config.request_timeout, retries=retries, owns_connection=True)
 
-    async def close(self) -> None:
-        """Finish pending cancel messages, then close the connection if this client opened it."""
+    async def close(self, *, drain: bool = True) -> None:
+        """Finish pending cancel messages, then close the connection if this client opened it: drained (what is in
+        flight is delivered first), or at once with `drain=False` (a reader such as `llmbus status` on Ctrl-C)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.inbox.stop()
+        if self._owns_connection and not self.nc.is_closed and not drain:
+            await self.nc.close()
         if self._owns_connection and not self.nc.is_closed:
             try:
                 await self.nc.drain()

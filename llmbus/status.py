@@ -125,4 +125,4 @@ async def run_status(config: Config, watch: bool, interval: float, console: Cons
                 await asyncio.sleep(interval)
                 live.update(render(await observe(bus, sampler), where, console.width), refresh=True)
     finally:
-        await bus.close()
+        await bus.close(drain=False)  # it only reads: Ctrl-C leaves at once, with no drain to wait for

@@ -108,7 +108,8 @@ async def test_status_watch_redraws_until_ctrl_c(
         assert await asyncio.wait_for(proc.wait(), 30) == 0, stderr_path.read_text()
     except TimeoutError:
         proc.kill()
-        raise AssertionError(f"after {frames} frames, no output for 60 s; stderr:\n{stderr_path.read_text()}") from None
+        stalled = "did not exit 30 s after Ctrl-C" if frames == 3 else f"printed nothing for 60 s after {frames} frames"
+        raise AssertionError(f"llmbus status --watch {stalled}; stderr:\n{stderr_path.read_text()}") from None
 
 
 async def test_status_without_a_server_fails_with_a_clear_message() -> None:
