@@ -88,6 +88,13 @@ async def test_status_shows_the_workers_on_the_bus(worker: RunningWorker, nats_s
     assert re.search(r"\d+ workers? · \d+ running · \d+ waiting · [\d.,-]+ tok/s", out), out
 
 
+def default_ctrl_c() -> None:
+    """In the child: Ctrl-C as a terminal gives it. A process inherits an ignored SIGINT, and Python then never
+    raises KeyboardInterrupt; by the time this test runs in the full suite, something in the test process ignores
+    SIGINT, and `status --watch` never heard its Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.model
 async def test_status_watch_redraws_until_ctrl_c(
     worker: RunningWorker, nats_server: NatsServer, tmp_path: Path
@@ -96,7 +103,7 @@ async def test_status_watch_redraws_until_ctrl_c(
     with stderr_path.open("wb") as stderr:  # a file, not a pipe nobody reads: a full pipe would block the process
         proc = await asyncio.create_subprocess_exec(
             *LLMBUS, "status", "--watch", "--interval", "0.5", "--nats-url", nats_server.url,
-            stdout=asyncio.subprocess.PIPE, stderr=stderr, env=llmbus_env(),
+            stdout=asyncio.subprocess.PIPE, stderr=stderr, env=llmbus_env(), preexec_fn=default_ctrl_c,
         )  # fmt: skip
     frames = 0
     try:
