@@ -155,7 +155,8 @@ class CompiledDecode:
         return step(self.cache.keys, self.cache.values, tokens, positions, kv_columns)
 
     def warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
-        """Compile each size now, on the compile thread (CUDA graphs must be recorded there), and wait for it."""
+        """Compile each size now, on a warm-up thread as `start_background` does (`warm_up.py`), and wait for it;
+        a failure is raised here instead of turning the engine eager."""
         failure: list[BaseException] = []
         done = threading.Event()
 
