@@ -1,7 +1,11 @@
 """The decode step under `torch.compile`, compiled in the background while the engine serves eagerly.
 
-- CPU: inductor's C++/OpenMP backend with freezing (the weights are folded into the graph and pre-packed for oneDNN,
-  which halves the batch-1 projection time here). The batch size, the attended length and the cache's shape are
+- CPU: inductor's C++/OpenMP backend. The bf16 graph is compiled with freezing: the weights are folded into the graph
+  and pre-packed for oneDNN, whose packed bf16 matmuls read them much faster at small batches (a SmolLM2 step at
+  batch 1 took 22 ms instead of 29 here). Freezing costs compile time: about 110 s for SmolLM2 on this 2-core
+  machine at every start, since inductor's graph cache does not keep frozen graphs (the kernels it does keep). The
+  float32 `wide` graph is not frozen: there it gained nothing measurable (131 ms against 132-137 at batch 64), and
+  it comes from the cache in about 13 s on a restart. The batch size, the attended length and the cache's shape are
   symbolic (a batch of 1 is padded to 2, since dynamo specializes size 1), so one graph serves every step and every
   engine of the process. With a `wide` decoder (float32 weights, on CPUs whose bf16 matmuls are slower than float32
   ones at large batches, see hardware.py), batches of `WIDE_FROM` rows or more run a second graph on it.
@@ -15,6 +19,9 @@ raises anyway turns this engine eager (`compile: failed`).
 
 Padding rows run token 0 at the cache's scratch column, which no real query reads (see kv_cache.py); their logits
 are dropped. Inductor keeps compiled code on disk (`TORCHINDUCTOR_CACHE_DIR`), so a restart compiles faster.
+
+torch keeps compiler settings per thread, so they are set on the thread that compiles (`configure_compiler`): set
+once on the engine's thread, they were silently lost on the warm-up threads, and the bf16 graph ran unfrozen.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ MIN_CPU_ROWS = 2
 WIDE_FROM = 16
 WARM_UP_COLUMNS = 64
 _steps: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
+_settings = threading.local()
 
 
 def cuda_buckets(max_rows: int) -> tuple[int, ...]:
@@ -53,6 +61,19 @@ def use_compile_cache(directory: str) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", directory)
 
 
+def configure_compiler(device_type: str, freezing: bool) -> None:
+    """Set the compiler's options on this thread, for the graph about to run. torch keeps them per thread (a setting
+    made on one thread is not seen by a compile on another), so `_run` calls this before every step; it touches
+    torch's config only when a value changes."""
+    if not getattr(_settings, "done", False):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._inductor.config.compile_threads = 1  # no pool of compile processes competing with the steps
+        _settings.done = True
+    if device_type == "cpu" and getattr(_settings, "freezing", None) != freezing:
+        torch._inductor.config.freezing = freezing  # torch.compile(options=...) does not apply it
+        _settings.freezing = freezing
+
+
 def compiled_step(decoder: nn.Module, attention: Callable, device_type: str) -> Callable[..., torch.Tensor]:
     """One compiled step per decoder and process, shared by every engine on the decoder. The decoder is captured,
     not passed: freezing folds only the weights the graph captures."""
@@ -62,13 +83,10 @@ def compiled_step(decoder: nn.Module, attention: Callable, device_type: str) -> 
     def step(keys, values, tokens, positions, kv_columns) -> torch.Tensor:
         return decoder(tokens, positions, 0, kv_columns, keys, values, attention)
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # dynamic=False: no automatic dynamic shapes; only the dimensions `_run` marks are symbolic
     if device_type == "cuda":
         compiled = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
     else:
-        torch._inductor.config.freezing = True  # process-wide: torch.compile(options=...) does not apply it
-        torch._inductor.config.compile_threads = 1  # no pool of compile processes competing with the steps
         compiled = torch.compile(step, fullgraph=True, dynamic=False)
     _steps[decoder] = compiled
     return compiled
@@ -151,6 +169,7 @@ class CompiledDecode:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
         wide = self.wide_from is not None and tokens.shape[0] >= self.wide_from
+        configure_compiler(self.device.type, freezing=not wide)
         step = self.wide_step if wide else self.step
         return step(self.cache.keys, self.cache.values, tokens, positions, kv_columns)
 

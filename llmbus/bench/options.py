@@ -36,6 +36,7 @@ class BenchOptions:
     baseline_time_cap: float = 60.0
     warmup_requests: int = 8
     ready_timeout: float = 180.0
+    compile_timeout: float = 900.0
     seed: int = 0
     model: str | None = None
     device: str = "auto"
@@ -136,6 +137,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="seconds each ceiling loop and the naive baseline may take (fewer steps/tokens past it)",
     )
     p.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds to wait for the workers")
+    p.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=d.compile_timeout,
+        help="seconds to wait for the workers' decode step to compile (minutes on a small CPU)",
+    )
     p.add_argument("--out", type=Path, default=d.out, help="directory for bench.json, bench.png and the process logs")
     return p
 
