@@ -177,20 +177,32 @@ class CompiledDecode:
         """Compile each size now, on a warm-up thread as `start_background` does (`warm_up.py`), and wait for it;
         a failure is raised here instead of turning the engine eager."""
         failure: list[BaseException] = []
+        self._submit(sizes, failure.append).wait()
+        if failure:
+            raise failure[0]
+
+    def start_background(self) -> None:
+        """Warm up on a warm-up thread; `ready(n)` turns true as the graphs arrive."""
+        self._done = self._submit(None, self._turn_eager)
+
+    def _turn_eager(self, failure: BaseException) -> None:
+        self.failed = True
+        log.error("compiling the decode step failed; decoding stays eager", exc_info=failure)
+
+    def _submit(self, sizes: tuple[int, ...] | None, on_failure: Callable[[BaseException], None]) -> threading.Event:
+        """Run `_warm_up(sizes)` on a warm-up thread; the event is set when it ends."""
         done = threading.Event()
 
         def job() -> None:
             try:
                 self._warm_up(sizes)
             except BaseException as exc:
-                failure.append(exc)
+                on_failure(exc)
             finally:
                 done.set()
 
         warm_up.submit(job, self.on_cuda)
-        done.wait()
-        if failure:
-            raise failure[0]
+        return done
 
     @torch.inference_mode()
     def _warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
@@ -216,21 +228,6 @@ class CompiledDecode:
             row_len, block = self.cache.row_len, self.column_block
             return tuple(sorted({min(c, row_len) for c in range(block, row_len + block, block)}))
         return (WARM_UP_COLUMNS,)
-
-    def start_background(self) -> None:
-        """Warm up on the compile thread; `ready(n)` turns true as the graphs arrive."""
-        done = self._done = threading.Event()
-
-        def job() -> None:
-            try:
-                self._warm_up()
-            except Exception:
-                self.failed = True
-                log.exception("compiling the decode step failed; decoding stays eager")
-            finally:
-                done.set()
-
-        warm_up.submit(job, self.on_cuda)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the background warm-up; True once every size is compiled."""

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from helpers.tiny_model import tiny_model
+from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
 from inference_worker.memory import MemoryPlanError
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
+from inference_worker.model_runner import family_decoder
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence, Status
 
@@ -419,3 +421,26 @@ def test_an_incomplete_utf8_character_at_the_end_of_an_answer_is_not_lost() -> N
         seq.append_token(token, tokenizer, frozenset({2}), time.monotonic())
     assert seq.finish_reason == "length"
     assert seq.text == tokenizer.decode(ids) == "Hello\ufffd"
+
+
+def test_wide_forwards_run_on_the_float32_copy_and_narrow_decode_steps_on_bf16() -> None:
+    """On CPUs whose float32 matmuls beat bf16 ones at many rows, a forward of 16 token rows or more (a prefill)
+    runs on the float32 copy of the weights, and a decode step of a few rows on the bf16 weights: bit for bit what
+    a runner gives that is made to prefill on the copy and decode on bf16, and unlike an all-bf16 runner."""
+    loaded = tiny_model(torch.bfloat16)
+    prompt = loaded.encode_chat([{"role": "user", "content": "a prompt of more than sixteen tokens"}])
+    assert len(prompt) >= WIDE_FROM
+
+    def runner(wide: bool):
+        runner = LLMEngine(loaded, EngineConfig(max_batch_size=4)).runner
+        runner.wide = family_decoder(loaded, runner.cache.row_len, "none", torch.float32) if wide else None
+        return runner
+
+    dispatched, by_hand, all_bf16 = runner(True), runner(False), runner(False)
+    bf16_decoder, by_hand.decoder = by_hand.decoder, dispatched.wide
+    prefills = [r.forward(0, [prompt], [0])[0] for r in (dispatched, by_hand, all_bf16)]
+    by_hand.decoder = bf16_decoder
+    assert torch.equal(prefills[0], prefills[1]) and not torch.equal(prefills[0], prefills[2])
+    token = int(prefills[0].argmax())
+    steps = [r.forward(0, [[token]], [len(prompt)])[0] for r in (dispatched, by_hand)]
+    assert torch.equal(steps[0], steps[1])
