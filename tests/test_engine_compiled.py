@@ -195,8 +195,9 @@ def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_promp
     """SmolLM2 in bfloat16 at batch sizes 1 and 8 (8 prompts of different lengths). bf16 engines round differently
     from float32, so their greedy texts can part at a near-tie; the reference is float32 `generate`, and the bar is
     transformers' own bf16 `generate` and the eager engine: the compiled engine must agree at least as often as both.
-    Measured here with matmul prefill attention: compiled 7/8, eager 4-5/8, HF bf16 5/8; with SDPA prefill (now)
-    compiled and eager 5/8 in one CI run. (The wide float32 path for 16+ rows is tested on the tiny model.)"""
+    Measured here with matmul prefill attention: compiled 7/8, eager 4-5/8, HF bf16 5/8; with SDPA prefill compiled
+    and eager 5/8 in one CI run; with prefills on the float32 copy (now) compiled 7/8, eager 5/8. (The wide
+    float32 path for 16+ rows is tested on the tiny model.)"""
     questions = [
         "What is the capital of France?",
         "Write one sentence about cats.",
