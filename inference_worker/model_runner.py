@@ -57,13 +57,14 @@ def family_decoder(
 
 
 def wide_decoder(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
-    """A float32 copy of a bf16 model for large decode batches, where this CPU's float32 matmuls are faster."""
+    """A float32 copy of a bf16 model for wide forwards (prefills, large decode batches), where this CPU's float32
+    matmuls are faster."""
     config = loaded.model.config
     if loaded.device.type != "cpu" or loaded.dtype != torch.bfloat16 or quantize != "none":
         return None
     if not float32_wins_wide_matmuls(config.hidden_size, config.intermediate_size):
         return None
-    log.info("large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
+    log.info("prefills and large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
     return family_decoder(loaded, row_len, quantize, torch.float32)
 
 
