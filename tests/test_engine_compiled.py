@@ -7,6 +7,7 @@ compiled once per module and shared; inductor's on-disk cache makes later runs f
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
 import nats
@@ -17,6 +18,7 @@ from torch._dynamo.utils import counters
 from bus_gateway.client import BusClient
 from helpers.tiny_model import chat_prompt, tiny_model
 from helpers.workers import start_worker
+from inference_worker import warm_up
 from inference_worker.compiled_decode import CompiledDecode
 from inference_worker.engine import EngineConfig, Finished, LLMEngine
 from inference_worker.llama import reduction_attention
@@ -174,6 +176,24 @@ def test_int8_weights_stay_close_to_the_float_model(tiny: LoadedModel) -> None:
     assert int8.generate(prompt, GREEDY)[0].completion_tokens == 16
     with pytest.raises(ValueError, match="unknown quantize mode"):
         LLMEngine(tiny, EngineConfig(quantize="int3"))
+
+
+def test_threads_switch_often_while_a_warm_up_runs_and_as_before_after_it() -> None:
+    """A compile rarely lets go of the GIL; with the default 5 ms switch interval an eager SmolLM2 engine managed 8
+    steps during a 71 s compile. While a warm-up runs the interval is 50 us, and it is restored after."""
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+    done = threading.Event()
+
+    def job() -> None:
+        seen.append(sys.getswitchinterval())
+        done.set()
+
+    warm_up.submit(job, on_cuda=False)
+    assert done.wait(60)
+    assert warm_up.wait_until_idle(60)
+    assert seen == [pytest.approx(warm_up.WARM_UP_SWITCH_INTERVAL)] and seen[0] < before
+    assert sys.getswitchinterval() == before
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")

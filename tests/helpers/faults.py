@@ -111,7 +111,8 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 
 def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in env_without_proxy().items() if not k.startswith("LLMBUS_") or k == "LLMBUS_CACHE_DIR"}
+    kept = ("LLMBUS_CACHE_DIR", "LLMBUS_COMPILE")  # LLMBUS_COMPILE=false (conftest): these workers serve eagerly
+    env = {k: v for k, v in env_without_proxy().items() if not k.startswith("LLMBUS_") or k in kept}
     return env | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LLMBUS_THREADS": "1"}
 
 
