@@ -1,14 +1,16 @@
-"""The decode step under `torch.compile`, compiled in the background while the engine serves eagerly.
+"""The compiled decode step, compiled (or loaded) in the background while the engine serves eagerly.
 
-- CPU: inductor's C++/OpenMP backend. The bf16 graph is compiled with freezing: the weights are folded into the graph
-  and pre-packed for oneDNN, whose packed bf16 matmuls read them much faster at small batches (a SmolLM2 step at
-  batch 1 took 22 ms instead of 29 here). Freezing costs compile time: about 110 s for SmolLM2 on this 2-core
-  machine at every start, since inductor's graph cache does not keep frozen graphs (the kernels it does keep). The
-  float32 `wide` graph is not frozen: there it gained nothing measurable (131 ms against 132-137 at batch 64), and
-  it comes from the cache in about 13 s on a restart. The batch size, the attended length and the cache's shape are
-  symbolic (a batch of 1 is padded to 2, since dynamo specializes size 1), so one graph serves every step and every
-  engine of the process. With a `wide` decoder (float32 weights, on CPUs whose bf16 matmuls are slower than float32
-  ones at large batches, see hardware.py), batches of `WIDE_FROM` rows or more run a second graph on it.
+- CPU: inductor's C++/OpenMP backend. The step of narrow batches (below `WIDE_FROM` rows) is compiled ahead of time
+  with AOTInductor and kept on disk as a package (`aot_step.py`): built once, by a child process (about 100 s for
+  SmolLM2 on this 2-core machine when idle), and loaded in about a second at every later start. It is frozen: the
+  weights are folded into it and pre-packed for oneDNN, whose packed bf16 matmuls read them much faster at small
+  batches. It runs a batch of 1 as it is. Should the package fail to build, `torch.compile` compiles the same frozen
+  step just in time (about 110 s at every start: inductor's graph cache does not keep frozen graphs) and pads a batch
+  of 1 to 2, since dynamo specializes size 1. With a `wide` decoder (float32 weights, on CPUs whose bf16 matmuls are
+  slower than float32 ones at large batches, see hardware.py), batches of `WIDE_FROM` rows or more run a second
+  packaged step on it, not frozen: there freezing gained little (128 ms against 139 at batch 64) for a second packed
+  copy of 538 MB, so its package holds no weights and reads the copy's own tensors. The batch size, the attended
+  length and the cache's shape are symbolic, so one step serves every batch and every engine of the process.
 - CUDA: `mode="reduce-overhead"` (CUDA graphs). The batch and the attended length are symbolic here too, so inductor
   compiles once; a batch is padded to the next of a few bucket sizes and the attended length to a multiple of 256,
   so that CUDA graphs are recorded for only a few shapes; the cache tensors have static addresses.
@@ -32,11 +34,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from inference_worker import warm_up
+from inference_worker import aot_step, warm_up
 from inference_worker.kv_cache import SlotKVCache
 
 log = logging.getLogger("llmbus.engine")
@@ -47,6 +50,7 @@ MIN_CPU_ROWS = 2
 WIDE_FROM = 16
 WARM_UP_COLUMNS = 64
 _steps: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
+_aot_steps: weakref.WeakKeyDictionary[nn.Module, aot_step.DecodeFn] = weakref.WeakKeyDictionary()
 _settings = threading.local()
 
 
@@ -100,7 +104,9 @@ class CompiledDecode:
         attention: Callable,
         max_rows: int,
         wide: nn.Module | None = None,
+        package_dir: Path | None = None,
     ) -> None:
+        self.attention = attention
         self.cache = cache
         self.device = cache.keys[0].device
         self.on_cuda = self.device.type == "cuda"
@@ -113,6 +119,11 @@ class CompiledDecode:
         self.column_block = CUDA_COLUMN_BLOCK if self.on_cuda else 1
         self.step = compiled_step(decoder, attention, self.device.type)
         self.wide_step = compiled_step(wide, attention, self.device.type) if self.wide_from else None
+        self.package_dir = None if self.on_cuda else package_dir
+        self.decoders = {self.sizes[0]: decoder} | ({self.wide_from: wide} if self.wide_from else {})
+        self.packaged: dict[int, aot_step.DecodeFn] = {}
+        if self.package_dir is not None:
+            self.packaged = {size: _aot_steps[d] for size, d in self.decoders.items() if d in _aot_steps}
         self.compile_seconds: dict[int, float] = {}
         self._ready: set[int] = set()
         self._stop = threading.Event()
@@ -123,15 +134,22 @@ class CompiledDecode:
                 torch._dynamo.mark_static_address(tensor)
 
     def padded(self, rows: int) -> int:
+        """The batch a step of `rows` rows runs at: a bucket on CUDA; at least 2 rows under `torch.compile` on CPU
+        (dynamo specializes a size of 1), and the rows themselves in the ahead-of-time step."""
         if self.on_cuda:
             return next(b for b in self.sizes if b >= rows)
+        if self.graph_size(rows) in self.packaged:
+            return rows
         return min(max(rows, MIN_CPU_ROWS), self.max_rows)
+
+    def _wide(self, rows: int) -> bool:
+        return self.wide_from is not None and rows >= self.wide_from
 
     def graph_size(self, rows: int) -> int:
         """The warm-up size of the graph that runs `rows` rows."""
         if self.on_cuda:
             return self.padded(rows)
-        return self.wide_from if self.wide_from is not None and rows >= self.wide_from else self.sizes[0]
+        return self.wide_from if self._wide(rows) else self.sizes[0]
 
     def ready(self, rows: int) -> bool:
         return not self.failed and rows <= self.max_rows and self.graph_size(rows) in self._ready
@@ -160,15 +178,18 @@ class CompiledDecode:
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, columns: int) -> torch.Tensor:
         kv_columns = torch.arange(columns, device=self.device)
-        torch._dynamo.maybe_mark_dynamic(kv_columns, 0)
         tokens, positions = tokens.to(self.device), positions.to(self.device)
+        packaged = self.packaged.get(self.graph_size(tokens.shape[0]))
+        if packaged is not None:
+            return packaged(tokens, positions, kv_columns, *self.cache.keys, *self.cache.values)
+        torch._dynamo.maybe_mark_dynamic(kv_columns, 0)
         torch._dynamo.maybe_mark_dynamic(tokens, 0)
         torch._dynamo.maybe_mark_dynamic(positions, 0)
         if not self.on_cuda:
             for tensor in (*self.cache.keys, *self.cache.values):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        wide = self.wide_from is not None and tokens.shape[0] >= self.wide_from
+        wide = self._wide(tokens.shape[0])
         configure_compiler(self.device.type, freezing=not wide)
         step = self.wide_step if wide else self.step
         return step(self.cache.keys, self.cache.values, tokens, positions, kv_columns)
@@ -208,19 +229,46 @@ class CompiledDecode:
     def _warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
         """Compile (or load from the cache) and run each size once; padding rows only, so no sequence is touched.
         In inference mode, as the engine's steps run: dynamo guards on it, so a warm-up outside would not count."""
-        for size in sizes or self.sizes:
+        sizes = tuple(s for s in sizes or self.sizes if s not in self._ready)
+        started = dict.fromkeys(sizes, time.perf_counter())
+        how = dict.fromkeys(sizes, "compiled")
+        if self.package_dir is not None:  # every package before any step: see the docstring of warm_up.py
+            for size in sizes:
+                how[size] = self._load_or_build_package(size)
+                if how[size] == "stopped":
+                    return
+        for size in sizes:
             if self._stop.is_set():
                 return
-            if size in self._ready:
-                continue
-            started = time.perf_counter()
             tokens = torch.zeros((size, 1), dtype=torch.long)
             positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long)
             for columns in self._warm_up_columns():
                 self._run(tokens, positions, columns)
-            self.compile_seconds[size] = time.perf_counter() - started
+            self.compile_seconds[size] = time.perf_counter() - started[size]
             self._ready.add(size)
-            log.info("decode step compiled for batch %d in %.1f s", size, self.compile_seconds[size])
+            log.info("decode step %s for batch %d in %.1f s", how[size], size, self.compile_seconds[size])
+
+    def _load_or_build_package(self, size: int) -> str:
+        """Load the ahead-of-time step of this graph (`aot_step.py`), building it first if no package has it; on
+        failure it is compiled just in time instead. Says which happened."""
+        decoder = self.decoders[size]
+        if decoder in _aot_steps:
+            self.packaged[size] = _aot_steps[decoder]
+            return "shared"
+        keys, values = self.cache.keys, self.cache.values
+        frozen = not self._wide(size)
+        configure_compiler(self.device.type, freezing=frozen)
+        try:
+            packaged, built = aot_step.load_or_build(
+                decoder, self.attention, keys, values, self.package_dir, frozen, self._stop
+            )
+        except aot_step.BuildStopped:
+            return "stopped"
+        except Exception:
+            log.warning("compiling the decode step ahead of time failed; compiling it just in time", exc_info=True)
+            return "compiled"
+        _aot_steps[decoder] = self.packaged[size] = packaged
+        return "compiled ahead of time" if built else "loaded from its package"
 
     def _warm_up_columns(self) -> tuple[int, ...]:
         """CPU: one length (it is symbolic). CUDA: every block of 256 columns, each its own CUDA graph."""

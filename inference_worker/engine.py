@@ -37,7 +37,7 @@ __all__ = [  # the engine's public names, events included (callers import them f
 ]
 from inference_worker.memory import plan_memory
 from inference_worker.model_loader import LoadedModel
-from inference_worker.model_runner import ModelRunner
+from inference_worker.model_runner import ModelRunner, added_bytes
 from inference_worker.prefix_cache import PrefixCache
 from inference_worker.sampler import sample
 from inference_worker.sampling_params import SamplingParams
@@ -79,6 +79,7 @@ class LLMEngine:
             self.max_seq_len,
             self.config.kv_cache_tokens,
             prefix_tokens,
+            added_bytes(loaded, self.config.compile, self.config.quantize),
         )
         log.info("%s", self.plan.describe())
         self.runner = ModelRunner(

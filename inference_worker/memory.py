@@ -30,6 +30,7 @@ class MemoryPlan:
     prefix_tokens: int
     bytes_per_token: int
     weight_bytes: int
+    runner_bytes: int
     available_bytes: int | None
     device: str
 
@@ -43,10 +44,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         available = "unknown" if self.available_bytes is None else _gb(self.available_bytes)
+        copies = f" + {_gb(self.runner_bytes)} of float32 and compiled copies" if self.runner_bytes else ""
         return (
             f"memory plan ({self.device}): KV cache {self.rows} rows x {self.window} tokens + prefix cache "
             f"{self.prefix_tokens} tokens = {self.kv_tokens} tokens x {self.bytes_per_token / 1024:.1f} KiB = "
-            f"{_gb(self.kv_bytes)}; weights {_gb(self.weight_bytes)}; available {available}"
+            f"{_gb(self.kv_bytes)}; weights {_gb(self.weight_bytes)}{copies}; available {available}"
         )
 
 
@@ -63,9 +65,11 @@ def plan_memory(
     window: int,
     kv_cache_tokens: int = 0,
     prefix_cache_tokens: int = 0,
+    runner_bytes: int = 0,
 ) -> MemoryPlan:
-    """Rows and prefix tokens within the budget (0: `max_rows` full rows plus the prefix cache), checked against
-    the memory available now. Raises `MemoryPlanError` with the settings to change when it cannot fit."""
+    """Rows and prefix tokens within the budget (0: `max_rows` full rows plus the prefix cache), checked with the
+    memory the runner adds (`runner_bytes`: copies of the weights, not yet made) against the memory available now.
+    Raises `MemoryPlanError` with the settings to change when it cannot fit."""
     budget = kv_cache_tokens or max_rows * window + prefix_cache_tokens
     if prefix_cache_tokens >= budget:
         raise MemoryPlanError(
@@ -84,13 +88,14 @@ def plan_memory(
         prefix_cache_tokens,
         kv_bytes_per_token(model.config, dtype),
         weight_bytes,
+        runner_bytes,
         available_memory(device),
         str(device),
     )
-    if plan.available_bytes is not None and plan.kv_bytes > MEMORY_HEADROOM * plan.available_bytes:
+    if plan.available_bytes is not None and plan.kv_bytes + runner_bytes > MEMORY_HEADROOM * plan.available_bytes:
         raise MemoryPlanError(
             f"{plan.describe()}: the KV cache does not fit; lower kv_cache_tokens, max_batch_size, max_seq_len "
-            "or prefix_cache_tokens"
+            "or prefix_cache_tokens" + (", or run with --no-compile" if runner_bytes else "")
         )
     if rows < max_rows:
         log.warning("kv_cache_tokens %d buys %d of max_batch_size %d rows", budget, rows, max_rows)

@@ -56,13 +56,27 @@ def family_decoder(
     return decoder
 
 
-def wide_decoder(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
-    """A float32 copy of a bf16 model for wide forwards (prefills, large decode batches), where this CPU's float32
-    matmuls are faster."""
+def uses_wide_copy(loaded: LoadedModel, quantize: str) -> bool:
+    """Whether wide forwards (prefills, large decode batches) run on a float32 copy of the weights: a bf16 model of
+    the Llama family, on a CPU whose float32 matmuls are faster at many rows."""
     config = loaded.model.config
     if loaded.device.type != "cpu" or loaded.dtype != torch.bfloat16 or quantize != "none":
-        return None
-    if not float32_wins_wide_matmuls(config.hidden_size, config.intermediate_size):
+        return False
+    return llama.supports(config) and float32_wins_wide_matmuls(config.hidden_size, config.intermediate_size)
+
+
+def added_bytes(loaded: LoadedModel, compile: bool, quantize: str) -> int:
+    """Memory a runner adds beside the loaded weights, for the memory plan: the float32 copy (4 bytes a parameter)
+    and, on CPU, the frozen compiled step's packed weights (about the size of the loaded ones)."""
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    frozen = compile and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
+    return (4 * parameters if uses_wide_copy(loaded, quantize) else 0) + (weights if frozen else 0)
+
+
+def wide_decoder(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
+    """The float32 copy of a bf16 model for wide forwards, where this CPU's float32 matmuls are faster."""
+    if not uses_wide_copy(loaded, quantize):
         return None
     log.info("prefills and large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
     return family_decoder(loaded, row_len, quantize, torch.float32)
@@ -99,7 +113,8 @@ class ModelRunner:
         if compile and family is not None:
             use_compile_cache(str(cache_root() / "inductor"))
             decode_attention = llama.reduction_attention if self.device.type == "cpu" else llama.sdpa_attention
-            self.compiled = CompiledDecode(family, self.cache, decode_attention, max_slots, self.wide)
+            packages = cache_root() / "compiled"
+            self.compiled = CompiledDecode(family, self.cache, decode_attention, max_slots, self.wide, packages)
             if background_compile:
                 self.compiled.start_background()
 

@@ -12,9 +12,9 @@ import torch
 from helpers.tiny_model import tiny_model
 from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
-from inference_worker.memory import MemoryPlanError
+from inference_worker.memory import MemoryPlanError, plan_memory
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
-from inference_worker.model_runner import family_decoder
+from inference_worker.model_runner import added_bytes, family_decoder, uses_wide_copy
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence, Status
 
@@ -147,6 +147,23 @@ def test_memory_is_planned_at_start_and_a_kv_budget_buys_rows(tiny: LoadedModel)
         LLMEngine(tiny, EngineConfig(max_seq_len=512, kv_cache_tokens=600, prefix_cache_tokens=256))
     with pytest.raises(MemoryPlanError, match="does not fit"):
         LLMEngine(tiny, EngineConfig(max_batch_size=10**7, max_seq_len=1024))
+
+
+def test_the_memory_plan_counts_the_copies_of_the_weights_the_runner_will_make(tiny: LoadedModel) -> None:
+    weights = sum(p.numel() * p.element_size() for p in tiny.model.parameters())
+    assert added_bytes(tiny, compile=False, quantize="none") == 0
+    assert added_bytes(tiny, compile=True, quantize="none") == weights  # the frozen step's packed weights
+    bf16 = tiny_model(torch.bfloat16)
+    parameters = sum(p.numel() for p in bf16.model.parameters())
+    wide = uses_wide_copy(bf16, "none")  # measured on this CPU
+    assert added_bytes(bf16, compile=False, quantize="none") == (4 * parameters if wide else 0)
+    assert added_bytes(bf16, compile=False, quantize="int8") == 0
+    plan = plan_memory(tiny.model, tiny.dtype, tiny.device, 2, 64, runner_bytes=3 * 2**20)
+    assert "+ 3 MiB of float32 and compiled copies" in plan.describe()
+    available = plan.available_bytes
+    assert available is not None
+    with pytest.raises(MemoryPlanError, match=r"does not fit.*--no-compile"):
+        plan_memory(tiny.model, tiny.dtype, tiny.device, 2, 64, runner_bytes=available)
 
 
 def test_a_long_prompt_fills_the_static_cache_and_still_matches_generate(tiny: LoadedModel) -> None:

@@ -134,16 +134,22 @@ def test_rows_joining_and_leaving_a_compiled_batch_match_their_solo_runs(tiny: L
     assert [done[str(i)] for i in range(3)] == solo
 
 
-def test_large_batches_run_on_the_wide_decoder_and_still_equal_eager(tiny: LoadedModel) -> None:
+@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["packaged", "just-in-time"])
+def test_large_batches_run_on_the_wide_decoder_and_still_equal_eager(
+    tiny: LoadedModel, ahead_of_time: bool, tmp_path
+) -> None:
     """The second graph (a float32 copy of the weights, for CPUs whose bf16 matmuls lose at large batches) takes
-    batches of 16 rows and more; here the copy of a float32 model computes exactly what the eager decoder does."""
+    batches of 16 rows and more; here the copy of a float32 model computes exactly what the eager decoder does.
+    Both graphs compiled ahead of time into packages, and both under `torch.compile` (the fallback)."""
     prompts = [chat_prompt(tiny, "row " * (i % 7 + 1)) for i in range(18)]
     expected = [r.text for r in LLMEngine(tiny, EngineConfig(max_batch_size=20)).generate(prompts, GREEDY)]
     engine = LLMEngine(tiny, EngineConfig(max_batch_size=20))
     runner = engine.runner
     wide = family_decoder(tiny, runner.cache.row_len, "none", torch.float32)
-    runner.compiled = CompiledDecode(runner.decoder, runner.cache, reduction_attention, 20, wide)
+    packages = tmp_path if ahead_of_time else None
+    runner.compiled = CompiledDecode(runner.decoder, runner.cache, reduction_attention, 20, wide, packages)
     runner.compiled.warm_up()
+    assert runner.compiled.packaged.keys() == ({2, 16} if ahead_of_time else set())
     assert runner.compiled.sizes == (2, 16) and runner.compiled.ready(18) and runner.compiled.ready(3)
     assert [r.text for r in engine.generate(prompts, GREEDY)] == expected
     assert max(engine.stats.decode_batch_sizes) == 18
@@ -199,13 +205,15 @@ def test_threads_switch_often_while_a_warm_up_runs_and_as_before_after_it() -> N
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
 def test_the_bf16_graph_is_frozen_with_packed_weights_though_it_compiles_on_a_warm_up_thread() -> None:
     """torch keeps compiler settings per thread: freezing set on the engine's thread was lost on the warm-up thread
-    that compiles, and the bf16 step ran with unpacked weights (29 ms instead of 22 ms for SmolLM2 at batch 1)."""
+    that compiles, and the bf16 step ran with unpacked weights (29 ms instead of 22 ms for SmolLM2 at batch 1).
+    The just-in-time step (the fallback when no package can be built); packages: test_aot_step.py."""
     packed = "mkldnn_linear_weight_pack_matcher_count"
     before = counters["inductor"][packed]
-    engine = LLMEngine(tiny_model(torch.bfloat16), EngineConfig(max_batch_size=4, compile=True))
-    assert engine.runner.compiled.wait(COMPILE_WAIT_S), "the decode step did not compile"
+    runner = LLMEngine(tiny_model(torch.bfloat16), EngineConfig(max_batch_size=4)).runner
+    runner.compiled = CompiledDecode(runner.decoder, runner.cache, reduction_attention, 4)
+    runner.compiled.warm_up()
     assert threading.current_thread() is threading.main_thread()
-    layers = len(engine.runner.decoder.layers)
+    layers = len(runner.decoder.layers)
     assert counters["inductor"][packed] - before >= 4 * layers  # qkv, o, gate_up and down of every layer
 
 

@@ -1,0 +1,153 @@
+"""The decode step compiled ahead of time and kept as a package: built once, loaded by the next start, rebuilt when
+the package is bad, and named by everything that shapes its code (tiny model; a build takes about 15-25 s)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.tiny_model import chat_prompt, tiny_model
+from inference_worker import aot_step
+from inference_worker.engine import EngineConfig, LLMEngine
+from inference_worker.kv_cache import SlotKVCache
+from inference_worker.llama import matmul_attention, reduction_attention
+from inference_worker.model_loader import LoadedModel
+from inference_worker.model_runner import family_decoder
+from inference_worker.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return tiny_model()
+
+
+def slot_cache(loaded: LoadedModel, rows: int = 4, row_len: int = 64) -> SlotKVCache:
+    config = loaded.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    return SlotKVCache(
+        config.num_hidden_layers, rows, config.num_key_value_heads, head_dim, row_len, loaded.dtype, loaded.device
+    )
+
+
+def decode_inputs(cache: SlotKVCache) -> tuple[torch.Tensor, ...]:
+    """Three rows at different positions over a cache of random keys and values."""
+    generator = torch.Generator().manual_seed(1)
+    for tensor in (*cache.keys, *cache.values):
+        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    return torch.tensor([[5], [7], [9]]), torch.tensor([[3], [10], [6]]), torch.arange(11)
+
+
+def package_step(decoder, cache: SlotKVCache, directory: Path, frozen: bool = True) -> tuple:
+    return aot_step.load_or_build(decoder, reduction_attention, cache.keys, cache.values, directory, frozen)
+
+
+def run(step, cache: SlotKVCache, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.inference_mode():
+        return step(*inputs, *cache.keys, *cache.values)
+
+
+def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_step(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    decoder = family_decoder(tiny, 64)
+    cache = slot_cache(tiny)
+    built, was_built = package_step(decoder, cache, tmp_path)
+    assert was_built
+    assert [p.suffix for p in tmp_path.iterdir()] == [".pt2"]  # no temporary file left behind
+    loaded, was_built = package_step(decoder, cache, tmp_path)
+    assert not was_built
+
+    inputs = decode_inputs(cache)
+    eager = run(aot_step.DecodeStep(decoder, reduction_attention), cache, inputs)
+    written = [k.clone() for k in cache.keys]
+    inputs = decode_inputs(cache)
+    from_package = run(loaded, cache, inputs)
+    torch.testing.assert_close(from_package, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.keys, written, rtol=1e-5, atol=1e-5)  # it wrote the new columns in place
+    assert torch.equal(run(built, cache, decode_inputs(cache)), from_package)
+
+
+def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(tiny: LoadedModel, tmp_path: Path) -> None:
+    """The float32 `wide` step's package: the decoder's tensors are handed to it at load, not copied into it."""
+    decoder = family_decoder(tiny_model(), 64)  # a model of its own, whose weights this test edits
+    cache = slot_cache(tiny)
+    step, _ = package_step(decoder, cache, tmp_path, frozen=False)
+    weight_bytes = sum(t.numel() * t.element_size() for t in decoder.parameters())
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) < weight_bytes / 4
+    inputs = decode_inputs(cache)
+    torch.testing.assert_close(
+        run(step, cache, inputs), run(aot_step.DecodeStep(decoder, reduction_attention), cache, inputs)
+    )
+    before = run(step, cache, inputs)
+    with torch.no_grad():
+        decoder.lm_head[11] += 1.0  # the output row of token 11, which is not among the inputs
+    after = run(step, cache, inputs)
+    assert not torch.equal(after[:, 11], before[:, 11]) and torch.equal(after[:, 12], before[:, 12])
+
+
+def test_a_package_that_does_not_load_is_built_again(
+    tiny: LoadedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    decoder = family_decoder(tiny, 64)
+    cache = slot_cache(tiny)
+    package = tmp_path / f"decode-{aot_step.package_name(decoder, reduction_attention, True)}.pt2"
+    package.write_bytes(b"half a package")
+    with caplog.at_level(logging.WARNING, logger="llmbus.engine"):
+        step, was_built = package_step(decoder, cache, tmp_path)
+    assert was_built and f"{package} did not load" in caplog.text
+    assert run(step, cache, decode_inputs(cache)).shape == (3, tiny.model.config.vocab_size)
+    assert not package_step(decoder, cache, tmp_path)[1]
+
+
+def test_the_package_name_follows_the_weights_the_forward_and_the_attention(tiny: LoadedModel) -> None:
+    decoder = family_decoder(tiny, 64)
+    name = aot_step.package_name(decoder, reduction_attention, True)
+    twin = tiny_model()  # the same seed: the same weights
+    assert aot_step.package_name(family_decoder(twin, 64), reduction_attention, True) == name
+    assert aot_step.package_name(decoder, matmul_attention, True) != name
+    with torch.no_grad():
+        twin.model.model.layers[1].mlp.down_proj.weight[3, 4] += 1e-3
+    assert aot_step.package_name(family_decoder(twin, 64), reduction_attention, True) != name
+    longer_rope = family_decoder(tiny_model(max_context=4096), 4096)  # its RoPE tables are longer
+    assert aot_step.package_name(longer_rope, reduction_attention, True) != name
+
+
+def test_an_engine_loads_the_step_its_predecessor_built_and_runs_one_row_unpadded(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("LLMBUS_CACHE_DIR", str(tmp_path))
+    cache = slot_cache(tiny)  # its rows and length differ from the engine's: they are symbolic in the package
+    decoder = family_decoder(tiny, 1024)
+    package_step(decoder, cache, tmp_path / "compiled")
+    with caplog.at_level(logging.INFO, logger="llmbus.engine"):
+        engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, compile=True))
+        assert engine.runner.compiled.wait(600)
+    assert "decode step loaded from its package for batch 2" in caplog.text
+    assert engine.runner.compiled.padded(1) == 1
+    prompt = [chat_prompt(tiny, "one row")]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = LLMEngine(tiny, EngineConfig(max_batch_size=4)).generate(prompt, greedy)[0].text
+    assert engine.generate(prompt, greedy)[0].text == expected
+    assert engine.stats.decode_batch_sizes.keys() == {1}
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_a_frozen_bf16_package_calls_onednn_on_packed_weights_and_has_parallel_loops(tmp_path: Path) -> None:
+    """Freezing is what makes the narrow bf16 step fast (packed oneDNN matmuls): its package's code calls the
+    packed linear for the qkv, o, gate_up and down projections of every layer. The child that builds it uses the
+    worker's threads: built on one, the kernels had no parallel loops (SmolLM2: 24 ms a step instead of 17)."""
+    loaded = tiny_model(torch.bfloat16)
+    decoder = family_decoder(loaded, 64)
+    cache = slot_cache(loaded)
+    package_step(decoder, cache, tmp_path)
+    (package,) = tmp_path.iterdir()
+    with zipfile.ZipFile(package) as archive:
+        code = {n.rsplit(".", 2)[-2]: archive.read(n).decode() for n in archive.namelist() if n.endswith(".cpp")}
+    calls = re.findall(r"aoti_torch_cpu__linear_pointwise(?:_binary)?\(", code["wrapper"])  # _binary: + residual
+    assert len(calls) >= 4 * len(decoder.layers)
+    assert ("#pragma omp parallel" in code["kernel"]) == (torch.get_num_threads() > 1)
