@@ -3,9 +3,9 @@ meanwhile, on a thread chosen by device.
 
 - CPU: a thread of its own per warm-up, which ends with it. A thread that stays alive after running compiled code
   kept the engine thread's compiled steps on 1.3 of 2 cores (32 ms a token, against 19 ms when the warm-up thread
-  had ended and 24.5 ms eager; SmolLM2 in a worker on this machine): its OpenMP team outlives the warm-up. For the
-  same reason a warm-up gets every package (`aot_step.py`) before it runs any step: a warm-up thread that ran the
-  narrow step, then waited minutes for the wide package's build, left the engine's steps at 29 ms instead of 17.
+  had ended and 24.5 ms eager; SmolLM2 in a worker on this machine): its OpenMP team outlives the warm-up. So a
+  warm-up gets every package (`aot_step.py`) before it runs any step, and its team lives for those few steps only,
+  not through minutes of waiting for a build.
 - CUDA: the process's one compile thread, for every warm-up. CUDA graph trees keep their state per thread, and a
   second decoder warmed up on another thread failed to record (an AssertionError in cudagraph_trees, seen on an
   H200 with torch 2.11).
