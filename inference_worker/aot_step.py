@@ -128,12 +128,12 @@ def build_in_child(
         with output.open("wb") as sink:
             child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             while child.poll() is None:
-                if stop is not None and stop.wait(0.5):
+                if stop is None:
+                    child.wait()
+                elif stop.wait(0.5):
                     child.kill()
                     child.wait()
                     raise BuildStopped(f"the build of {path.name} was stopped")
-                if stop is None:
-                    child.wait()
         if child.returncode != 0:
             tail = output.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"building {path.name} failed (exit code {child.returncode}):\n{tail}")

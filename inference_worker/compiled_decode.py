@@ -230,7 +230,7 @@ class CompiledDecode:
         """Compile (or load from the cache) and run each size once; padding rows only, so no sequence is touched.
         In inference mode, as the engine's steps run: dynamo guards on it, so a warm-up outside would not count."""
         sizes = tuple(s for s in sizes or self.sizes if s not in self._ready)
-        started = dict.fromkeys(sizes, time.perf_counter())
+        started = time.perf_counter()
         how = dict.fromkeys(sizes, "compiled")
         if self.package_dir is not None:  # every package before any step: see the docstring of warm_up.py
             for size in sizes:
@@ -244,7 +244,7 @@ class CompiledDecode:
             positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long)
             for columns in self._warm_up_columns():
                 self._run(tokens, positions, columns)
-            self.compile_seconds[size] = time.perf_counter() - started[size]
+            self.compile_seconds[size] = time.perf_counter() - started
             self._ready.add(size)
             log.info("decode step %s for batch %d in %.1f s", how[size], size, self.compile_seconds[size])
 
@@ -257,7 +257,6 @@ class CompiledDecode:
             return "shared"
         keys, values = self.cache.keys, self.cache.values
         frozen = not self._wide(size)
-        configure_compiler(self.device.type, freezing=frozen)
         try:
             packaged, built = aot_step.load_or_build(
                 decoder, self.attention, keys, values, self.package_dir, frozen, self._stop

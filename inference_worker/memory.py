@@ -52,6 +52,10 @@ class MemoryPlan:
         )
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
@@ -81,13 +85,12 @@ def plan_memory(
             f"kv_cache_tokens ({budget}) cannot hold one row of the {window}-token context window plus "
             f"{prefix_cache_tokens} prefix-cache tokens: raise kv_cache_tokens or lower max_seq_len"
         )
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = MemoryPlan(
         rows,
         window,
         prefix_cache_tokens,
         kv_bytes_per_token(model.config, dtype),
-        weight_bytes,
+        weight_bytes(model),
         runner_bytes,
         available_memory(device),
         str(device),

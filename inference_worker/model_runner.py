@@ -25,6 +25,7 @@ from inference_worker.compiled_decode import WIDE_FROM, CompiledDecode, use_comp
 from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.hf_decoder import HFDecoder
 from inference_worker.kv_cache import SlotKVCache
+from inference_worker.memory import weight_bytes
 from inference_worker.model_loader import LoadedModel, cache_root
 from inference_worker.quantize import linear_for
 
@@ -69,9 +70,8 @@ def added_bytes(loaded: LoadedModel, compile: bool, quantize: str) -> int:
     """Memory a runner adds beside the loaded weights, for the memory plan: the float32 copy (4 bytes a parameter)
     and, on CPU, the frozen compiled step's packed weights (about the size of the loaded ones)."""
     parameters = sum(p.numel() for p in loaded.model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     frozen = compile and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
-    return (4 * parameters if uses_wide_copy(loaded, quantize) else 0) + (weights if frozen else 0)
+    return (4 * parameters if uses_wide_copy(loaded, quantize) else 0) + (weight_bytes(loaded.model) if frozen else 0)
 
 
 def wide_decoder(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
@@ -106,7 +106,7 @@ class ModelRunner:
         )
         family = family_decoder(loaded, max_len, quantize)
         self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
-        self.wide = wide_decoder(loaded, max_len, quantize) if family is not None else None
+        self.wide = wide_decoder(loaded, max_len, quantize)
         self.attention = llama.matmul_attention if self.device.type == "cpu" else llama.sdpa_attention
         self.prefill_attention = llama.sdpa_attention
         self.compiled: CompiledDecode | None = None
