@@ -8,9 +8,11 @@
   step just in time (about 110 s at every start: inductor's graph cache does not keep frozen graphs) and pads a batch
   of 1 to 2, since dynamo specializes size 1. With a `wide` decoder (float32 weights, on CPUs whose bf16 matmuls are
   slower than float32 ones at large batches, see hardware.py), batches of `WIDE_FROM` rows or more run a second
-  packaged step on it, not frozen: there freezing gained little (128 ms against 139 at batch 64) for a second packed
-  copy of 538 MB, so its package holds no weights and reads the copy's own tensors. The batch size, the attended
-  length and the cache's shape are symbolic, so one step serves every batch and every engine of the process.
+  packaged step on it. With `freeze_wide` it is frozen too, with its own packed float32 copy (SmolLM2 at batch 64:
+  116 ms against 126, for 538 MB more memory; the engine asks for it where the memory plan has room, see
+  `model_runner.fit_runner`); without, its package holds no weights and reads the copy's own tensors. Its fallback
+  under `torch.compile` is never frozen. The batch size, the attended length and the cache's shape are symbolic,
+  so one step serves every batch and every engine of the process.
 - CUDA: `mode="reduce-overhead"` (CUDA graphs). The batch and the attended length are symbolic here too, so inductor
   compiles once; a batch is padded to the next of a few bucket sizes and the attended length to a multiple of 256,
   so that CUDA graphs are recorded for only a few shapes; the cache tensors have static addresses.
@@ -105,6 +107,7 @@ class CompiledDecode:
         max_rows: int,
         wide: nn.Module | None = None,
         package_dir: Path | None = None,
+        freeze_wide: bool = False,
     ) -> None:
         self.attention = attention
         self.cache = cache
@@ -120,6 +123,7 @@ class CompiledDecode:
         self.step = compiled_step(decoder, attention, self.device.type)
         self.wide_step = compiled_step(wide, attention, self.device.type) if self.wide_from else None
         self.package_dir = None if self.on_cuda else package_dir
+        self.freeze_wide = freeze_wide
         self.decoders = {self.sizes[0]: decoder} | ({self.wide_from: wide} if self.wide_from else {})
         self.packaged: dict[int, aot_step.DecodeFn] = {}
         if self.package_dir is not None:
@@ -256,7 +260,7 @@ class CompiledDecode:
             self.packaged[size] = _aot_steps[decoder]
             return "shared"
         keys, values = self.cache.keys, self.cache.values
-        frozen = not self._wide(size)
+        frozen = self.freeze_wide or not self._wide(size)
         try:
             packaged, built = aot_step.load_or_build(
                 decoder, self.attention, keys, values, self.package_dir, frozen, self._stop

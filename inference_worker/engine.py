@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -37,7 +38,7 @@ __all__ = [  # the engine's public names, events included (callers import them f
 ]
 from inference_worker.memory import plan_memory
 from inference_worker.model_loader import LoadedModel
-from inference_worker.model_runner import ModelRunner, added_bytes
+from inference_worker.model_runner import ModelRunner, fit_runner
 from inference_worker.prefix_cache import PrefixCache
 from inference_worker.sampler import sample
 from inference_worker.sampling_params import SamplingParams
@@ -71,19 +72,12 @@ class LLMEngine:
         self.max_seq_len = min(self.config.max_seq_len, loaded.max_context)
         self.tokenizer = loaded.tokenizer.backend_tokenizer
         prefix_tokens = self.config.prefix_cache_tokens if self.config.prefix_cache else 0
-        self.plan = plan_memory(
-            loaded.model,
-            loaded.dtype,
-            loaded.device,
-            self.config.max_batch_size,
-            self.max_seq_len,
-            self.config.kv_cache_tokens,
-            prefix_tokens,
-            added_bytes(loaded, self.config.compile, self.config.quantize),
-        )
+        rows, window, kv_tokens = self.config.max_batch_size, self.max_seq_len, self.config.kv_cache_tokens
+        plan = partial(plan_memory, loaded.model, loaded.dtype, loaded.device, rows, window, kv_tokens, prefix_tokens)
+        self.plan, freeze_wide = fit_runner(loaded, self.config.compile, self.config.quantize, plan)
         log.info("%s", self.plan.describe())
         self.runner = ModelRunner(
-            loaded, self.plan.rows, self.max_seq_len, compile=self.config.compile, quantize=self.config.quantize
+            loaded, self.plan.rows, window, self.config.compile, self.config.quantize, freeze_wide=freeze_wide
         )
         self.scheduler = Scheduler(self.plan.rows, self.config.prefill_budget)
         self.prefix_cache = (

@@ -66,17 +66,30 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
 def reduction_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
     """The same maths as broadcast products and sums, for compiled decode on CPU: inductor turns each into one loop
     that reads the cache rows in place, where bf16 batched matmuls over the strided cache views copied them first
-    (1.7x faster at batch 64, 2.7x at batch 1, measured here)."""
+    (1.7x faster at batch 64, 2.7x at batch 1, measured here). Three choices shape that loop, each measured alone at
+    batch 64 over 151 columns (0.90 ms a layer before, 0.62 after):
+    - the rotated queries are written out first (`in_memory`); inlined, their RoPE was recomputed for every column;
+    - the mask is added as a bias of 0 or -inf, rather than selected;
+    - the softmax's division is applied to the output (one per dimension), not to every column's probability."""
     batch, width, heads, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    q = q.view(batch, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * width, dim)
-    scores = (q[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * scale
-    visible = visible[:, None, None].expand(batch, 1, group, width, visible.shape[-1])
-    scores = scores.masked_fill(~visible.reshape(batch, 1, group * width, -1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = (probs[..., None] * v[:, :, None, :, :].float()).sum(-2).to(q.dtype).view(batch, kv_heads, group, width, dim)
+    q = in_memory(q).view(batch, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, group * width, dim)
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill(~visible, float("-inf"))
+    bias = bias[:, None, None].expand(batch, 1, group, width, visible.shape[-1]).reshape(batch, 1, group * width, -1)
+    scores = (q[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * scale + bias
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    out = (weights[..., None] * v[:, :, None, :, :].float()).sum(-2) / weights.sum(-1, keepdim=True)
+    out = out.to(q.dtype).view(batch, kv_heads, group, width, dim)
     return out.permute(0, 3, 1, 2, 4).reshape(batch, width, heads * dim)
+
+
+def in_memory(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself; under inductor, computed into a buffer of its own rather than inlined into every reader."""
+    import torch._inductor.inductor_prims  # registers the op; imported here, as inductor loads slowly
+
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):

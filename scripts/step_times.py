@@ -58,7 +58,9 @@ def hf_loop(loaded: LoadedModel, prompts: torch.Tensor) -> Step:
 def runner_loop(loaded: LoadedModel, prompts: torch.Tensor, compile: bool, quantize: str) -> tuple[Step, float]:
     batch, context = prompts.shape
     rows = max(batch, ROWS)
-    runner = ModelRunner(loaded, rows, 2048, compile=compile, quantize=quantize, background_compile=False)
+    runner = ModelRunner(
+        loaded, rows, 2048, compile=compile, quantize=quantize, background_compile=False, freeze_wide=compile
+    )
     started = time.perf_counter()
     if runner.compiled is not None:
         runner.compiled.warm_up((runner.compiled.padded(batch),) if runner.compiled.on_cuda else None)

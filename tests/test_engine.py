@@ -14,7 +14,7 @@ from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
 from inference_worker.memory import MemoryPlanError, plan_memory
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
-from inference_worker.model_runner import added_bytes, family_decoder, uses_wide_copy
+from inference_worker.model_runner import added_bytes, family_decoder, fit_runner, uses_wide_copy
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence, Status
 
@@ -158,12 +158,44 @@ def test_the_memory_plan_counts_the_copies_of_the_weights_the_runner_will_make(t
     wide = uses_wide_copy(bf16, "none")  # measured on this CPU
     assert added_bytes(bf16, compile=False, quantize="none") == (4 * parameters if wide else 0)
     assert added_bytes(bf16, compile=False, quantize="int8") == 0
+    frozen_wide = added_bytes(bf16, compile=True, quantize="none", freeze_wide=True)
+    assert frozen_wide - added_bytes(bf16, compile=True, quantize="none") == (4 * parameters if wide else 0)
     plan = plan_memory(tiny.model, tiny.dtype, tiny.device, 2, 64, runner_bytes=3 * 2**20)
     assert "+ 3 MiB of float32 and compiled copies" in plan.describe()
     available = plan.available_bytes
     assert available is not None
     with pytest.raises(MemoryPlanError, match=r"does not fit.*--no-compile"):
         plan_memory(tiny.model, tiny.dtype, tiny.device, 2, 64, runner_bytes=available)
+
+
+def test_the_wide_step_is_frozen_only_where_its_packed_copy_fits(tiny: LoadedModel, smollm: LoadedModel) -> None:
+    """`fit_runner` asks for the frozen wide step's copy first; a plan that cannot hold it gets the step that reads
+    the float32 copy's weights, and a runner without that copy never asks. (SmolLM2, whose shapes the CPU's
+    float32-against-bf16 measurement is made at; the tiny model's are too small for float32 to win.)"""
+    bf16 = smollm
+    if not uses_wide_copy(bf16, "none"):
+        pytest.skip("this CPU's bf16 matmuls are not slower than float32 ones at many rows: no wide copy")
+    frozen = added_bytes(bf16, compile=True, quantize="none", freeze_wide=True)
+    asked: list[int] = []
+
+    def limited(room: int):
+        def attempt(runner_bytes: int):
+            asked.append(runner_bytes)
+            if runner_bytes > room:
+                raise MemoryPlanError(f"{runner_bytes} bytes do not fit")
+            return plan_memory(bf16.model, bf16.dtype, bf16.device, 2, 64, runner_bytes=runner_bytes)
+
+        return attempt
+
+    assert fit_runner(bf16, True, "none", limited(frozen))[1] is True
+    assert asked == [frozen]
+    asked.clear()
+    plan_, freeze = fit_runner(bf16, True, "none", limited(frozen - 1))
+    assert freeze is False and asked == [frozen, added_bytes(bf16, compile=True, quantize="none")]
+    assert plan_.runner_bytes == asked[-1]
+    asked.clear()
+    assert fit_runner(bf16, False, "none", limited(frozen))[1] is False and len(asked) == 1
+    assert fit_runner(tiny, True, "none", limited(frozen))[1] is False  # float32 model: no wide copy
 
 
 def test_a_long_prompt_fills_the_static_cache_and_still_matches_generate(tiny: LoadedModel) -> None:

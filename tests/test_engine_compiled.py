@@ -18,12 +18,11 @@ from torch._dynamo.utils import counters
 from bus_gateway.client import BusClient
 from helpers.tiny_model import chat_prompt, tiny_model
 from helpers.workers import start_worker
-from inference_worker import warm_up
+from inference_worker import aot_step, warm_up
 from inference_worker.compiled_decode import CompiledDecode
 from inference_worker.engine import EngineConfig, Finished, LLMEngine
-from inference_worker.llama import reduction_attention
+from inference_worker.llama import LlamaFamilyModel, reduction_attention
 from inference_worker.model_loader import LoadedModel, load_model
-from inference_worker.model_runner import family_decoder
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
 from llmbus.config import Config
@@ -134,22 +133,32 @@ def test_rows_joining_and_leaving_a_compiled_batch_match_their_solo_runs(tiny: L
     assert [done[str(i)] for i in range(3)] == solo
 
 
-@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["packaged", "just-in-time"])
+@pytest.mark.parametrize(
+    ("ahead_of_time", "freeze_wide"),
+    [(True, True), (True, False), (False, False)],
+    ids=["packaged-frozen", "packaged-reading-the-copy", "just-in-time"],
+)
 def test_large_batches_run_on_the_wide_decoder_and_still_equal_eager(
-    tiny: LoadedModel, ahead_of_time: bool, tmp_path
+    tiny: LoadedModel, ahead_of_time: bool, freeze_wide: bool, tmp_path
 ) -> None:
     """The second graph (a float32 copy of the weights, for CPUs whose bf16 matmuls lose at large batches) takes
     batches of 16 rows and more; here the copy of a float32 model computes exactly what the eager decoder does.
-    Both graphs compiled ahead of time into packages, and both under `torch.compile` (the fallback)."""
+    Both graphs compiled ahead of time into packages (the wide one frozen with its own packed weights, or reading
+    the copy's), and both under `torch.compile` (the fallback)."""
     prompts = [chat_prompt(tiny, "row " * (i % 7 + 1)) for i in range(18)]
     expected = [r.text for r in LLMEngine(tiny, EngineConfig(max_batch_size=20)).generate(prompts, GREEDY)]
     engine = LLMEngine(tiny, EngineConfig(max_batch_size=20))
     runner = engine.runner
-    wide = family_decoder(tiny, runner.cache.row_len, "none", torch.float32)
+    wide = LlamaFamilyModel(tiny.model, runner.cache.row_len, dtype=torch.float32).eval()  # its own packaged step
     packages = tmp_path if ahead_of_time else None
-    runner.compiled = CompiledDecode(runner.decoder, runner.cache, reduction_attention, 20, wide, packages)
+    runner.compiled = CompiledDecode(
+        runner.decoder, runner.cache, reduction_attention, 20, wide, packages, freeze_wide=freeze_wide
+    )
     runner.compiled.warm_up()
     assert runner.compiled.packaged.keys() == ({2, 16} if ahead_of_time else set())
+    if ahead_of_time:
+        built = {p.name for p in tmp_path.glob("decode-*.pt2")}
+        assert f"decode-{aot_step.package_name(wide, reduction_attention, freeze_wide)}.pt2" in built
     assert runner.compiled.sizes == (2, 16) and runner.compiled.ready(18) and runner.compiled.ready(3)
     assert [r.text for r in engine.generate(prompts, GREEDY)] == expected
     assert max(engine.stats.decode_batch_sizes) == 18
