@@ -9,15 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from bus_gateway.client import BusClient
 from helpers.bridge import API_KEY, Bridge
+from helpers.workers import start_worker
+from inference_worker.model_loader import LoadedModel
 from llmbus import bench
+from llmbus.bench.bus_load import wait_for_compiled
 from llmbus.bench.http_load import OpenAITarget, apply_event, probe
 from llmbus.bench.options import BenchError, parse_options
 from llmbus.bench.report import redact_url
-from llmbus.bench.stack import assign_cores
+from llmbus.bench.stack import Stack, assign_cores
 from llmbus.bench.stats import PointResult, RequestRecord, summarize
 from llmbus.bench.verdicts import compute_ratios, http_notes, pairwise, peer_notes
-from llmbus.nats_server import free_port
+from llmbus.config import Config
+from llmbus.nats_server import NatsServer, free_port
 
 
 def test_options_keep_the_old_flags_and_add_the_new_ones() -> None:
@@ -171,3 +176,20 @@ def test_an_unreachable_peer_fails_before_anything_starts(tmp_path: Path, capsys
     assert bench.main(argv) == 1
     assert "the peer did not answer" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+async def test_the_compile_wait_needs_every_worker_to_answer(
+    fresh_nats_server: NatsServer, smollm: LoadedModel
+) -> None:
+    """No answer is not "done compiling": a worker whose loop is busy loading its compiled step misses `$SRV.STATS`
+    for a few seconds, and the bench must wait for it rather than measure a worker still starting."""
+    running = await start_worker(Config(nats_url=fresh_nats_server.url, compile=False), smollm)
+    stack = Stack(parse_options(["--nats-url", fresh_nats_server.url]), url=fresh_nats_server.url)
+    bus = await BusClient.from_config(Config(nats_url=fresh_nats_server.url))
+    try:
+        assert await wait_for_compiled(bus, stack, 1, timeout=60.0) >= 0.0
+        with pytest.raises(BenchError, match="1 of 2 workers answered"):
+            await wait_for_compiled(bus, stack, 2, timeout=1.0)
+    finally:
+        await bus.close()
+        await running.shutdown()

@@ -53,17 +53,23 @@ async def wait_for_workers(bus: BusClient, stack: Stack, count: int, timeout: fl
     raise BenchError(f"{len(seen)} of {count} workers answered $SRV.PING.{SERVICE_NAME} after {timeout:.0f}s")
 
 
-async def wait_for_compiled(bus: BusClient, stack: Stack, timeout: float) -> float:
-    """Wait until no worker's engine reports `compile: compiling` in `$SRV.STATS` (workers serve eagerly while their
-    decode step compiles, and the bench measures the engine as it runs once compiled); the seconds waited."""
+async def wait_for_compiled(bus: BusClient, stack: Stack, count: int, timeout: float) -> float:
+    """Wait until `count` workers answer `$SRV.STATS` and none reports `compile: compiling` (workers serve eagerly
+    while their decode step compiles, and the bench measures the engine as it runs once compiled); the seconds
+    waited. A worker loading its compiled step can miss a `$SRV` request (the load holds the GIL for seconds), so
+    a missing answer means not yet."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         stack.check_alive()
         answers = await bus.stats()
-        if all(_endpoint_data(answer).get("compile") != "compiling" for answer in answers):
+        compiling = [answer for answer in answers if _endpoint_data(answer).get("compile") == "compiling"]
+        if len(answers) >= count and not compiling:
             return time.monotonic() - started
         await asyncio.sleep(0.5)
-    raise BenchError(f"the workers' decode step was still compiling after {timeout:.0f}s")
+    raise BenchError(
+        f"after {timeout:.0f}s, {len(answers)} of {count} workers answered $SRV.STATS and {len(compiling)} of them "
+        "were still compiling their decode step"
+    )
 
 
 async def worker_options(bus: BusClient) -> list[dict[str, Any]]:

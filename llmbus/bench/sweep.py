@@ -60,7 +60,7 @@ async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Swe
         progress(f"waiting for {opts.workers} worker(s) to answer $SRV.PING")
         seen = len(await wait_for_workers(bus, stack, opts.workers, opts.ready_timeout))
         progress("waiting for the workers' decode step to compile ($SRV.STATS compile)")
-        compile_wait_s = await wait_for_compiled(bus, stack, opts.compile_timeout)
+        compile_wait_s = await wait_for_compiled(bus, stack, seen, opts.compile_timeout)
         options = await worker_options(bus)
         progress(f"{seen} worker(s) ready: {describe_workers(options)}")
         sweep = Sweep(seen, 0.0, [], worker_processes=[w.describe() for w in stack.workers], worker_options=options)
