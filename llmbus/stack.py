@@ -48,7 +48,7 @@ def part_runner(part: Part) -> PartRunner:
             from inference_worker.worker import run_worker
 
             return run_worker
-        from bus_gateway.app import run_gateway
+        from bus_gateway.serve import run_gateway
 
         return run_gateway
     except ImportError as exc:

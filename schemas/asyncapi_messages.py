@@ -1,6 +1,6 @@
 """The messages of the AsyncAPI document (`schemas/asyncapi.py`): each is a payload from the wire Structs plus the
 headers that travel with it. Payload schemas come from msgspec (`schema_components`); header schemas are built here
-from the header names and patterns in `schemas/subjects.py` and the error table in `schemas/errors.py`."""
+from the header names and patterns in `schemas/subjects.py` and the limits in `schemas/errors.py`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from schemas.discovery import InfoResponse, PingResponse, StatsResponse
-from schemas.errors import ERRORS, MAX_HEADER_MESSAGE, error_headers
+from schemas.errors import MAX_HEADER_MESSAGE, error_headers
 from schemas.messages import (
     BatchDone,
     BatchItemDone,
@@ -133,24 +133,6 @@ def header_schemas() -> dict[str, Schema]:
             (ERROR_CODE, ERROR, ERROR_NAME),
             **end,
         ),
-    }
-
-
-def error_table() -> str:
-    """The error table (`schemas.errors.ERRORS`) as Markdown."""
-    rows = [
-        f"| `{s.name}` | {s.code} | {'yes' if s.retryable else 'no'} | {s.retry_after or ''} |" for s in ERRORS.values()
-    ]
-    return "\n".join(
-        ["| `Llmbus-Error` | `Nats-Service-Error-Code` | retryable | Retry-After (s) |", "|---|---|---|---|", *rows]
-    )
-
-
-def error_name_schema() -> Schema:
-    return {
-        "type": "string",
-        "enum": list(ERRORS),
-        "description": f"The error's name (`{ERROR_NAME}`), which tells apart errors of one code.\n\n{error_table()}",
     }
 
 
@@ -307,9 +289,3 @@ def answer_messages() -> dict[str, Schema]:
             for name in DISCOVERY_PAYLOADS
         },
     }
-
-
-def components() -> dict[str, Schema]:
-    """The `components` of the document: schemas (payloads, headers, error names) and messages."""
-    schemas = {**payload_schemas(), **header_schemas(), "ErrorName": error_name_schema()}
-    return {"schemas": schemas, "messages": {**request_messages(), **answer_messages()}}

@@ -27,7 +27,8 @@ import schemas.subjects
 from helpers.workers import RunningWorker
 from llmbus import __version__
 from schemas import codec
-from schemas.asyncapi import ASYNCAPI_PATH, DISCOVERY, JOBS_STREAM, VERBS, asyncapi_document, asyncapi_json
+from schemas.asyncapi import ASYNCAPI_PATH, asyncapi_document, asyncapi_json
+from schemas.asyncapi_channels import DISCOVERY, JOBS_STREAM, VERBS
 from schemas.asyncapi_messages import MSG_ID, PAYLOADS
 from schemas.discovery import DISCOVERY_REPLIES
 from schemas.errors import ERRORS

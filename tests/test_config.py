@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from llmbus.cli import ALL_FIELDS, GATEWAY_FIELDS, STACK_ONLY_FIELDS, WORKER_FIELDS, build_parser, uses_existing_nats
+from llmbus.cli import uses_existing_nats
+from llmbus.cli_parser import ALL_FIELDS, GATEWAY_FIELDS, STACK_ONLY_FIELDS, WORKER_FIELDS, build_parser
 from llmbus.config import Config
 
 

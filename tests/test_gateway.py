@@ -13,9 +13,9 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-import bus_gateway.app as app_module
-from bus_gateway.app import run_gateway
+import bus_gateway.serve as serve_module
 from bus_gateway.client import BusClient
+from bus_gateway.serve import run_gateway
 from helpers.bridge import (
     API_KEY,
     Bridge,
@@ -321,7 +321,7 @@ async def test_overloaded_worker_is_503_with_retry_after(nats_server: NatsServer
 async def test_stopping_the_bridge_ends_open_streams_cleanly(
     worker: object, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app_module, "STREAM_GRACE", 0.2)
+    monkeypatch.setattr(serve_module, "STREAM_GRACE", 0.2)
     bridge = await start_bridge(Config(nats_url=nats_server.url))
     request = {"chat_id": "cut", "user_prompt": "Write a very long story.", "max_tokens": 250, "stream": True}
     events: list[dict] = []

@@ -16,7 +16,7 @@ from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus import logs
-from llmbus.cli import build_parser
+from llmbus.cli_parser import build_parser
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 from schemas import ChatRequest, Subjects

@@ -15,7 +15,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bus_gateway.app import run_gateway
+from bus_gateway.serve import run_gateway
 from llmbus.config import Config
 from llmbus.nats_server import free_port
 
