@@ -151,3 +151,23 @@ def test_a_frozen_bf16_package_calls_onednn_on_packed_weights_and_has_parallel_l
     calls = re.findall(r"aoti_torch_cpu__linear_pointwise(?:_binary)?\(", code["wrapper"])  # _binary: + residual
     assert len(calls) >= 4 * len(decoder.layers)
     assert ("#pragma omp parallel" in code["kernel"]) == (torch.get_num_threads() > 1)
+
+
+def test_an_int8_package_keeps_its_weights_in_int8_and_decodes_as_the_eager_int8_step(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    """`--quantize int8` on CPU runs a packaged step too: it computes what the eager int8 step does, and its package
+    holds the projections as int8 (a quarter of their float32 bytes), not as dequantized copies."""
+    cache = slot_cache(tiny)
+    float_decoder, int8_decoder = family_decoder(tiny, 64), family_decoder(tiny, 64, "int8")
+    package_step(float_decoder, cache, tmp_path / "float")
+    step, was_built = package_step(int8_decoder, cache, tmp_path / "int8")
+    assert was_built
+    inputs = decode_inputs(cache)
+    eager = run(aot_step.DecodeStep(int8_decoder, reduction_attention), cache, inputs)
+    torch.testing.assert_close(run(step, cache, decode_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
+    projections = sum(
+        m.weight.numel() for layer in float_decoder.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
+    )
+    sizes = {kind: sum(p.stat().st_size for p in (tmp_path / kind).iterdir()) for kind in ("float", "int8")}
+    assert sizes["float"] - sizes["int8"] > 0.5 * 3 * projections  # int8 saves 3 of every 4 bytes of float32
