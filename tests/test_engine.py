@@ -3,6 +3,9 @@ greedy equality with `model.generate` on the real SmolLM2."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 from helpers.tiny_model import tiny_model
 from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
+from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.memory import MemoryPlanError, plan_memory
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
 from inference_worker.model_runner import added_bytes, family_decoder, fit_runner, uses_wide_copy
@@ -196,6 +200,27 @@ def test_the_wide_step_is_frozen_only_where_its_packed_copy_fits(tiny: LoadedMod
     asked.clear()
     assert fit_runner(bf16, False, "none", limited(frozen))[1] is False and len(asked) == 1
     assert fit_runner(tiny, True, "none", limited(frozen))[1] is False  # float32 model: no wide copy
+
+
+def test_the_float32_or_bf16_decision_holds_while_other_processes_load_the_cores(smollm: LoadedModel) -> None:
+    """The start-up measurement that picks the wide copy's dtype times bf16 and float32 in alternation, so busy
+    neighbours slow both alike: made under load, it decides as it does on an idle machine (timed one after the
+    other, it decided wrongly 6 times in 15 here with two busy processes)."""
+    shape = (smollm.model.config.hidden_size, smollm.model.config.intermediate_size)
+    float32_wins_wide_matmuls.cache_clear()
+    idle = float32_wins_wide_matmuls(*shape)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    decisions = []
+    try:
+        for _ in range(5):
+            float32_wins_wide_matmuls.cache_clear()
+            decisions.append(float32_wins_wide_matmuls(*shape))
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+        float32_wins_wide_matmuls.cache_clear()
+    assert decisions == [idle] * 5
 
 
 def test_a_long_prompt_fills_the_static_cache_and_still_matches_generate(tiny: LoadedModel) -> None:
