@@ -93,10 +93,11 @@ def load_or_build(
     directory: Path,
     frozen: bool,
     stop: threading.Event | None = None,
+    on_build: Callable[[], None] | None = None,
 ) -> tuple[DecodeFn, bool]:
     """The compiled step, and whether it was built now (True, in a child process) or loaded from `directory`
-    (False). Frozen: the weights are folded in and packed (the narrow bf16 step). Not frozen: the package
-    holds no weights, and the step reads the decoder's own tensors (the float32 `wide` step: no second copy)."""
+    (False); `on_build` is called when a build starts. Frozen: the weights are folded in and packed. Not frozen:
+    the package holds no weights, and the step reads the decoder's own tensors (no second copy)."""
     step = DecodeStep(decoder, attention)
     path = directory / f"decode-{package_name(decoder, attention, frozen)}.pt2"
     if path.exists():
@@ -104,6 +105,8 @@ def load_or_build(
             return _load(path, step, frozen), False
         except Exception:
             log.warning("the compiled decode step in %s did not load; building it again", path, exc_info=True)
+    if on_build is not None:
+        on_build()
     build_in_child(step, keys, values, path, frozen, stop)
     return _load(path, step, frozen), True
 

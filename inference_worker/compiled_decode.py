@@ -132,6 +132,7 @@ class CompiledDecode:
         self._ready: set[int] = set()
         self._stop = threading.Event()
         self._done: threading.Event | None = None
+        self._settled = threading.Event()  # the packages are loaded, or one is being built
         self.failed = False
         if self.on_cuda:
             for tensor in (*cache.keys, *cache.values):
@@ -207,8 +208,13 @@ class CompiledDecode:
             raise failure[0]
 
     def start_background(self) -> None:
-        """Warm up on a warm-up thread; `ready(n)` turns true as the graphs arrive."""
+        """Warm up on a warm-up thread; `ready(n)` turns true as the graphs arrive. With packages, it returns once
+        they are loaded, or as soon as one must be built: a load holds the GIL for seconds (2.8-4.4 s for SmolLM2's
+        two here), so a worker joins the bus after it rather than miss requests just after joining (`llmbus status`
+        right after `llmbus up` did); a build takes minutes, and the worker serves eagerly meanwhile."""
         self._done = self._submit(None, self._turn_eager)
+        if self.package_dir is not None:
+            self._settled.wait()
 
     def _turn_eager(self, failure: BaseException) -> None:
         self.failed = True
@@ -224,6 +230,7 @@ class CompiledDecode:
             except BaseException as exc:
                 on_failure(exc)
             finally:
+                self._settled.set()
                 done.set()
 
         warm_up.submit(job, self.on_cuda)
@@ -241,6 +248,7 @@ class CompiledDecode:
                 how[size] = self._load_or_build_package(size)
                 if how[size] == "stopped":
                     return
+            self._settled.set()
         for size in sizes:
             if self._stop.is_set():
                 return
@@ -263,7 +271,7 @@ class CompiledDecode:
         frozen = self.freeze_wide or not self._wide(size)
         try:
             packaged, built = aot_step.load_or_build(
-                decoder, self.attention, keys, values, self.package_dir, frozen, self._stop
+                decoder, self.attention, keys, values, self.package_dir, frozen, self._stop, self._settled.set
             )
         except aot_step.BuildStopped:
             return "stopped"

@@ -126,6 +126,7 @@ def test_an_engine_loads_the_step_its_predecessor_built_and_runs_one_row_unpadde
     package_step(decoder, cache, tmp_path / "compiled")
     with caplog.at_level(logging.INFO, logger="llmbus.engine"):
         engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, compile=True))
+        assert engine.runner.compiled.packaged.keys() == {2}  # loaded before the engine (and its worker) started
         assert engine.runner.compiled.wait(600)
     assert "decode step loaded from its package for batch 2" in caplog.text
     assert engine.runner.compiled.padded(1) == 1
