@@ -132,7 +132,7 @@ class CompiledDecode:
         self._ready: set[int] = set()
         self._stop = threading.Event()
         self._done: threading.Event | None = None
-        self._settled = threading.Event()  # the packages are loaded, or one is being built
+        self.settled = threading.Event()  # the packages are loaded, or one is being built: the engine may start
         self.failed = False
         if self.on_cuda:
             for tensor in (*cache.keys, *cache.values):
@@ -214,7 +214,7 @@ class CompiledDecode:
         right after `llmbus up` did); a build takes minutes, and the worker serves eagerly meanwhile."""
         self._done = self._submit(None, self._turn_eager)
         if self.package_dir is not None:
-            self._settled.wait()
+            self.settled.wait()
 
     def _turn_eager(self, failure: BaseException) -> None:
         self.failed = True
@@ -230,7 +230,7 @@ class CompiledDecode:
             except BaseException as exc:
                 on_failure(exc)
             finally:
-                self._settled.set()
+                self.settled.set()
                 done.set()
 
         warm_up.submit(job, self.on_cuda)
@@ -248,7 +248,7 @@ class CompiledDecode:
                 how[size] = self._load_or_build_package(size)
                 if how[size] == "stopped":
                     return
-            self._settled.set()
+            self.settled.set()
         for size in sizes:
             if self._stop.is_set():
                 return
@@ -271,7 +271,7 @@ class CompiledDecode:
         frozen = self.freeze_wide or not self._wide(size)
         try:
             packaged, built = aot_step.load_or_build(
-                decoder, self.attention, keys, values, self.package_dir, frozen, self._stop, self._settled.set
+                decoder, self.attention, keys, values, self.package_dir, frozen, self._stop, self.settled.set
             )
         except aot_step.BuildStopped:
             return "stopped"

@@ -73,6 +73,7 @@ async def test_a_worker_serves_eagerly_while_its_decode_step_compiles(
     warm_up = CompiledDecode._warm_up
 
     def held_warm_up(self: CompiledDecode, sizes: tuple[int, ...] | None = None) -> None:
+        self.settled.set()  # as a package build does: the engine starts, and serves eagerly meanwhile
         compiling.wait()  # the compile goes on (on its own thread) only when the test says so
         warm_up(self, sizes)
 
