@@ -59,6 +59,8 @@ async def wait_for_compiled(bus: BusClient, stack: Stack, count: int, timeout: f
     waited. A worker loading its compiled step can miss a `$SRV` request (the load holds the GIL for seconds), so
     a missing answer means not yet."""
     started = time.monotonic()
+    answers: list[dict] = []
+    compiling: list[dict] = []
     while time.monotonic() - started < timeout:
         stack.check_alive()
         answers = await bus.stats()
