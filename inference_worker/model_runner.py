@@ -2,9 +2,10 @@
 
 The decoder is the hand-written Llama-family forward (`llama.py`) when the model is a Llama, Mistral or Qwen2,
 else the HF modules with the slot cache plugged in (`hf_decoder.py`); both read and write the same cache. Prefill
-chunks attend through PyTorch SDPA (flash / memory-efficient kernels on CUDA; on CPU 2-3x faster than two matmuls
-for a 211-token prompt). Eager decode steps attend through two plain matmuls on CPU (2.4x faster than SDPA at one
-query per row) and SDPA on CUDA. Decode steps go through the compiled step (`compiled_decode.py`) once their
+chunks attend through PyTorch SDPA (on CPU 2-3x faster than two matmuls for a 211-token prompt; on CUDA kept off
+cuDNN, which plans every new shape). Eager decode steps attend through two plain matmuls: on CPU 2.4x faster than
+SDPA at batch 64, and on an H100 a SmolLM2 step at batch 1 took 27 ms against 80 through SDPA, which chose cuDNN
+and planned each step's new length. Decode steps go through the compiled step (`compiled_decode.py`) once their
 batch-size bucket is compiled, and run eagerly until then.
 
 On CPUs whose float32 matmuls beat bf16 ones at many rows (`hardware.py`), a forward of `WIDE_FROM` token rows or
@@ -127,8 +128,9 @@ class ModelRunner:
         family = family_decoder(loaded, max_len, quantize)
         self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
         self.wide = wide_decoder(loaded, max_len, quantize)
-        self.attention = llama.matmul_attention if self.device.type == "cpu" else llama.sdpa_attention
-        self.prefill_attention = llama.sdpa_attention
+        self.attention = llama.matmul_attention
+        on_cpu = self.device.type == "cpu"
+        self.prefill_attention = llama.sdpa_attention if on_cpu else llama.sdpa_attention_without_cudnn
         self.compiled: CompiledDecode | None = None
         if compile and family is not None:
             use_compile_cache(str(cache_root() / "inductor"))

@@ -121,3 +121,22 @@ def test_qwen2_with_a_window_on_some_layers_runs_on_the_hf_modules_and_matches_h
     assert isinstance(engine.runner.decoder, HFDecoder)
     expected = [hf_greedy(qwen2, ids) for ids in prompts(qwen2)]
     assert [r.text for r in engine.generate(prompts(qwen2), GREEDY)] == expected
+
+
+def test_every_attention_of_the_forward_computes_the_same_function() -> None:
+    """The runner picks an attention per device and phase (matmuls for eager decode, SDPA for prefill, SDPA kept off
+    cuDNN on CUDA, broadcast sums when compiled on CPU): all must agree, GQA and the causal mask included."""
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, kv_heads, dim, columns = 3, 6, 2, 16, 11
+    for width in (1, 4):
+        q = torch.randn(batch, width, heads, dim, generator=generator)
+        k = torch.randn(batch, kv_heads, columns, dim, generator=generator)
+        v = torch.randn(batch, kv_heads, columns, dim, generator=generator)
+        positions = torch.tensor(
+            [[5 + i for i in range(width)], [0 + i for i in range(width)], [6 + i for i in range(width)]]
+        )
+        visible = torch.arange(columns)[None, None, :] <= positions[:, :, None]
+        expected = llama.matmul_attention(q, k, v, visible, 0.25)
+        assert expected.shape == (batch, width, heads * dim)
+        for attention in (llama.sdpa_attention, llama.sdpa_attention_without_cudnn, llama.reduction_attention):
+            torch.testing.assert_close(attention(q, k, v, visible, 0.25), expected, atol=1e-5, rtol=1e-4)
