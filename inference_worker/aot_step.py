@@ -19,6 +19,11 @@ configuration of a model. Its name is a hash of everything that shapes the compi
 (their bytes, when frozen), the modules' settings, the source of the forward, torch's version and the CPU's
 instruction sets. A package is written under a temporary name and renamed, so workers that share the cache
 directory never load a half-written one; one that fails to load is built again.
+
+Packages do not pile up: every package a worker loads or builds is marked used (its modification time), and each
+start removes the packages of its directory that no worker has used for `UNUSED_PACKAGE_S` (a week). A package
+name changes with every llmbus or torch upgrade, so the old ones went unused; a worker that needs one again
+rebuilds it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ log = logging.getLogger("llmbus.engine")
 
 DecodeFn = Callable[..., torch.Tensor]
 STALE_BUILD_S = 86400
+UNUSED_PACKAGE_S = 7 * 86400
 CHILD_NICENESS = 5  # the build yields the CPU to serving (at 10 it starved under a steady load: over 8 minutes)
 _MAX = 1 << 20
 _SOURCES = (Path(llama.__file__), Path(__file__))
@@ -100,15 +106,35 @@ def load_or_build(
     the package holds no weights, and the step reads the decoder's own tensors (no second copy)."""
     step = DecodeStep(decoder, attention)
     path = directory / f"decode-{package_name(decoder, attention, frozen)}.pt2"
+    remove_unused_packages(directory, keep=path)
     if path.exists():
         try:
-            return _load(path, step, frozen), False
+            loaded = _load(path, step, frozen)
+            with contextlib.suppress(OSError):  # a read-only cache: its owner prunes it
+                os.utime(path)  # used now: kept by `remove_unused_packages` for another week
+            return loaded, False
         except Exception:
             log.warning("the compiled decode step in %s did not load; building it again", path, exc_info=True)
     if on_build is not None:
         on_build()
     build_in_child(step, keys, values, path, frozen, stop)
     return _load(path, step, frozen), True
+
+
+def remove_unused_packages(directory: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove the packages in `directory`, other than `keep`, that nothing has loaded or built for
+    `UNUSED_PACKAGE_S`; return them. A worker that has one loaded keeps running on it (the file's data stays
+    until it is unmapped)."""
+    now = time.time() if now is None else now
+    removed = []
+    for package in directory.glob("decode-*.pt2"):
+        with contextlib.suppress(OSError):
+            if package != keep and now - package.stat().st_mtime > UNUSED_PACKAGE_S:
+                package.unlink()
+                removed.append(package)
+    if removed:
+        log.info("removed %d compiled decode step(s) unused for %d days", len(removed), UNUSED_PACKAGE_S // 86400)
+    return removed
 
 
 class BuildStopped(Exception):

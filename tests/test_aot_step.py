@@ -4,7 +4,9 @@ the package is bad, and named by everything that shapes its code (tiny model; a 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import time
 import zipfile
 from pathlib import Path
 
@@ -58,9 +60,17 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     cache = slot_cache(tiny)
     built, was_built = package_step(decoder, cache, tmp_path)
     assert was_built
-    assert [p.suffix for p in tmp_path.iterdir()] == [".pt2"]  # no temporary file left behind
+    (package,) = tmp_path.iterdir()
+    assert package.suffix == ".pt2"  # no temporary file left behind
+    week_and_a_day_ago = time.time() - aot_step.UNUSED_PACKAGE_S - 86400
+    os.utime(package, (week_and_a_day_ago, week_and_a_day_ago))
+    (tmp_path / "decode-of-an-older-release.pt2").write_bytes(b"unused for 8 days")
+    os.utime(tmp_path / "decode-of-an-older-release.pt2", (week_and_a_day_ago, week_and_a_day_ago))
+    (tmp_path / "decode-of-another-configuration.pt2").write_bytes(b"another configuration's package")
     loaded, was_built = package_step(decoder, cache, tmp_path)
     assert not was_built
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([package.name, "decode-of-another-configuration.pt2"])
+    assert package.stat().st_mtime > week_and_a_day_ago + 86400  # loaded, so marked used: kept another week
 
     inputs = decode_inputs(cache)
     eager = run(aot_step.DecodeStep(decoder, reduction_attention), cache, inputs)
