@@ -3,7 +3,9 @@
     python scripts/ttft_parts.py [--model DIR] [--device auto] [--rounds 2] [--max-batch-size 64] [--no-compile]
 
 For each prompt it prints the median over rounds of:
-- `hf`: the transformers forward of the whole prompt (what `llmbus bench` calls the in-process prefill);
+- `hf`: the transformers forward of the whole prompt (what `llmbus bench` calls the in-process prefill), once per
+  prompt and timed round, after the engine's: on CUDA a prompt length it has not run before includes cuDNN's
+  planning of that shape (19 ms against 65-96 ms on an H100), where the bench takes the fastest of 5 runs;
 - `prefill`: the engine's prefill phase for that request (prefix cache on, as in a worker), from its observer;
 - `ttft`: from `EngineThread.submit` to the sink receiving the request's first token (templating and
   tokenizing excluded: the request is built before), so the thread hand-offs are in it and the bus is not.
