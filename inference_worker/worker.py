@@ -248,8 +248,17 @@ async def run_worker(
     config: Config, stop: asyncio.Event, ready: asyncio.Event | None = None, loaded: LoadedModel | None = None
 ) -> None:
     """Serve until `stop` is set, then drain: finish what this worker holds, answer it, and return.
-    Raises `EngineDied` (after failing what it held with a 500) when the engine thread died."""
+    Raises `EngineDied` (after failing what it held with a 500) when the engine thread died. The caller's torch
+    threads are set for the worker and restored after it (in-process workers: tests, `llmbus up`)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(pick_threads(config.threads))
+    try:
+        await _serve(config, stop, ready, loaded)
+    finally:
+        torch.set_num_threads(threads)
+
+
+async def _serve(config: Config, stop: asyncio.Event, ready: asyncio.Event | None, loaded: LoadedModel | None) -> None:
     if loaded is None:
         loaded = await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
     nc = await connect(config, "llmbus-worker")

@@ -7,6 +7,7 @@ import json
 
 import msgspec
 import pytest
+import torch
 from nats.aio.client import Client as NATS
 
 from helpers.faults import stats_of, wait_until
@@ -304,3 +305,20 @@ async def test_request_ids_are_per_client_and_cancel_needs_the_reply_subject(wor
     assert cancelled.headers[ERROR_CODE] == "499" and cancelled.headers["Llmbus-Error"] == "cancelled"
     other = json.loads((await subs[1].next_msg(timeout=120)).data)
     assert other["finish_reason"] == "length" and other["usage"]["completion_tokens"] == 48
+
+
+async def test_an_in_process_worker_leaves_its_callers_torch_threads_as_they_were(nats_server: NatsServer) -> None:
+    """A worker sets torch's threads for its engine (`--threads`) on the thread that runs it; run in a caller's
+    process (tests, `llmbus up`) it restores the caller's count when it stops, so that what runs next there (and
+    the compiled packages it names by thread count) does not depend on which worker ran before."""
+    from helpers.tiny_model import tiny_model
+
+    before = torch.get_num_threads()
+    asked = 1 if before > 1 else 2
+    config = Config(nats_url=nats_server.url, subject_prefix="threads", threads=asked)
+    worker = await start_worker(config, tiny_model())
+    try:
+        assert torch.get_num_threads() == asked
+    finally:
+        await worker.shutdown()
+    assert torch.get_num_threads() == before
