@@ -201,25 +201,27 @@ def setup_from_env(service: str) -> str | None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         raise RuntimeError("OTEL_* asks for traces, but OpenTelemetry is missing: pip install 'llmbus[otel]'") from None
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
-    )
+    variable = next((v for v in _PROTOCOL_VARIABLES if os.environ.get(v)), _PROTOCOL_VARIABLES[-1])
+    exporter = _otlp_exporter(variable, os.environ.get(variable, "grpc"))
     named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     _provider = TracerProvider(resource=Resource.create({} if named else {"service.name": service}))
-    _provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(protocol)))
+    _provider.add_span_processor(BatchSpanProcessor(exporter))
     otel_trace.set_tracer_provider(_provider)
     configure(_provider)
-    return f"OTLP ({protocol})"
+    return f"OTLP ({os.environ.get(variable, 'grpc')})"
 
 
-def _otlp_exporter(protocol: str) -> Any:
+_PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")  # the first set wins
+
+
+def _otlp_exporter(variable: str, protocol: str) -> Any:
     try:
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         elif protocol == "http/protobuf":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         else:
-            raise RuntimeError(f"unsupported OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r}: use grpc or http/protobuf")
+            raise RuntimeError(f"unsupported {variable} {protocol!r}: use grpc or http/protobuf")
     except ImportError:
         raise RuntimeError("the OTLP exporter is missing: pip install 'llmbus[otel]'") from None
     return OTLPSpanExporter()  # endpoint, headers, timeout... from the OTEL_EXPORTER_OTLP_* variables

@@ -112,29 +112,39 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 def subprocess_env() -> dict[str, str]:
     kept = ("LLMBUS_CACHE_DIR", "LLMBUS_COMPILE")  # LLMBUS_COMPILE=false (conftest): these workers serve eagerly
-    env = {k: v for k, v in env_without_proxy().items() if not k.startswith("LLMBUS_") or k in kept}
+    # No OTEL_* from the shell running pytest: a test that wants span export sets its own.
+    env = {k: v for k, v in env_without_proxy().items() if not k.startswith(("LLMBUS_", "OTEL_")) or k in kept}
     return env | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LLMBUS_THREADS": "1"}
 
 
 @dataclass
 class WorkerProcess:
-    """`python -m llmbus.cli worker` as an operator runs it; stderr goes to a file for the failure message."""
+    """`python -m llmbus.cli worker` as an operator runs it; stderr goes to a file for the failure message.
+    `part="gateway"` runs the HTTP bridge instead; `env` adds variables to `subprocess_env()`."""
 
     proc: asyncio.subprocess.Process
     log_path: Path
     name: str
 
     @classmethod
-    async def start(cls, nats_url: str, log_dir: Path, name: str, *flags: str) -> WorkerProcess:
+    async def start(
+        cls,
+        nats_url: str,
+        log_dir: Path,
+        name: str,
+        *flags: str,
+        part: str = "worker",
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
         log_path = log_dir / f"{name}.log"
-        command = [sys.executable, "-m", "llmbus.cli", "worker", "--nats-url", nats_url, "--log-level", "INFO"]
+        command = [sys.executable, "-m", "llmbus.cli", part, "--nats-url", nats_url, "--log-level", "INFO"]
         with open(log_path, "wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 *command,
                 *flags,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
-                env=subprocess_env(),
+                env=subprocess_env() | (env or {}),
                 cwd=Path(__file__).resolve().parents[2],
             )
         return cls(proc, log_path, name)
