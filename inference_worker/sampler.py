@@ -8,9 +8,11 @@ import torch
 
 from inference_worker.sequence import Sequence
 
+ARGMAX_BLOCK = 1024
+
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], shared: torch.Generator | None = None) -> list[int]:
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax_rows(logits)
     sampled_rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
@@ -31,7 +33,24 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence], shared: torch.Gener
     noise = torch.empty_like(probs)
     for r, seq in enumerate(seqs):
         noise[r].exponential_(generator=seq.generator or shared)
-    return (probs / noise).argmax(dim=-1)
+    return argmax_rows(probs / noise)
+
+
+def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)` of a [rows, vocab] tensor, ties and NaN alike (the first maximum), faster on CPU. There
+    torch's argmax is a scalar loop: 2.74 ms for 64 rows of SmolLM2's 49152 logits on this 2-core machine, about 2%
+    of a decode step at 64 rows. Here the maximum of each block of `ARGMAX_BLOCK` columns (a vectorized reduction)
+    points to the first block that holds the row's maximum, and argmax runs inside that block only: 0.41 ms."""
+    rows, vocab = scores.shape
+    whole = vocab // ARGMAX_BLOCK
+    if scores.device.type != "cpu" or whole < 2:
+        return scores.argmax(dim=-1)
+    maxima = scores[:, : whole * ARGMAX_BLOCK].view(rows, whole, ARGMAX_BLOCK).amax(dim=-1)
+    if whole * ARGMAX_BLOCK < vocab:
+        maxima = torch.cat((maxima, scores[:, whole * ARGMAX_BLOCK :].amax(dim=-1, keepdim=True)), dim=-1)
+    start = maxima.argmax(dim=-1) * ARGMAX_BLOCK
+    columns = (start[:, None] + torch.arange(ARGMAX_BLOCK)).clamp_(max=vocab - 1)  # the last block may be short
+    return start + scores.gather(-1, columns).argmax(dim=-1)
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
