@@ -43,7 +43,7 @@ def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     points to the first block that holds the row's maximum, and argmax runs inside that block only: 0.41 ms."""
     rows, vocab = scores.shape
     whole = vocab // ARGMAX_BLOCK
-    if scores.device.type != "cpu" or whole < 2:
+    if scores.device.type != "cpu" or whole < 2 or scores.stride(-1) != 1:
         return scores.argmax(dim=-1)
     maxima = scores[:, : whole * ARGMAX_BLOCK].view(rows, whole, ARGMAX_BLOCK).amax(dim=-1)
     if whole * ARGMAX_BLOCK < vocab:

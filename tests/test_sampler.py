@@ -21,5 +21,6 @@ def test_the_blockwise_argmax_picks_what_argmax_picks(vocab: int) -> None:
     last[2] = float("-inf")
     last[3, vocab - 2] = last[3, 7] = float("nan")
     cases.append(last)
+    cases.append(torch.randn(vocab, 8, generator=generator).T)  # columns not contiguous: torch's argmax
     for scores in cases:
         assert torch.equal(argmax_rows(scores), scores.argmax(dim=-1))
