@@ -21,7 +21,7 @@ instruction sets. A package is written under a temporary name and renamed, so wo
 directory never load a half-written one; one that fails to load is built again.
 
 Packages do not pile up: every package a worker loads or builds is marked used (its modification time), and each
-start removes the packages of its directory that no worker has used for `UNUSED_PACKAGE_S` (a week). A package
+start (`tidy`) removes the packages of its directory that no worker has used for `UNUSED_PACKAGE_S` (a week). A package
 name changes with every llmbus or torch upgrade, so the old ones went unused; a worker that needs one again
 rebuilds it.
 """
@@ -106,12 +106,12 @@ def load_or_build(
     the package holds no weights, and the step reads the decoder's own tensors (no second copy)."""
     step = DecodeStep(decoder, attention)
     path = directory / f"decode-{package_name(decoder, attention, frozen)}.pt2"
-    remove_unused_packages(directory, keep=path)
+    tidy(directory, keep=path)
     if path.exists():
         try:
             loaded = _load(path, step, frozen)
             with contextlib.suppress(OSError):  # a read-only cache: its owner prunes it
-                os.utime(path)  # used now: kept by `remove_unused_packages` for another week
+                os.utime(path)  # used now: kept by `tidy` for another week
             return loaded, False
         except Exception:
             log.warning("the compiled decode step in %s did not load; building it again", path, exc_info=True)
@@ -121,20 +121,28 @@ def load_or_build(
     return _load(path, step, frozen), True
 
 
-def remove_unused_packages(directory: Path, keep: Path, now: float | None = None) -> list[Path]:
-    """Remove the packages in `directory`, other than `keep`, that nothing has loaded or built for
-    `UNUSED_PACKAGE_S`; return them. A worker that has one loaded keeps running on it (the file's data stays
-    until it is unmapped)."""
-    now = time.time() if now is None else now
-    removed = []
-    for package in directory.glob("decode-*.pt2"):
+def tidy(directory: Path, keep: Path) -> None:
+    """Remove what is left over in `directory`: the packages, other than `keep`, that nothing has loaded or built
+    for `UNUSED_PACKAGE_S` (a worker that has one loaded keeps running on it: the file's data stays until it is
+    unmapped), and the scratch directories of builds whose worker was killed (a day old: no build lasts that long)."""
+    unused = [p for p in _untouched_for(directory, "decode-*.pt2", UNUSED_PACKAGE_S) if p != keep]
+    for package in unused:
         with contextlib.suppress(OSError):
-            if package != keep and now - package.stat().st_mtime > UNUSED_PACKAGE_S:
-                package.unlink()
-                removed.append(package)
-    if removed:
-        log.info("removed %d compiled decode step(s) unused for %d days", len(removed), UNUSED_PACKAGE_S // 86400)
-    return removed
+            package.unlink()
+    if unused:
+        log.info("removed %d compiled decode step(s) unused for %d days", len(unused), UNUSED_PACKAGE_S // 86400)
+    for scratch in _untouched_for(directory, "build-*", STALE_BUILD_S):
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _untouched_for(directory: Path, pattern: str, seconds: float) -> list[Path]:
+    """The entries of `directory` matching `pattern` whose modification time is more than `seconds` old."""
+    now, old = time.time(), []
+    for entry in directory.glob(pattern):
+        with contextlib.suppress(OSError):  # another worker removed it first
+            if now - entry.stat().st_mtime > seconds:
+                old.append(entry)
+    return old
 
 
 class BuildStopped(Exception):
@@ -147,7 +155,6 @@ def build_in_child(
     """Build the package in a child process, which gets the step pickled with small example caches of the same
     layout; raises with the tail of the child's output if it fails, and `BuildStopped` if `stop` is set first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(path.parent)
     examples = [[_example(t) for t in tensors] for tensors in (keys, values)]
     with tempfile.TemporaryDirectory(prefix="build-", dir=path.parent) as scratch:
         job, output, built = (Path(scratch) / name for name in ("job.pt", "output.txt", "package.pt2"))
@@ -168,14 +175,6 @@ def build_in_child(
             raise RuntimeError(f"building {path.name} failed (exit code {child.returncode}):\n{tail}")
         os.chmod(built, 0o644)
         os.replace(built, path)  # whole or not at all, for the workers that share the directory
-
-
-def _remove_stale_builds(directory: Path) -> None:
-    """Scratch directories of builds whose worker was killed (a day old: no build lasts that long)."""
-    for scratch in directory.glob("build-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - scratch.stat().st_mtime > STALE_BUILD_S:
-                shutil.rmtree(scratch)
 
 
 def _example(cache: torch.Tensor) -> torch.Tensor:

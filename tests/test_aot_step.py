@@ -67,6 +67,9 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     (tmp_path / "decode-of-an-older-release.pt2").write_bytes(b"unused for 8 days")
     os.utime(tmp_path / "decode-of-an-older-release.pt2", (week_and_a_day_ago, week_and_a_day_ago))
     (tmp_path / "decode-of-another-configuration.pt2").write_bytes(b"another configuration's package")
+    (tmp_path / "build-killed-2-days-ago").mkdir()
+    (tmp_path / "build-killed-2-days-ago" / "job.pt").write_bytes(b"scratch of a build whose worker was killed")
+    os.utime(tmp_path / "build-killed-2-days-ago", (week_and_a_day_ago, week_and_a_day_ago))
     loaded, was_built = package_step(decoder, cache, tmp_path)
     assert not was_built
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([package.name, "decode-of-another-configuration.pt2"])
