@@ -43,12 +43,18 @@ class Violations:
 
 @asynccontextmanager
 async def login(server: SecureServer, user: str, **overrides: object) -> AsyncIterator[tuple[NATS, Violations]]:
+    """A connection as `user`. It leaves by draining: the server has dropped its subscriptions before the next test
+    starts (closed, a worker stand-in's queue subscription on `bus.chat` outlived it now and then, took the next
+    test's request, and that test waited in vain for its own responder's denial)."""
     violations = Violations()
     nc = await connect(server.config(user, **overrides), f"test-{user}", on_error=violations.on_error)
     try:
         yield nc, violations
     finally:
-        await nc.close()
+        if nc.is_connected:
+            await nc.drain()
+        else:
+            await nc.close()
 
 
 async def no_more_messages(nc: NATS, sub: object) -> bool:
@@ -189,10 +195,13 @@ class Responder:
         self.replies = replies
         self.interval = interval
         self.delivered_at = 0.0
+        self.stopped = False  # set by a test that has seen what it waited for: the stream ends at the next reply
 
     async def on_request(self, msg: Msg) -> None:
         self.delivered_at = time.monotonic()
         for i in range(self.replies):
+            if self.stopped:
+                return
             await self.nc.publish(msg.reply, str(i).encode())
             if self.interval:
                 await self.nc.flush()
@@ -251,6 +260,7 @@ async def test_allow_responses_expires_counts_from_the_request(secure_bus: Secur
         received, _ = await ask(asker, "_INBOX.asker.stream-3")
         await violations.next(timeout=30)
         cut_after = time.monotonic() - responder.delivered_at
+        responder.stopped = True
     assert cut_after >= 0.9
     assert received.qsize() > 1
     print(f"[security] expires 1s: stream cut {cut_after:.2f}s after delivery, {received.qsize()} replies through")
