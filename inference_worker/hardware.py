@@ -66,10 +66,11 @@ def float32_wins_wide_matmuls(hidden: int, intermediate: int) -> bool:
     AMX can be slower in bf16 at that size: on the 2-core Xeon this was written on, float32 took 0.74 ms where bf16
     took 1.25 ms (and 16 vs 22 ms for SmolLM2's LM head).
 
-    The two are timed in alternation, best of rounds 3 to 32, so that other work on the machine slows both alike.
-    With two busy processes on the 2 cores, timed one after the other (best of 6 each) 6 of 15 decisions were wrong
-    (bf16/float32 ratios from 0.16 to 10.4); alternated over 16 rounds the ratio fell to 1.41 in 30 tries (and a
-    test saw one wrong decision in 5); over 32 rounds it stayed within 1.68-1.78 (idle: 1.63-1.71)."""
+    Each matmul runs on one thread and is timed by that thread's CPU time (`time.thread_time_ns`), in alternation,
+    best of rounds 3 to 32: time spent preempted by other work on the machine does not count. (Wall time did: timed
+    one after the other, 6 of 15 decisions with two busy processes on the 2 cores were wrong; alternated, a CI run
+    still saw one wrong in 5.) By CPU time the bf16/float32 ratio was 1.63-1.73 idle and 1.58-1.77 in 15 tries
+    beside two busy processes, against the threshold of 1.25."""
     if not torch.backends.mkldnn.is_available():
         return False
     cases = {}
@@ -78,10 +79,15 @@ def float32_wins_wide_matmuls(hidden: int, intermediate: int) -> bool:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, WIDE_BATCH)
         cases[dtype] = (torch.randn(WIDE_BATCH, hidden).to(dtype), packed)
     best = dict.fromkeys(cases, float("inf"))
-    for round_ in range(WIDE_ROUNDS):
-        for dtype, (x, packed) in cases.items():
-            started = time.perf_counter()
-            torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            if round_ >= 2:  # the first rounds warm up
-                best[dtype] = min(best[dtype], time.perf_counter() - started)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the thread's own CPU time is then the whole matmul's
+    try:
+        for round_ in range(WIDE_ROUNDS):
+            for dtype, (x, packed) in cases.items():
+                started = time.thread_time_ns()
+                torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                if round_ >= 2:  # the first rounds warm up
+                    best[dtype] = min(best[dtype], time.thread_time_ns() - started)
+    finally:
+        torch.set_num_threads(threads)
     return best[torch.bfloat16] > WIDE_SPEEDUP * best[torch.float32]
