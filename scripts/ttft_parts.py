@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from step_times import sync
 
 from inference_worker.engine import EngineConfig, EngineThread, Event, LLMEngine, TokenDelta
 from inference_worker.events import Failed, Finished, NoObserver
@@ -35,11 +36,6 @@ from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
 from llmbus.bench.workload import chat_turns, workload
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PrefillTimes(NoObserver):

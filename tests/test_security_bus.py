@@ -43,9 +43,9 @@ class Violations:
 
 @asynccontextmanager
 async def login(server: SecureServer, user: str, **overrides: object) -> AsyncIterator[tuple[NATS, Violations]]:
-    """A connection as `user`. It leaves by draining: the server has dropped its subscriptions before the next test
-    starts (closed, a worker stand-in's queue subscription on `bus.chat` outlived it now and then, took the next
-    test's request, and that test waited in vain for its own responder's denial)."""
+    """A connection as `user`. It leaves by draining, so the server has dropped its subscriptions before the next
+    test starts. Closed instead, a worker stand-in's queue subscription on `bus.chat` could outlive it and take the
+    next test's request (the likely cause, not reproduced, of a test that waited in vain for its responder's denial)."""
     violations = Violations()
     nc = await connect(server.config(user, **overrides), f"test-{user}", on_error=violations.on_error)
     try:
