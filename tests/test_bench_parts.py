@@ -14,13 +14,13 @@ from helpers.bridge import API_KEY, Bridge
 from helpers.workers import start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus import bench
-from llmbus.bench.bus_load import wait_for_compiled
+from llmbus.bench.bus_load import EngineCounters, wait_for_compiled
 from llmbus.bench.http_load import OpenAITarget, apply_event, probe
 from llmbus.bench.options import BenchError, parse_options
 from llmbus.bench.report import redact_url
 from llmbus.bench.stack import Stack, assign_cores
-from llmbus.bench.stats import PointResult, RequestRecord, summarize
-from llmbus.bench.verdicts import compute_ratios, http_notes, pairwise, peer_notes
+from llmbus.bench.stats import PointResult, RequestRecord, describe_point, summarize
+from llmbus.bench.verdicts import compute_ratios, diagnostics, http_notes, pairwise, peer_notes
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer, free_port
 
@@ -149,6 +149,20 @@ def test_notes_name_the_http_clients_cost_and_a_peer_without_usage() -> None:
     counted = summarize(8, [RequestRecord(sent=0.0, token_times=[0.1, 0.2], end=0.3)], 1.0, False, "peer")
     assert any("count of content deltas" in note for note in peer_notes([counted], [nats]))
     assert peer_notes([point(8, 200.0, "peer")], [nats]) == []
+
+
+def test_a_worker_whose_compiled_step_failed_is_named_in_the_point_and_the_notes() -> None:
+    """A failed compiled step leaves the worker serving eagerly (on an H100, 10x slower): the figures must say so
+    rather than pass for the compiled engine's."""
+    after = EngineCounters(decode_steps=10, compile_failed=1)
+    assert after.minus(EngineCounters(decode_steps=4)).compile_failed == 1  # a state: kept, not subtracted
+    fine, failed = point(1, 35.0), point(64, 1382.0)
+    failed.engine_compile_failed = 1
+    assert "FAILED" not in describe_point(fine)
+    assert "compiled decode step FAILED on 1 worker(s)" in describe_point(failed)
+    notes = diagnostics([fine, failed], None, 0.0)
+    assert any("compiled decode step failed (by the end of concurrency 64)" in note for note in notes)
+    assert not any("compiled decode step failed" in note for note in diagnostics([fine], None, 0.0))
 
 
 def test_report_urls_carry_no_credentials() -> None:

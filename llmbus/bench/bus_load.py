@@ -89,6 +89,7 @@ class EngineCounters:
     prefill_forwards: int = 0
     prompt_tokens: int = 0
     prefix_tokens_reused: int = 0
+    compile_failed: int = 0  # workers whose compiled decode step failed (they decode eagerly): a state, not a count
 
     @property
     def mean_decode_batch(self) -> float:
@@ -101,6 +102,7 @@ class EngineCounters:
             self.prefill_forwards - before.prefill_forwards,
             self.prompt_tokens - before.prompt_tokens,
             self.prefix_tokens_reused - before.prefix_tokens_reused,
+            self.compile_failed,
         )
 
 
@@ -114,6 +116,7 @@ async def engine_counters(bus: BusClient) -> EngineCounters:
         total.prefill_forwards += int(data.get("prefill_forwards", 0))
         total.prompt_tokens += int(data.get("prompt_tokens", 0))
         total.prefix_tokens_reused += int(data.get("prefix_tokens_reused", 0))
+        total.compile_failed += data.get("compile") == "failed"
     return total
 
 

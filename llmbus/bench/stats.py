@@ -65,6 +65,7 @@ class PointResult:
     engine_prefill_forwards: int = 0
     engine_prompt_tokens: int = 0
     engine_prefix_tokens_reused: int = 0
+    engine_compile_failed: int = 0  # workers whose compiled decode step had failed by the end of the point
     client_cpu_s: float = math.nan
     worker_cpu_s: float | None = None
     nats_server_cpu_s: float | None = None
@@ -136,6 +137,8 @@ def describe_point(p: PointResult) -> str:
             f"; engine: {p.engine_decode_steps} decode steps, mean batch {p.engine_mean_decode_batch:.1f}, "
             f"{p.engine_prefill_forwards} prefill forwards"
         )
+        if p.engine_compile_failed:
+            text += f", compiled decode step FAILED on {p.engine_compile_failed} worker(s)"
     text += f"; cores used: {cores_used(p)}; load {p.load_average_1m:.2f}"
     if p.error_samples:
         text += f"; first error: {p.error_samples[0]}"

@@ -125,6 +125,12 @@ def diagnostics(
             f"the 1-minute load average was {load_before:.2f} when the bench started: other processes were using "
             "the cores, so every figure may be low and the ratios noisy"
         )
+    failed = [p.concurrency for p in points if p.engine_compile_failed]
+    if failed:
+        notes.append(
+            f"a worker's compiled decode step failed (by the end of concurrency {failed[0]}): it decodes eagerly "
+            "from then on, so these figures are the eager engine's; the worker's log has the error"
+        )
     for p in points:
         if p.worker_cpu_s is not None and p.wall_s > 0:
             notes.append(
