@@ -107,8 +107,7 @@ def sdpa_attention_without_cudnn(
 ):
     """`sdpa_attention` kept off the cuDNN backend, for eager forwards on CUDA. cuDNN plans every new shape once,
     and an eager prefill's shapes change with each prompt: on an H100 (torch 2.11) a first-seen shape cost 1.7 ms
-    of CPU per layer call, about 50 ms a SmolLM2 prefill. (The CUDA-graphed decode step plans its shapes once, at
-    capture, and keeps SDPA's own choice.)"""
+    of CPU per layer call, about 50 ms a SmolLM2 prefill."""
     with sdpa_kernel(_NOT_CUDNN):
         return sdpa_attention(q, k, v, visible, scale)
 
