@@ -1,11 +1,12 @@
 """The engine on CUDA: greedy equality, then decode step times at batch 1/64/256 against the transformers loop.
 
     python scripts/gpu_check.py [--model DIR] [--batches 1,64,256] [--steps 48] [--skip-times]
+                                [--skip-float32-compiled]
 
 1. float32: the engine's greedy text (eager, and compiled with CUDA graphs) equals `model.generate` on real prompts
    (fails loudly if not);
-2. bfloat16: the compiled engine's greedy text against the eager engine's, prompt by prompt (agreement printed, with
-   the first differing token position);
+2. bfloat16: the eager and the compiled engine's greedy text against float32 `model.generate` and against each
+   other, prompt by prompt (agreement printed, with the first differing character);
 3. bfloat16 step times: `scripts/step_times.py` with variants hf, eager, compiled on cuda.
 Needs only torch, transformers and this repository. Exits non-zero if float32 equality fails.
 """
@@ -49,7 +50,8 @@ def engine_texts(loaded: LoadedModel, prompts: list[list[int]], compile: bool, m
     return texts
 
 
-def check_float32(model: str | None, max_tokens: int) -> bool:
+def check_float32(model: str | None, max_tokens: int, compiled_too: bool) -> tuple[bool, list[str]]:
+    """Whether the float32 engine's greedy text equals `model.generate`'s, and `generate`'s texts."""
     loaded = load_model(model, device="cuda", dtype="float32")
     prompts = [loaded.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     expected = []
@@ -57,25 +59,33 @@ def check_float32(model: str | None, max_tokens: int) -> bool:
         out = loaded.model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=max_tokens, do_sample=False)
         expected.append(loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
     ok = True
-    for compile in (False, True):
+    for compile in (False, True) if compiled_too else (False,):
         texts = engine_texts(loaded, prompts, compile, max_tokens)
         equal = sum(a == b for a, b in zip(texts, expected, strict=True))
         print(f"float32 engine ({'compiled' if compile else 'eager'}) == generate: {equal}/{len(prompts)}")
         ok &= equal == len(prompts)
-    return ok
+    del loaded
+    torch.cuda.empty_cache()
+    return ok, expected
 
 
-def check_bfloat16(model: str | None, max_tokens: int) -> None:
+def check_bfloat16(model: str | None, max_tokens: int, float32_texts: list[str]) -> None:
     loaded = load_model(model, device="cuda", dtype="bfloat16")
     prompts = [loaded.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     eager = engine_texts(loaded, prompts, False, max_tokens)
+    compare("bfloat16 eager engine", eager, "float32 generate", float32_texts, max_tokens)
     compiled = engine_texts(loaded, prompts, True, max_tokens)
-    equal = sum(a == b for a, b in zip(eager, compiled, strict=True))
-    print(f"bfloat16 compiled == eager (greedy, {max_tokens} tokens): {equal}/{len(prompts)}")
-    for question, a, b in zip(QUESTIONS, eager, compiled, strict=True):
+    compare("bfloat16 compiled engine", compiled, "float32 generate", float32_texts, max_tokens)
+    compare("bfloat16 compiled engine", compiled, "bfloat16 eager engine", eager, max_tokens)
+
+
+def compare(name: str, texts: list[str], reference_name: str, reference: list[str], max_tokens: int) -> None:
+    equal = sum(a == b for a, b in zip(texts, reference, strict=True))
+    print(f"{name} == {reference_name} (greedy, {max_tokens} tokens): {equal}/{len(texts)}")
+    for question, a, b in zip(QUESTIONS, texts, reference, strict=True):
         if a != b:
             first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-            print(f"  differs at character {first}: {question!r}\n    eager:    {a!r}\n    compiled: {b!r}")
+            print(f"  differs at character {first}: {question!r}\n    {a!r}\n    {b!r}")
 
 
 def main() -> int:
@@ -85,13 +95,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--skip-times", action="store_true")
+    parser.add_argument("--skip-float32-compiled", action="store_true", help="check only the eager engine in float32")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    ok = check_float32(args.model, args.max_tokens)
-    check_bfloat16(args.model, args.max_tokens)
+    ok, float32_texts = check_float32(args.model, args.max_tokens, compiled_too=not args.skip_float32_compiled)
+    check_bfloat16(args.model, args.max_tokens, float32_texts)
     if not args.skip_times:
         step_argv = ["--device", "cuda", "--dtype", "bfloat16", "--batches", args.batches, "--steps", str(args.steps)]
         model_argv = ["--model", args.model] if args.model else []
