@@ -26,7 +26,8 @@ MIN_RATE_INTERVAL = 1.0  # seconds: tokens/s is measured over at least this long
 
 class WorkerRow(msgspec.Struct, kw_only=True):
     """One worker. `requests`/`errors` are the messages its endpoints handled and failed (a batch counts once);
-    `cancelled` is requests stopped by a cancel. `tokens_per_s` is None until two samples exist."""
+    `cancelled` is requests stopped by a cancel. `tokens_per_s` is None until two samples exist. `compile` is its
+    decode step's state: off, compiling, ready, or failed (it then decodes eagerly, several times slower on a GPU)."""
 
     id: str
     host: str = ""
@@ -40,6 +41,7 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     tokens_per_s: float | None = None
     uptime_s: float | None = None
     draining: bool = False
+    compile: str = ""
     requests: int = 0
     errors: int = 0
     cancelled: int = 0
@@ -48,6 +50,7 @@ class WorkerRow(msgspec.Struct, kw_only=True):
 class BusTotals(msgspec.Struct, kw_only=True):
     workers: int = 0
     draining: int = 0
+    compile_failed: int = 0
     models: list[str] = []
     running: int = 0
     waiting: int = 0
@@ -100,6 +103,7 @@ def worker_row(worker_id: str, info: Reply, stats: Reply, now: datetime) -> Work
         tokens_generated=_int(data.get("tokens_generated")),
         uptime_s=uptime_seconds(stats.get("started"), now),
         draining=data.get("draining") is True,
+        compile=_text(data.get("compile")),
         requests=sum(_int(endpoint.get("num_requests")) for endpoint in endpoints),
         errors=sum(_int(endpoint.get("num_errors")) for endpoint in endpoints),
         cancelled=_int(data.get("requests_cancelled")),
@@ -142,6 +146,7 @@ def bus_totals(rows: Sequence[WorkerRow]) -> BusTotals:
     return BusTotals(
         workers=len(rows),
         draining=sum(row.draining for row in rows),
+        compile_failed=sum(row.compile == "failed" for row in rows),
         models=sorted({row.model for row in rows if row.model}),
         running=sum(row.running for row in rows),
         waiting=sum(row.waiting for row in rows),

@@ -46,6 +46,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 QUANTILES = (0.5, 0.9, 0.99)
+COMPILE_STATES = ("off", "compiling", "ready", "failed")
 BY_LABEL = {"request_success": "finished_reason", "request_failure": "code"}  # the counters with one more label
 
 
@@ -87,6 +88,20 @@ class EngineFigures:
             if figures:
                 family.add_metric(values, figures[key])
             yield family
+        yield self._compile_state(names, values, figures.get("compile"))
+
+    def _compile_state(self, names: list[str], values: list[str], current: str | None) -> GaugeMetricFamily:
+        """1 for the decode step's state, 0 for the others (the state-as-label convention): `failed` means the
+        compiled step broke and the worker decodes eagerly, several times slower on a GPU; worth an alert."""
+        family = GaugeMetricFamily(
+            PREFIX + "decode_compile_state",
+            "The decode step's compile state (off, compiling, ready, failed), one series per state.",
+            labels=[*names, "state"],
+        )
+        if current is not None:
+            for state in COMPILE_STATES:
+                family.add_metric([*values, state], float(state == current))
+        return family
 
 
 class WorkerMetrics:

@@ -10,6 +10,9 @@ every `--interval` seconds until Ctrl-C (on a terminal in place, otherwise one t
     vm:15947      SmolLM2-135M-Instruct cpu/bf16      5    0    21.3    20s serving
     2 workers · 12 running · 0 waiting · 51.0 tok/s
     12 requests · 0 errors · 0 cancelled · models: SmolLM2-135M-Instruct
+
+The state column: serving; warming (its decode step is compiling, and it serves eagerly meanwhile); degraded (its
+compiled decode step failed, so it decodes eagerly, several times slower on a GPU: its log has the error); draining.
 """
 
 from __future__ import annotations
@@ -73,16 +76,30 @@ def workers_table(rows: list[WorkerRow], width: int) -> Table:
             str(row.waiting),
             rate(row.tokens_per_s),
             format_duration(row.uptime_s),
-            Text("draining", style="yellow") if row.draining else Text("serving", style="green"),
+            state_of(row),
         )
     return table
+
+
+def state_of(row: WorkerRow) -> Text:
+    """draining, degraded (its compiled decode step failed: it decodes eagerly, see its log), warming (compiling;
+    it serves eagerly meanwhile) or serving."""
+    if row.draining:
+        return Text("draining", style="yellow")
+    if row.compile == "failed":
+        return Text("degraded", style="red")
+    if row.compile == "compiling":
+        return Text("warming", style="cyan")
+    return Text("serving", style="green")
 
 
 def totals_lines(view: BusView) -> list[str]:
     t = view.totals
     workers = f"{t.workers} worker{'s' if t.workers != 1 else ''}"
-    if t.draining:
-        workers += f" ({t.draining} draining)"
+    notes = [f"{t.draining} draining"] if t.draining else []
+    notes += [f"{t.compile_failed} degraded"] if t.compile_failed else []
+    if notes:
+        workers += f" ({', '.join(notes)})"
     load = [workers, f"{t.running} running", f"{t.waiting} waiting", f"{rate(t.tokens_per_s)} tok/s"]
     answers = [f"{t.requests:,} requests", f"{t.errors:,} errors", f"{t.cancelled:,} cancelled"]
     return [" · ".join(load), " · ".join(answers) + " · models: " + ", ".join(t.models)]

@@ -91,6 +91,17 @@ def test_draining_is_read_from_stats_data() -> None:
     assert row.draining is False  # only a JSON true counts
 
 
+def test_the_compile_state_is_read_and_failed_ones_are_counted() -> None:
+    stats = [
+        stats_reply("w1", engine_data(compile="failed")),
+        stats_reply("w2", engine_data(compile="ready")),
+        stats_reply("w3", engine_data()),  # a worker that does not report it
+    ]
+    view, _ = bus_view([], stats, NOW, 1.0, None)
+    assert [row.compile for row in view.workers] == ["failed", "ready", ""]
+    assert view.totals.compile_failed == 1
+
+
 def test_missing_and_odd_fields_read_as_empty_not_errors() -> None:
     odd_stats = {"id": "w2", "started": "not a time", "endpoints": [{"num_requests": "7", "data": None}, "junk"]}
     infos = [{"id": "w3", "metadata": {"pid": "abc", "model": 5}}, {"no": "id"}, "not even a dict"]

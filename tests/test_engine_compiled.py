@@ -16,12 +16,14 @@ import torch
 from torch._dynamo.utils import counters
 
 from bus_gateway.client import BusClient
+from helpers.scrape import compile_states
 from helpers.tiny_model import chat_prompt, tiny_model
 from helpers.workers import start_worker
 from inference_worker import warm_up
 from inference_worker.compiled_decode import CompiledDecode
 from inference_worker.engine import EngineConfig, Finished, LLMEngine
 from inference_worker.llama import LlamaFamilyModel, reduction_attention
+from inference_worker.metrics import WorkerMetrics
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
@@ -60,10 +62,14 @@ def test_a_compiled_step_that_raises_turns_the_engine_eager_without_failing_a_re
     def broken(*args: object) -> torch.Tensor:
         raise RuntimeError("a CUDA graph could not be recorded")
 
+    metrics = WorkerMetrics("tiny", "w")
+    metrics.watch(engine)
+    assert compile_states(metrics.registry)["ready"] == 1.0
     engine.runner.compiled._run = broken  # type: ignore[method-assign]
     expected = [r.text for r in LLMEngine(tiny, EngineConfig(max_batch_size=16)).generate(prompts, GREEDY)]
     assert [r.text for r in engine.generate(prompts, GREEDY)] == expected
     assert engine.snapshot()["compile"] == "failed"
+    assert compile_states(metrics.registry) == {"off": 0.0, "compiling": 0.0, "ready": 0.0, "failed": 1.0}
 
 
 async def test_a_worker_serves_eagerly_while_its_decode_step_compiles(

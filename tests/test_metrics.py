@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from bus_gateway.bus_errors import BusError
 from bus_gateway.client import BusClient
 from bus_gateway.metrics import BridgeMetrics
-from helpers.scrape import Scrape, scrape
+from helpers.scrape import Scrape, compile_states, scrape
 from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
 from inference_worker.engine import EngineConfig, LLMEngine
@@ -37,7 +37,7 @@ HISTOGRAMS_PER_REQUEST = (
     "llmbus_request_queue_time_seconds",
 )
 DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana-llmbus.json"
-ALLOWED_LABELS = {"model", "worker", "finished_reason", "code", "le"}
+ALLOWED_LABELS = {"model", "worker", "finished_reason", "code", "le", "state"}
 prefixes = (f"metrics{n}" for n in itertools.count())
 
 
@@ -165,6 +165,13 @@ def test_engine_steps_feed_the_step_histograms(tiny: LoadedModel) -> None:
     assert figures["decode_batch_size"]["sum"] == (4 + 6 + 8) - 3
     assert figures["inter_token_latency_seconds"]["count"] == (4 + 6 + 8) - 3
     assert figures["decode_batch_size"]["count"] == engine.stats.decode_steps
+
+
+def test_the_compile_state_is_one_series_per_state_with_the_current_one_at_1(tiny: LoadedModel) -> None:
+    """An engine without compile: `off` (a failed compiled step shows as `failed`: test_engine_compiled.py)."""
+    worker = WorkerMetrics("m", "w")
+    worker.watch(LLMEngine(tiny, EngineConfig(max_batch_size=2, max_seq_len=64)))
+    assert compile_states(worker.registry) == {"off": 1.0, "compiling": 0.0, "ready": 0.0, "failed": 0.0}
 
 
 def test_kv_cache_usage_is_the_share_of_slots_times_window_held(tiny: LoadedModel) -> None:

@@ -71,6 +71,23 @@ def test_the_table_fits_80_columns_with_long_names() -> None:
     assert "2,408 requests · 6 errors · 0 cancelled · models: Qwen2.5-0.5B-Instruct, SmolLM…\n" in text
 
 
+def test_the_state_column_names_degraded_and_warming_workers() -> None:
+    """A worker whose compiled decode step failed decodes eagerly (on a GPU about 10x slower): the table says so."""
+    now = datetime(2026, 11, 26, 3, 25, tzinfo=UTC)
+    stats = [
+        stats_reply("a", "gpu-1", 1, "m", 0, compile="failed"),
+        stats_reply("b", "gpu-2", 2, "m", 0, compile="compiling"),
+        stats_reply("c", "gpu-3", 3, "m", 0, compile="ready"),
+        stats_reply("d", "gpu-4", 4, "m", 0, compile="failed", draining=True),
+    ]
+    view, _ = bus_view([], stats, now, 1.0, None)
+    out = io.StringIO()
+    Console(file=out, width=COLUMNS, color_system=None).print(render(view, "nats://h:4222"))
+    states = {line.split()[0]: line.split()[-1] for line in out.getvalue().splitlines() if line.startswith("gpu-")}
+    assert states == {"gpu-1:1": "degraded", "gpu-2:2": "warming", "gpu-3:3": "serving", "gpu-4:4": "draining"}
+    assert "4 workers (1 draining, 2 degraded) ·" in out.getvalue()
+
+
 def test_an_empty_bus_says_so() -> None:
     view, _ = bus_view([], [], datetime(2026, 11, 26, tzinfo=UTC), 1.0, None)
     out = io.StringIO()

@@ -26,6 +26,7 @@ from bus_gateway.client import BusClient
 from helpers.bridge import API_KEY, Bridge
 from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
+from inference_worker.compiled_decode import CompiledDecode
 from inference_worker.worker import Worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
@@ -283,6 +284,30 @@ async def test_a_draining_worker_is_flagged(lonely_bridge: Bridge, lonely_nats: 
         await worker.close()
         await worker.nc.close()
         held.cancel()
+    tab.assert_clean(lonely_bridge.url)
+
+
+async def test_a_warming_then_degraded_worker_is_flagged(
+    lonely_bridge: Bridge, lonely_nats: NatsServer, open_tab: OpenTab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real worker whose decode step is compiling shows `warming`; once its compiled step has failed (as one did
+    on an H100, leaving the worker decoding eagerly, 10x slower), `degraded`, and the totals count it."""
+    monkeypatch.setattr(CompiledDecode, "_warm_up", lambda self, sizes=None: None)  # the compile never ends
+    config = Config(nats_url=lonely_nats.url, max_batch_size=2, threads=1, compile=True)
+    worker = Worker(config, await nats.connect(lonely_nats.url), tiny_model())
+    await worker.start()
+    try:
+        tab = await open_tab(lonely_bridge.url + "/bus")
+        state = tab.page.locator('#workers tbody tr [data-col="state"]')
+        await expect(state).to_have_text("warming")
+        await expect(tab.page.locator('[data-total="compile_failed"]')).to_have_text("0 degraded")
+        worker.engine.runner.compiled.failed = True  # what the runner sets when a compiled step raises
+        await expect(state).to_have_text("degraded")
+        await expect(state).to_have_attribute("title", re.compile("decodes eagerly"))
+        await expect(tab.page.locator('[data-total="compile_failed"]')).to_have_text("1 degraded")
+    finally:
+        await worker.close()
+        await worker.nc.close()
     tab.assert_clean(lonely_bridge.url)
 
 

@@ -123,6 +123,21 @@ function cell(row, text, column, className = "") {
   return td;
 }
 
+// As `llmbus status` shows them: degraded means the compiled decode step failed and the worker decodes eagerly.
+const STATE_HELP = {
+  draining: "finishing its requests before it stops; it takes no new ones",
+  degraded: "its compiled decode step failed: it decodes eagerly, several times slower on a GPU (see its log)",
+  warming: "its decode step is compiling; it serves eagerly meanwhile",
+  serving: "serving",
+};
+
+function workerState(worker) {
+  if (worker.draining) return ["draining", "warn"];
+  if (worker.compile === "failed") return ["degraded", "warn"];
+  if (worker.compile === "compiling") return ["warming", "ok"];
+  return ["serving", "ok"];
+}
+
 function workerRow(worker) {
   const tr = document.createElement("tr");
   tr.dataset.workerId = worker.id;
@@ -134,7 +149,8 @@ function workerRow(worker) {
   cell(tr, String(worker.waiting), "waiting", "num");
   cell(tr, rate(worker.tokens_per_s), "tokens_per_s", "num");
   cell(tr, formatDuration(worker.uptime_s), "uptime", "opt");
-  cell(tr, worker.draining ? "draining" : "serving", "state", worker.draining ? "warn" : "ok");
+  const [state, look] = workerState(worker);
+  cell(tr, state, "state", look).title = STATE_HELP[state];
   cell(tr, `${worker.requests} / ${worker.errors}`, "requests", "num opt");
   cell(tr, String(worker.cancelled), "cancelled", "num");
   return tr;
@@ -144,6 +160,7 @@ function renderTotals(totals) {
   const parts = [
     ["workers", `${totals.workers} worker${totals.workers === 1 ? "" : "s"}`],
     ["draining", `${totals.draining} draining`],
+    ["compile_failed", `${totals.compile_failed} degraded`],
     ["running", `${totals.running} running`],
     ["waiting", `${totals.waiting} waiting`],
     ["tokens_per_s", `${rate(totals.tokens_per_s)} tok/s`],

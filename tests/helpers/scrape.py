@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import httpx
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -32,3 +33,9 @@ async def scrape(url: str, **client_options: object) -> Scrape:
     response.raise_for_status()
     assert response.headers["content-type"].startswith("text/plain"), response.headers
     return parse(response.text)
+
+
+def compile_states(registry: CollectorRegistry) -> dict[str, float]:
+    """`llmbus_decode_compile_state` of a worker's registry, by state."""
+    [family] = [f for f in registry.collect() if f.name == "llmbus_decode_compile_state"]
+    return {sample.labels["state"]: sample.value for sample in family.samples}
