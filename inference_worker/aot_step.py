@@ -188,7 +188,28 @@ def _load(path: Path, step: DecodeStep, frozen: bool) -> DecodeFn:
         tensors = dict(step.named_parameters()) | dict(step.named_buffers())
         weights = {name: tensors[name] for name in compiled.get_constant_fqns()}
         compiled.load_constants(weights, check_full_update=True, user_managed=True)
+    for extracted in _extracted_here():
+        shutil.rmtree(extracted, ignore_errors=True)
     return compiled
+
+
+def _extracted_here() -> set[Path]:
+    """The `aotinductor_*` directories (in the temp dir) whose libraries this process has mapped. A load extracts
+    the package there, and only the loaded model's destructor removes it, which a killed worker never runs: a
+    day of tests and benches on the 2-core machine left 114 of them, 41 GB. Once mapped, the library needs no file
+    (the mapping outlives it, and the destructor does not mind), so `_load` removes its own at once. Another
+    process's directories are never in this one's map. Linux only: elsewhere, nothing is found."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    found = set()
+    for line in maps.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and "/aotinductor_" in fields[5]:
+            path = Path(fields[5].strip())
+            found |= {parent for parent in path.parents if parent.name.startswith("aotinductor_")}
+    return {directory for directory in found if directory.is_dir()}
 
 
 def build(step: DecodeStep, keys: list, values: list, path: Path, frozen: bool) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from helpers.tiny_model import chat_prompt, tiny_model
 from inference_worker import aot_step
@@ -44,6 +45,16 @@ def decode_inputs(cache: SlotKVCache) -> tuple[torch.Tensor, ...]:
     return torch.tensor([[5], [7], [9]]), torch.tensor([[3], [10], [6]]), torch.arange(11)
 
 
+@pytest.fixture
+def extraction_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temp dir of the test's own, where AOTInductor extracts the packages it loads (it reads TMPDIR). Builds keep
+    the usual inductor cache, which would otherwise follow TMPDIR and start cold."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", cache_dir())
+    directory = tmp_path_factory.mktemp("extracted")
+    monkeypatch.setenv("TMPDIR", str(directory))
+    return directory
+
+
 def package_step(decoder, cache: SlotKVCache, directory: Path, frozen: bool = True) -> tuple:
     return aot_step.load_or_build(decoder, reduction_attention, cache.keys, cache.values, directory, frozen)
 
@@ -54,7 +65,7 @@ def run(step, cache: SlotKVCache, inputs: tuple[torch.Tensor, ...]) -> torch.Ten
 
 
 def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_step(
-    tiny: LoadedModel, tmp_path: Path
+    tiny: LoadedModel, tmp_path: Path, extraction_dir: Path
 ) -> None:
     decoder = family_decoder(tiny, 64)
     cache = slot_cache(tiny)
@@ -83,9 +94,12 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     torch.testing.assert_close(from_package, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache.keys, written, rtol=1e-5, atol=1e-5)  # it wrote the new columns in place
     assert torch.equal(run(built, cache, decode_inputs(cache)), from_package)
+    assert not list(extraction_dir.glob("aotinductor_*"))  # each load removed its extracted copy; the steps run
 
 
-def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(tiny: LoadedModel, tmp_path: Path) -> None:
+def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(
+    tiny: LoadedModel, tmp_path: Path, extraction_dir: Path
+) -> None:
     """The float32 `wide` step's package: the decoder's tensors are handed to it at load, not copied into it."""
     decoder = family_decoder(tiny_model(), 64)  # a model of its own, whose weights this test edits
     cache = slot_cache(tiny)
@@ -101,6 +115,7 @@ def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(tiny: L
         decoder.lm_head[11] += 1.0  # the output row of token 11, which is not among the inputs
     after = run(step, cache, inputs)
     assert not torch.equal(after[:, 11], before[:, 11]) and torch.equal(after[:, 12], before[:, 12])
+    assert not list(extraction_dir.glob("aotinductor_*"))  # its extracted copy is gone; it reads the decoder's
 
 
 def test_a_package_that_does_not_load_is_built_again(
