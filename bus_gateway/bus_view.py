@@ -27,7 +27,8 @@ MIN_RATE_INTERVAL = 1.0  # seconds: tokens/s is measured over at least this long
 class WorkerRow(msgspec.Struct, kw_only=True):
     """One worker. `requests`/`errors` are the messages its endpoints handled and failed (a batch counts once);
     `cancelled` is requests stopped by a cancel. `tokens_per_s` is None until two samples exist. `compile` is its
-    decode step's state: off, compiling, ready, or failed (it then decodes eagerly, several times slower on a GPU)."""
+    decode step's state: off, compiling, ready, or failed (it then decodes eagerly, several times slower on a GPU).
+    `state` is what `llmbus status` and the web page show (`worker_state`)."""
 
     id: str
     host: str = ""
@@ -42,6 +43,7 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     uptime_s: float | None = None
     draining: bool = False
     compile: str = ""
+    state: str = "serving"
     requests: int = 0
     errors: int = 0
     cancelled: int = 0
@@ -87,10 +89,19 @@ def worker_rows(infos: Iterable[Reply], stats: Iterable[Reply], now: datetime) -
     return sorted(rows, key=lambda row: (row.host, row.pid or 0, row.id))
 
 
+def worker_state(draining: bool, compile: str) -> str:
+    """draining; degraded (its compiled decode step failed: it decodes eagerly, see its log); warming (its decode
+    step is compiling, and it serves eagerly meanwhile); or serving. The first that applies."""
+    if draining:
+        return "draining"
+    return {"failed": "degraded", "compiling": "warming"}.get(compile, "serving")
+
+
 def worker_row(worker_id: str, info: Reply, stats: Reply, now: datetime) -> WorkerRow:
     metadata = {**_mapping(stats.get("metadata")), **_mapping(info.get("metadata"))}
     endpoints = [_mapping(endpoint) for endpoint in _sequence(stats.get("endpoints"))]
     data = next((endpoint["data"] for endpoint in endpoints if isinstance(endpoint.get("data"), Mapping)), {})
+    draining, compile = data.get("draining") is True, _text(data.get("compile"))
     return WorkerRow(
         id=worker_id,
         host=_text(metadata.get("host")),
@@ -102,8 +113,9 @@ def worker_row(worker_id: str, info: Reply, stats: Reply, now: datetime) -> Work
         waiting=_int(data.get("waiting")),
         tokens_generated=_int(data.get("tokens_generated")),
         uptime_s=uptime_seconds(stats.get("started"), now),
-        draining=data.get("draining") is True,
-        compile=_text(data.get("compile")),
+        draining=draining,
+        compile=compile,
+        state=worker_state(draining, compile),
         requests=sum(_int(endpoint.get("num_requests")) for endpoint in endpoints),
         errors=sum(_int(endpoint.get("num_errors")) for endpoint in endpoints),
         cancelled=_int(data.get("requests_cancelled")),

@@ -76,21 +76,12 @@ def workers_table(rows: list[WorkerRow], width: int) -> Table:
             str(row.waiting),
             rate(row.tokens_per_s),
             format_duration(row.uptime_s),
-            state_of(row),
+            Text(row.state, style=STATE_STYLES.get(row.state, "")),
         )
     return table
 
 
-def state_of(row: WorkerRow) -> Text:
-    """draining, degraded (its compiled decode step failed: it decodes eagerly, see its log), warming (compiling;
-    it serves eagerly meanwhile) or serving."""
-    if row.draining:
-        return Text("draining", style="yellow")
-    if row.compile == "failed":
-        return Text("degraded", style="red")
-    if row.compile == "compiling":
-        return Text("warming", style="cyan")
-    return Text("serving", style="green")
+STATE_STYLES = {"draining": "yellow", "degraded": "red", "warming": "cyan", "serving": "green"}
 
 
 def totals_lines(view: BusView) -> list[str]:

@@ -85,8 +85,8 @@ def test_a_worker_row_reads_info_metadata_and_stats_data() -> None:
 
 
 def test_draining_is_read_from_stats_data() -> None:
-    [row] = worker_rows([], [stats_reply("w1", engine_data(draining=True))], NOW)
-    assert row.draining is True
+    [row] = worker_rows([], [stats_reply("w1", engine_data(draining=True, compile="failed"))], NOW)
+    assert row.draining is True and row.state == "draining"  # draining comes first
     [row] = worker_rows([], [stats_reply("w1", engine_data(draining="yes"))], NOW)
     assert row.draining is False  # only a JSON true counts
 
@@ -99,6 +99,7 @@ def test_the_compile_state_is_read_and_failed_ones_are_counted() -> None:
     ]
     view, _ = bus_view([], stats, NOW, 1.0, None)
     assert [row.compile for row in view.workers] == ["failed", "ready", ""]
+    assert [row.state for row in view.workers] == ["degraded", "serving", "serving"]
     assert view.totals.compile_failed == 1
 
 

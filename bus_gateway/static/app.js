@@ -123,20 +123,13 @@ function cell(row, text, column, className = "") {
   return td;
 }
 
-// As `llmbus status` shows them: degraded means the compiled decode step failed and the worker decodes eagerly.
-const STATE_HELP = {
-  draining: "finishing its requests before it stops; it takes no new ones",
-  degraded: "its compiled decode step failed: it decodes eagerly, several times slower on a GPU (see its log)",
-  warming: "its decode step is compiling; it serves eagerly meanwhile",
-  serving: "serving",
+// A worker's state as /bus.json derives it (bus_view.worker_state), with its look and explanation.
+const STATES = {
+  draining: ["warn", "finishing its requests before it stops; it takes no new ones"],
+  degraded: ["warn", "its compiled decode step failed: it decodes eagerly, several times slower on a GPU (see its log)"],
+  warming: ["ok", "its decode step is compiling; it serves eagerly meanwhile"],
+  serving: ["ok", "serving"],
 };
-
-function workerState(worker) {
-  if (worker.draining) return ["draining", "warn"];
-  if (worker.compile === "failed") return ["degraded", "warn"];
-  if (worker.compile === "compiling") return ["warming", "ok"];
-  return ["serving", "ok"];
-}
 
 function workerRow(worker) {
   const tr = document.createElement("tr");
@@ -149,8 +142,8 @@ function workerRow(worker) {
   cell(tr, String(worker.waiting), "waiting", "num");
   cell(tr, rate(worker.tokens_per_s), "tokens_per_s", "num");
   cell(tr, formatDuration(worker.uptime_s), "uptime", "opt");
-  const [state, look] = workerState(worker);
-  cell(tr, state, "state", look).title = STATE_HELP[state];
+  const [look, help] = STATES[worker.state] || ["", ""];
+  cell(tr, worker.state, "state", look).title = help;
   cell(tr, `${worker.requests} / ${worker.errors}`, "requests", "num opt");
   cell(tr, String(worker.cancelled), "cancelled", "num");
   return tr;
