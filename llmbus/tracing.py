@@ -202,13 +202,14 @@ def setup_from_env(service: str) -> str | None:
     except ImportError:
         raise RuntimeError("OTEL_* asks for traces, but OpenTelemetry is missing: pip install 'llmbus[otel]'") from None
     variable = next((v for v in _PROTOCOL_VARIABLES if os.environ.get(v)), _PROTOCOL_VARIABLES[-1])
-    exporter = _otlp_exporter(variable, os.environ.get(variable, "grpc"))
+    protocol = os.environ.get(variable, "grpc")
+    exporter = _otlp_exporter(variable, protocol)
     named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     _provider = TracerProvider(resource=Resource.create({} if named else {"service.name": service}))
     _provider.add_span_processor(BatchSpanProcessor(exporter))
     otel_trace.set_tracer_provider(_provider)
     configure(_provider)
-    return f"OTLP ({os.environ.get(variable, 'grpc')})"
+    return f"OTLP ({protocol})"
 
 
 _PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")  # the first set wins
