@@ -178,14 +178,16 @@ class LLMEngine:
         if done:
             self._advance([batch[row] for row in done], logits[done], events)
         computed = sum(map(len, chunks))
+        self._release()
+        seconds = time.perf_counter() - started
         with self._lock:
             self.stats.prefill_forwards += 1
+            self.stats.prefill_seconds += seconds
             self.stats.prompt_tokens += computed + reused
             self.stats.prefix_tokens_reused += reused
             if done:
                 self.stats.prefill_batch(len(done))
-        self._release()
-        self.observer.prefill_step(time.perf_counter() - started, len(batch), computed)
+        self.observer.prefill_step(seconds, len(batch), computed)
         return events
 
     def decode(self) -> list[Event]:
@@ -197,10 +199,11 @@ class LLMEngine:
         started, rows = time.perf_counter(), len(running)
         logits = self.runner.forward(0, [[s.last_token] for s in running], [s.num_cached_tokens for s in running])
         gaps = self._advance(running, logits, events)
-        with self._lock:
-            self.stats.decode_step(rows)
         self._release()
-        self.observer.decode_step(time.perf_counter() - started, rows)
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self.stats.decode_step(rows, seconds)
+        self.observer.decode_step(seconds, rows)
         self.observer.token_gaps(gaps)
         return events
 

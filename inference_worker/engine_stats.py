@@ -16,11 +16,14 @@ class EngineStats:
     requests_failed: int = 0
     requests_cancelled: int = 0
     max_running: int = 0
+    decode_seconds: float = 0.0  # wall time in decode steps (forward, sampling and bookkeeping)
+    prefill_seconds: float = 0.0  # wall time in prefill forwards (the same)
     decode_batch_sizes: dict[int, int] = field(default_factory=dict)
     prefill_batch_sizes: dict[int, int] = field(default_factory=dict)
 
-    def decode_step(self, rows: int) -> None:
+    def decode_step(self, rows: int, seconds: float) -> None:
         self.decode_steps += 1
+        self.decode_seconds += seconds
         self.max_running = max(self.max_running, rows)
         self.decode_batch_sizes[rows] = self.decode_batch_sizes.get(rows, 0) + 1
 
@@ -39,6 +42,8 @@ class EngineStats:
             "requests_failed": self.requests_failed,
             "requests_cancelled": self.requests_cancelled,
             "max_running": self.max_running,
+            "decode_seconds": round(self.decode_seconds, 6),
+            "prefill_seconds": round(self.prefill_seconds, 6),
             "decode_batch_sizes": {str(k): v for k, v in sorted(self.decode_batch_sizes.items())},
             "prefill_batch_sizes": {str(k): v for k, v in sorted(self.prefill_batch_sizes.items())},
         }

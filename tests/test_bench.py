@@ -35,6 +35,8 @@ POINT_FIELDS = {
     "e2e_p95_s",
     "engine_decode_steps",
     "engine_mean_decode_batch",
+    "engine_decode_s",
+    "engine_prefill_s",
 }
 MACHINE_FIELDS = {"cpu_count", "torch_threads", "device", "dtype", "load_average_before", "load_average_after"}
 REPORT_KEYS = {"config", "machine", "workload", "workers", "baselines", "points", "ratios", "duration_s"}
@@ -72,6 +74,8 @@ async def test_bench_over_nats_http_and_a_peer_writes_complete_json_and_plot(
         check_points(report[key], max_tokens=8)
     assert {p["via"] for p in report["http_points"]} == {"http"}
     assert all(p["engine_decode_steps"] > 0 for p in report["http_points"]), "the bridge must reach our worker"
+    for point in report["points"]:  # the engine was busy for part of the point's wall time, never more
+        assert 0 < point["engine_decode_s"] + point["engine_prefill_s"] <= point["wall_s"]
     assert report["peer"]["model"] == smollm.name and report["peer"]["token_count_source"] == ["usage"]
     assert report["http"]["started_by_bench"] is True
     for key in ("http_over_nats", "nats_over_peer"):

@@ -125,6 +125,8 @@ async def test_stats_data_carries_the_same_figures(metered: Metered) -> None:
         figures["decode_step_seconds"]["count"] == m.value("llmbus_decode_step_seconds_count") == data["decode_steps"]
     )
     assert figures["prefill_step_seconds"]["count"] == data["prefill_forwards"]
+    assert data["decode_seconds"] == pytest.approx(figures["decode_step_seconds"]["sum"], abs=1e-5)
+    assert data["prefill_seconds"] == pytest.approx(figures["prefill_step_seconds"]["sum"], abs=1e-5)
     ttft = figures["time_to_first_token_seconds"]
     assert 0 < ttft["p50"] <= ttft["p99"] and ttft["mean"] == pytest.approx(ttft["sum"] / 3, abs=1e-5)
 
@@ -165,6 +167,10 @@ def test_engine_steps_feed_the_step_histograms(tiny: LoadedModel) -> None:
     assert figures["decode_batch_size"]["sum"] == (4 + 6 + 8) - 3
     assert figures["inter_token_latency_seconds"]["count"] == (4 + 6 + 8) - 3
     assert figures["decode_batch_size"]["count"] == engine.stats.decode_steps
+    # the stats' busy seconds are the same step times the histograms sum
+    assert engine.stats.decode_seconds == pytest.approx(figures["decode_step_seconds"]["sum"], abs=1e-5)
+    assert engine.stats.prefill_seconds == pytest.approx(figures["prefill_step_seconds"]["sum"], abs=1e-5)
+    assert engine.stats.decode_seconds > 0 and engine.stats.prefill_seconds > 0
 
 
 def test_the_compile_state_is_one_series_per_state_with_the_current_one_at_1(tiny: LoadedModel) -> None:

@@ -19,8 +19,9 @@ Phases (one progress line each on stderr):
 What is measured, per target and concurrency: tokens/s (completion tokens of the answered requests over the
 wall time of the point), requests/s, time to first token (first text chunk), inter-token latency (gaps between
 text chunks), end-to-end latency, errors; for llmbus's own workers also the engine's counters from
-`$SRV.STATS` (decode steps, mean decode batch, prefill forwards, prefix-cache reuse), and for every process the
-bench started the CPU seconds it used during the point ("cores used" = CPU seconds / wall seconds).
+`$SRV.STATS` (decode steps, mean decode batch, prefill forwards, prefix-cache reuse, and the seconds the engines
+spent decoding and prefilling: the rest of the point's wall time they waited for work), and for every process
+the bench started the CPU seconds it used during the point ("cores used" = CPU seconds / wall seconds).
 
 How to read it:
 - throughput_vs_ceiling (target >= 1.5, aim 2) and throughput_vs_ceiling_at_1 (>= 2) compare the whole stack,

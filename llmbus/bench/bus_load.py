@@ -89,6 +89,8 @@ class EngineCounters:
     prefill_forwards: int = 0
     prompt_tokens: int = 0
     prefix_tokens_reused: int = 0
+    decode_s: float = 0.0  # seconds the engines spent in decode steps
+    prefill_s: float = 0.0  # and in prefill forwards
     compile_failed: int = 0  # workers whose compiled decode step failed (they decode eagerly): a state, not a count
 
     @property
@@ -102,6 +104,8 @@ class EngineCounters:
             self.prefill_forwards - before.prefill_forwards,
             self.prompt_tokens - before.prompt_tokens,
             self.prefix_tokens_reused - before.prefix_tokens_reused,
+            self.decode_s - before.decode_s,
+            self.prefill_s - before.prefill_s,
             self.compile_failed,
         )
 
@@ -116,6 +120,8 @@ async def engine_counters(bus: BusClient) -> EngineCounters:
         total.prefill_forwards += int(data.get("prefill_forwards", 0))
         total.prompt_tokens += int(data.get("prompt_tokens", 0))
         total.prefix_tokens_reused += int(data.get("prefix_tokens_reused", 0))
+        total.decode_s += float(data.get("decode_seconds", 0.0))
+        total.prefill_s += float(data.get("prefill_seconds", 0.0))
         total.compile_failed += data.get("compile") == "failed"
     return total
 

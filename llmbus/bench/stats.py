@@ -65,6 +65,8 @@ class PointResult:
     engine_prefill_forwards: int = 0
     engine_prompt_tokens: int = 0
     engine_prefix_tokens_reused: int = 0
+    engine_decode_s: float = math.nan  # seconds the workers' engines spent decoding during the point (summed)
+    engine_prefill_s: float = math.nan  # and prefilling; the rest of their wall time they waited for work
     engine_compile_failed: int = 0  # workers whose compiled decode step had failed by the end of the point
     client_cpu_s: float = math.nan
     worker_cpu_s: float | None = None
@@ -137,6 +139,9 @@ def describe_point(p: PointResult) -> str:
             f"; engine: {p.engine_decode_steps} decode steps, mean batch {p.engine_mean_decode_batch:.1f}, "
             f"{p.engine_prefill_forwards} prefill forwards"
         )
+        if not math.isnan(p.engine_decode_s):
+            text += f" (busy {p.engine_decode_s:.1f} s decoding, {p.engine_prefill_s:.1f} s prefilling)"
+
         if p.engine_compile_failed:
             text += f", compiled decode step FAILED on {p.engine_compile_failed} worker(s)"
     text += f"; cores used: {cores_used(p)}; load {p.load_average_1m:.2f}"

@@ -142,6 +142,8 @@ async def measure_point(
         point.engine_prefill_forwards = during.prefill_forwards
         point.engine_prompt_tokens = during.prompt_tokens
         point.engine_prefix_tokens_reused = during.prefix_tokens_reused
+        point.engine_decode_s = during.decode_s
+        point.engine_prefill_s = during.prefill_s
         point.engine_compile_failed = during.compile_failed
     stack.check_alive()
     progress(describe_point(point))
