@@ -1,5 +1,5 @@
-"""The CPU decode step compiled ahead of time (AOTInductor) and kept on disk, so that a restart loads it in about a
-second instead of compiling it for two minutes.
+"""The CPU step (decode steps, and prefills of short prompts) compiled ahead of time (AOTInductor) and kept on disk,
+so that a restart loads it in about a second instead of compiling it for two minutes.
 
 `torch.compile` could not give a warm start: the bf16 step is compiled with freezing (its weights folded into the
 graph and pre-packed for oneDNN), and inductor's graph cache does not keep frozen graphs, so every start paid about
@@ -14,11 +14,12 @@ running beside eager steps made them fail (`fake_mode.in_kernel_invocation must 
 11 minutes beside them, and the steps after an in-process build ran at 22.7 ms instead of 17. The child dies with
 its parent, and a stopped engine kills it.
 
-The batch, the attended length and the cache's rows and length are symbolic, so one package serves every engine and
-configuration of a model. Its name is a hash of everything that shapes the compiled code: the weights and buffers
-(their bytes, when frozen), the modules' settings, the source of the forward, torch's version and the CPU's
-instruction sets. A package is written under a temporary name and renamed, so workers that share the cache
-directory never load a half-written one; one that fails to load is built again.
+The step takes its tokens ragged (`llama.LlamaFamilyModel.ragged`): the number of tokens, of logits asked for, the
+attended length and the cache's rows and length are symbolic, so one package serves every engine and configuration
+of a model, and both decode steps and short prefills. Its name is a hash of everything that shapes the compiled
+code: the weights and buffers (their bytes, when frozen), the modules' settings, the source of the forward and its
+attention, torch's version and the CPU's instruction sets. A package is written under a temporary name and renamed,
+so workers that share the cache directory never load a half-written one; one that fails to load is built again.
 
 Packages do not pile up: every package a worker loads or builds is marked used (its modification time), and each
 start (`tidy`) removes the packages of its directory that no worker has used for `UNUSED_PACKAGE_S` (a week). A package
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference_worker import llama
+from inference_worker import attention, llama
 from inference_worker.hardware import cpu_flags
 
 log = logging.getLogger("llmbus.engine")
@@ -56,20 +57,31 @@ STALE_BUILD_S = 86400
 UNUSED_PACKAGE_S = 7 * 86400
 CHILD_NICENESS = 5  # the build yields the CPU to serving (at 10 it starved under a steady load: over 8 minutes)
 _MAX = 1 << 20
-_SOURCES = (Path(llama.__file__), Path(__file__))
+_SOURCES = (Path(llama.__file__), Path(attention.__file__), Path(__file__))
 
 
 class DecodeStep(nn.Module):
-    """The step as export sees it: `(tokens, positions, kv_columns, *keys, *values) -> logits`, on rows from 0."""
+    """The step as export sees it: the decoder's ragged form (`llama.LlamaFamilyModel.ragged`),
+    `(tokens, positions, rows, last, kv_columns, *keys, *values) -> logits of the tokens last`: a decode step (one
+    token a row) or a prefill of short prompts (their tokens one after another)."""
 
     def __init__(self, decoder: nn.Module, attention: Callable) -> None:
         super().__init__()
         self.decoder = decoder
         self.attention = attention
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_columns: torch.Tensor, *kv: torch.Tensor):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        last: torch.Tensor,
+        kv_columns: torch.Tensor,
+        *kv: torch.Tensor,
+    ) -> torch.Tensor:
         layers = len(kv) // 2
-        return self.decoder(tokens, positions, 0, kv_columns, list(kv[:layers]), list(kv[layers:]), self.attention)
+        keys, values = list(kv[:layers]), list(kv[layers:])
+        return self.decoder.ragged(tokens, positions, rows, last, kv_columns, keys, values, self.attention)
 
 
 def package_name(decoder: nn.Module, attention: Callable, frozen: bool) -> str:
@@ -214,20 +226,22 @@ def _extracted_here() -> set[Path]:
 
 def build(step: DecodeStep, keys: list, values: list, path: Path, frozen: bool) -> None:
     device, example_rows = keys[0].device, min(2, keys[0].shape[0])
-    tokens = torch.zeros((example_rows, 1), dtype=torch.long, device=device)
-    positions = torch.full((example_rows, 1), keys[0].shape[2] - 1, dtype=torch.long, device=device)
+    tokens = torch.zeros(example_rows, dtype=torch.long, device=device)
+    positions = torch.full((example_rows,), keys[0].shape[2] - 1, dtype=torch.long, device=device)
+    rows, last = torch.arange(example_rows, device=device), torch.arange(example_rows, device=device)
     kv_columns = torch.arange(min(64, keys[0].shape[2] - 1), device=device)
-    batch = torch.export.Dim("batch", min=1, max=_MAX)
-    columns = torch.export.Dim("columns", min=2, max=_MAX - 1)  # a decode step attends to 2 columns or more
-    rows = torch.export.Dim("rows", min=1, max=_MAX)
+    flat = torch.export.Dim("tokens", min=1, max=_MAX)
+    outputs = torch.export.Dim("outputs", min=1, max=_MAX)
+    columns = torch.export.Dim("columns", min=2, max=_MAX - 1)  # a step attends to 2 columns or more
+    cache_rows = torch.export.Dim("rows", min=1, max=_MAX)
     length = torch.export.Dim("length", min=3, max=_MAX)
-    cache_dims = tuple({0: rows, 2: length} for _ in (*keys, *values))
+    cache_dims = tuple({0: cache_rows, 2: length} for _ in (*keys, *values))
     options = {"freezing": frozen, "aot_inductor.package_constants_in_so": frozen}
     with torch.inference_mode():  # inductor freezes only where gradients are off
         program = torch.export.export(
             step,
-            (tokens, positions, kv_columns, *keys, *values),
-            dynamic_shapes=({0: batch}, {0: batch}, {0: columns}, cache_dims),
+            (tokens, positions, rows, last, kv_columns, *keys, *values),
+            dynamic_shapes=({0: flat}, {0: flat}, {0: flat}, {0: outputs}, {0: columns}, cache_dims),
         )
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
 

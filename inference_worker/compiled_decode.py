@@ -1,4 +1,6 @@
-"""The compiled decode step, compiled (or loaded) in the background while the engine serves eagerly.
+"""The compiled decode step, compiled (or loaded) in the background while the engine serves eagerly. On CPU it also
+runs short prefills: its inputs are ragged (`step_inputs.py`), so a prefill is several tokens in each of a few rows
+(`takes` says which forwards it runs).
 
 - CPU: inductor's C++/OpenMP backend. The step of narrow batches (below `WIDE_FROM` rows) is compiled ahead of time
   with AOTInductor and kept on disk as a package (`aot_step.py`): built once, by a child process (about 100 s for
@@ -43,6 +45,7 @@ from torch import nn
 
 from inference_worker import aot_step, warm_up
 from inference_worker.kv_cache import SlotKVCache
+from inference_worker.step_inputs import StepInputs
 
 log = logging.getLogger("llmbus.engine")
 
@@ -51,6 +54,7 @@ CUDA_COLUMN_BLOCK = 256
 MIN_CPU_ROWS = 2
 WIDE_FROM = 16
 WARM_UP_COLUMNS = 64
+PREFILL_SCORES = 32768  # a prefill runs compiled up to this many tokens x attended columns (see `takes`)
 _steps: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
 _aot_steps: weakref.WeakKeyDictionary[nn.Module, aot_step.DecodeFn] = weakref.WeakKeyDictionary()
 _settings = threading.local()
@@ -82,18 +86,23 @@ def configure_compiler(device_type: str, freezing: bool) -> None:
 
 def compiled_step(decoder: nn.Module, attention: Callable, device_type: str) -> Callable[..., torch.Tensor]:
     """One compiled step per decoder and process, shared by every engine on the decoder. The decoder is captured,
-    not passed: freezing folds only the weights the graph captures."""
+    not passed: freezing folds only the weights the graph captures. On CPU it is the decoder's ragged form; on CUDA
+    it decodes rows 0... in the padded form (the inputs are then one token a row, and rows and last are their
+    indices), which is what its CUDA graphs were measured with."""
     if decoder in _steps:
         return _steps[decoder]
 
-    def step(keys, values, tokens, positions, kv_columns) -> torch.Tensor:
-        return decoder(tokens, positions, 0, kv_columns, keys, values, attention)
+    def ragged(keys, values, tokens, positions, rows, last, kv_columns) -> torch.Tensor:
+        return decoder.ragged(tokens, positions, rows, last, kv_columns, keys, values, attention)
+
+    def padded(keys, values, tokens, positions, rows, last, kv_columns) -> torch.Tensor:
+        return decoder(tokens[:, None], positions[:, None], 0, kv_columns, keys, values, attention)
 
     # dynamic=False: no automatic dynamic shapes; only the dimensions `_run` marks are symbolic
     if device_type == "cuda":
-        compiled = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        compiled = torch.compile(padded, fullgraph=True, dynamic=False, mode="reduce-overhead")
     else:
-        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+        compiled = torch.compile(ragged, fullgraph=True, dynamic=False)
     _steps[decoder] = compiled
     return compiled
 
@@ -134,30 +143,45 @@ class CompiledDecode:
         self._done: threading.Event | None = None
         self.settled = threading.Event()  # the packages are loaded, or one is being built: the engine may start
         self.failed = False
+        self.prefills = 0  # prefill forwards run compiled (see `takes`)
         if self.on_cuda:
             for tensor in (*cache.keys, *cache.values):
                 torch._dynamo.mark_static_address(tensor)
 
-    def padded(self, rows: int) -> int:
-        """The batch a step of `rows` rows runs at: a bucket on CUDA; at least 2 rows under `torch.compile` on CPU
-        (dynamo specializes a size of 1), and the rows themselves in the ahead-of-time step."""
+    def padded(self, tokens: int, sequences: int | None = None) -> int:
+        """The tokens a step of `tokens` tokens (of `sequences` sequences, default one each) runs with: a bucket on
+        CUDA; the tokens themselves in the ahead-of-time step; under `torch.compile` on CPU, enough padding for at
+        least 2 tokens and 2 logits (dynamo specializes a size of 1, and each padding token adds a logit)."""
         if self.on_cuda:
-            return next(b for b in self.sizes if b >= rows)
-        if self.graph_size(rows) in self.packaged:
-            return rows
-        return min(max(rows, MIN_CPU_ROWS), self.max_rows)
+            return next(b for b in self.sizes if b >= tokens)
+        if self.graph_size(tokens) in self.packaged:
+            return tokens
+        sequences = tokens if sequences is None else sequences
+        return max(tokens, MIN_CPU_ROWS, tokens + MIN_CPU_ROWS - sequences)
 
-    def _wide(self, rows: int) -> bool:
-        return self.wide_from is not None and rows >= self.wide_from
+    def _wide(self, tokens: int) -> bool:
+        return self.wide_from is not None and tokens >= self.wide_from
 
-    def graph_size(self, rows: int) -> int:
-        """The warm-up size of the graph that runs `rows` rows."""
+    def graph_size(self, tokens: int) -> int:
+        """The warm-up size of the graph that runs `tokens` tokens."""
         if self.on_cuda:
-            return self.padded(rows)
-        return self.wide_from if self._wide(rows) else self.sizes[0]
+            return self.padded(tokens)
+        return self.wide_from if self._wide(tokens) else self.sizes[0]
 
     def ready(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows (one token each) can run compiled now."""
         return not self.failed and rows <= self.max_rows and self.graph_size(rows) in self._ready
+
+    def takes(self, first_row: int, lengths: list[int], kv_len: int) -> bool:
+        """Whether this forward runs compiled: a decode step (rows from 0, one token each) once its graph is ready,
+        and on CPU also a prefill whose attention is small (tokens x attended columns at most `PREFILL_SCORES`);
+        a longer one runs eagerly, where SDPA's attention is faster than the step's loops."""
+        tokens = sum(lengths)
+        if max(lengths) == 1 and first_row == 0:
+            return self.ready(tokens)
+        if self.on_cuda or self.failed or tokens * kv_len > PREFILL_SCORES:
+            return False
+        return self.graph_size(tokens) in self._ready
 
     @property
     def all_ready(self) -> bool:
@@ -170,34 +194,34 @@ class CompiledDecode:
             return "failed"
         return "ready" if self.all_ready else "compiling"
 
-    def __call__(self, chunks: list[list[int]], starts: list[int], kv_len: int) -> torch.Tensor:
-        rows = len(chunks)
-        size = self.padded(rows)
-        tokens = torch.zeros((size, 1), dtype=torch.long)
-        positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long)
-        tokens[:rows, 0] = torch.tensor([c[0] for c in chunks])
-        positions[:rows, 0] = torch.tensor(starts)
+    def __call__(self, first_row: int, chunks: list[list[int]], starts: list[int], kv_len: int) -> torch.Tensor:
+        """The logits of each chunk's last token (what `takes` accepted)."""
+        tokens = sum(map(len, chunks))
+        self.prefills += tokens > len(chunks)
+        size = self.padded(tokens, len(chunks))
+        inputs = StepInputs.of(first_row, chunks, starts, self.cache.scratch, size)
         columns = min(-(-kv_len // self.column_block) * self.column_block, self.cache.row_len)
-        logits = self._run(tokens, positions, columns)
-        return logits[:rows].clone() if self.on_cuda else logits[:rows]
+        logits = self._run(inputs, columns)
+        return logits[: len(chunks)].clone() if self.on_cuda else logits[: len(chunks)]
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, columns: int) -> torch.Tensor:
+    def _run(self, inputs: StepInputs, columns: int) -> torch.Tensor:
         kv_columns = torch.arange(columns, device=self.device)
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
-        packaged = self.packaged.get(self.graph_size(tokens.shape[0]))
+        inputs = inputs.to(self.device)
+        size = inputs.tokens.shape[0]
+        tensors = (inputs.tokens, inputs.positions, inputs.rows, inputs.last, kv_columns)
+        packaged = self.packaged.get(self.graph_size(size))
         if packaged is not None:
-            return packaged(tokens, positions, kv_columns, *self.cache.keys, *self.cache.values)
-        torch._dynamo.maybe_mark_dynamic(kv_columns, 0)
-        torch._dynamo.maybe_mark_dynamic(tokens, 0)
-        torch._dynamo.maybe_mark_dynamic(positions, 0)
+            return packaged(*tensors, *self.cache.keys, *self.cache.values)
+        for tensor in tensors:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
         if not self.on_cuda:
             for tensor in (*self.cache.keys, *self.cache.values):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        wide = self._wide(tokens.shape[0])
+        wide = self._wide(size)
         configure_compiler(self.device.type, freezing=not wide)
         step = self.wide_step if wide else self.step
-        return step(self.cache.keys, self.cache.values, tokens, positions, kv_columns)
+        return step(self.cache.keys, self.cache.values, *tensors)
 
     def warm_up(self, sizes: tuple[int, ...] | None = None) -> None:
         """Compile each size now, on a warm-up thread as `start_background` does (`warm_up.py`), and wait for it;
@@ -252,10 +276,9 @@ class CompiledDecode:
         for size in sizes:
             if self._stop.is_set():
                 return
-            tokens = torch.zeros((size, 1), dtype=torch.long)
-            positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long)
+            padding = StepInputs.of(0, [], [], self.cache.scratch, size)
             for columns in self._warm_up_columns():
-                self._run(tokens, positions, columns)
+                self._run(padding, columns)
             self.compile_seconds[size] = time.perf_counter() - started
             self._ready.add(size)
             log.info("decode step %s for batch %d in %.1f s", how[size], size, self.compile_seconds[size])

@@ -5,9 +5,15 @@ one fused gate/up projection; RMSNorm, residuals and SiLU are left to the compil
 loaded HF model's own tensors (the fused projections are concatenated once, and the HF modules are pointed at
 views of them, so nothing is stored twice and `model.generate` keeps working).
 
-`forward(tokens, positions, first_row, kv_len, cache)` runs rows `first_row + b` of the cache on `tokens[b]` at
-columns `positions[b]`: it writes their keys and values there, then attends over columns `[0, kv_len)` where
-column c is visible to a query at position p when c <= p (and p - c < the sliding window, if the model has one).
+Two ways to call it, on the same layers:
+- `forward(tokens, positions, first_row, kv_columns, ...)`, padded: rows `first_row + b` of the cache run
+  `tokens[b]` (a [rows, width] tensor, padded on the right) at columns `positions[b]`. The eager path.
+- `ragged(tokens, positions, rows, last, kv_columns, ...)`: one flat list of tokens, token n in cache row `rows[n]`
+  at column `positions[n]`, so several prompts (and decode rows) run together without padding; the logits are
+  those of the tokens `last`. The compiled step's form: a decode step is the case of one token a row.
+Either way each token's key and value are written at its column first, then it attends over columns
+`[0, len(kv_columns))`, where column c is visible to a query at position p when c <= p (and p - c < the sliding
+window, if the model has one): a prompt's tokens see each other's keys, written in the same layer.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from inference_worker.attention import Attention
 
 FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+Rows = slice | torch.Tensor  # the cache rows of a forward's entries: a run of them, or one per entry
 
 
 def supports(config) -> bool:
@@ -46,73 +53,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
-    """Attention as two plain matmuls, queries grouped by their KV head (no repeated keys). On CPU this beat
-    SDPA by 2.4x at batch 64 decode (one query per row): q [B, T, H, D], k/v [B, KV, L, D], visible [B, T, L]."""
-    batch, width, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    q = q.view(batch, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * width, dim)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    visible = visible[:, None, None].expand(batch, 1, group, width, visible.shape[-1])
-    scores = scores.masked_fill(~visible.reshape(batch, 1, group * width, -1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v).view(batch, kv_heads, group, width, dim)
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, width, heads * dim)
-
-
-def reduction_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
-    """The same maths as broadcast products and sums, for compiled decode on CPU: inductor turns each into one loop
-    that reads the cache rows in place, where bf16 batched matmuls over the strided cache views copied them first
-    (1.7x faster at batch 64, 2.7x at batch 1, measured here). Three choices shape that loop, each measured alone at
-    batch 64 over 151 columns (0.90 ms a layer before, 0.62 after):
-    - the rotated queries are written out first (`in_memory`); inlined, their RoPE was recomputed for every column;
-    - the mask is added as a bias of 0 or -inf, rather than selected;
-    - the softmax's division is applied to the output (one per dimension), not to every column's probability."""
-    batch, width, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    q = in_memory(q).view(batch, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(batch, kv_heads, group * width, dim)
-    bias = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill(~visible, float("-inf"))
-    bias = bias[:, None, None].expand(batch, 1, group, width, visible.shape[-1]).reshape(batch, 1, group * width, -1)
-    scores = (q[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * scale + bias
-    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-    out = (weights[..., None] * v[:, :, None, :, :].float()).sum(-2) / weights.sum(-1, keepdim=True)
-    out = out.to(q.dtype).view(batch, kv_heads, group, width, dim)
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, width, heads * dim)
-
-
-def in_memory(x: torch.Tensor) -> torch.Tensor:
-    """`x` itself; under inductor, computed into a buffer of its own rather than inlined into every reader."""
-    import torch._inductor.inductor_prims  # registers the op; imported here, as inductor loads slowly
-
-    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
-    """PyTorch's fused attention (flash / memory-efficient kernels on CUDA), GQA without repeating the keys."""
-    batch, width, heads, dim = q.shape
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None], scale=scale, enable_gqa=True
-    )
-    return out.transpose(1, 2).reshape(batch, width, heads * dim)
-
-
-def sdpa_attention_without_cudnn(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
-):
-    """`sdpa_attention` kept off the cuDNN backend, for eager forwards on CUDA. cuDNN plans every new shape once,
-    and an eager prefill's shapes change with each prompt: on an H100 (torch 2.11) a first-seen shape cost 1.7 ms
-    of CPU per layer call, about 50 ms a SmolLM2 prefill."""
-    with sdpa_kernel(_NOT_CUDNN):
-        return sdpa_attention(q, k, v, visible, scale)
-
-
-_NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Linear(nn.Module):
@@ -184,22 +124,24 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        first_row: int,
+        rows: Rows,
         positions: torch.Tensor,
         visible: torch.Tensor,
         attention: Attention,
     ) -> torch.Tensor:
+        """x: [B, width, hidden]; entry b is cache row `rows[b]` (a slice of rows is read as a view, a tensor of
+        them gathered, which the compiler folds into the attention's loops)."""
         batch, width, _ = x.shape
-        rows = torch.arange(first_row, first_row + batch, device=x.device)[:, None]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.qkv(rms_norm(x, self.input_norm, self.eps)).split((q_size, kv_size, kv_size), dim=-1)
         q = rotate(q.view(batch, width, self.heads, self.head_dim), cos, sin)
         k = rotate(k.view(batch, width, self.kv_heads, self.head_dim), cos, sin)
-        k_cache[rows, :, positions] = k.to(k_cache.dtype)
-        v_cache[rows, :, positions] = v.view(batch, width, self.kv_heads, self.head_dim).to(v_cache.dtype)
+        at = _row_index(rows, x.device)[:, None]
+        k_cache[at, :, positions] = k.to(k_cache.dtype)
+        v_cache[at, :, positions] = v.view(batch, width, self.kv_heads, self.head_dim).to(v_cache.dtype)
         kv_len = visible.shape[-1]
-        keys = k_cache[first_row : first_row + batch, :, :kv_len]
-        values = v_cache[first_row : first_row + batch, :, :kv_len]
+        keys = k_cache[rows, :, :kv_len]
+        values = v_cache[rows, :, :kv_len]
         x = x + self.o(attention(q, keys, values, visible, self.scale))
         gate, up = self.gate_up(rms_norm(x, self.post_norm, self.eps)).split(self.intermediate, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -241,15 +183,32 @@ class LlamaFamilyModel(nn.Module):
 
         tokens/positions: [B, T]; rows first_row + b of the cache; kv_columns: arange(L), the columns read.
         """
-        x = self.hidden_states(tokens, positions, first_row, kv_columns, keys, values, attention)
+        rows = slice(first_row, first_row + tokens.shape[0])
+        x = self.hidden_states(tokens, positions, rows, kv_columns, keys, values, attention)
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         return self.head(x)
+
+    def ragged(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        last: torch.Tensor,
+        kv_columns: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        attention: Attention,
+    ) -> torch.Tensor:
+        """Logits (float32) of the tokens `last` [S]; token n of tokens/positions/rows [N] runs in cache row
+        `rows[n]` at column `positions[n]`. Each token is a row of width 1 here, with its own row's columns."""
+        x = self.hidden_states(tokens[:, None], positions[:, None], rows, kv_columns, keys, values, attention)
+        return self.head(x[last, 0])
 
     def hidden_states(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        first_row: int,
+        rows: Rows,
         kv_columns: torch.Tensor,
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
@@ -261,11 +220,17 @@ class LlamaFamilyModel(nn.Module):
         if self.window is not None:
             visible &= kv_columns[None, None, :] > positions[:, :, None] - self.window
         for layer, k_cache, v_cache in zip(self.layers, keys, values, strict=True):
-            x = layer(x, cos, sin, k_cache, v_cache, first_row, positions, visible, attention)
+            x = layer(x, cos, sin, k_cache, v_cache, rows, positions, visible, attention)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
+
+
+def _row_index(rows: Rows, device: torch.device) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop, device=device)
+    return rows
 
 
 def _weight_and_bias(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,7 +6,9 @@ chunks attend through PyTorch SDPA (on CPU 2-3x faster than two matmuls for a 21
 cuDNN, which plans every new shape). Eager decode steps attend through two plain matmuls: on CPU 2.4x faster than
 SDPA at batch 64, and on an H100 a SmolLM2 step at batch 1 took 27 ms against 80 through SDPA, which chose cuDNN
 and planned each step's new length. Decode steps go through the compiled step (`compiled_decode.py`) once their
-batch-size bucket is compiled, and run eagerly until then. On CUDA the compiled step attends through the same two
+batch-size bucket is compiled, and run eagerly until then. On CPU short prefills go through it too, their prompts'
+tokens one after another with no padding (`llama.LlamaFamilyModel.ragged`); long ones, whose attention the step's
+loops would make slow, stay eager (`CompiledDecode.takes`). On CUDA the compiled step attends through the same two
 matmuls, so no path of the worker calls cuDNN: with SDPA inside, the step's CUDA graphs failed at their first replay
 on the engine thread (H100, torch 2.11: cuDNN could not allocate during the capture), and the engine fell back to
 eager decode for good.
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from inference_worker import llama
+from inference_worker import attention, llama
 from inference_worker.compiled_decode import WIDE_FROM, CompiledDecode, use_compile_cache
 from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.hf_decoder import HFDecoder
@@ -131,13 +133,13 @@ class ModelRunner:
         family = family_decoder(loaded, max_len, quantize)
         self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
         self.wide = wide_decoder(loaded, max_len, quantize)
-        self.attention = llama.matmul_attention
+        self.attention = attention.matmul_attention
         on_cpu = self.device.type == "cpu"
-        self.prefill_attention = llama.sdpa_attention if on_cpu else llama.sdpa_attention_without_cudnn
+        self.prefill_attention = attention.sdpa_attention if on_cpu else attention.sdpa_attention_without_cudnn
         self.compiled: CompiledDecode | None = None
         if compile and family is not None:
             use_compile_cache(str(cache_root() / "inductor"))
-            decode_attention = llama.reduction_attention if on_cpu else llama.matmul_attention
+            decode_attention = attention.reduction_attention if on_cpu else attention.matmul_attention
             packages = cache_root() / "compiled"
             self.compiled = CompiledDecode(
                 family, self.cache, decode_attention, max_slots, self.wide, packages, freeze_wide
@@ -157,12 +159,12 @@ class ModelRunner:
         padding sits in the scratch column, so it never touches a column a sequence owns."""
         lengths = [len(c) for c in chunks]
         kv_len = max(s + n for s, n in zip(starts, lengths, strict=True))
-        if self.compiled is not None and first_row == 0 and max(lengths) == 1 and self.compiled.ready(len(chunks)):
+        if self.compiled is not None and self.compiled.takes(first_row, lengths, kv_len):
             try:
-                return self.compiled(chunks, starts, kv_len)
+                return self.compiled(first_row, chunks, starts, kv_len)
             except Exception:  # the step below rewrites the same cache columns, so the batch loses nothing
                 self.compiled.failed = True
-                log.exception("the compiled decode step failed; this engine decodes eagerly from now on")
+                log.exception("the compiled step failed; this engine runs eagerly from now on")
         width = max(lengths)
         tokens, positions = self._padded(chunks, starts, width)
         last = torch.tensor(lengths, device=self.device) - 1

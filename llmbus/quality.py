@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from inference_worker.attention import matmul_attention
 from inference_worker.engine import EngineConfig, LLMEngine
 from inference_worker.kv_cache import SlotKVCache
-from inference_worker.llama import matmul_attention
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.model_runner import family_decoder
 from inference_worker.sampling_params import SamplingParams

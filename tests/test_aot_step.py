@@ -16,12 +16,13 @@ from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from helpers.tiny_model import chat_prompt, tiny_model
 from inference_worker import aot_step
+from inference_worker.attention import matmul_attention, reduction_attention, sdpa_attention
 from inference_worker.engine import EngineConfig, LLMEngine
 from inference_worker.kv_cache import SlotKVCache
-from inference_worker.llama import matmul_attention, reduction_attention
 from inference_worker.model_loader import LoadedModel
 from inference_worker.model_runner import family_decoder
 from inference_worker.sampling_params import SamplingParams
+from inference_worker.step_inputs import StepInputs
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,13 @@ def slot_cache(loaded: LoadedModel, rows: int = 4, row_len: int = 64) -> SlotKVC
 
 
 def decode_inputs(cache: SlotKVCache) -> tuple[torch.Tensor, ...]:
-    """Three rows at different positions over a cache of random keys and values."""
+    """Three rows at different positions over a cache of random keys and values, in the step's ragged form: tokens,
+    positions, rows, the tokens whose logits come back, the columns attended."""
     generator = torch.Generator().manual_seed(1)
     for tensor in (*cache.keys, *cache.values):
         tensor.copy_(torch.randn(tensor.shape, generator=generator))
-    return torch.tensor([[5], [7], [9]]), torch.tensor([[3], [10], [6]]), torch.arange(11)
+    rows = torch.arange(3)
+    return torch.tensor([5, 7, 9]), torch.tensor([3, 10, 6]), rows, rows.clone(), torch.arange(11)
 
 
 @pytest.fixture
@@ -95,6 +98,30 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     torch.testing.assert_close(cache.keys, written, rtol=1e-5, atol=1e-5)  # it wrote the new columns in place
     assert torch.equal(run(built, cache, decode_inputs(cache)), from_package)
     assert not list(extraction_dir.glob("aotinductor_*"))  # each load removed its extracted copy; the steps run
+
+    # a prefill of prompts of different lengths, ragged through the package, as the eager padded forward runs it
+    chunks, starts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]], [0, 4, 2]
+    inputs = StepInputs.of(1, chunks, starts, cache.scratch, size=10)  # rows 1-3, and padding up to 10 tokens
+    assert inputs.rows.tolist() == [1] * 5 + [2] * 2 + [3] * 3 and inputs.last.tolist()[:3] == [4, 6, 9]
+    ragged = run(loaded, cache, (inputs.tokens, inputs.positions, inputs.rows, inputs.last, torch.arange(7)))
+    ragged_keys = [k.clone() for k in cache.keys]
+    padded_tokens = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 0, 0, 0], [10, 11, 12, 0, 0]])
+    scratch = cache.scratch
+    padded_positions = torch.tensor([[0, 1, 2, 3, 4], [4, 5] + [scratch] * 3, [2, 3, 4, scratch, scratch]])
+    with torch.inference_mode():
+        eager = decoder(
+            padded_tokens,
+            padded_positions,
+            1,
+            torch.arange(7),
+            cache.keys,
+            cache.values,
+            sdpa_attention,
+            torch.tensor([4, 1, 2]),
+        )
+    torch.testing.assert_close(ragged[:3], eager, rtol=1e-4, atol=1e-4)
+    for ragged_key, key in zip(ragged_keys, cache.keys, strict=True):
+        torch.testing.assert_close(ragged_key[1:4, :, :7], key[1:4, :, :7], rtol=1e-5, atol=1e-5)
 
 
 def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(

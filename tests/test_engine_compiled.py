@@ -20,9 +20,10 @@ from helpers.scrape import compile_states
 from helpers.tiny_model import chat_prompt, tiny_model
 from helpers.workers import start_worker
 from inference_worker import warm_up
-from inference_worker.compiled_decode import CompiledDecode
+from inference_worker.attention import reduction_attention
+from inference_worker.compiled_decode import PREFILL_SCORES, CompiledDecode
 from inference_worker.engine import EngineConfig, Finished, LLMEngine
-from inference_worker.llama import LlamaFamilyModel, reduction_attention
+from inference_worker.llama import LlamaFamilyModel
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.sampling_params import SamplingParams
@@ -122,6 +123,17 @@ def test_compiled_decode_equals_eager_at_every_batch_size_with_rows_of_different
         expected = [r.text for r in eager.generate(prompts[:size], GREEDY)]
         assert [r.text for r in compiled.generate(prompts[:size], GREEDY)] == expected, f"batch of {size}"
     assert compiled.stats.decode_batch_sizes.keys() >= {1, 2, 3, 5, 8, 13}
+    assert compiled.runner.compiled.prefills > 0  # the prompts, too, ran through the compiled step
+
+
+def test_decode_steps_and_short_prefills_run_compiled_and_long_prefills_eagerly(compiled: LLMEngine) -> None:
+    """A prefill's attention in the compiled step is loops over every token and column; past `PREFILL_SCORES`
+    (tokens x columns) SDPA in the eager forward is faster (SmolLM2 here: 247 tokens over 50 columns 208 ms compiled
+    against 314 eager; 512 over 512, 789 against 560)."""
+    step = compiled.runner.compiled
+    assert step.takes(first_row=0, lengths=[1] * 13, kv_len=2000)  # a decode step, at any length
+    assert step.takes(first_row=3, lengths=[5, 9, 2], kv_len=40)  # prompts in rows 3-5, after a cached prefix
+    assert PREFILL_SCORES < 300 * 300 and not step.takes(first_row=0, lengths=[300], kv_len=300)
 
 
 def test_rows_joining_and_leaving_a_compiled_batch_match_their_solo_runs(tiny: LoadedModel, compiled: LLMEngine):

@@ -22,7 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from inference_worker import llama
+from inference_worker import attention, llama
 from inference_worker.engine import EngineConfig, LLMEngine
 from inference_worker.hf_decoder import HFDecoder
 from inference_worker.model_loader import LoadedModel, load_tokenizer
@@ -136,7 +136,8 @@ def test_every_attention_of_the_forward_computes_the_same_function() -> None:
             [[5 + i for i in range(width)], [0 + i for i in range(width)], [6 + i for i in range(width)]]
         )
         visible = torch.arange(columns)[None, None, :] <= positions[:, :, None]
-        expected = llama.matmul_attention(q, k, v, visible, 0.25)
+        expected = attention.matmul_attention(q, k, v, visible, 0.25)
         assert expected.shape == (batch, width, heads * dim)
-        for attention in (llama.sdpa_attention, llama.sdpa_attention_without_cudnn, llama.reduction_attention):
-            torch.testing.assert_close(attention(q, k, v, visible, 0.25), expected, atol=1e-5, rtol=1e-4)
+        others = (attention.sdpa_attention, attention.sdpa_attention_without_cudnn, attention.reduction_attention)
+        for attend in others:
+            torch.testing.assert_close(attend(q, k, v, visible, 0.25), expected, atol=1e-5, rtol=1e-4)
