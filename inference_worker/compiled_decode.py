@@ -124,6 +124,9 @@ class CompiledDecode:
         self.on_cuda = self.device.type == "cuda"
         self.max_rows = max_rows
         self.wide_from = WIDE_FROM if wide is not None and not self.on_cuda and max_rows >= WIDE_FROM else None
+        # prefills run on the float32 copy where there is one (see `graph_size`): with no wide graph (fewer rows
+        # than WIDE_FROM), they stay eager, on the copy
+        self.compiles_prefills = not self.on_cuda and (wide is None or self.wide_from is not None)
         if self.on_cuda:
             self.sizes = cuda_buckets(max_rows)
         else:
@@ -154,19 +157,23 @@ class CompiledDecode:
         least 2 tokens and 2 logits (dynamo specializes a size of 1, and each padding token adds a logit)."""
         if self.on_cuda:
             return next(b for b in self.sizes if b >= tokens)
-        if self.graph_size(tokens) in self.packaged:
-            return tokens
         sequences = tokens if sequences is None else sequences
+        if self.graph_size(tokens, sequences < tokens) in self.packaged:
+            return tokens
         return max(tokens, MIN_CPU_ROWS, tokens + MIN_CPU_ROWS - sequences)
 
     def _wide(self, tokens: int) -> bool:
         return self.wide_from is not None and tokens >= self.wide_from
 
-    def graph_size(self, tokens: int) -> int:
-        """The warm-up size of the graph that runs `tokens` tokens."""
+    def graph_size(self, tokens: int, prefill: bool = False) -> int:
+        """The warm-up size of the graph that runs `tokens` tokens. On CPU, with a wide graph, every prefill runs
+        on it: a prompt's keys and values serve every token after it, and with the bf16 step for short ones (the
+        13 tokens after a cached system turn) SmolLM2 answered "What is the capital of France?" with "L'Étoile, la
+        Marseillaise" and agreed less often with float32 greedy text than the eager engine."""
         if self.on_cuda:
             return self.padded(tokens)
-        return self.wide_from if self._wide(tokens) else self.sizes[0]
+        wide = self._wide(tokens) or (prefill and self.wide_from is not None)
+        return self.wide_from if wide else self.sizes[0]
 
     def ready(self, rows: int) -> bool:
         """Whether a decode step of `rows` rows (one token each) can run compiled now."""
@@ -179,9 +186,9 @@ class CompiledDecode:
         tokens = sum(lengths)
         if max(lengths) == 1 and first_row == 0:
             return self.ready(tokens)
-        if self.on_cuda or self.failed or tokens * kv_len > PREFILL_SCORES:
+        if not self.compiles_prefills or self.failed or tokens * kv_len > PREFILL_SCORES:
             return False
-        return self.graph_size(tokens) in self._ready
+        return self.graph_size(tokens, prefill=True) in self._ready
 
     @property
     def all_ready(self) -> bool:
@@ -197,19 +204,19 @@ class CompiledDecode:
     def __call__(self, first_row: int, chunks: list[list[int]], starts: list[int], kv_len: int) -> torch.Tensor:
         """The logits of each chunk's last token (what `takes` accepted)."""
         tokens = sum(map(len, chunks))
-        self.prefills += tokens > len(chunks)
-        size = self.padded(tokens, len(chunks))
-        inputs = StepInputs.of(first_row, chunks, starts, self.cache.scratch, size)
+        prefill = tokens > len(chunks)
+        self.prefills += prefill
+        inputs = StepInputs.of(first_row, chunks, starts, self.cache.scratch, self.padded(tokens, len(chunks)))
         columns = min(-(-kv_len // self.column_block) * self.column_block, self.cache.row_len)
-        logits = self._run(inputs, columns)
+        logits = self._run(inputs, columns, self.graph_size(tokens, prefill))
         return logits[: len(chunks)].clone() if self.on_cuda else logits[: len(chunks)]
 
-    def _run(self, inputs: StepInputs, columns: int) -> torch.Tensor:
+    def _run(self, inputs: StepInputs, columns: int, graph: int) -> torch.Tensor:
+        """Run the graph of warm-up size `graph` on these inputs."""
         kv_columns = torch.arange(columns, device=self.device)
         inputs = inputs.to(self.device)
-        size = inputs.tokens.shape[0]
         tensors = (inputs.tokens, inputs.positions, inputs.rows, inputs.last, kv_columns)
-        packaged = self.packaged.get(self.graph_size(size))
+        packaged = self.packaged.get(graph)
         if packaged is not None:
             return packaged(*tensors, *self.cache.keys, *self.cache.values)
         for tensor in tensors:
@@ -218,7 +225,7 @@ class CompiledDecode:
             for tensor in (*self.cache.keys, *self.cache.values):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        wide = self._wide(size)
+        wide = graph == self.wide_from
         configure_compiler(self.device.type, freezing=not wide)
         step = self.wide_step if wide else self.step
         return step(self.cache.keys, self.cache.values, *tensors)
@@ -278,7 +285,7 @@ class CompiledDecode:
                 return
             padding = StepInputs.of(0, [], [], self.cache.scratch, size)
             for columns in self._warm_up_columns():
-                self._run(padding, columns)
+                self._run(padding, columns, size)
             self.compile_seconds[size] = time.perf_counter() - started
             self._ready.add(size)
             log.info("decode step %s for batch %d in %.1f s", how[size], size, self.compile_seconds[size])

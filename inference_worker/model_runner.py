@@ -13,9 +13,10 @@ matmuls, so no path of the worker calls cuDNN: with SDPA inside, the step's CUDA
 on the engine thread (H100, torch 2.11: cuDNN could not allocate during the capture), and the engine fell back to
 eager decode for good.
 
-On CPUs whose float32 matmuls beat bf16 ones at many rows (`hardware.py`), a forward of `WIDE_FROM` token rows or
-more (a prefill, a large decode batch) runs on a float32 copy of the weights, which writes the same bf16 KV cache:
-a 344-token SmolLM2 prefill took 377 ms instead of 600 ms here. The copy costs 4 bytes a parameter of memory.
+On CPUs whose float32 matmuls beat bf16 ones at many rows (`hardware.py`), every prefill and every decode step of
+`WIDE_FROM` rows or more runs on a float32 copy of the weights, which writes the same bf16 KV cache: a 344-token
+SmolLM2 prefill took 377 ms instead of 600 ms here, and a short prompt's keys and values are more exact for all the
+tokens that follow them (see `CompiledDecode.graph_size`). The copy costs 4 bytes a parameter of memory.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class ModelRunner:
         width = max(lengths)
         tokens, positions = self._padded(chunks, starts, width)
         last = torch.tensor(lengths, device=self.device) - 1
-        wide = self.wide is not None and len(chunks) * width >= WIDE_FROM
+        wide = self.wide is not None and (width > 1 or len(chunks) >= WIDE_FROM)  # prefills: see graph_size
         return (self.wide if wide else self.decoder)(
             tokens.to(self.device),
             positions.to(self.device),

@@ -61,7 +61,7 @@ def perplexity(loaded: LoadedModel, quantize: str = "none", window: int = 512) -
                 break
             positions = torch.arange(width, device=loaded.device)[None]
             hidden = decoder.hidden_states(
-                chunk, positions, 0, positions[0], cache.keys, cache.values, matmul_attention
+                chunk, positions, slice(0, 1), positions[0], cache.keys, cache.values, matmul_attention
             )
             logits = decoder.head(hidden[0, :-1])
             total += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()

@@ -498,9 +498,10 @@ def test_an_incomplete_utf8_character_at_the_end_of_an_answer_is_not_lost() -> N
 
 
 def test_wide_forwards_run_on_the_float32_copy_and_narrow_decode_steps_on_bf16() -> None:
-    """On CPUs whose float32 matmuls beat bf16 ones at many rows, a forward of 16 token rows or more (a prefill)
-    runs on the float32 copy of the weights, and a decode step of a few rows on the bf16 weights: bit for bit what
-    a runner gives that is made to prefill on the copy and decode on bf16, and unlike an all-bf16 runner."""
+    """On CPUs whose float32 matmuls beat bf16 ones at many rows, every prefill (here a long prompt, and a short
+    one after a cached prefix) runs on the float32 copy of the weights, and a decode step of a few rows on the bf16
+    weights: bit for bit what a runner gives that is made to prefill on the copy and decode on bf16, and unlike an
+    all-bf16 runner."""
     loaded = tiny_model(torch.bfloat16)
     prompt = loaded.encode_chat([{"role": "user", "content": "a prompt of more than sixteen tokens"}])
     assert len(prompt) >= WIDE_FROM
@@ -513,8 +514,10 @@ def test_wide_forwards_run_on_the_float32_copy_and_narrow_decode_steps_on_bf16()
     dispatched, by_hand, all_bf16 = runner(True), runner(False), runner(False)
     bf16_decoder, by_hand.decoder = by_hand.decoder, dispatched.wide
     prefills = [r.forward(0, [prompt], [0])[0] for r in (dispatched, by_hand, all_bf16)]
-    by_hand.decoder = bf16_decoder
     assert torch.equal(prefills[0], prefills[1]) and not torch.equal(prefills[0], prefills[2])
+    short = [r.forward(0, [prompt[-5:]], [len(prompt) - 5])[0] for r in (dispatched, by_hand, all_bf16)]
+    by_hand.decoder = bf16_decoder
+    assert torch.equal(short[0], short[1]) and not torch.equal(short[0], short[2])
     token = int(prefills[0].argmax())
     steps = [r.forward(0, [[token]], [len(prompt)])[0] for r in (dispatched, by_hand)]
     assert torch.equal(steps[0], steps[1])

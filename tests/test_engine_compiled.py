@@ -136,6 +136,20 @@ def test_decode_steps_and_short_prefills_run_compiled_and_long_prefills_eagerly(
     assert PREFILL_SCORES < 300 * 300 and not step.takes(first_row=0, lengths=[300], kv_len=300)
 
 
+def test_prefills_stay_on_the_float32_copy_where_there_is_no_wide_graph() -> None:
+    """A bf16 model with a float32 copy prefills on the copy. With fewer rows than WIDE_FROM there is no wide
+    compiled graph, and the narrow bf16 one would prefill in bf16 (SmolLM2 then answered "What is the capital of
+    France?" with "L'Étoile, la Marseillaise"): prefills stay eager there, and run compiled where the wide graph is."""
+    loaded = tiny_model(torch.bfloat16)
+    wide = LlamaFamilyModel(loaded.model, 64, dtype=torch.float32).eval()
+    for rows, compiles_prefills in ((4, False), (20, True)):
+        runner = LLMEngine(loaded, EngineConfig(max_batch_size=rows)).runner
+        step = CompiledDecode(runner.decoder, runner.cache, reduction_attention, rows, wide)
+        step._ready = set(step.sizes)  # as if warmed up: only which forwards it would take matters here
+        assert step.takes(first_row=0, lengths=[3, 4], kv_len=10) == compiles_prefills
+        assert step.takes(first_row=0, lengths=[1, 1], kv_len=10)  # decode steps run compiled either way
+
+
 def test_rows_joining_and_leaving_a_compiled_batch_match_their_solo_runs(tiny: LoadedModel, compiled: LLMEngine):
     prompts = [chat_prompt(tiny, t) for t in ("first", "a second, longer prompt", "third one here")]
     lengths = [20, 5, 12]
@@ -252,8 +266,9 @@ def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_promp
     from float32, so their greedy texts can part at a near-tie; the reference is float32 `generate`, and the bar is
     transformers' own bf16 `generate` and the eager engine: the compiled engine must agree at least as often as both.
     Measured here with matmul prefill attention: compiled 7/8, eager 4-5/8, HF bf16 5/8; with SDPA prefill compiled
-    and eager 5/8 in one CI run; with prefills on the float32 copy (now) compiled 7/8, eager 5/8. (The wide
-    float32 path for 16+ rows is tested on the tiny model.)"""
+    and eager 5/8 in one CI run; with prefills on the float32 copy (now) compiled 7/8, eager 5/8, and with
+    those prefills through the wide compiled step (16 rows) 6/8. (The wide float32 decode path for 16+ rows is
+    tested on the tiny model.)"""
     questions = [
         "What is the capital of France?",
         "Write one sentence about cats.",
@@ -281,15 +296,16 @@ def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_promp
     hf_bf16_hits = sum(a == b for a, b in zip(generate_each(loaded), truth, strict=True))
     eager = LLMEngine(loaded, EngineConfig(max_batch_size=8))
     engine = LLMEngine(loaded, EngineConfig(max_batch_size=8, compile=True))
-    assert engine.runner.compiled.wait(COMPILE_WAIT_S)
+    wide = LLMEngine(loaded, EngineConfig(max_batch_size=16, compile=True))  # its prefills run compiled, in float32
+    assert engine.runner.compiled.wait(COMPILE_WAIT_S) and wide.runner.compiled.wait(COMPILE_WAIT_S)
+    engines = (("eager", eager), ("compiled", engine), ("compiled prefills", wide))
     for size in (1, 8):
         batch, expected = prompts[:size], truth[:size]
-        by_engine = {
-            name: [r.text for r in e.generate(batch, params)] for name, e in (("eager", eager), ("compiled", engine))
-        }
+        by_engine = {name: [r.text for r in e.generate(batch, params)] for name, e in engines}
         hits = {name: sum(a == b for a, b in zip(texts, expected, strict=True)) for name, texts in by_engine.items()}
         print(f"batch {size}: replies equal to float32 generate: {hits}; transformers bf16: {hf_bf16_hits}/8")
-        assert hits["compiled"] >= hits["eager"], hits
+        assert hits["compiled"] >= hits["eager"] and hits["compiled prefills"] >= hits["eager"], hits
         if size == len(prompts):
             assert hits["compiled"] >= hf_bf16_hits, (hits, hf_bf16_hits)
+    assert wide.runner.compiled.prefills > 0
     assert "Paris" in engine.generate(prompts[:1], params)[0].text
