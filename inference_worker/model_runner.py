@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from inference_worker import attention, llama
-from inference_worker.compiled_decode import WIDE_FROM, CompiledDecode, use_compile_cache
+from inference_worker.compiled_decode import WIDE_FROM, CompiledDecode
 from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.hf_decoder import HFDecoder
+from inference_worker.jit_step import use_compile_cache
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.memory import MemoryPlan, MemoryPlanError, weight_bytes
 from inference_worker.model_loader import LoadedModel, cache_root
