@@ -58,6 +58,15 @@ PREFILL_SCORES = 32768  # a prefill runs compiled up to this many tokens x atten
 _aot_steps: weakref.WeakKeyDictionary[nn.Module, aot_step.DecodeFn] = weakref.WeakKeyDictionary()
 
 
+def on_wide_copy(sequences: int, tokens: int) -> bool:
+    """Whether a forward of `tokens` tokens over `sequences` sequences runs on a bf16 model's float32 copy (where it
+    has one; eagerly or on the wide graph): every prefill, and decode steps of `WIDE_FROM` rows or more. Prefills,
+    even short ones, because a prompt's keys and values serve every token after it: through the bf16 step, the 13
+    tokens after a cached system turn made SmolLM2 answer "What is the capital of France?" with "L'Étoile, la
+    Marseillaise", and agree less often with float32 greedy text than the eager engine."""
+    return tokens > sequences or sequences >= WIDE_FROM
+
+
 def cuda_buckets(max_rows: int) -> tuple[int, ...]:
     """Batch sizes recorded as CUDA graphs. No bucket of 1: dynamo specializes size 1, which would cost a second
     compile; a single row runs padded to 2 (a decode step on a GPU is bound by reading the weights, not by rows)."""
@@ -81,7 +90,7 @@ class CompiledDecode:
         self.on_cuda = self.device.type == "cuda"
         self.max_rows = max_rows
         self.wide_from = WIDE_FROM if wide is not None and not self.on_cuda and max_rows >= WIDE_FROM else None
-        # prefills run on the float32 copy where there is one (see `graph_size`): with no wide graph (fewer rows
+        # prefills run on the float32 copy where there is one (`on_wide_copy`): with no wide graph (fewer rows
         # than WIDE_FROM), they stay eager, on the copy
         self.compiles_prefills = not self.on_cuda and (wide is None or self.wide_from is not None)
         if self.on_cuda:
@@ -115,21 +124,16 @@ class CompiledDecode:
         if self.on_cuda:
             return next(b for b in self.sizes if b >= tokens)
         sequences = tokens if sequences is None else sequences
-        if self.graph_size(tokens, sequences < tokens) in self.packaged:
+        if self.graph_size(tokens, sequences) in self.packaged:
             return tokens
         return max(tokens, MIN_CPU_ROWS, tokens + MIN_CPU_ROWS - sequences)
 
-    def _wide(self, tokens: int) -> bool:
-        return self.wide_from is not None and tokens >= self.wide_from
-
-    def graph_size(self, tokens: int, prefill: bool = False) -> int:
-        """The warm-up size of the graph that runs `tokens` tokens. On CPU, with a wide graph, every prefill runs
-        on it: a prompt's keys and values serve every token after it, and with the bf16 step for short ones (the
-        13 tokens after a cached system turn) SmolLM2 answered "What is the capital of France?" with "L'Étoile, la
-        Marseillaise" and agreed less often with float32 greedy text than the eager engine."""
+    def graph_size(self, tokens: int, sequences: int | None = None) -> int:
+        """The warm-up size of the graph that runs `tokens` tokens of `sequences` sequences (default one each): on
+        CPU the wide graph, where there is one, for what runs on the float32 copy (`on_wide_copy`)."""
         if self.on_cuda:
             return self.padded(tokens)
-        wide = self._wide(tokens) or (prefill and self.wide_from is not None)
+        wide = self.wide_from is not None and on_wide_copy(tokens if sequences is None else sequences, tokens)
         return self.wide_from if wide else self.sizes[0]
 
     def ready(self, rows: int) -> bool:
@@ -145,7 +149,7 @@ class CompiledDecode:
             return self.ready(tokens)
         if not self.compiles_prefills or self.failed or tokens * kv_len > PREFILL_SCORES:
             return False
-        return self.graph_size(tokens, prefill=True) in self._ready
+        return self.graph_size(tokens, len(lengths)) in self._ready
 
     @property
     def all_ready(self) -> bool:
@@ -160,12 +164,11 @@ class CompiledDecode:
 
     def __call__(self, first_row: int, chunks: list[list[int]], starts: list[int], kv_len: int) -> torch.Tensor:
         """The logits of each chunk's last token (what `takes` accepted)."""
-        tokens = sum(map(len, chunks))
-        prefill = tokens > len(chunks)
-        self.prefills += prefill
-        inputs = StepInputs.of(first_row, chunks, starts, self.cache.scratch, self.padded(tokens, len(chunks)))
+        tokens, sequences = sum(map(len, chunks)), len(chunks)
+        self.prefills += tokens > sequences
+        inputs = StepInputs.of(first_row, chunks, starts, self.cache.scratch, self.padded(tokens, sequences))
         columns = min(-(-kv_len // self.column_block) * self.column_block, self.cache.row_len)
-        logits = self._run(inputs, columns, self.graph_size(tokens, prefill))
+        logits = self._run(inputs, columns, self.graph_size(tokens, sequences))
         return logits[: len(chunks)].clone() if self.on_cuda else logits[: len(chunks)]
 
     def _run(self, inputs: StepInputs, columns: int, graph: int) -> torch.Tensor:
@@ -255,7 +258,7 @@ class CompiledDecode:
             self.packaged[size] = _aot_steps[decoder]
             return "shared"
         keys, values = self.cache.keys, self.cache.values
-        frozen = self.freeze_wide or not self._wide(size)
+        frozen = self.freeze_wide or size != self.wide_from
         try:
             packaged, built = aot_step.load_or_build(
                 decoder, self.attention, keys, values, self.package_dir, frozen, self._stop, self.settled.set

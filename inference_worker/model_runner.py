@@ -16,7 +16,7 @@ eager decode for good.
 On CPUs whose float32 matmuls beat bf16 ones at many rows (`hardware.py`), every prefill and every decode step of
 `WIDE_FROM` rows or more runs on a float32 copy of the weights, which writes the same bf16 KV cache: a 344-token
 SmolLM2 prefill took 377 ms instead of 600 ms here, and a short prompt's keys and values are more exact for all the
-tokens that follow them (see `CompiledDecode.graph_size`). The copy costs 4 bytes a parameter of memory.
+tokens that follow them (`compiled_decode.on_wide_copy`). The copy costs 4 bytes a parameter of memory.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from inference_worker import attention, llama
-from inference_worker.compiled_decode import WIDE_FROM, CompiledDecode
+from inference_worker.compiled_decode import CompiledDecode, on_wide_copy
 from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.hf_decoder import HFDecoder
 from inference_worker.jit_step import use_compile_cache
@@ -170,7 +170,7 @@ class ModelRunner:
         width = max(lengths)
         tokens, positions = self._padded(chunks, starts, width)
         last = torch.tensor(lengths, device=self.device) - 1
-        wide = self.wide is not None and (width > 1 or len(chunks) >= WIDE_FROM)  # prefills: see graph_size
+        wide = self.wide is not None and on_wide_copy(len(chunks), sum(lengths))
         return (self.wide if wide else self.decoder)(
             tokens.to(self.device),
             positions.to(self.device),
