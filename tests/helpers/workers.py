@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 
+from inference_worker.hardware import pick_threads
 from inference_worker.model_loader import LoadedModel
 from inference_worker.worker import run_worker
 from llmbus.config import Config
@@ -27,9 +28,16 @@ async def start_worker(
 ) -> RunningWorker:
     """Run a worker in this event loop and wait until it serves. It serves eagerly unless `compiled`: a compile in
     the test process holds the GIL for a minute or more (every tiny model is a new one to compile), and every test
-    that talks to an in-process worker would wait on it. tests/test_engine_compiled.py tests the compiled worker."""
+    that talks to an in-process worker would wait on it. tests/test_engine_compiled.py tests the compiled worker.
+
+    A worker left at `threads=0` (auto) gets one thread per core, fixed: auto sharing would count the other tests'
+    workers on the same bus and change the count mid-test, and bf16 greedy near-ties flip with it (CI saw "a
+    magnificent sight" become "a breathtaking sight" between two identical requests). tests/test_drain.py tests auto
+    sharing with worker processes."""
     if not compiled:
         config = dataclasses.replace(config, compile=False)
+    if config.threads == 0:
+        config = dataclasses.replace(config, threads=pick_threads())
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_worker(config, stop, ready, loaded=loaded))
     ready_wait = asyncio.create_task(ready.wait())
