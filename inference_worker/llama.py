@@ -18,6 +18,7 @@ window, if the model has one): a prompt's tokens see each other's keys, written 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
@@ -165,6 +166,7 @@ class LlamaFamilyModel(nn.Module):
         self.eps = config.rms_norm_eps
         self.window = getattr(config, "sliding_window", None) if _uses_sliding_window(config) else None
         cos, sin = _rope_tables(inner.rotary_emb, max_len + 1, self.embed.dtype, self.embed.device)
+        self.rope = _rope_settings(config)  # what the tables are made from (a compiled step's package is named by it)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -245,6 +247,12 @@ def _uses_sliding_window(config) -> bool:
     if layer_types := getattr(config, "layer_types", None):
         return all(kind == "sliding_attention" for kind in layer_types)
     return getattr(config, "use_sliding_window", True)
+
+
+def _rope_settings(config) -> str:
+    """The config's fields that shape the RoPE tables, as text."""
+    fields = {k: v for k, v in config.to_dict().items() if "rope" in k or k in ("head_dim", "partial_rotary_factor")}
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _rope_tables(rotary: nn.Module, length: int, dtype: torch.dtype, device: torch.device):

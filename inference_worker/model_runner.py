@@ -77,12 +77,12 @@ def uses_wide_copy(loaded: LoadedModel, quantize: str) -> bool:
 
 def added_bytes(loaded: LoadedModel, compile: bool, quantize: str, freeze_wide: bool = False) -> int:
     """Memory a runner adds beside the loaded weights, for the memory plan: the float32 copy (4 bytes a parameter),
-    on CPU the frozen compiled step's packed weights (about the size of the loaded ones) and, with `freeze_wide`,
-    the wide step's packed float32 ones (4 bytes a parameter more)."""
+    on CPU the frozen compiled steps' packed weights (the general step's and the one-row step's, each about the size
+    of the loaded ones) and, with `freeze_wide`, the wide step's packed float32 ones (4 bytes a parameter more)."""
     parameters = sum(p.numel() for p in loaded.model.parameters())
     frozen = compile and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
     wide = uses_wide_copy(loaded, quantize)
-    copies = (4 * parameters if wide else 0) + (weight_bytes(loaded.model) if frozen else 0)
+    copies = (4 * parameters if wide else 0) + (2 * weight_bytes(loaded.model) if frozen else 0)
     return copies + (4 * parameters if wide and frozen and freeze_wide else 0)
 
 

@@ -17,8 +17,10 @@ from torch._inductor.runtime.cache_dir_utils import cache_dir
 from helpers.tiny_model import chat_prompt, tiny_model
 from inference_worker import aot_step
 from inference_worker.attention import matmul_attention, reduction_attention, sdpa_attention
+from inference_worker.compiled_decode import SINGLE
 from inference_worker.engine import EngineConfig, LLMEngine
 from inference_worker.kv_cache import SlotKVCache
+from inference_worker.llama import LlamaFamilyModel
 from inference_worker.model_loader import LoadedModel
 from inference_worker.model_runner import family_decoder
 from inference_worker.sampling_params import SamplingParams
@@ -58,8 +60,15 @@ def extraction_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return directory
 
 
-def package_step(decoder, cache: SlotKVCache, directory: Path, frozen: bool = True) -> tuple:
-    return aot_step.load_or_build(decoder, reduction_attention, cache.keys, cache.values, directory, frozen)
+def package_step(decoder, cache: SlotKVCache, directory: Path, frozen: bool = True, single: bool = False) -> tuple:
+    return aot_step.load_or_build(
+        decoder, reduction_attention, cache.keys, cache.values, directory, frozen, single=single
+    )
+
+
+def one_token_inputs(cache: SlotKVCache) -> tuple[torch.Tensor, ...]:
+    """The second row of `decode_inputs`, alone: token 7 in row 1 at column 10."""
+    return torch.tensor([7]), torch.tensor([10]), torch.tensor([1]), torch.tensor([0]), torch.arange(11)
 
 
 def run(step, cache: SlotKVCache, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -170,20 +179,29 @@ def test_the_package_name_follows_the_weights_the_forward_and_the_attention(tiny
     assert aot_step.package_name(family_decoder(twin, 64), reduction_attention, True) != name
     longer_rope = family_decoder(tiny_model(max_context=4096), 4096)  # its RoPE tables are longer
     assert aot_step.package_name(longer_rope, reduction_attention, True) != name
+    assert aot_step.package_name(decoder, reduction_attention, True, single=True) != name
+    other_theta = tiny_model()
+    other_theta.model.config.rope_parameters = {"rope_theta": 50000.0, "rope_type": "default"}
+    assert aot_step.package_name(LlamaFamilyModel(other_theta.model, 64), reduction_attention, True) != name
 
 
 def test_an_engine_loads_the_step_its_predecessor_built_and_runs_one_row_unpadded(
     tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Both packages of the narrow step, the general one and the one-row one (`SINGLE`), are loaded before the
+    engine starts; a lone row's decode steps run on the one-row package and decode as the eager step does."""
     monkeypatch.setenv("LLMBUS_CACHE_DIR", str(tmp_path))
     cache = slot_cache(tiny)  # its rows and length differ from the engine's: they are symbolic in the package
     decoder = family_decoder(tiny, 1024)
     package_step(decoder, cache, tmp_path / "compiled")
+    package_step(decoder, cache, tmp_path / "compiled", single=True)
     with caplog.at_level(logging.INFO, logger="llmbus.engine"):
         engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, compile=True))
-        assert engine.runner.compiled.packaged.keys() == {2}  # loaded before the engine (and its worker) started
+        assert engine.runner.compiled.packaged.keys() == {2, SINGLE}  # loaded before the engine started
         assert engine.runner.compiled.wait(600)
     assert "decode step loaded from its package for batch 2" in caplog.text
+    assert "decode step loaded from its package for batch 1" in caplog.text
+    assert engine.runner.compiled.graph_size(1) == SINGLE and engine.runner.compiled.graph_size(2) == 2
     assert engine.runner.compiled.padded(1) == 1
     prompt = [chat_prompt(tiny, "one row")]
     greedy = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -227,3 +245,23 @@ def test_an_int8_package_keeps_its_weights_in_int8_and_decodes_as_the_eager_int8
     )
     sizes = {kind: sum(p.stat().st_size for p in (tmp_path / kind).iterdir()) for kind in ("float", "int8")}
     assert sizes["float"] - sizes["int8"] > 0.5 * 3 * projections  # int8 saves 3 of every 4 bytes of float32
+
+
+def test_the_one_row_int8_package_is_autotuned_and_decodes_as_the_eager_int8_step(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    """The one-row package of a quantized decoder is built with `max_autotune` (inductor's C++ GEMM template
+    competes with aten's int8 kernel for each projection); whichever wins, it computes the eager int8 step's
+    logits, and the row's key and value land in the cache as they do there."""
+    cache = slot_cache(tiny)
+    decoder = family_decoder(tiny, 64, "int8")
+    assert aot_step.quantized(decoder) and not aot_step.quantized(family_decoder(tiny, 64))
+    step, was_built = package_step(decoder, cache, tmp_path, single=True)
+    assert was_built
+    expected_cache = slot_cache(tiny)
+    decode_inputs(cache), decode_inputs(expected_cache)  # the same random keys and values in both
+    eager = run(aot_step.DecodeStep(decoder, reduction_attention), expected_cache, one_token_inputs(cache))
+    torch.testing.assert_close(run(step, cache, one_token_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
+    written = zip((*cache.keys, *cache.values), (*expected_cache.keys, *expected_cache.values), strict=True)
+    for mine, theirs in written:
+        torch.testing.assert_close(mine[1, :, 10], theirs[1, :, 10], rtol=1e-4, atol=1e-4)

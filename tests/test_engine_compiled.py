@@ -21,7 +21,7 @@ from helpers.tiny_model import chat_prompt, tiny_model
 from helpers.workers import start_worker
 from inference_worker import warm_up
 from inference_worker.attention import reduction_attention
-from inference_worker.compiled_decode import PREFILL_SCORES, CompiledDecode
+from inference_worker.compiled_decode import PREFILL_SCORES, SINGLE, CompiledDecode
 from inference_worker.engine import EngineConfig, Finished, LLMEngine
 from inference_worker.llama import LlamaFamilyModel
 from inference_worker.metrics import WorkerMetrics
@@ -188,11 +188,12 @@ def test_large_batches_run_on_the_wide_decoder_and_still_equal_eager(
         runner.decoder, runner.cache, reduction_attention, 20, wide, packages, freeze_wide=freeze_wide
     )
     runner.compiled.warm_up()
-    assert runner.compiled.packaged.keys() == ({2, 16} if ahead_of_time else set())
+    assert runner.compiled.packaged.keys() == ({SINGLE, 2, 16} if ahead_of_time else set())
     if ahead_of_time:  # a frozen package folds the weights into constants of its own; the other reads the copy's
         constants = runner.compiled.packaged[16].get_constant_fqns()
         assert any(name.startswith("_frozen_param") for name in constants) == freeze_wide
-    assert runner.compiled.sizes == (2, 16) and runner.compiled.ready(18) and runner.compiled.ready(3)
+    assert runner.compiled.sizes == ((2, 16, SINGLE) if ahead_of_time else (2, 16))
+    assert runner.compiled.ready(18) and runner.compiled.ready(3) and runner.compiled.ready(1)
     assert [r.text for r in engine.generate(prompts, GREEDY)] == expected
     assert max(engine.stats.decode_batch_sizes) == 18
 
