@@ -2,21 +2,18 @@
 runs short prefills: its inputs are ragged (`step_inputs.py`), so a prefill is several tokens in each of a few rows
 (`takes` says which forwards it runs).
 
-- CPU: inductor's C++/OpenMP backend. The step of narrow batches (below `WIDE_FROM` rows) is compiled ahead of time
-  with AOTInductor and kept on disk as a package (`aot_step.py`): built once, by a child process (about 100 s for
-  SmolLM2 on this 2-core machine when idle), and loaded in about a second at every later start. It is frozen: the
-  weights are folded into it and pre-packed for oneDNN, whose packed bf16 matmuls read them much faster at small
-  batches. A decode step of one row runs its own package (`SINGLE`), whose shapes fix one token and one logit
-  (`aot_step.py`: 3-8% faster for SmolLM2 in bf16, 12% in int8); where that one does not build, the general one
-  runs it. Should the package fail to build, `torch.compile` compiles the same frozen
-  step just in time (about 110 s at every start: inductor's graph cache does not keep frozen graphs) and pads a batch
-  of 1 to 2, since dynamo specializes size 1. With a `wide` decoder (float32 weights, on CPUs whose bf16 matmuls are
-  slower than float32 ones at large batches, see hardware.py), batches of `WIDE_FROM` rows or more run a second
-  packaged step on it. With `freeze_wide` it is frozen too, with its own packed float32 copy (SmolLM2 at batch 64:
-  116 ms against 126, for 538 MB more memory; the engine asks for it where the memory plan has room, see
-  `model_runner.fit_runner`); without, its package holds no weights and reads the copy's own tensors. Its fallback
-  under `torch.compile` is never frozen. The batch size, the attended length and the cache's shape are symbolic,
-  so one step serves every batch and every engine of the process.
+- CPU: inductor's C++/OpenMP backend, compiled ahead of time with AOTInductor into packages kept on disk
+  (`aot_step.py`: built once by a child process, about 100 s each for SmolLM2 here, and loaded in about a second at
+  every later start). The narrow step (below `WIDE_FROM` rows) is frozen: its weights folded in and pre-packed for
+  oneDNN. A decode step of one row runs its own package (`SINGLE`: one token and one logit fixed in its shapes;
+  3-8% faster for SmolLM2 in bf16, 12% in int8); where that one does not build, the general one runs it. With a
+  `wide` decoder (float32 weights, where this CPU's bf16 matmuls lose at large batches, see hardware.py), batches of
+  `WIDE_FROM` rows or more and prefills run a second package on it, frozen with its own packed copy under
+  `freeze_wide` (SmolLM2 at batch 64: 116 ms against 126, for 538 MB more memory; see `model_runner.fit_runner`),
+  else reading the copy's tensors. Should a package fail to build, `torch.compile` compiles the step just in time
+  (about 110 s at every start: inductor's graph cache does not keep frozen graphs; the wide one unfrozen) and pads
+  a batch of 1 to 2, since dynamo specializes size 1. The batch size, the attended length and the cache's shape are
+  symbolic, so one step serves every batch and every engine of the process.
 - CUDA: `mode="reduce-overhead"` (CUDA graphs). The batch and the attended length are symbolic here too, so inductor
   compiles once; a batch is padded to the next of a few bucket sizes and the attended length to a multiple of 256,
   so that CUDA graphs are recorded for only a few shapes; the cache tensors have static addresses.
