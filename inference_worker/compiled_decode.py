@@ -107,10 +107,8 @@ class CompiledDecode:
             {self.wide_from: wide} if self.wide_from else {}
         )
         self.packaged: dict[int, aot_step.DecodeFn] = {}
-        if self.package_dir is not None:  # the packages another engine of this process loaded
-            for size, d in self.decoders.items():
-                if (size == SINGLE) in _aot_steps.get(d, {}):
-                    self.packaged[size] = _aot_steps[d][size == SINGLE]
+        if self.package_dir is not None:
+            self.packaged = {size: step for size in self.decoders if (step := self._loaded_here(size))}
         self.compile_seconds: dict[int, float] = {}
         self._ready: set[int] = set()
         self._stop = threading.Event()
@@ -269,10 +267,10 @@ class CompiledDecode:
     def _load_or_build_package(self, size: int) -> str:
         """Load the ahead-of-time step of this graph (`aot_step.py`), building it first if no package has it; on
         failure it is compiled just in time instead. Says which happened."""
-        decoder, single = self.decoders[size], size == SINGLE
-        if single in _aot_steps.get(decoder, {}):
-            self.packaged[size] = _aot_steps[decoder][single]
+        if shared := self._loaded_here(size):
+            self.packaged[size] = shared
             return "shared"
+        decoder, single = self.decoders[size], size == SINGLE
         keys, values = self.cache.keys, self.cache.values
         frozen = self.freeze_wide or size != self.wide_from
         try:
@@ -289,6 +287,10 @@ class CompiledDecode:
             return "compiled"
         _aot_steps.setdefault(decoder, {})[single] = self.packaged[size] = packaged
         return "compiled ahead of time" if built else "loaded from its package"
+
+    def _loaded_here(self, size: int) -> aot_step.DecodeFn | None:
+        """The package of graph `size` that an engine of this process already loaded, if any."""
+        return _aot_steps.get(self.decoders[size], {}).get(size == SINGLE)
 
     def _warm_up_columns(self) -> tuple[int, ...]:
         """CPU: one length (it is symbolic). CUDA: every block of 256 columns, each its own CUDA graph."""
