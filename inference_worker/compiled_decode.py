@@ -1,32 +1,22 @@
 """The compiled decode step, compiled (or loaded) in the background while the engine serves eagerly. On CPU it also
 runs short prefills: its inputs are ragged (`step_inputs.py`), so a prefill is several tokens in each of a few rows
-(`takes` says which forwards it runs).
+(`takes` says which forwards it runs). The README's "The compiled decode step" has the measurements.
 
-- CPU: inductor's C++/OpenMP backend, compiled ahead of time with AOTInductor into packages kept on disk
-  (`aot_step.py`: built once by a child process, about 100 s each for SmolLM2 here, and loaded in about a second at
-  every later start). The narrow step (below `WIDE_FROM` rows) is frozen: its weights folded in and pre-packed for
-  oneDNN. A decode step of one row runs its own package (`SINGLE`: one token and one logit fixed in its shapes;
-  3-8% faster for SmolLM2 in bf16, 12% in int8); where that one does not build, the general one runs it. With a
-  `wide` decoder (float32 weights, where this CPU's bf16 matmuls lose at large batches, see hardware.py), batches of
-  `WIDE_FROM` rows or more and prefills run a second package on it, frozen with its own packed copy under
-  `freeze_wide` (SmolLM2 at batch 64: 116 ms against 126, for 538 MB more memory; see `model_runner.fit_runner`),
-  else reading the copy's tensors. Should a package fail to build, `torch.compile` compiles the step just in time
-  (about 110 s at every start: inductor's graph cache does not keep frozen graphs; the wide one unfrozen) and pads
-  a batch of 1 to 2, since dynamo specializes size 1. The batch size, the attended length and the cache's shape are
-  symbolic, so one step serves every batch and every engine of the process.
-- CUDA: `mode="reduce-overhead"` (CUDA graphs). The batch and the attended length are symbolic here too, so inductor
-  compiles once; a batch is padded to the next of a few bucket sizes and the attended length to a multiple of 256,
-  so that CUDA graphs are recorded for only a few shapes; the cache tensors have static addresses.
+- CPU: AOTInductor packages kept on disk (`aot_step.py`: built once by a child process, loaded in seconds at every
+  later start). The narrow step (below `WIDE_FROM` rows) is frozen for oneDNN; a decode step of one row runs its
+  own package (`SINGLE`, one token and one logit fixed in its shapes), or the narrow one where that did not build.
+  With a `wide` decoder (a bf16 model's float32 copy, on which prefills run) and `wide_decode` (where this CPU's
+  bf16 matmuls lose at large batches, see hardware.py), batches of `WIDE_FROM` rows or more and prefills run a
+  third package on it, frozen only under `freeze_wide` (`model_runner.fit_runner`); without, prefills run eagerly.
+  Should a package fail to build, `torch.compile` compiles the step just in time and pads a batch of 1 to 2, since
+  dynamo specializes size 1. The batch size, the attended length and the cache's shape are symbolic, so one step
+  serves every batch and every engine of the process.
+- CUDA: `mode="reduce-overhead"` (CUDA graphs), one inductor graph with a symbolic batch; a batch is padded to the
+  next bucket and the attended length to a multiple of 256, and every such graph is recorded during the warm-up.
 
-Warm-ups run off the engine thread, on threads chosen by device (`warm_up.py`). On CUDA the warm-up also records
-every attended-length block of each batch bucket, so no graph is recorded during a step. A compiled step that
-raises anyway turns this engine eager (`compile: failed`).
-
-Padding rows run token 0 at the cache's scratch column, which no real query reads (see kv_cache.py); their logits
-are dropped. Inductor keeps compiled code on disk (`TORCHINDUCTOR_CACHE_DIR`), so a restart compiles faster.
-
-torch keeps compiler settings per thread, so they are set on the thread that compiles (`configure_compiler`): set
-once on the engine's thread, they were silently lost on the warm-up threads, and the bf16 graph ran unfrozen.
+Warm-ups run off the engine thread (`warm_up.py`), with the compiler settings set on that thread (torch keeps
+them per thread). A compiled step that raises turns this engine eager (`compile: failed`). Padding rows run token
+0 at the cache's scratch column, which no real query reads (kv_cache.py); their logits are dropped.
 """
 
 from __future__ import annotations
@@ -58,13 +48,13 @@ PREFILL_SCORES = 32768  # a prefill runs compiled up to this many tokens x atten
 _aot_steps: weakref.WeakKeyDictionary[nn.Module, dict[bool, aot_step.DecodeFn]] = weakref.WeakKeyDictionary()
 
 
-def on_wide_copy(sequences: int, tokens: int) -> bool:
+def on_wide_copy(sequences: int, tokens: int, wide_decode: bool = True) -> bool:
     """Whether a forward of `tokens` tokens over `sequences` sequences runs on a bf16 model's float32 copy (where it
-    has one; eagerly or on the wide graph): every prefill, and decode steps of `WIDE_FROM` rows or more. Prefills,
-    even short ones, because a prompt's keys and values serve every token after it: through the bf16 step, the 13
-    tokens after a cached system turn made SmolLM2 answer "What is the capital of France?" with "L'Étoile, la
-    Marseillaise", and agree less often with float32 greedy text than the eager engine."""
-    return tokens > sequences or sequences >= WIDE_FROM
+    has one; eagerly or on the wide graph): every prefill, and with `wide_decode` decode steps of `WIDE_FROM` rows
+    or more. Prefills, even short ones, because a prompt's keys and values serve every token after it: through the
+    bf16 step, the 13 tokens after a cached system turn made SmolLM2 answer "What is the capital of France?" with
+    "L'Étoile, la Marseillaise", and agree less often with float32 greedy text than the eager engine."""
+    return tokens > sequences or (wide_decode and sequences >= WIDE_FROM)
 
 
 def cuda_buckets(max_rows: int) -> tuple[int, ...]:
@@ -83,15 +73,16 @@ class CompiledDecode:
         wide: nn.Module | None = None,
         package_dir: Path | None = None,
         freeze_wide: bool = False,
+        wide_decode: bool = True,
     ) -> None:
         self.attention = attention
         self.cache = cache
         self.device = cache.keys[0].device
         self.on_cuda = self.device.type == "cuda"
         self.max_rows = max_rows
-        self.wide_from = WIDE_FROM if wide is not None and not self.on_cuda and max_rows >= WIDE_FROM else None
-        # prefills run on the float32 copy where there is one (`on_wide_copy`): with no wide graph (fewer rows
-        # than WIDE_FROM), they stay eager, on the copy
+        wide_graph = wide is not None and wide_decode and not self.on_cuda
+        self.wide_from = WIDE_FROM if wide_graph and max_rows >= WIDE_FROM else None
+        # prefills run on the float32 copy where there is one (`on_wide_copy`); with no wide graph, eagerly
         self.compiles_prefills = not self.on_cuda and (wide is None or self.wide_from is not None)
         self.package_dir = None if self.on_cuda else package_dir
         if self.on_cuda:

@@ -13,10 +13,11 @@ matmuls, so no path of the worker calls cuDNN: with SDPA inside, the step's CUDA
 on the engine thread (H100, torch 2.11: cuDNN could not allocate during the capture), and the engine fell back to
 eager decode for good.
 
-On CPUs whose float32 matmuls beat bf16 ones at many rows (`hardware.py`), every prefill and every decode step of
-`WIDE_FROM` rows or more runs on a float32 copy of the weights, which writes the same bf16 KV cache: a 344-token
-SmolLM2 prefill took 377 ms instead of 600 ms here, and a short prompt's keys and values are more exact for all the
-tokens that follow them (`compiled_decode.on_wide_copy`). The copy costs 4 bytes a parameter of memory.
+A bf16 Llama-family model on CPU prefills on a float32 copy of its weights, which writes the same bf16 KV cache: a
+prompt's keys and values serve every token after it, and in bf16 SmolLM2 answered "What is the capital of France?"
+with "L'Étoile, la Marseillaise" (`compiled_decode.on_wide_copy`). On CPUs whose float32 matmuls also beat bf16
+ones at many rows (`hardware.py`), decode steps of `WIDE_FROM` rows or more run on the copy too (`uses_wide_copy`),
+and a 344-token SmolLM2 prefill took 377 ms there instead of 600 ms. The copy costs 4 bytes a parameter of memory.
 """
 
 from __future__ import annotations
@@ -66,13 +67,19 @@ def family_decoder(
     return decoder
 
 
-def uses_wide_copy(loaded: LoadedModel, quantize: str) -> bool:
-    """Whether wide forwards (prefills, large decode batches) run on a float32 copy of the weights: a bf16 model of
-    the Llama family, on a CPU whose float32 matmuls are faster at many rows."""
-    config = loaded.model.config
+def uses_float32_copy(loaded: LoadedModel, quantize: str) -> bool:
+    """Whether prefills run on a float32 copy of the weights: a bf16 model of the Llama family, on CPU."""
     if loaded.device.type != "cpu" or loaded.dtype != torch.bfloat16 or quantize != "none":
         return False
-    return llama.supports(config) and float32_wins_wide_matmuls(config.hidden_size, config.intermediate_size)
+    return llama.supports(loaded.model.config)
+
+
+def uses_wide_copy(loaded: LoadedModel, quantize: str) -> bool:
+    """Whether decode steps of `WIDE_FROM` rows or more run on the float32 copy as well (and, compiled, on a graph of
+    their own): where this CPU's float32 matmuls are faster than bf16 ones at many rows."""
+    if not uses_float32_copy(loaded, quantize):
+        return False
+    return float32_wins_wide_matmuls(loaded.model.config.hidden_size, loaded.model.config.intermediate_size)
 
 
 def added_bytes(loaded: LoadedModel, compile: bool, quantize: str, freeze_wide: bool = False) -> int:
@@ -81,9 +88,10 @@ def added_bytes(loaded: LoadedModel, compile: bool, quantize: str, freeze_wide: 
     of the loaded ones) and, with `freeze_wide`, the wide step's packed float32 ones (4 bytes a parameter more)."""
     parameters = sum(p.numel() for p in loaded.model.parameters())
     frozen = compile and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
-    wide = uses_wide_copy(loaded, quantize)
-    copies = (4 * parameters if wide else 0) + (2 * weight_bytes(loaded.model) if frozen else 0)
-    return copies + (4 * parameters if wide and frozen and freeze_wide else 0)
+    copies = (4 * parameters if uses_float32_copy(loaded, quantize) else 0) + (
+        2 * weight_bytes(loaded.model) if frozen else 0
+    )
+    return copies + (4 * parameters if frozen and freeze_wide and uses_wide_copy(loaded, quantize) else 0)
 
 
 def fit_runner(
@@ -101,11 +109,14 @@ def fit_runner(
     return plan(added_bytes(loaded, compile, quantize)), False
 
 
-def wide_decoder(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
-    """The float32 copy of a bf16 model for wide forwards, where this CPU's float32 matmuls are faster."""
-    if not uses_wide_copy(loaded, quantize):
+def float32_copy(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
+    """The float32 copy of a bf16 model, for prefills and (`uses_wide_copy`) large decode batches."""
+    if not uses_float32_copy(loaded, quantize):
         return None
-    log.info("prefills and large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
+    if uses_wide_copy(loaded, quantize):
+        log.info("prefills and large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
+    else:
+        log.info("prefills run a float32 copy of the weights (exact keys and values for the prompt)")
     return family_decoder(loaded, row_len, quantize, torch.float32)
 
 
@@ -134,7 +145,8 @@ class ModelRunner:
         )
         family = family_decoder(loaded, max_len, quantize)
         self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
-        self.wide = wide_decoder(loaded, max_len, quantize)
+        self.wide = float32_copy(loaded, max_len, quantize)
+        self.wide_decode = self.wide is not None and uses_wide_copy(loaded, quantize)
         self.attention = attention.matmul_attention
         on_cpu = self.device.type == "cpu"
         self.prefill_attention = attention.sdpa_attention if on_cpu else attention.sdpa_attention_without_cudnn
@@ -144,7 +156,7 @@ class ModelRunner:
             decode_attention = attention.reduction_attention if on_cpu else attention.matmul_attention
             packages = cache_root() / "compiled"
             self.compiled = CompiledDecode(
-                family, self.cache, decode_attention, max_slots, self.wide, packages, freeze_wide
+                family, self.cache, decode_attention, max_slots, self.wide, packages, freeze_wide, self.wide_decode
             )
             if background_compile:
                 self.compiled.start_background()
@@ -170,7 +182,7 @@ class ModelRunner:
         width = max(lengths)
         tokens, positions = self._padded(chunks, starts, width)
         last = torch.tensor(lengths, device=self.device) - 1
-        wide = self.wide is not None and on_wide_copy(len(chunks), sum(lengths))
+        wide = self.wide is not None and on_wide_copy(len(chunks), sum(lengths), self.wide_decode)
         return (self.wide if wide else self.decoder)(
             tokens.to(self.device),
             positions.to(self.device),

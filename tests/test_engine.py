@@ -18,7 +18,13 @@ from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, T
 from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.memory import MemoryPlanError, plan_memory
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
-from inference_worker.model_runner import added_bytes, family_decoder, fit_runner, uses_wide_copy
+from inference_worker.model_runner import (
+    added_bytes,
+    family_decoder,
+    fit_runner,
+    uses_float32_copy,
+    uses_wide_copy,
+)
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence, Status
 
@@ -159,8 +165,9 @@ def test_the_memory_plan_counts_the_copies_of_the_weights_the_runner_will_make(t
     assert added_bytes(tiny, compile=True, quantize="none") == 2 * weights  # the frozen steps' packed weights
     bf16 = tiny_model(torch.bfloat16)
     parameters = sum(p.numel() for p in bf16.model.parameters())
-    wide = uses_wide_copy(bf16, "none")  # measured on this CPU
-    assert added_bytes(bf16, compile=False, quantize="none") == (4 * parameters if wide else 0)
+    assert uses_float32_copy(bf16, "none")  # its prefills run on a float32 copy, on every CPU
+    assert added_bytes(bf16, compile=False, quantize="none") == 4 * parameters
+    wide = uses_wide_copy(bf16, "none")  # and its large decode batches too where float32 wins: measured on this CPU
     assert added_bytes(bf16, compile=False, quantize="int8") == 0
     frozen_wide = added_bytes(bf16, compile=True, quantize="none", freeze_wide=True)
     assert frozen_wide - added_bytes(bf16, compile=True, quantize="none") == (4 * parameters if wide else 0)

@@ -297,7 +297,7 @@ def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_promp
     hf_bf16_hits = sum(a == b for a, b in zip(generate_each(loaded), truth, strict=True))
     eager = LLMEngine(loaded, EngineConfig(max_batch_size=8))
     engine = LLMEngine(loaded, EngineConfig(max_batch_size=8, compile=True))
-    wide = LLMEngine(loaded, EngineConfig(max_batch_size=16, compile=True))  # its prefills run compiled, in float32
+    wide = LLMEngine(loaded, EngineConfig(max_batch_size=16, compile=True))  # prefills in float32, maybe compiled
     assert engine.runner.compiled.wait(COMPILE_WAIT_S) and wide.runner.compiled.wait(COMPILE_WAIT_S)
     engines = (("eager", eager), ("compiled", engine), ("compiled prefills", wide))
     for size in (1, 8):
@@ -308,5 +308,6 @@ def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_promp
         assert hits["compiled"] >= hits["eager"] and hits["compiled prefills"] >= hits["eager"], hits
         if size == len(prompts):
             assert hits["compiled"] >= hf_bf16_hits, (hits, hf_bf16_hits)
-    assert wide.runner.compiled.prefills > 0
+    # compiled on the wide graph where float32 also decodes large batches; elsewhere eagerly, on the copy
+    assert (wide.runner.compiled.prefills > 0) == wide.runner.wide_decode
     assert "Paris" in engine.generate(prompts[:1], params)[0].text
