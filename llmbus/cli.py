@@ -73,9 +73,24 @@ def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = Fal
         logging.getLogger("llmbus").info("tracing: spans exported over %s", traces)
     store_dir = getattr(args, "nats_store_dir", None)
     try:
-        return asyncio.run(run_stack(config, parts, embedded_nats, store_dir, default_metrics_port=metrics))
+        with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+            return runner.run(run_stack(config, parts, embedded_nats, store_dir, default_metrics_port=metrics))
     finally:
         tracing.shutdown()
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The serving process's event loop (`event_loop`): uvloop where it is installed, since on a host the engine
+    shares, every message the bridge or the worker's asyncio side handles takes CPU from the decode step; None
+    (asyncio's own) otherwise."""
+    if name != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logging.getLogger("llmbus").warning("uvloop is not installed: the standard asyncio loop runs")
+        return None
+    return uvloop.new_event_loop
 
 
 def status_command(args: argparse.Namespace) -> int:

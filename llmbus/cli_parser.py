@@ -27,10 +27,11 @@ GATEWAY_ONLY_FIELDS = (
 )
 BUS_FIELDS = ("nats_url", "subject_prefix", "queue_group", "durable", *CONNECTION_FIELDS)
 STACK_ONLY_FIELDS = ("nats_port", "secure", "secure_dir")
+PROCESS_FIELDS = ("event_loop",)
 
 ALL_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 WORKER_FIELDS = tuple(name for name in ALL_FIELDS if name not in GATEWAY_ONLY_FIELDS + STACK_ONLY_FIELDS)
-GATEWAY_FIELDS = tuple(name for name in ALL_FIELDS if name in BUS_FIELDS + GATEWAY_ONLY_FIELDS)
+GATEWAY_FIELDS = tuple(name for name in ALL_FIELDS if name in BUS_FIELDS + GATEWAY_ONLY_FIELDS + PROCESS_FIELDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

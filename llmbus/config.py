@@ -122,6 +122,9 @@ class Config:
         None, "worker: serve Prometheus metrics at http://<metrics-host>:<port>/metrics; 0 or unset: off (`up`: 9464)"
     )
     metrics_host: str = _opt("127.0.0.1", "worker: address the metrics endpoint binds to")
+    event_loop: str = _opt(
+        "uvloop", "the serving process's asyncio loop: uvloop (less CPU per message, where installed) or asyncio"
+    )
     log_prompts: bool = _opt(
         False, "debugging only: log prompts and generated text at DEBUG (off by default: they are private data)"
     )
@@ -143,6 +146,8 @@ class Config:
             raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute}")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):
             raise ValueError("HTTPS needs both http_tls_cert and http_tls_key")
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ValueError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         for name in ("kv_cache_tokens", "prefix_cache_tokens"):

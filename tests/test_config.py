@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import pytest
 
-from llmbus.cli import uses_existing_nats
+from llmbus.cli import loop_factory, uses_existing_nats
 from llmbus.cli_parser import ALL_FIELDS, GATEWAY_FIELDS, STACK_ONLY_FIELDS, WORKER_FIELDS, build_parser
 from llmbus.config import Config
 
@@ -110,3 +111,20 @@ def test_up_starts_its_own_nats_unless_given_a_url() -> None:
     assert uses_existing_nats(parse("up", "--nats-url", "nats://127.0.0.1:4333"), env={}) is True
     assert uses_existing_nats(parse("up"), env={"LLMBUS_NATS_URL": "nats://127.0.0.1:4333"}) is True
     assert uses_existing_nats(parse("up", "--nats-port", "4333"), env={}) is False
+
+
+def test_every_serving_command_picks_its_event_loop() -> None:
+    assert {"event_loop"} <= set(WORKER_FIELDS) & set(GATEWAY_FIELDS)
+    assert parse("gateway", "--event-loop", "asyncio").event_loop == "asyncio"
+    assert Config.load(env={}).event_loop == "uvloop"
+    with pytest.raises(ValueError, match="event_loop must be uvloop or asyncio"):
+        Config.load(env={"LLMBUS_EVENT_LOOP": "trio"})
+
+
+def test_the_uvloop_setting_runs_a_uvloop_loop_and_asyncio_the_standard_one() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    factory = loop_factory("uvloop")
+    assert factory is not None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert isinstance(runner.get_loop(), uvloop.Loop)
+    assert loop_factory("asyncio") is None
