@@ -5,9 +5,9 @@ runs short prefills: its inputs are ragged (`step_inputs.py`), so a prefill is s
 - CPU: AOTInductor packages kept on disk (`aot_step.py`: built once by a child process, loaded in seconds at every
   later start). The narrow step (below `WIDE_FROM` rows) is frozen for oneDNN; a decode step of one row runs its
   own package (`SINGLE`, one token and one logit fixed in its shapes), or the narrow one where that did not build.
-  With a `wide` decoder (a bf16 model's float32 copy, on which prefills run) and `wide_decode` (where this CPU's
-  bf16 matmuls lose at large batches, see hardware.py), batches of `WIDE_FROM` rows or more and prefills run a
-  third package on it, frozen only under `freeze_wide` (`model_runner.fit_runner`); without, prefills run eagerly.
+  With a `wide` decoder (a bf16 model's float32 copy), prefills run a third package on it, and so do batches of
+  `WIDE_FROM` rows or more with `wide_decode` (where this CPU's bf16 matmuls lose at large batches, hardware.py);
+  frozen only under `freeze_wide` (`model_runner.fit_runner`), else it reads the copy's weights.
   Should a package fail to build, `torch.compile` compiles the step just in time and pads a batch of 1 to 2, since
   dynamo specializes size 1. The batch size, the attended length and the cache's shape are symbolic, so one step
   serves every batch and every engine of the process.
@@ -80,8 +80,8 @@ class CompiledDecode:
         self.device = cache.keys[0].device
         self.on_cuda = self.device.type == "cuda"
         self.max_rows = max_rows
-        wide_graph = wide is not None and wide_decode and not self.on_cuda
-        self.wide_from = WIDE_FROM if wide_graph and max_rows >= WIDE_FROM else None
+        self.wide_decode = wide_decode
+        self.wide_from = WIDE_FROM if wide is not None and not self.on_cuda and max_rows >= WIDE_FROM else None
         # prefills run on the float32 copy where there is one (`on_wide_copy`); with no wide graph, eagerly
         self.compiles_prefills = not self.on_cuda and (wide is None or self.wide_from is not None)
         self.package_dir = None if self.on_cuda else package_dir
@@ -131,8 +131,7 @@ class CompiledDecode:
         one for one token, once it is ready; else the narrow one."""
         if self.on_cuda:
             return self.padded(tokens)
-        wide = self.wide_from is not None and on_wide_copy(tokens if sequences is None else sequences, tokens)
-        if wide:
+        if self.wide_from and on_wide_copy(tokens if sequences is None else sequences, tokens, self.wide_decode):
             return self.wide_from
         return SINGLE if tokens == 1 and SINGLE in self._ready else MIN_CPU_ROWS
 

@@ -21,7 +21,7 @@ from helpers.tiny_model import chat_prompt, tiny_model
 from helpers.workers import start_worker
 from inference_worker import warm_up
 from inference_worker.attention import reduction_attention
-from inference_worker.compiled_decode import PREFILL_SCORES, SINGLE, CompiledDecode
+from inference_worker.compiled_decode import MIN_CPU_ROWS, PREFILL_SCORES, SINGLE, WIDE_FROM, CompiledDecode
 from inference_worker.engine import EngineConfig, Finished, LLMEngine
 from inference_worker.llama import LlamaFamilyModel
 from inference_worker.metrics import WorkerMetrics
@@ -148,6 +148,20 @@ def test_prefills_stay_on_the_float32_copy_where_there_is_no_wide_graph() -> Non
         step._ready = set(step.sizes)  # as if warmed up: only which forwards it would take matters here
         assert step.takes(first_row=0, lengths=[3, 4], kv_len=10) == compiles_prefills
         assert step.takes(first_row=0, lengths=[1, 1], kv_len=10)  # decode steps run compiled either way
+
+
+def test_large_decode_batches_stay_on_the_bf16_graph_where_bf16_wins_and_prefills_still_run_on_the_copy() -> None:
+    """Where this CPU's bf16 matmuls beat float32 at many rows (`wide_decode=False`: the 2-core AMD EPYC), the wide
+    float32 graph runs prefills only; decode steps of any size stay on the narrow bf16 one."""
+    loaded = tiny_model(torch.bfloat16)
+    wide = LlamaFamilyModel(loaded.model, 64, dtype=torch.float32).eval()
+    runner = LLMEngine(loaded, EngineConfig(max_batch_size=20)).runner
+    for wide_decode in (True, False):
+        step = CompiledDecode(runner.decoder, runner.cache, reduction_attention, 20, wide, wide_decode=wide_decode)
+        step._ready = set(step.sizes)  # as if warmed up: only which graph runs what matters here
+        assert step.graph_size(tokens=7, sequences=2) == WIDE_FROM  # a prefill: on the copy either way
+        assert step.graph_size(tokens=18) == (WIDE_FROM if wide_decode else MIN_CPU_ROWS)
+        assert step.graph_size(tokens=3) == MIN_CPU_ROWS
 
 
 def test_rows_joining_and_leaving_a_compiled_batch_match_their_solo_runs(tiny: LoadedModel, compiled: LLMEngine):
@@ -297,7 +311,7 @@ def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_promp
     hf_bf16_hits = sum(a == b for a, b in zip(generate_each(loaded), truth, strict=True))
     eager = LLMEngine(loaded, EngineConfig(max_batch_size=8))
     engine = LLMEngine(loaded, EngineConfig(max_batch_size=8, compile=True))
-    wide = LLMEngine(loaded, EngineConfig(max_batch_size=16, compile=True))  # prefills in float32, maybe compiled
+    wide = LLMEngine(loaded, EngineConfig(max_batch_size=16, compile=True))  # its prefills run compiled, in float32
     assert engine.runner.compiled.wait(COMPILE_WAIT_S) and wide.runner.compiled.wait(COMPILE_WAIT_S)
     engines = (("eager", eager), ("compiled", engine), ("compiled prefills", wide))
     for size in (1, 8):
@@ -308,6 +322,5 @@ def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_promp
         assert hits["compiled"] >= hits["eager"] and hits["compiled prefills"] >= hits["eager"], hits
         if size == len(prompts):
             assert hits["compiled"] >= hf_bf16_hits, (hits, hf_bf16_hits)
-    # compiled on the wide graph where float32 also decodes large batches; elsewhere eagerly, on the copy
-    assert (wide.runner.compiled.prefills > 0) == wide.runner.wide_decode
+    assert wide.runner.compiled.prefills > 0
     assert "Paris" in engine.generate(prompts[:1], params)[0].text
