@@ -212,8 +212,10 @@ def build_in_child(
 
 
 def _example(cache: torch.Tensor) -> torch.Tensor:
-    rows, kv_heads, _, head_dim = cache.shape
-    return torch.zeros((min(rows, 2), kv_heads, 66, head_dim), dtype=cache.dtype, device=cache.device)
+    """Two rows whatever the cache has: export specializes a dimension of size 1 (a `--max-batch-size 1` worker's
+    cache), and the build failed."""
+    _, kv_heads, _, head_dim = cache.shape
+    return torch.zeros((2, kv_heads, 66, head_dim), dtype=cache.dtype, device=cache.device)
 
 
 def _load(path: Path, step: DecodeStep, frozen: bool) -> DecodeFn:
