@@ -185,7 +185,7 @@ def test_the_wide_step_is_frozen_only_where_its_packed_copy_fits(tiny: LoadedMod
     float32-against-bf16 measurement is made at; the tiny model's are too small for float32 to win.)"""
     bf16 = smollm
     if not uses_wide_copy(bf16, "none"):
-        pytest.skip("this CPU's bf16 matmuls are not slower than float32 ones at many rows: no wide copy")
+        pytest.skip("this CPU's bf16 matmuls are not slower than float32 ones at many rows: no wide step to freeze")
     frozen = added_bytes(bf16, compile=True, quantize="none", freeze_wide=True)
     asked: list[int] = []
 
