@@ -146,7 +146,7 @@ class ModelRunner:
         family = family_decoder(loaded, max_len, quantize)
         self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
         self.wide = float32_copy(loaded, max_len, quantize)
-        self.wide_decode = self.wide is not None and uses_wide_copy(loaded, quantize)
+        self.wide_decode = uses_wide_copy(loaded, quantize)  # implies the copy
         self.attention = attention.matmul_attention
         on_cpu = self.device.type == "cpu"
         self.prefill_attention = attention.sdpa_attention if on_cpu else attention.sdpa_attention_without_cudnn
