@@ -273,7 +273,7 @@ def build(step: DecodeStep, keys: list, values: list, path: Path, frozen: bool, 
 
 
 def quantized(module: nn.Module) -> bool:
-    return any(isinstance(m, quantize.Int8Linear) for m in module.modules())
+    return any(isinstance(m, (quantize.Int8Linear, quantize.Int4Linear)) for m in module.modules())
 
 
 def main(job: str, package: str, parent: str, threads: str) -> None:

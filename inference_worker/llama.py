@@ -150,11 +150,16 @@ class DecoderLayer(nn.Module):
 
 class LlamaFamilyModel(nn.Module):
     """Built from a loaded HF `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` (sharing its weights).
-    `make_linear` builds the layers' projections (`Linear`, or a quantized one); the LM head stays as loaded.
+    `make_linear` builds the layers' projections (`Linear`, or a quantized one), `make_head` the LM head.
     With `dtype`, it computes in that dtype on copies of the weights (the KV cache keeps its own dtype)."""
 
     def __init__(
-        self, hf_model: nn.Module, max_len: int, make_linear: MakeLinear = Linear, dtype: torch.dtype | None = None
+        self,
+        hf_model: nn.Module,
+        max_len: int,
+        make_linear: MakeLinear = Linear,
+        dtype: torch.dtype | None = None,
+        make_head: MakeLinear = Linear,
     ) -> None:
         super().__init__()
         config = hf_model.config
@@ -162,7 +167,7 @@ class LlamaFamilyModel(nn.Module):
         self.embed = _param(inner.embed_tokens.weight.data, dtype)
         self.layers = nn.ModuleList(DecoderLayer(layer, config, make_linear, dtype) for layer in inner.layers)
         self.norm = _param(inner.norm.weight.data, dtype)
-        self.lm_head = _param(hf_model.lm_head.weight.data, dtype)
+        self.lm_head = make_head(*_cast((hf_model.lm_head.weight.data, None), dtype))
         self.eps = config.rms_norm_eps
         self.window = getattr(config, "sliding_window", None) if _uses_sliding_window(config) else None
         cos, sin = _rope_tables(inner.rotary_emb, max_len + 1, self.embed.dtype, self.embed.device)
@@ -226,7 +231,7 @@ class LlamaFamilyModel(nn.Module):
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
+        return self.lm_head(rms_norm(x, self.norm, self.eps)).float()
 
 
 def _row_index(rows: Rows, device: torch.device) -> torch.Tensor:

@@ -37,7 +37,7 @@ from inference_worker.jit_step import use_compile_cache
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.memory import MemoryPlan, MemoryPlanError, weight_bytes
 from inference_worker.model_loader import LoadedModel, cache_root
-from inference_worker.quantize import linear_for
+from inference_worker.quantize import head_for, linear_for
 
 log = logging.getLogger("llmbus.engine")
 
@@ -62,7 +62,8 @@ def family_decoder(
     decoder = built.get(key)
     if decoder is None or decoder.cos.shape[0] <= row_len:
         length = max(row_len, min(loaded.max_context, ROPE_TABLE_MIN))
-        decoder = llama.LlamaFamilyModel(loaded.model, length, make_linear or llama.Linear, dtype).eval()
+        make_head = head_for(quantize) or llama.Linear
+        decoder = llama.LlamaFamilyModel(loaded.model, length, make_linear or llama.Linear, dtype, make_head).eval()
         built[key] = decoder
     return decoder
 

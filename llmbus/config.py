@@ -80,7 +80,7 @@ class Config:
     compile: bool = _opt(
         True, "compile the decode step (torch.compile; CUDA graphs on GPU); the worker serves eagerly until compiled"
     )
-    quantize: str = _opt("none", "weight-only quantization of the layers' projections: none or int8")
+    quantize: str = _opt("none", "weight-only quantization of the layers' projections: none, int8 or int4 (CPU)")
     kv_cache_tokens: int = _opt(
         0, "KV cache tokens planned at start (0: max_batch_size x max_seq_len + prefix_cache_tokens); fewer: fewer rows"
     )
@@ -148,8 +148,8 @@ class Config:
             raise ValueError("HTTPS needs both http_tls_cert and http_tls_key")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ValueError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
-        if self.quantize not in ("none", "int8"):
-            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.quantize not in ("none", "int8", "int4"):
+            raise ValueError(f"quantize must be none, int8 or int4, got {self.quantize!r}")
         for name in ("kv_cache_tokens", "prefix_cache_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

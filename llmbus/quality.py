@@ -112,7 +112,7 @@ def evaluate(loaded: LoadedModel, quantize: str = "none", window: int = 512) -> 
     }
 
 
-def compare(loaded: LoadedModel, modes: Sequence[str] = ("none", "int8"), window: int = 512) -> dict[str, Any]:
+def compare(loaded: LoadedModel, modes: Sequence[str] = ("none", "int8", "int4"), window: int = 512) -> dict[str, Any]:
     return {mode: evaluate(loaded, mode, window) for mode in modes}
 
 
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantize", default="none,int8", help="comma-separated modes to compare")
+    parser.add_argument("--quantize", default="none,int8,int4", help="comma-separated modes to compare")
     parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)

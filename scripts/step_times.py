@@ -4,9 +4,10 @@
 
 Variants: `hf` is the transformers DynamicCache loop that `llmbus bench` calls the eager ceiling; `eager` and
 `compiled` are the engine's ModelRunner (hand-written forward, static slot cache) without and with the compiled
-decode step; `int8` and `int8-compiled` the same with `--quantize int8`. Every variant decodes greedily from a
-random prompt of `--context` tokens. Rounds of steps alternate between the variants, so that a machine whose load
-changes affects them alike; the figures are medians, and the ratios are against the first variant.
+decode step; `int8`, `int8-compiled`, `int4` and `int4-compiled` the same with `--quantize int8|int4`. Every
+variant decodes greedily from a random prompt of `--context` tokens. Rounds of steps alternate between the
+variants, so that a machine whose load changes affects them alike; the figures are medians, and the ratios are
+against the first variant.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             if name == "hf":
                 steps[name] = hf_loop(loaded, prompts)
                 continue
-            quantize = "int8" if name.startswith("int8") else "none"
+            quantize = name.split("-")[0] if name.startswith(("int8", "int4")) else "none"
             steps[name], compile_s = runner_loop(loaded, prompts, name.endswith("compiled"), quantize)
             if compile_s > 0.01:
                 print(f"  {name} batch {batch}: compile + first run {compile_s:.1f} s", flush=True)

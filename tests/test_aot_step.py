@@ -150,7 +150,7 @@ def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(
     )
     before = run(step, cache, inputs)
     with torch.no_grad():
-        decoder.lm_head[11] += 1.0  # the output row of token 11, which is not among the inputs
+        decoder.lm_head.weight[11] += 1.0  # the output row of token 11, which is not among the inputs
     after = run(step, cache, inputs)
     assert not torch.equal(after[:, 11], before[:, 11]) and torch.equal(after[:, 12], before[:, 12])
     assert not list(extraction_dir.glob("aotinductor_*"))  # its extracted copy is gone; it reads the decoder's
@@ -229,34 +229,38 @@ def test_a_frozen_bf16_package_calls_onednn_on_packed_weights_and_has_parallel_l
     assert ("#pragma omp parallel" in code["kernel"]) == (torch.get_num_threads() > 1)
 
 
-def test_an_int8_package_keeps_its_weights_in_int8_and_decodes_as_the_eager_int8_step(
+def test_quantized_packages_keep_their_weights_quantized_and_decode_as_the_eager_quantized_steps(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
-    """`--quantize int8` on CPU runs a packaged step too: it computes what the eager int8 step does, and its package
-    holds the projections as int8 (a quarter of their float32 bytes), not as dequantized copies."""
+    """`--quantize int8|int4` on CPU runs a packaged step too: it computes what the eager quantized step does, and
+    its package holds the projections in 8 or 4 bits, not as dequantized copies: each saves at least 3 of float32's
+    4 bytes a weight. (One test for both modes: each package takes about 20 s to build here.)"""
     cache = slot_cache(tiny)
-    float_decoder, int8_decoder = family_decoder(tiny, 64), family_decoder(tiny, 64, "int8")
-    package_step(float_decoder, cache, tmp_path / "float")
-    step, was_built = package_step(int8_decoder, cache, tmp_path / "int8")
-    assert was_built
-    inputs = decode_inputs(cache)
-    eager = run(aot_step.DecodeStep(int8_decoder, reduction_attention), cache, inputs)
-    torch.testing.assert_close(run(step, cache, decode_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
+    float_decoder = family_decoder(tiny, 64)
+    package_step(float_decoder, cache, tmp_path / "none")
+    for mode in ("int8", "int4"):
+        decoder = family_decoder(tiny, 64, mode)
+        step, was_built = package_step(decoder, cache, tmp_path / mode)
+        assert was_built
+        eager = run(aot_step.DecodeStep(decoder, reduction_attention), cache, decode_inputs(cache))
+        torch.testing.assert_close(run(step, cache, decode_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
     projections = sum(
         m.weight.numel() for layer in float_decoder.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
     )
-    sizes = {kind: sum(p.stat().st_size for p in (tmp_path / kind).iterdir()) for kind in ("float", "int8")}
-    assert sizes["float"] - sizes["int8"] > 0.5 * 3 * projections  # int8 saves 3 of every 4 bytes of float32
+    size = {mode: sum(p.stat().st_size for p in (tmp_path / mode).iterdir()) for mode in ("none", "int8", "int4")}
+    for mode in ("int8", "int4"):  # dequantized copies would have saved nothing
+        assert size["none"] - size[mode] > 0.9 * 3 * projections
 
 
-def test_the_one_row_int8_package_is_autotuned_and_decodes_as_the_eager_int8_step(
-    tiny: LoadedModel, tmp_path: Path
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_one_row_quantized_package_is_autotuned_and_decodes_as_the_eager_quantized_step(
+    tiny: LoadedModel, tmp_path: Path, mode: str
 ) -> None:
     """The one-row package of a quantized decoder is built with `max_autotune` (inductor's C++ GEMM template
-    competes with aten's int8 kernel for each projection); whichever wins, it computes the eager int8 step's
-    logits, and the row's key and value land in the cache as they do there."""
+    competes with aten's int8 or int4 kernel for each projection); whichever wins, it computes the eager quantized
+    step's logits, and the row's key and value land in the cache as they do there."""
     cache = slot_cache(tiny)
-    decoder = family_decoder(tiny, 64, "int8")
+    decoder = family_decoder(tiny, 64, mode)
     assert aot_step.quantized(decoder) and not aot_step.quantized(family_decoder(tiny, 64))
     step, was_built = package_step(decoder, cache, tmp_path, single=True)
     assert was_built

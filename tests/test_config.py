@@ -121,6 +121,13 @@ def test_every_serving_command_picks_its_event_loop() -> None:
         Config.load(env={"LLMBUS_EVENT_LOOP": "trio"})
 
 
+def test_the_worker_takes_every_quantize_mode_and_names_the_modes_when_refusing_one() -> None:
+    assert parse("worker", "--quantize", "int4").quantize == "int4"
+    assert Config.load(env={"LLMBUS_QUANTIZE": "int8"}).quantize == "int8"
+    with pytest.raises(ValueError, match="quantize must be none, int8 or int4, got 'int3'"):
+        Config.load(env={"LLMBUS_QUANTIZE": "int3"})
+
+
 def test_the_uvloop_setting_runs_a_uvloop_loop_and_asyncio_the_standard_one() -> None:
     uvloop = pytest.importorskip("uvloop")
     factory = loop_factory("uvloop")

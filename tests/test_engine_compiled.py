@@ -229,14 +229,20 @@ def test_garbage_in_masked_cache_columns_changes_nothing(tiny: LoadedModel, comp
         assert torch.equal(runner.forward(0, *step), clean)
 
 
-def test_int8_weights_stay_close_to_the_float_model(tiny: LoadedModel) -> None:
+@pytest.mark.parametrize(("mode", "stored_as", "tolerance"), [("int8", torch.int8, 0.05), ("int4", torch.uint8, 0.2)])
+def test_quantized_weights_stay_close_to_the_float_model(
+    tiny: LoadedModel, mode: str, stored_as: torch.dtype, tolerance: float
+) -> None:
     prompt = [chat_prompt(tiny, "quantize me")]
     dense = LLMEngine(tiny, EngineConfig(max_batch_size=2)).runner.forward(0, prompt, [0])
-    int8 = LLMEngine(tiny, EngineConfig(max_batch_size=2, quantize="int8"))
-    assert int8.runner.decoder.layers[0].qkv.weight.dtype == torch.int8
-    quantized = int8.runner.forward(0, prompt, [0])
-    assert torch.allclose(quantized, dense, atol=0.05 * dense.abs().max().item())
-    assert int8.generate(prompt, GREEDY)[0].completion_tokens == 16
+    engine = LLMEngine(tiny, EngineConfig(max_batch_size=2, quantize=mode))
+    assert engine.runner.decoder.layers[0].qkv.weight.dtype == stored_as
+    assert engine.runner.decoder.lm_head.weight.dtype == torch.int8  # the head is int8 in both modes
+    dense_head = LLMEngine(tiny, EngineConfig(max_batch_size=2)).runner.decoder.lm_head.weight
+    assert dense_head.data_ptr() == tiny.model.lm_head.weight.data_ptr()  # unquantized, it shares the HF weights
+    quantized = engine.runner.forward(0, prompt, [0])
+    assert torch.allclose(quantized, dense, atol=tolerance * dense.abs().max().item())
+    assert engine.generate(prompt, GREEDY)[0].completion_tokens == 16
     with pytest.raises(ValueError, match="unknown quantize mode"):
         LLMEngine(tiny, EngineConfig(quantize="int3"))
 
