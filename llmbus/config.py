@@ -80,7 +80,7 @@ class Config:
     compile: bool = _opt(
         True, "compile the decode step (torch.compile; CUDA graphs on GPU); the worker serves eagerly until compiled"
     )
-    quantize: str = _opt("none", "weight-only quantization of the layers' projections: none, int8 or int4 (CPU)")
+    quantize: str = _opt("none", "weight-only quantization of the projections and LM head: none, int8 or int4 (CPU)")
     kv_cache_tokens: int = _opt(
         0, "KV cache tokens planned at start (0: max_batch_size x max_seq_len + prefix_cache_tokens); fewer: fewer rows"
     )
