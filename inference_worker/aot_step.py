@@ -273,7 +273,8 @@ def build(step: DecodeStep, keys: list, values: list, path: Path, frozen: bool, 
 
 
 def quantized(module: nn.Module) -> bool:
-    return any(isinstance(m, (quantize.Int8Linear, quantize.Int4Linear)) for m in module.modules())
+    linears = tuple(linear for linear in quantize.QUANTIZERS.values() if linear is not None)
+    return any(isinstance(m, linears) for m in module.modules())
 
 
 def main(job: str, package: str, parent: str, threads: str) -> None:

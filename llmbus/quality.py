@@ -28,6 +28,7 @@ from inference_worker.engine import EngineConfig, LLMEngine
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.model_runner import family_decoder
+from inference_worker.quantize import QUANTIZERS
 from inference_worker.sampling_params import SamplingParams
 
 TEXT = "pride_and_prejudice_ch1.txt"
@@ -112,7 +113,7 @@ def evaluate(loaded: LoadedModel, quantize: str = "none", window: int = 512) -> 
     }
 
 
-def compare(loaded: LoadedModel, modes: Sequence[str] = ("none", "int8", "int4"), window: int = 512) -> dict[str, Any]:
+def compare(loaded: LoadedModel, modes: Sequence[str] = tuple(QUANTIZERS), window: int = 512) -> dict[str, Any]:
     return {mode: evaluate(loaded, mode, window) for mode in modes}
 
 
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantize", default="none,int8,int4", help="comma-separated modes to compare")
+    parser.add_argument("--quantize", default=",".join(QUANTIZERS), help="comma-separated modes to compare")
     parser.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from inference_worker.hardware import pick_threads
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.model_runner import ModelRunner
+from inference_worker.quantize import QUANTIZERS
 
 Step = Callable[[], None]
 ROWS = 64  # cache rows, as a default worker has: a batch of 1 runs as the engine runs it there
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
             if name == "hf":
                 steps[name] = hf_loop(loaded, prompts)
                 continue
-            quantize = name.split("-")[0] if name.startswith(("int8", "int4")) else "none"
+            mode = name.removesuffix("-compiled")
+            quantize = mode if mode in QUANTIZERS else "none"
             steps[name], compile_s = runner_loop(loaded, prompts, name.endswith("compiled"), quantize)
             if compile_s > 0.01:
                 print(f"  {name} batch {batch}: compile + first run {compile_s:.1f} s", flush=True)

@@ -234,11 +234,12 @@ def test_quantized_weights_stay_close_to_the_float_model(
     tiny: LoadedModel, mode: str, stored_as: torch.dtype, tolerance: float
 ) -> None:
     prompt = [chat_prompt(tiny, "quantize me")]
-    dense = LLMEngine(tiny, EngineConfig(max_batch_size=2)).runner.forward(0, prompt, [0])
+    dense_runner = LLMEngine(tiny, EngineConfig(max_batch_size=2)).runner
+    dense = dense_runner.forward(0, prompt, [0])
     engine = LLMEngine(tiny, EngineConfig(max_batch_size=2, quantize=mode))
     assert engine.runner.decoder.layers[0].qkv.weight.dtype == stored_as
     assert engine.runner.decoder.lm_head.weight.dtype == torch.int8  # the head is int8 in both modes
-    dense_head = LLMEngine(tiny, EngineConfig(max_batch_size=2)).runner.decoder.lm_head.weight
+    dense_head = dense_runner.decoder.lm_head.weight
     assert dense_head.data_ptr() == tiny.model.lm_head.weight.data_ptr()  # unquantized, it shares the HF weights
     quantized = engine.runner.forward(0, prompt, [0])
     assert torch.allclose(quantized, dense, atol=tolerance * dense.abs().max().item())
