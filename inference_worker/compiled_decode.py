@@ -91,8 +91,6 @@ class CompiledDecode:
             single = (SINGLE,) if self.package_dir is not None else ()
             self.sizes = (MIN_CPU_ROWS, *(() if self.wide_from is None else (self.wide_from,)), *single)
         self.column_block = CUDA_COLUMN_BLOCK if self.on_cuda else 1
-        self.step = compiled_step(decoder, attention, self.device.type)
-        self.wide_step = compiled_step(wide, attention, self.device.type) if self.wide_from else None
         self.freeze_wide = freeze_wide
         self.decoders = {s: decoder for s in self.sizes if s != self.wide_from} | (
             {self.wide_from: wide} if self.wide_from else {}
@@ -186,9 +184,8 @@ class CompiledDecode:
             for tensor in (*self.cache.keys, *self.cache.values):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        wide = graph == self.wide_from
-        configure_compiler(self.device.type, freezing=not wide)
-        step = self.wide_step if wide else self.step
+        configure_compiler(self.device.type, freezing=graph != self.wide_from)
+        step = compiled_step(self.decoders[graph], self.attention, self.device.type)  # made at its first use
         return step(self.cache.keys, self.cache.values, *tensors)
 
     def warm_up(self, sizes: tuple[int, ...] | None = None) -> None:

@@ -43,7 +43,7 @@ from inference_worker.outbox import Outbox
 from inference_worker.requests import Limits
 from inference_worker.routing import ModelDirectory
 from inference_worker.thread_share import share_threads
-from llmbus import __version__, logs
+from llmbus import __version__, logs, process_gc
 from llmbus.config import Config
 from llmbus.connection import connect, connected_to
 from schemas import SERVICE_NAME, Subjects, WireError
@@ -109,6 +109,7 @@ class Worker(Intake):
         )
         engine = await asyncio.to_thread(self._thread.start)
         self.engine = engine
+        process_gc.settle()  # in a serving process, the start's one full collection, before any request can wait on it
         self.metrics.watch(engine)
         if self.config.metrics_port:
             self.metrics_url = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)

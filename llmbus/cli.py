@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import nats.errors
 
-from llmbus import __version__, tracing
+from llmbus import __version__, process_gc, tracing
 from llmbus.cli_parser import build_parser
 from llmbus.config import ENV_PREFIX, Config
 from llmbus.connection import redact_urls
@@ -57,7 +57,8 @@ def gateway_command(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = False, metrics: int | None = None) -> int:
-    """Run `parts`; `metrics`: the worker's metrics port when --metrics-port is unset (`llmbus up`)."""
+    """Run `parts`; `metrics`: the worker's metrics port when --metrics-port is unset (`llmbus up`). The garbage
+    collector stays off until the parts are ready (`process_gc.py`)."""
     try:
         config = Config.load(args)
     except (ValueError, TypeError) as exc:
@@ -72,10 +73,12 @@ def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = Fal
     if traces is not None:
         logging.getLogger("llmbus").info("tracing: spans exported over %s", traces)
     store_dir = getattr(args, "nats_store_dir", None)
+    process_gc.pause()
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
             return runner.run(run_stack(config, parts, embedded_nats, store_dir, default_metrics_port=metrics))
     finally:
+        process_gc.resume()
         tracing.shutdown()
 
 

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
+from llmbus import process_gc
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer, NatsServerError, free_port, port_is_free
 
@@ -190,10 +191,14 @@ async def serve_parts(configs: Mapping[Part, Config], stop: asyncio.Event, serve
 
 
 async def announce_when_ready(ready: dict[Part, asyncio.Event], configs: Mapping[Part, Config]) -> None:
+    """Say what each part serves as it becomes ready, then settle the garbage collector (`process_gc.py`; at the
+    latest after its start limit) and say `ready`."""
+    asyncio.get_running_loop().call_later(process_gc.START_LIMIT_S, process_gc.settle)
     for part, config in configs.items():
         await ready[part].wait()
         for line in describe_ready(part, config):
             announce(line)
+    process_gc.settle()
     announce("ready")
 
 

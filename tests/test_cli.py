@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -120,6 +121,8 @@ async def test_up_serves_http_and_nats_then_stops_cleanly_on_sigterm(tmp_path: P
     ) as llmbus:
         await llmbus.wait_for_line("llmbus: ready", READY_TIMEOUT_S)
         assert f"llmbus: NATS  nats://127.0.0.1:{nats_port}" in llmbus.stdout_lines
+        settled = re.findall(r"garbage collector: (\d+) objects frozen", llmbus.stderr_path.read_text())
+        assert len(settled) == 1 and int(settled[0]) > 100_000, llmbus.output()  # once, before `ready`
         assert f"llmbus: HTTP  http://127.0.0.1:{http_port}" in llmbus.stdout_lines
 
         health = await http_get(f"http://127.0.0.1:{http_port}/healthz")
