@@ -18,6 +18,11 @@ prompt's keys and values serve every token after it, and in bf16 SmolLM2 answere
 with "L'Étoile, la Marseillaise" (`compiled_decode.on_wide_copy`). On CPUs whose float32 matmuls also beat bf16
 ones at many rows (`hardware.py`), decode steps of `WIDE_FROM` rows or more run on the copy too (`uses_wide_copy`),
 and a 344-token SmolLM2 prefill took 377 ms there instead of 600 ms. The copy costs 4 bytes a parameter of memory.
+
+In a quantized mode (`--quantize int8|int4`) on CPU the same place, prefills and decode steps of `WIDE_FROM` rows or
+more, goes to the model's own dense weights, which the HF model keeps anyway: the quantized kernels win only at a few
+rows (at 64 rows SmolLM2's int8 projections took 95 ms against 43 ms in bf16, and 2.4-2.7x bf16 at 256 prompt
+tokens). So a quantized worker decodes small batches on its quantized weights and everything wider on bf16 ones.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 
 from inference_worker import attention, llama
-from inference_worker.compiled_decode import CompiledDecode, on_wide_copy
+from inference_worker.compiled_decode import WIDE_FROM, CompiledDecode, on_wide_copy
 from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.hf_decoder import HFDecoder
 from inference_worker.jit_step import use_compile_cache
@@ -75,9 +80,18 @@ def uses_float32_copy(loaded: LoadedModel, quantize: str) -> bool:
     return llama.supports(loaded.model.config)
 
 
+def uses_dense_wide(loaded: LoadedModel, quantize: str) -> bool:
+    """Whether prefills and decode steps of `WIDE_FROM` rows or more run on the model's own dense weights: a quantized
+    mode on CPU (see the module's docstring)."""
+    return quantize != "none" and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
+
+
 def uses_wide_copy(loaded: LoadedModel, quantize: str) -> bool:
-    """Whether decode steps of `WIDE_FROM` rows or more run on the float32 copy as well (and, compiled, on a graph of
-    their own): where this CPU's float32 matmuls are faster than bf16 ones at many rows."""
+    """Whether decode steps of `WIDE_FROM` rows or more run on the wide decoder (`wide_decoder`) as well (and,
+    compiled, on a graph of their own): in a quantized mode, and where this CPU's float32 matmuls are faster than bf16
+    ones at many rows."""
+    if uses_dense_wide(loaded, quantize):
+        return True
     if not uses_float32_copy(loaded, quantize):
         return False
     return float32_wins_wide_matmuls(loaded.model.config.hidden_size, loaded.model.config.intermediate_size)
@@ -86,13 +100,16 @@ def uses_wide_copy(loaded: LoadedModel, quantize: str) -> bool:
 def added_bytes(loaded: LoadedModel, compile: bool, quantize: str, freeze_wide: bool = False) -> int:
     """Memory a runner adds beside the loaded weights, for the memory plan: the float32 copy (4 bytes a parameter),
     on CPU the frozen compiled steps' packed weights (the general step's and the one-row step's, each about the size
-    of the loaded ones) and, with `freeze_wide`, the wide step's packed float32 ones (4 bytes a parameter more)."""
+    of the loaded ones) and, with `freeze_wide`, the wide step's packed ones (4 bytes a parameter more for the
+    float32 copy's, the size of the loaded ones for a quantized mode's dense step)."""
     parameters = sum(p.numel() for p in loaded.model.parameters())
     frozen = compile and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
     copies = (4 * parameters if uses_float32_copy(loaded, quantize) else 0) + (
         2 * weight_bytes(loaded.model) if frozen else 0
     )
-    return copies + (4 * parameters if frozen and freeze_wide and uses_wide_copy(loaded, quantize) else 0)
+    if not (frozen and freeze_wide and uses_wide_copy(loaded, quantize)):
+        return copies
+    return copies + (weight_bytes(loaded.model) if uses_dense_wide(loaded, quantize) else 4 * parameters)
 
 
 def fit_runner(
@@ -110,8 +127,12 @@ def fit_runner(
     return plan(added_bytes(loaded, compile, quantize)), False
 
 
-def float32_copy(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
-    """The float32 copy of a bf16 model, for prefills and (`uses_wide_copy`) large decode batches."""
+def wide_decoder(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
+    """The decoder of prefills and (`uses_wide_copy`) large decode batches, if not the runner's own: a bf16 model's
+    float32 copy, or a quantized mode's dense decoder on the model's own weights."""
+    if uses_dense_wide(loaded, quantize):
+        log.info("prefills and decode steps of %d rows or more run on the dense weights (faster there)", WIDE_FROM)
+        return family_decoder(loaded, row_len)
     if not uses_float32_copy(loaded, quantize):
         return None
     if uses_wide_copy(loaded, quantize):
@@ -146,7 +167,7 @@ class ModelRunner:
         )
         family = family_decoder(loaded, max_len, quantize)
         self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
-        self.wide = float32_copy(loaded, max_len, quantize)
+        self.wide = wide_decoder(loaded, max_len, quantize)
         self.wide_decode = uses_wide_copy(loaded, quantize)  # implies the copy
         self.attention = attention.matmul_attention
         on_cpu = self.device.type == "cpu"

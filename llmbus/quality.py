@@ -2,7 +2,9 @@
 
 - perplexity of the model on a fixed English text (chapter 1 of Jane Austen's *Pride and Prejudice*, 1813, public
   domain), computed by the engine's own decoder over windows of up to `--window` tokens;
-- answers to 32 short factual questions (`qa.json`), asked after two one-word examples, greedy, through the engine:
+- answers to 32 short factual questions (`qa.json`), asked after two one-word examples, greedy, through the engine
+  (in batches below `WIDE_FROM` rows: a quantized mode decodes them on its quantized weights, its prompts on dense
+  ones):
   `exact_match` counts replies that are exactly an accepted answer (lower case, punctuation and a leading article
   dropped), `contains_match` replies whose words include one.
 
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from inference_worker.attention import matmul_attention
+from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, LLMEngine
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.model_loader import LoadedModel, load_model
@@ -86,7 +89,10 @@ def answer_questions(loaded: LoadedModel, quantize: str = "none", max_tokens: in
         loaded.encode_chat([{"role": "system", "content": SYSTEM}, *shots, {"role": "user", "content": q["question"]}])
         for q in questions
     ]
-    engine = LLMEngine(loaded, EngineConfig(max_batch_size=len(prompts), prefix_cache=False, quantize=quantize))
+    # below WIDE_FROM rows, so that a quantized mode's answers are decoded on its quantized weights, as a worker decodes
+    # a small batch (its prompts, and batches of WIDE_FROM rows or more, run on the dense weights: model_runner.py)
+    rows = min(len(prompts), WIDE_FROM - 1)
+    engine = LLMEngine(loaded, EngineConfig(max_batch_size=rows, prefix_cache=False, quantize=quantize))
     replies = [r.text for r in engine.generate(prompts, SamplingParams(max_tokens=max_tokens))]
     exact = contains = 0
     for question, reply in zip(questions, replies, strict=True):

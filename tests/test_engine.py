@@ -16,6 +16,7 @@ from helpers.tiny_model import tiny_model
 from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
 from inference_worker.hardware import float32_wins_wide_matmuls
+from inference_worker.llama import Linear
 from inference_worker.memory import MemoryPlanError, plan_memory
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
 from inference_worker.model_runner import (
@@ -25,6 +26,7 @@ from inference_worker.model_runner import (
     uses_float32_copy,
     uses_wide_copy,
 )
+from inference_worker.quantize import Int8Linear
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence, Status
 
@@ -168,7 +170,10 @@ def test_the_memory_plan_counts_the_copies_of_the_weights_the_runner_will_make(t
     assert uses_float32_copy(bf16, "none")  # its prefills run on a float32 copy, on every CPU
     assert added_bytes(bf16, compile=False, quantize="none") == 4 * parameters
     wide = uses_wide_copy(bf16, "none")  # and its large decode batches too where float32 wins: measured on this CPU
-    assert added_bytes(bf16, compile=False, quantize="int8") == 0
+    assert added_bytes(bf16, compile=False, quantize="int8") == 0  # its wide decoder is the model's own weights
+    assert uses_wide_copy(bf16, "int8")  # and the frozen wide step packs a copy of them
+    quantized = added_bytes(bf16, compile=True, quantize="int8")
+    assert added_bytes(bf16, compile=True, quantize="int8", freeze_wide=True) - quantized == 2 * parameters
     frozen_wide = added_bytes(bf16, compile=True, quantize="none", freeze_wide=True)
     assert frozen_wide - added_bytes(bf16, compile=True, quantize="none") == (4 * parameters if wide else 0)
     plan = plan_memory(tiny.model, tiny.dtype, tiny.device, 2, 64, runner_bytes=3 * 2**20)
@@ -528,3 +533,33 @@ def test_wide_forwards_run_on_the_float32_copy_and_narrow_decode_steps_on_bf16()
     token = int(prefills[0].argmax())
     steps = [r.forward(0, [[token]], [len(prompt)])[0] for r in (dispatched, by_hand)]
     assert torch.equal(steps[0], steps[1])
+
+
+def test_a_quantized_runner_runs_prompts_and_wide_batches_on_the_dense_weights_and_few_rows_on_int8() -> None:
+    """`--quantize int8` on CPU: the int8 kernels win only at a few rows, so prefills and decode steps of WIDE_FROM
+    rows or more run on the model's own bf16 weights (shared with the HF model, not copied), and a decode step of a
+    few rows on int8: bit for bit what a runner gives that is made to do so by hand, and unlike an all-int8 one."""
+    loaded = tiny_model(torch.bfloat16)
+    prompt = loaded.encode_chat([{"role": "user", "content": "a prompt for every row"}])
+
+    def runner(wide: bool):
+        runner = LLMEngine(loaded, EngineConfig(max_batch_size=WIDE_FROM, quantize="int8")).runner
+        runner.wide = runner.wide if wide else None
+        return runner
+
+    dispatched, by_hand, all_int8 = runner(True), runner(False), runner(False)
+    dense, int8 = dispatched.wide, by_hand.decoder
+    assert dispatched.wide_decode and isinstance(int8.layers[0].o, Int8Linear)
+    assert isinstance(dense.layers[0].o, Linear)
+    assert dense.layers[0].o.weight.data_ptr() == loaded.model.model.layers[0].self_attn.o_proj.weight.data_ptr()
+
+    by_hand.decoder = dense
+    prompts, starts = [prompt] * WIDE_FROM, [0] * WIDE_FROM
+    prefills = [r.forward(0, prompts, starts) for r in (dispatched, by_hand, all_int8)]
+    assert torch.equal(prefills[0], prefills[1]) and not torch.equal(prefills[0], prefills[2])
+    tokens = [[int(t)] for t in prefills[0].argmax(-1)]
+    wide = [r.forward(0, tokens, [len(prompt)] * WIDE_FROM) for r in (dispatched, by_hand)]
+    assert torch.equal(wide[0], wide[1])
+    by_hand.decoder = int8
+    few = [r.forward(0, tokens[:2], [len(prompt) + 1] * 2) for r in (dispatched, by_hand)]
+    assert torch.equal(few[0], few[1])
