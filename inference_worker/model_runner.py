@@ -168,7 +168,7 @@ class ModelRunner:
         family = family_decoder(loaded, max_len, quantize)
         self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
         self.wide = wide_decoder(loaded, max_len, quantize)
-        self.wide_decode = uses_wide_copy(loaded, quantize)  # implies the copy
+        self.wide_decode = uses_wide_copy(loaded, quantize)  # implies a wide decoder
         self.attention = attention.matmul_attention
         on_cpu = self.device.type == "cpu"
         self.prefill_attention = attention.sdpa_attention if on_cpu else attention.sdpa_attention_without_cudnn
