@@ -1,5 +1,5 @@
 """The CPU step (decode steps, and prefills of short prompts) compiled ahead of time (AOTInductor) and kept on disk,
-so that a restart loads it in about a second instead of compiling it for two minutes.
+so that a restart loads it in under a second instead of compiling it for two minutes.
 
 `torch.compile` could not give a warm start: the bf16 step is compiled with freezing (its weights folded into the
 graph and pre-packed for oneDNN), and inductor's graph cache does not keep frozen graphs, so every start paid about
@@ -23,48 +23,33 @@ quantized model's is also built with `max_autotune`, which picked inductor's own
 `_weight_int8pack_mm` for every projection: its int8 step took 11.2 ms against 12.8 (12.0 without autotune). In
 bf16 autotune made no steady difference (faster in two runs, slower in the third).
 
-A package's name is a hash of everything that shapes the compiled code: the weights and buffers (their bytes, when
-frozen), the modules' settings, the source of the forward, its attention and its quantized linear, torch's version
-and the CPU's instruction sets. A package is written under a temporary name and renamed,
-so workers that share the cache directory never load a half-written one; one that fails to load is built again.
-
-Packages do not pile up: every package a worker loads or builds is marked used (its modification time), and each
-start (`tidy`) removes the packages of its directory that no worker has used for `UNUSED_PACKAGE_S` (a week). A package
-name changes with every llmbus or torch upgrade, so the old ones went unused; a worker that needs one again
-rebuilds it.
+The packages on disk, their names, their loading and their removal are `step_packages.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from inference_worker import attention, llama, quantize
-from inference_worker.hardware import cpu_flags
+from inference_worker import quantize, step_packages
 
 log = logging.getLogger("llmbus.engine")
 
 DecodeFn = Callable[..., torch.Tensor]
-STALE_BUILD_S = 86400
-UNUSED_PACKAGE_S = 7 * 86400
 CHILD_NICENESS = 5  # the build yields the CPU to serving (at 10 it starved under a steady load: over 8 minutes)
 _MAX = 1 << 20
-_SOURCES = (Path(llama.__file__), Path(attention.__file__), Path(quantize.__file__), Path(__file__))
 
 
 class DecodeStep(nn.Module):
@@ -91,31 +76,6 @@ class DecodeStep(nn.Module):
         return self.decoder.ragged(tokens, positions, rows, last, kv_columns, keys, values, self.attention)
 
 
-def package_name(decoder: nn.Module, attention: Callable, frozen: bool, single: bool = False) -> str:
-    """The hash that names the package of this decoder's step. A frozen package holds the weights, so their bytes
-    are hashed (about 0.3 s for SmolLM2's 270 MB); an unfrozen one takes them at load, so only their shapes are.
-    Buffers (the RoPE tables) are named by their shapes and the settings they are made from (`llama.py`'s `rope`),
-    not by their bytes: the last bits of the float32 cos table differed between two processes in 2 of 5 tiny-model
-    runs (the vectorized cos), which named a new package and rebuilt it at a warm start."""
-    digest = hashlib.sha256()
-    # the code is parallelized for the threads
-    settings = f"frozen={frozen} single={single} threads={torch.get_num_threads()}"
-    for part in (torch.__version__, attention.__qualname__, " ".join(sorted(cpu_flags())), settings):
-        digest.update(part.encode() + b"\0")
-    for source in _SOURCES:
-        digest.update(source.read_bytes())
-    for name, module in decoder.named_modules():
-        settings = sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str)))
-        digest.update(f"{name}:{type(module).__qualname__}:{settings}".encode())
-    for name, tensor in decoder.named_parameters():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        if frozen:
-            digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().data)
-    for name, tensor in decoder.named_buffers():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-    return digest.hexdigest()[:32]
-
-
 def load_or_build(
     decoder: nn.Module,
     attention: Callable,
@@ -132,11 +92,11 @@ def load_or_build(
     the package holds no weights, and the step reads the decoder's own tensors (no second copy). `single`: the
     step of one token and one logit."""
     step = DecodeStep(decoder, attention)
-    path = directory / f"decode-{package_name(decoder, attention, frozen, single)}.pt2"
-    tidy(directory, keep=path)
+    path = directory / f"decode-{step_packages.package_name(decoder, attention, frozen, single)}.pt2"
+    step_packages.tidy(directory, keep=path)
     if path.exists():
         try:
-            loaded = _load(path, step, frozen)
+            loaded = step_packages.load(path, step, frozen)
             with contextlib.suppress(OSError):  # a read-only cache: its owner prunes it
                 os.utime(path)  # used now: kept by `tidy` for another week
             return loaded, False
@@ -145,31 +105,7 @@ def load_or_build(
     if on_build is not None:
         on_build()
     build_in_child(step, keys, values, path, frozen, single, stop)
-    return _load(path, step, frozen), True
-
-
-def tidy(directory: Path, keep: Path) -> None:
-    """Remove what is left over in `directory`: the packages, other than `keep`, that nothing has loaded or built
-    for `UNUSED_PACKAGE_S` (a worker that has one loaded keeps running on it: the file's data stays until it is
-    unmapped), and the scratch directories of builds whose worker was killed (a day old: no build lasts that long)."""
-    unused = [p for p in _untouched_for(directory, "decode-*.pt2", UNUSED_PACKAGE_S) if p != keep]
-    for package in unused:
-        with contextlib.suppress(OSError):
-            package.unlink()
-    if unused:
-        log.info("removed %d compiled decode step(s) unused for %d days", len(unused), UNUSED_PACKAGE_S // 86400)
-    for scratch in _untouched_for(directory, "build-*", STALE_BUILD_S):
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _untouched_for(directory: Path, pattern: str, seconds: float) -> list[Path]:
-    """The entries of `directory` matching `pattern` whose modification time is more than `seconds` old."""
-    now, old = time.time(), []
-    for entry in directory.glob(pattern):
-        with contextlib.suppress(OSError):  # another worker removed it first
-            if now - entry.stat().st_mtime > seconds:
-                old.append(entry)
-    return old
+    return step_packages.load(path, step, frozen), True
 
 
 class BuildStopped(Exception):
@@ -216,36 +152,6 @@ def _example(cache: torch.Tensor) -> torch.Tensor:
     cache), and the build failed."""
     _, kv_heads, _, head_dim = cache.shape
     return torch.zeros((2, kv_heads, 66, head_dim), dtype=cache.dtype, device=cache.device)
-
-
-def _load(path: Path, step: DecodeStep, frozen: bool) -> DecodeFn:
-    compiled = torch._inductor.aoti_load_package(str(path))
-    if not frozen:
-        tensors = dict(step.named_parameters()) | dict(step.named_buffers())
-        weights = {name: tensors[name] for name in compiled.get_constant_fqns()}
-        compiled.load_constants(weights, check_full_update=True, user_managed=True)
-    for extracted in _extracted_here():
-        shutil.rmtree(extracted, ignore_errors=True)
-    return compiled
-
-
-def _extracted_here() -> set[Path]:
-    """The `aotinductor_*` directories (in the temp dir) whose libraries this process has mapped. A load extracts
-    the package there, and only the loaded model's destructor removes it, which a killed worker never runs: a
-    day of tests and benches on the 2-core machine left 114 of them, 41 GB. Once mapped, the library needs no file
-    (the mapping outlives it, and the destructor does not mind), so `_load` removes its own at once. Another
-    process's directories are never in this one's map. Linux only: elsewhere, nothing is found."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return set()
-    found = set()
-    for line in maps.splitlines():
-        fields = line.split(None, 5)
-        if len(fields) == 6 and "/aotinductor_" in fields[5]:
-            path = Path(fields[5].strip())
-            found |= {parent for parent in path.parents if parent.name.startswith("aotinductor_")}
-    return {directory for directory in found if directory.is_dir()}
 
 
 def build(step: DecodeStep, keys: list, values: list, path: Path, frozen: bool, single: bool = False) -> None:

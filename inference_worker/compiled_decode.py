@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference_worker import aot_step, warm_up
+from inference_worker import aot_step, step_packages, warm_up
 from inference_worker.jit_step import compiled_step, configure_compiler
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.step_inputs import StepInputs
@@ -233,10 +233,11 @@ class CompiledDecode:
         started = time.perf_counter()
         how = dict.fromkeys(sizes, "compiled")
         if self.package_dir is not None:  # every package before any step: see the docstring of warm_up.py
-            for size in sizes:
-                how[size] = self._load_or_build_package(size)
-                if how[size] == "stopped":
-                    return
+            with step_packages.weights_hashed_once():
+                for size in sizes:
+                    how[size] = self._load_or_build_package(size)
+                    if how[size] == "stopped":
+                        return
             self.settled.set()
             if how.get(SINGLE) == "not built":  # one-row steps run the narrow package
                 self.sizes = tuple(s for s in self.sizes if s != SINGLE)

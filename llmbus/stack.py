@@ -165,6 +165,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
 async def serve_parts(configs: Mapping[Part, Config], stop: asyncio.Event, server: NatsServer | None) -> int:
     parts = list(configs)
     runners = {part: part_runner(part) for part in parts}
+    process_gc.freeze_imports()
     ready = {part: asyncio.Event() for part in parts}
     tasks = {
         part: asyncio.create_task(runner(configs[part], stop, ready[part]), name=f"llmbus-{part}")

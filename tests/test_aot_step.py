@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from helpers.tiny_model import chat_prompt, tiny_model
-from inference_worker import aot_step
+from inference_worker import aot_step, step_packages
 from inference_worker.attention import matmul_attention, reduction_attention, sdpa_attention
 from inference_worker.compiled_decode import SINGLE
 from inference_worker.engine import EngineConfig, LLMEngine
@@ -85,9 +86,9 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     # once took a one-row cache as its example, specialized the rows to 1, and the build failed)
     built, was_built = package_step(decoder, slot_cache(tiny, rows=1), tmp_path)
     assert was_built
-    (package,) = tmp_path.iterdir()
-    assert package.suffix == ".pt2"  # no temporary file left behind
-    week_and_a_day_ago = time.time() - aot_step.UNUSED_PACKAGE_S - 86400
+    package, library = sorted(tmp_path.iterdir())  # no temporary file left behind
+    assert package.suffix == ".pt2" and library == step_packages.library_of(package)  # extracted by the load
+    week_and_a_day_ago = time.time() - step_packages.UNUSED_PACKAGE_S - 86400
     os.utime(package, (week_and_a_day_ago, week_and_a_day_ago))
     (tmp_path / "decode-of-an-older-release.pt2").write_bytes(b"unused for 8 days")
     os.utime(tmp_path / "decode-of-an-older-release.pt2", (week_and_a_day_ago, week_and_a_day_ago))
@@ -95,9 +96,13 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     (tmp_path / "build-killed-2-days-ago").mkdir()
     (tmp_path / "build-killed-2-days-ago" / "job.pt").write_bytes(b"scratch of a build whose worker was killed")
     os.utime(tmp_path / "build-killed-2-days-ago", (week_and_a_day_ago, week_and_a_day_ago))
+    (tmp_path / "decode-of-an-older-release.so").write_bytes(b"the library of a package removed with it")
+    (tmp_path / ".extract-killed-2-days-ago").write_bytes(b"half a library, its worker killed while extracting it")
+    os.utime(tmp_path / ".extract-killed-2-days-ago", (week_and_a_day_ago, week_and_a_day_ago))
     loaded, was_built = package_step(decoder, cache, tmp_path)
     assert not was_built
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([package.name, "decode-of-another-configuration.pt2"])
+    kept = [package.name, library.name, "decode-of-another-configuration.pt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert package.stat().st_mtime > week_and_a_day_ago + 86400  # loaded, so marked used: kept another week
 
     inputs = decode_inputs(cache)
@@ -161,7 +166,7 @@ def test_a_package_that_does_not_load_is_built_again(
 ) -> None:
     decoder = family_decoder(tiny, 64)
     cache = slot_cache(tiny)
-    package = tmp_path / f"decode-{aot_step.package_name(decoder, reduction_attention, True)}.pt2"
+    package = tmp_path / f"decode-{step_packages.package_name(decoder, reduction_attention, True)}.pt2"
     package.write_bytes(b"half a package")
     with caplog.at_level(logging.WARNING, logger="llmbus.engine"):
         step, was_built = package_step(decoder, cache, tmp_path)
@@ -170,21 +175,70 @@ def test_a_package_that_does_not_load_is_built_again(
     assert not package_step(decoder, cache, tmp_path)[1]
 
 
+def test_a_library_that_does_not_load_is_extracted_again_and_a_read_only_cache_loads_a_copy_of_its_own(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    decoder = family_decoder(tiny, 64)
+    cache = slot_cache(tiny)
+    built, _ = package_step(decoder, cache, tmp_path / "built")
+    expected = run(built, cache, decode_inputs(cache))
+    (built_package,) = (tmp_path / "built").glob("*.pt2")
+    # another cache directory with the same package: a library path this process has not loaded (a second
+    # dlopen of one path reuses the library already mapped, whatever the file holds now)
+    package = tmp_path / "cache" / built_package.name
+    package.parent.mkdir()
+    shutil.copy(built_package, package)
+    library = step_packages.library_of(package)
+    library.write_bytes(b"a torn library")
+    with caplog.at_level(logging.WARNING, logger="llmbus.engine"):
+        step, was_built = package_step(decoder, cache, package.parent)
+    assert not was_built and f"the library of {package.name} did not load" in caplog.text
+    assert torch.equal(run(step, cache, decode_inputs(cache)), expected)
+
+    extract = step_packages._extract_library
+
+    def read_only_cache(source: Path, target: Path) -> None:
+        if target.parent == package.parent:
+            raise PermissionError(13, "Permission denied", str(target))
+        extract(source, target)
+
+    library.unlink()
+    monkeypatch.setattr(step_packages, "_extract_library", read_only_cache)
+    step, was_built = package_step(decoder, cache, package.parent)
+    assert not was_built and not library.exists()
+    assert torch.equal(run(step, cache, decode_inputs(cache)), expected)
+
+
 def test_the_package_name_follows_the_weights_the_forward_and_the_attention(tiny: LoadedModel) -> None:
     decoder = family_decoder(tiny, 64)
-    name = aot_step.package_name(decoder, reduction_attention, True)
+    name = step_packages.package_name(decoder, reduction_attention, True)
     twin = tiny_model()  # the same seed: the same weights
-    assert aot_step.package_name(family_decoder(twin, 64), reduction_attention, True) == name
-    assert aot_step.package_name(decoder, matmul_attention, True) != name
+    assert step_packages.package_name(family_decoder(twin, 64), reduction_attention, True) == name
+    assert step_packages.package_name(decoder, matmul_attention, True) != name
     with torch.no_grad():
         twin.model.model.layers[1].mlp.down_proj.weight[3, 4] += 1e-3
-    assert aot_step.package_name(family_decoder(twin, 64), reduction_attention, True) != name
+    assert step_packages.package_name(family_decoder(twin, 64), reduction_attention, True) != name
     longer_rope = family_decoder(tiny_model(max_context=4096), 4096)  # its RoPE tables are longer
-    assert aot_step.package_name(longer_rope, reduction_attention, True) != name
-    assert aot_step.package_name(decoder, reduction_attention, True, single=True) != name
+    assert step_packages.package_name(longer_rope, reduction_attention, True) != name
+    assert step_packages.package_name(decoder, reduction_attention, True, single=True) != name
     other_theta = tiny_model()
     other_theta.model.config.rope_parameters = {"rope_theta": 50000.0, "rope_type": "default"}
-    assert aot_step.package_name(LlamaFamilyModel(other_theta.model, 64), reduction_attention, True) != name
+    assert step_packages.package_name(LlamaFamilyModel(other_theta.model, 64), reduction_attention, True) != name
+
+
+def test_a_warm_up_hashes_a_decoders_weights_once_and_a_name_outside_it_hashes_them_again() -> None:
+    """Within `weights_hashed_once` (one warm-up's packages) a decoder's weights are hashed once: a weight changed
+    in place there keeps the name. Outside, every name hashes them: the change renames the package."""
+    twin = tiny_model()
+    decoder = LlamaFamilyModel(twin.model, 64)
+    name = step_packages.package_name(decoder, reduction_attention, True)
+    with step_packages.weights_hashed_once():
+        assert step_packages.package_name(decoder, reduction_attention, True) == name
+        with torch.no_grad():
+            twin.model.model.layers[1].mlp.down_proj.weight[3, 4] += 1e-3  # the decoder reads this storage
+        assert step_packages.package_name(decoder, reduction_attention, True) == name
+        assert step_packages.package_name(decoder, reduction_attention, True, single=True) != name
+    assert step_packages.package_name(decoder, reduction_attention, True) != name
 
 
 def test_an_engine_loads_the_step_its_predecessor_built_and_runs_one_row_unpadded(
@@ -221,7 +275,7 @@ def test_a_frozen_bf16_package_calls_onednn_on_packed_weights_and_has_parallel_l
     decoder = family_decoder(loaded, 64)
     cache = slot_cache(loaded)
     package_step(decoder, cache, tmp_path)
-    (package,) = tmp_path.iterdir()
+    (package,) = tmp_path.glob("*.pt2")
     with zipfile.ZipFile(package) as archive:
         code = {n.rsplit(".", 2)[-2]: archive.read(n).decode() for n in archive.namelist() if n.endswith(".cpp")}
     calls = re.findall(r"aoti_torch_cpu__linear_pointwise(?:_binary)?\(", code["wrapper"])  # _binary: + residual
