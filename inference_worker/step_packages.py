@@ -188,13 +188,13 @@ def _extract_library(package: Path, target: Path) -> None:
 
 class PackagedStep:
     """A package's step: `step(*tensors)` runs it on the flat tensors `DecodeStep.forward` takes and returns its one
-    output. It runs the library through AOTInductor's CPU runner, as `torch._inductor.aoti_load_package` does, minus
+    output. It runs the library through AOTInductor's CPU runner, as `torch._inductor.aoti_load_package` does, less
     three costs of that call:
     - the archive's extraction at every load (`_open`);
     - at load, a check of the CPU's vector instruction set that compiles and loads six probe libraries in child
       processes (1.0 s of every start here) only to warn when a package was built on another CPU: a package's name
       already holds this CPU's instruction sets (`package_name`);
-    - at every step, parsing the call's input and output specs from JSON to flatten a call that is flat already."""
+    - at every step, flattening the call's arguments through pytree, which are flat already (26 µs a step)."""
 
     def __init__(self, library: Path) -> None:
         self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1)
