@@ -134,8 +134,7 @@ def load(path: Path, step: nn.Module, frozen: bool) -> PackagedStep:
     """The package's step, run from its library (`library_of`). Unfrozen, it reads the step's own tensors."""
     compiled = _open(path)
     if not frozen:
-        tensors = dict(step.named_parameters()) | dict(step.named_buffers())
-        compiled.load_constants({name: tensors[name] for name in compiled.get_constant_fqns()})
+        compiled.load_constants(dict(step.named_parameters()) | dict(step.named_buffers()))
     return compiled
 
 
@@ -208,6 +207,6 @@ class PackagedStep:
         return list(self.fqns.values())
 
     def load_constants(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Point the step at tensors it reads but does not hold (an unfrozen package), every one of them by its
-        fully qualified name; they must outlive the step."""
+        """Point the step at tensors it reads but does not hold (an unfrozen package): from `tensors`, by fully
+        qualified name, every one it needs; they must outlive the step."""
         self.runner.update_constant_buffer({name: tensors[fqn] for name, fqn in self.fqns.items()}, False, True, True)
