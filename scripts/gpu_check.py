@@ -52,7 +52,7 @@ def engine_texts(loaded: LoadedModel, prompts: list[list[int]], compile: bool, m
 
 def check_float32(model: str | None, max_tokens: int, compiled_too: bool) -> tuple[bool, list[str]]:
     """Whether the float32 engine's greedy text equals `model.generate`'s, and `generate`'s texts."""
-    loaded = load_model(model, device="cuda", dtype="float32")
+    loaded = load_model(model, device="cuda", dtype="float32", backend="transformers")
     prompts = [loaded.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     expected = []
     for ids in prompts:

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(pick_threads(args.threads))
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     variants = args.variants.split(",")
+    backend = "transformers" if "hf" in variants else "auto"  # the hf loop runs transformers' own modules
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=backend)
     threads = torch.get_num_threads()
     print(f"{loaded.name} on {loaded.device}, {loaded.dtype}, {threads} threads, torch {torch.__version__}")
     generator = torch.Generator().manual_seed(0)

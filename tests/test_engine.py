@@ -303,7 +303,7 @@ def test_engine_status_lifecycle(tiny: LoadedModel) -> None:
 
 @pytest.mark.model
 def test_greedy_engine_equals_generate_on_smollm2() -> None:
-    loaded = load_model(dtype="float32")
+    loaded = load_model(dtype="float32", backend="transformers")
     prompts = [prompt(loaded, q) for q in ("What is the capital of France?", "Write one sentence about cats.")]
     params = SamplingParams(max_tokens=20)
     batched = LLMEngine(loaded, EngineConfig(max_batch_size=4)).generate(prompts, params)

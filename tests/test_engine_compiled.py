@@ -310,11 +310,11 @@ def test_compiled_bf16_greedy_is_as_close_to_float32_as_eager_bf16_on_real_promp
             texts.append(loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
         return texts
 
-    reference = load_model(dtype="float32")
+    reference = load_model(dtype="float32", backend="transformers")
     prompts = [reference.encode_chat([{"role": "user", "content": q}]) for q in questions]
     truth = generate_each(reference)
     del reference
-    loaded = load_model(dtype="bfloat16")
+    loaded = load_model(dtype="bfloat16", backend="transformers")
     hf_bf16_hits = sum(a == b for a, b in zip(generate_each(loaded), truth, strict=True))
     eager = LLMEngine(loaded, EngineConfig(max_batch_size=8))
     engine = LLMEngine(loaded, EngineConfig(max_batch_size=8, compile=True))

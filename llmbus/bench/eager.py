@@ -29,7 +29,7 @@ class EagerModel:
 
         from inference_worker.model_loader import load_model
 
-        loaded = load_model(path, device, dtype)
+        loaded = load_model(path, device, dtype, backend="transformers")
         if not isinstance(loaded.model, PreTrainedModel):
             raise TypeError(
                 f"the eager ceiling needs a transformers PreTrainedModel; load_model gave {type(loaded.model)}"

@@ -1,0 +1,165 @@
+"""A Llama checkpoint read without transformers: config.json and safetensors into a module tree with the HF names.
+
+Importing transformers 5 takes about 2 s on a 2-core machine (it imports torch.distributed, sympy and dynamo for
+any model class), longer than everything else a warm worker does before it serves. So a worker reads the
+checkpoints it can read exactly on its own: `model_type` "llama" (SmolLM2 is one) with the default RoPE, SiLU,
+safetensors weights. The tree has the attributes `llama.LlamaFamilyModel` reads from an HF model
+(`model.layers[i].self_attn.q_proj`, `lm_head`, `config`, ...) and nothing else: no `generate`, no HF forward.
+Anything else (other families, RoPE scaling, a missing field, `.bin` weights) returns None from `load_llama`, with
+the reason, and `model_loader` loads it through transformers, as before.
+
+The weights are the checkpoint's, cast to the asked dtype as transformers casts them (`Tensor.to`), and the RoPE
+tables come from the same arithmetic as transformers' `LlamaRotaryEmbedding`; `tests/test_checkpoint.py` checks
+both loaders give equal logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+class Unsupported(Exception):
+    """Why a checkpoint is left to transformers."""
+
+
+class CheckpointConfig(SimpleNamespace):
+    """config.json's fields as attributes, with the defaults of transformers' LlamaConfig for the optional ones
+    this module reads, and the RoPE settings in transformers 5's form (`rope_parameters`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def read_config(directory: Path) -> CheckpointConfig:
+    raw = json.loads((directory / "config.json").read_text())
+    if raw.get("model_type") != "llama":
+        raise Unsupported(f"model_type {raw.get('model_type')!r} (only 'llama' is read without transformers)")
+    if missing := [name for name in REQUIRED if name not in raw]:
+        raise Unsupported(f"config.json has no {', '.join(missing)}")
+    if raw.get("hidden_act", "silu") != "silu" or raw.get("pretraining_tp", 1) != 1:
+        raise Unsupported("an activation other than silu, or pretraining_tp > 1")
+    if raw.get("attention_bias") or raw.get("mlp_bias") or "partial_rotary_factor" in raw:
+        raise Unsupported("biases or a partial rotary factor")
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise Unsupported(f"RoPE type {rope_type!r}")
+    theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    heads = raw["num_attention_heads"]
+    fields = {
+        "num_key_value_heads": heads,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "pretraining_tp": 1,
+        **raw,
+        "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
+        "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
+    }
+    fields.pop("rope_scaling", None)
+    fields.pop("rope_theta", None)
+    return CheckpointConfig(**fields)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: `model.safetensors`, or the shards its index names."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        raise Unsupported("no safetensors weights (model.safetensors or its index)")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weights: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        weights.update(load_file(directory / shard))
+    return weights
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin of the default RoPE, computed as transformers' LlamaRotaryEmbedding computes them."""
+
+    def __init__(self, config: CheckpointConfig) -> None:
+        super().__init__()
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+
+def load_llama(directory: Path, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint as a module tree with transformers' names, weights in `dtype`. Raises `Unsupported`."""
+    config = read_config(directory)
+    weights = read_weights(directory)
+    take = _Taker(weights, dtype)
+    inner = nn.Module()
+    inner.embed_tokens = _holder(take("model.embed_tokens.weight"))
+    inner.layers = nn.ModuleList(_layer(take, f"model.layers.{i}.", config) for i in range(config.num_hidden_layers))
+    inner.norm = _holder(take("model.norm.weight"))
+    inner.rotary_emb = RotaryEmbedding(config)
+    model = nn.Module()
+    model.config = config
+    model.model = inner
+    if config.tie_word_embeddings:
+        head = inner.embed_tokens.weight
+        take.taken.add("lm_head.weight")  # a tied head saved anyway is the embedding's copy
+    else:
+        head = take("lm_head.weight")
+    model.lm_head = _linear(head)
+    if left := sorted(name for name in weights if name not in take.taken and "rotary_emb" not in name):
+        raise Unsupported(f"tensors this reader does not know: {', '.join(left[:3])}")
+    return model.eval()
+
+
+class _Taker:
+    def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.weights, self.dtype, self.taken = weights, dtype, set[str]()
+
+    def __call__(self, name: str) -> nn.Parameter:
+        if name not in self.weights:
+            raise Unsupported(f"the checkpoint has no {name}")
+        self.taken.add(name)
+        return nn.Parameter(self.weights[name].to(self.dtype), requires_grad=False)
+
+
+def _holder(weight: nn.Parameter) -> nn.Module:
+    module = nn.Module()
+    module.weight = weight
+    return module
+
+
+def _linear(weight: nn.Parameter) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = weight
+    return linear
+
+
+def _layer(take: _Taker, prefix: str, config: CheckpointConfig) -> nn.Module:
+    attention = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(attention, name, _linear(take(f"{prefix}self_attn.{name}.weight")))
+    attention.head_dim = config.head_dim
+    attention.scaling = config.head_dim**-0.5
+    mlp = nn.Module()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(mlp, name, _linear(take(f"{prefix}mlp.{name}.weight")))
+    layer = nn.Module()
+    layer.self_attn = attention
+    layer.mlp = mlp
+    layer.input_layernorm = _holder(take(f"{prefix}input_layernorm.weight"))
+    layer.post_attention_layernorm = _holder(take(f"{prefix}post_attention_layernorm.weight"))
+    return layer

@@ -1,0 +1,127 @@
+"""A Llama checkpoint read without transformers (`checkpoint.py`, `chat_tokenizer.py`) gives what transformers gives:
+the same prompt ids, end tokens and logits, and the same compiled-step package name; anything it does not read
+exactly loads through transformers instead."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from helpers.tiny_model import tiny_model
+from inference_worker import step_packages
+from inference_worker.attention import reduction_attention
+from inference_worker.chat_tokenizer import ChatTokenizer
+from inference_worker.checkpoint import CheckpointConfig
+from inference_worker.llama import LlamaFamilyModel
+from inference_worker.model_loader import LoadedModel, load_model
+from inference_worker.model_runner import ModelRunner
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief. <|im_end|> é ü 日本 🙂"}, {"role": "user", "content": "Hi\n\n  {{ x }}"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": ""}],
+]
+
+
+def logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
+    return ModelRunner(loaded, 2, 128, compile=False).forward(0, [ids], [0])
+
+
+@pytest.mark.model
+def test_smollm2_read_without_transformers_equals_the_transformers_load() -> None:
+    own = load_model(dtype="bfloat16")
+    reference = load_model(dtype="bfloat16", backend="transformers")
+    assert not isinstance(own.model, PreTrainedModel) and isinstance(reference.model, PreTrainedModel)
+    assert isinstance(own.tokenizer, ChatTokenizer)
+    for turns in CONVERSATIONS:
+        assert own.encode_chat_with_prefix(turns) == reference.encode_chat_with_prefix(turns)
+    assert (own.eos_token_ids, own.max_context, own.name) == (
+        reference.eos_token_ids,
+        reference.max_context,
+        reference.name,
+    )
+    ids = own.encode_chat(CONVERSATIONS[0])
+    assert torch.equal(logits(own, ids), logits(reference, ids))
+    # the same package serves both: a worker finds the one a test (or another loader) built
+    names = [
+        step_packages.package_name(LlamaFamilyModel(m.model, 256), reduction_attention, frozen=False)
+        for m in (own, reference)
+    ]
+    assert names[0] == names[1]
+
+
+@pytest.mark.model
+def test_a_worker_loads_smollm2_without_importing_transformers() -> None:
+    code = (
+        "import sys; import inference_worker.worker, bus_gateway.app; "
+        "from inference_worker.model_loader import load_model; load_model(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def save(loaded: LoadedModel, directory: Path, **options) -> Path:
+    loaded.model.save_pretrained(directory, **options)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_an_untied_sharded_llama_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
+    tiny = tiny_model()
+    assert not tiny.model.config.tie_word_embeddings
+    directory = save(tiny, tmp_path / "tiny", max_shard_size="100KB")
+    assert (directory / "model.safetensors.index.json").is_file()
+    own = load_model(str(directory), dtype="float32")
+    reference = load_model(str(directory), dtype="float32", backend="transformers")
+    assert isinstance(own.model.config, CheckpointConfig)
+    assert own.model.lm_head.weight.data_ptr() != own.model.model.embed_tokens.weight.data_ptr()
+    ids = own.encode_chat(CONVERSATIONS[1])
+    assert ids == reference.encode_chat(CONVERSATIONS[1])
+    assert torch.equal(logits(own, ids), logits(reference, ids))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"model_type": "mistral", "sliding_window": None}, "model_type 'mistral'"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE type 'linear'"),
+        ({"attention_bias": True}, "biases"),
+    ],
+)
+def test_a_checkpoint_the_reader_does_not_cover_loads_through_transformers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: dict, reason: str
+) -> None:
+    directory = save(tiny_model(), tmp_path / "tiny")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **change}))
+    with caplog.at_level(logging.INFO, logger="llmbus.model"):
+        loaded = load_model(str(directory), dtype="float32")
+    assert isinstance(loaded.model, PreTrainedModel)
+    assert any("loads through transformers" in r.message and reason in r.message for r in caplog.records)
+
+
+def test_the_chat_template_comes_from_tokenizer_config_and_raises_as_transformers_does(tmp_path: Path) -> None:
+    directory = save(tiny_model(), tmp_path / "tiny")
+    template = (directory / "chat_template.jinja").read_text()
+    (directory / "chat_template.jinja").unlink()
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    strict = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('starts with the assistant') }}{% endif %}"
+    named = [{"name": "default", "template": strict + template}, {"name": "tool_use", "template": "unused"}]
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    tokenizer = ChatTokenizer.load(directory)
+    reference = load_model(str(directory), dtype="float32", backend="transformers").tokenizer
+    for turns in CONVERSATIONS:
+        assert tokenizer.apply_chat_template(turns, add_generation_prompt=True) == reference.apply_chat_template(
+            turns, add_generation_prompt=True, tokenize=False
+        )
+    with pytest.raises(jinja2.TemplateError, match="starts with the assistant"):
+        tokenizer.apply_chat_template([{"role": "assistant", "content": "x"}])
