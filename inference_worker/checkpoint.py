@@ -1,12 +1,12 @@
-"""A Llama checkpoint read without transformers: config.json and safetensors into a module tree with the HF names.
+"""A Llama-family checkpoint read without transformers: config.json and safetensors into a tree with the HF names.
 
 Importing transformers 5 takes about 2 s on a 2-core machine (it imports torch.distributed, sympy and dynamo for
 any model class), longer than everything else a warm worker does before it serves. So a worker reads the
-checkpoints it can read exactly on its own: `model_type` "llama" (SmolLM2 is one) with the default RoPE, SiLU,
-safetensors weights. The tree has the attributes `llama.LlamaFamilyModel` reads from an HF model
-(`model.layers[i].self_attn.q_proj`, `lm_head`, `config`, ...) and nothing else: no `generate`, no HF forward.
-Anything else (other families, RoPE scaling, a missing field, `.bin` weights) returns None from `load_llama`, with
-the reason, and `model_loader` loads it through transformers, as before.
+checkpoints it can read exactly on its own: the Llama, Mistral and Qwen2 families that `llama.py` runs, with the
+default RoPE, SiLU and safetensors weights. The tree has the attributes `llama.LlamaFamilyModel` reads from an HF
+model (`model.layers[i].self_attn.q_proj`, `lm_head`, `config`, ...) and nothing else: no `generate`, no HF forward.
+For anything else (other families, RoPE scaling, a missing field, `.bin` weights) `load_llama` raises `Unsupported`
+with the reason, and `model_loader` loads it through transformers, as before.
 
 The weights are the checkpoint's, cast to the asked dtype as transformers casts them (`Tensor.to`), and the RoPE
 tables come from the same arithmetic as transformers' `LlamaRotaryEmbedding`; `tests/test_checkpoint.py` checks
@@ -25,6 +25,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# Mistral's and Qwen2's config classes default these to their large models' values; such a checkpoint must say them
+STATED = {"llama": (), "mistral": ("num_key_value_heads", "max_position_embeddings", "sliding_window")}
+STATED["qwen2"] = ("num_key_value_heads", "max_position_embeddings")
+QKV_BIAS = frozenset({"qwen2"})  # Qwen2's q, k and v projections always have biases
 
 
 class Unsupported(Exception):
@@ -41,10 +45,15 @@ class CheckpointConfig(SimpleNamespace):
 
 def read_config(directory: Path) -> CheckpointConfig:
     raw = json.loads((directory / "config.json").read_text())
-    if raw.get("model_type") != "llama":
-        raise Unsupported(f"model_type {raw.get('model_type')!r} (only 'llama' is read without transformers)")
-    if missing := [name for name in REQUIRED if name not in raw]:
+    family = raw.get("model_type")
+    if family not in STATED:
+        raise Unsupported(f"model_type {family!r} (read without transformers: {', '.join(STATED)})")
+    if missing := [name for name in REQUIRED + STATED[family] if name not in raw]:
         raise Unsupported(f"config.json has no {', '.join(missing)}")
+    if family == "qwen2" and raw.get("use_sliding_window"):
+        raise Unsupported("a Qwen2 sliding window (it may apply to some layers only)")
+    if len(set(raw.get("layer_types") or ())) > 1:
+        raise Unsupported("attention types that differ between layers")
     if raw.get("hidden_act", "silu") != "silu" or raw.get("pretraining_tp", 1) != 1:
         raise Unsupported("an activation other than silu, or pretraining_tp > 1")
     if raw.get("attention_bias") or raw.get("mlp_bias") or "partial_rotary_factor" in raw:
@@ -65,7 +74,10 @@ def read_config(directory: Path) -> CheckpointConfig:
         **raw,
         "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
         "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
+        "qkv_bias": family in QKV_BIAS,
     }
+    if family == "qwen2":
+        fields["sliding_window"] = None  # as transformers' Qwen2Config sets it without use_sliding_window
     fields.pop("rope_scaling", None)
     fields.pop("rope_theta", None)
     return CheckpointConfig(**fields)
@@ -142,16 +154,18 @@ def _holder(weight: nn.Parameter) -> nn.Module:
     return module
 
 
-def _linear(weight: nn.Parameter) -> nn.Linear:
+def _linear(weight: nn.Parameter, bias: nn.Parameter | None = None) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = weight
+    linear.bias = bias
     return linear
 
 
 def _layer(take: _Taker, prefix: str, config: CheckpointConfig) -> nn.Module:
     attention = nn.Module()
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        setattr(attention, name, _linear(take(f"{prefix}self_attn.{name}.weight")))
+        bias = take(f"{prefix}self_attn.{name}.bias") if config.qkv_bias and name != "o_proj" else None
+        setattr(attention, name, _linear(take(f"{prefix}self_attn.{name}.weight"), bias))
     attention.head_dim = config.head_dim
     attention.scaling = config.head_dim**-0.5
     mlp = nn.Module()

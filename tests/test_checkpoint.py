@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 import pytest
 import torch
-from transformers import PreTrainedModel
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from helpers.tiny_model import tiny_model
 from inference_worker import step_packages
@@ -21,7 +21,7 @@ from inference_worker.attention import reduction_attention
 from inference_worker.chat_tokenizer import ChatTokenizer
 from inference_worker.checkpoint import CheckpointConfig
 from inference_worker.llama import LlamaFamilyModel
-from inference_worker.model_loader import LoadedModel, load_model
+from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer
 from inference_worker.model_runner import ModelRunner
 
 CONVERSATIONS = [
@@ -90,9 +90,44 @@ def test_an_untied_sharded_llama_is_read_as_transformers_reads_it(tmp_path: Path
 
 
 @pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        ((MistralConfig, MistralForCausalLM), {"sliding_window": 12}),
+        ((MistralConfig, MistralForCausalLM), {"sliding_window": None}),
+        ((Qwen2Config, Qwen2ForCausalLM), {"tie_word_embeddings": True}),
+    ],
+)
+def test_mistral_and_qwen2_are_read_as_transformers_reads_them(tmp_path: Path, family: tuple, extra: dict) -> None:
+    """Mistral's window (shorter than the prompt, so it matters) and Qwen2's q/k/v biases (made non-zero)."""
+    config_class, model_class = family
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = config_class(
+        vocab_size=len(tokenizer), num_key_value_heads=2, max_position_embeddings=512, **shape, **extra
+    )
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
+    tiny = LoadedModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32, frozenset({2}), 512)
+    directory = save(tiny, tmp_path / "tiny")
+    own = load_model(str(directory), dtype="float32")
+    reference = load_model(str(directory), dtype="float32", backend="transformers")
+    assert isinstance(own.model.config, CheckpointConfig)
+    ids = own.encode_chat(CONVERSATIONS[1])
+    assert len(ids) > 12
+    assert torch.equal(logits(own, ids), logits(reference, ids))
+    decoders = [LlamaFamilyModel(m.model, 128) for m in (own, reference)]
+    assert decoders[0].window == decoders[1].window == extra.get("sliding_window")
+
+
+@pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"model_type": "mistral", "sliding_window": None}, "model_type 'mistral'"),
+        ({"model_type": "gemma"}, "model_type 'gemma'"),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8}, "Qwen2 sliding window"),
         ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE type 'linear'"),
         ({"attention_bias": True}, "biases"),
     ],
