@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 from tokenizers import Tokenizer
 
 from inference_worker.checkpoint import Unsupported
@@ -81,12 +82,31 @@ def _content(token: str | dict[str, Any]) -> str:
 
 def _environment() -> ImmutableSandboxedEnvironment:
     """transformers' chat template environment: the sandbox, trimmed blocks, loop controls, its `tojson` (no HTML
-    escaping), `raise_exception` and `strftime_now`."""
+    escaping), `raise_exception`, `strftime_now`, and a `namespace` that refuses underscore-prefixed names (a
+    template is code from the model's directory)."""
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    environment.globals["namespace"] = _Namespace
     return environment
+
+
+class _Namespace(Namespace):
+    def __init__(*args: Any, **kwargs: Any) -> None:  # jinja2's own signature: `self` may be a keyword
+        self, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            _check_name(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_name(name)
+        Namespace.__setitem__(self, name, value)
+
+
+def _check_name(name: object) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"a chat template may not set {name!r} on a namespace")
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):

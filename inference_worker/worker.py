@@ -40,6 +40,7 @@ from inference_worker.metrics import WorkerMetrics
 from inference_worker.micro import MicroService
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.outbox import Outbox
+from inference_worker.own_thread import in_a_thread_of_its_own
 from inference_worker.requests import Limits
 from inference_worker.routing import ModelDirectory
 from inference_worker.thread_share import share_threads
@@ -261,7 +262,7 @@ async def run_worker(
 
 async def _serve(config: Config, stop: asyncio.Event, ready: asyncio.Event | None, loaded: LoadedModel | None) -> None:
     if loaded is None:
-        loaded = await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
+        loaded = await in_a_thread_of_its_own(load_model, config.model, config.device, config.dtype)
     nc = await connect(config, "llmbus-worker")
     worker = Worker(config, nc, loaded)
     try:

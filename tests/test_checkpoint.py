@@ -160,3 +160,16 @@ def test_the_chat_template_comes_from_tokenizer_config_and_raises_as_transformer
         )
     with pytest.raises(jinja2.TemplateError, match="starts with the assistant"):
         tokenizer.apply_chat_template([{"role": "assistant", "content": "x"}])
+
+
+def test_a_templates_namespace_works_and_refuses_underscore_names(tmp_path: Path) -> None:
+    directory = save(tiny_model(), tmp_path / "tiny")
+    backend = ChatTokenizer.load(directory).backend_tokenizer
+    found = (
+        "{% set ns = namespace(system=false) %}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{% set ns.system = true %}{% endif %}{% endfor %}{{ ns.system }}"
+    )
+    assert ChatTokenizer(backend, found, {}).apply_chat_template(CONVERSATIONS[1]) == "True"
+    for template in ("{% set ns = namespace(_x=1) %}", "{% set ns = namespace() %}{% set ns._x = 1 %}"):
+        with pytest.raises(jinja2.exceptions.SecurityError, match="_x"):
+            ChatTokenizer(backend, template, {}).apply_chat_template(CONVERSATIONS[0])
