@@ -179,11 +179,11 @@ def load_model(
 
 
 def _eos_token_ids(directory: Path, model: nn.Module) -> set[int]:
-    """The end tokens of generation_config.json (transformers' model reads them from there, or from config.json)."""
+    """The end tokens of generation_config.json, else of config.json (as transformers' model reads them)."""
     if (generation := getattr(model, "generation_config", None)) is not None:
         eos = generation.eos_token_id
-    elif (file := directory / "generation_config.json").is_file():
-        eos = json.loads(file.read_text()).get("eos_token_id")
     else:
         eos = getattr(model.config, "eos_token_id", None)
+        if (file := directory / "generation_config.json").is_file():
+            eos = json.loads(file.read_text()).get("eos_token_id", eos)
     return {eos} if isinstance(eos, int) else set(eos or [])
