@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
-from helpers.tiny_model import tiny_model
+from helpers.tiny_model import save_model_directory, tiny_model
 from inference_worker import step_packages
 from inference_worker.attention import reduction_attention
 from inference_worker.chat_tokenizer import ChatTokenizer
@@ -69,16 +69,10 @@ def test_a_worker_loads_smollm2_without_importing_transformers() -> None:
     assert done.stdout.strip() == "[]", done.stdout
 
 
-def save(loaded: LoadedModel, directory: Path, **options) -> Path:
-    loaded.model.save_pretrained(directory, **options)
-    loaded.tokenizer.save_pretrained(directory)
-    return directory
-
-
 def test_an_untied_sharded_llama_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
     tiny = tiny_model()
     assert not tiny.model.config.tie_word_embeddings
-    directory = save(tiny, tmp_path / "tiny", max_shard_size="100KB")
+    directory = save_model_directory(tiny, tmp_path / "tiny", max_shard_size="100KB")
     assert (directory / "model.safetensors.index.json").is_file()
     own = load_model(str(directory), dtype="float32")
     reference = load_model(str(directory), dtype="float32", backend="transformers")
@@ -112,7 +106,7 @@ def test_mistral_and_qwen2_are_read_as_transformers_reads_them(tmp_path: Path, f
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0.0, 0.1)
     tiny = LoadedModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32, frozenset({2}), 512)
-    directory = save(tiny, tmp_path / "tiny")
+    directory = save_model_directory(tiny, tmp_path / "tiny")
     own = load_model(str(directory), dtype="float32")
     reference = load_model(str(directory), dtype="float32", backend="transformers")
     assert isinstance(own.model.config, CheckpointConfig)
@@ -135,7 +129,7 @@ LLAMA3_ROPE |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     ],
 )
 def test_scaled_rope_is_read_as_transformers_reads_it(tmp_path: Path, rope: dict) -> None:
-    directory = save(tiny_model(), tmp_path / "tiny")
+    directory = save_model_directory(tiny_model(), tmp_path / "tiny")
     config = json.loads((directory / "config.json").read_text())
     config.pop("rope_parameters", None)
     (directory / "config.json").write_text(json.dumps({**config, **rope}))
@@ -162,7 +156,7 @@ def test_scaled_rope_is_read_as_transformers_reads_it(tmp_path: Path, rope: dict
 def test_a_checkpoint_the_reader_does_not_cover_loads_through_transformers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, change: dict, reason: str
 ) -> None:
-    directory = save(tiny_model(), tmp_path / "tiny")
+    directory = save_model_directory(tiny_model(), tmp_path / "tiny")
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, **change}))
     with caplog.at_level(logging.INFO, logger="llmbus.model"):
@@ -172,7 +166,7 @@ def test_a_checkpoint_the_reader_does_not_cover_loads_through_transformers(
 
 
 def test_the_chat_template_comes_from_tokenizer_config_and_raises_as_transformers_does(tmp_path: Path) -> None:
-    directory = save(tiny_model(), tmp_path / "tiny")
+    directory = save_model_directory(tiny_model(), tmp_path / "tiny")
     template = (directory / "chat_template.jinja").read_text()
     (directory / "chat_template.jinja").unlink()
     config = json.loads((directory / "tokenizer_config.json").read_text())
@@ -190,7 +184,7 @@ def test_the_chat_template_comes_from_tokenizer_config_and_raises_as_transformer
 
 
 def test_a_templates_namespace_works_and_refuses_underscore_names(tmp_path: Path) -> None:
-    directory = save(tiny_model(), tmp_path / "tiny")
+    directory = save_model_directory(tiny_model(), tmp_path / "tiny")
     backend = ChatTokenizer.load(directory).backend_tokenizer
     found = (
         "{% set ns = namespace(system=false) %}{% for m in messages %}{% if m['role'] == 'system' %}"

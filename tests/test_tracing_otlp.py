@@ -15,7 +15,7 @@ import pytest
 
 from helpers.faults import WorkerProcess, subprocess_env
 from helpers.otlp_receiver import OtlpReceiver, ReceivedSpan
-from helpers.tiny_model import tiny_model
+from helpers.tiny_model import save_model_directory, tiny_model
 from llmbus.nats_server import NatsServer, free_port
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -41,11 +41,7 @@ def otlp_env(endpoint: str, protocol: str = "http/protobuf") -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Llama (with SmolLM2's tokenizer) saved as a model directory, for `worker --model`."""
-    directory = tmp_path_factory.mktemp("tiny-model")
-    loaded = tiny_model()
-    loaded.model.save_pretrained(directory)
-    loaded.tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_directory(tiny_model(), tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture

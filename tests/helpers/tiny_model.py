@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,6 +28,13 @@ def tiny_model(
     )
     model = LlamaForCausalLM(config).to(dtype).eval()
     return LoadedModel(model, tokenizer, "tiny", torch.device("cpu"), dtype, eos_token_ids, max_context)
+
+
+def save_model_directory(loaded: LoadedModel, directory: Path, **options: object) -> Path:
+    """`loaded` (an HF model and tokenizer) saved as a model directory, for `load_model(path)` and `--model`."""
+    loaded.model.save_pretrained(directory, **options)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory
 
 
 def chat_prompt(loaded: LoadedModel, text: str) -> list[int]:
