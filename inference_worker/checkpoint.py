@@ -78,8 +78,6 @@ def read_config(directory: Path) -> CheckpointConfig:
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 2048,
         "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "pretraining_tp": 1,
         **raw,
         "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
         "rope_parameters": rope,
@@ -137,9 +135,9 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
 
 
-def load_llama(directory: Path, dtype: torch.dtype) -> nn.Module:
-    """The checkpoint as a module tree with transformers' names, weights in `dtype`. Raises `Unsupported`."""
-    config = read_config(directory)
+def load_llama(directory: Path, config: CheckpointConfig, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint (its `read_config`) as a module tree with transformers' names, weights in `dtype`. Raises
+    `Unsupported`."""
     weights = read_weights(directory)
     take = _Taker(weights, dtype)
     inner = nn.Module()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from inference_worker.chat_tokenizer import ChatTokenizer
-from inference_worker.checkpoint import Unsupported, load_llama
+from inference_worker.checkpoint import Unsupported, load_llama, read_config
 from inference_worker.hardware import pick_device, pick_dtype
 
 if TYPE_CHECKING:
@@ -158,9 +158,10 @@ def load_model(
     torch_dtype = pick_dtype(torch_device, dtype)
     model = tokenizer = None
     if backend == "auto":
-        try:
+        try:  # the config's refusals first: they cost no tokenizer or weights read for nothing
+            config = read_config(directory)
             tokenizer = ChatTokenizer.load(directory)
-            model = load_llama(directory, torch_dtype)
+            model = load_llama(directory, config, torch_dtype)
         except Unsupported as reason:
             log.info("%s loads through transformers: %s", directory.name, reason)
             model = tokenizer = None
