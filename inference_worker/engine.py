@@ -60,6 +60,7 @@ class EngineConfig:
     kv_cache_tokens: int = 0
     compile: bool = False
     quantize: str = "none"
+    prefill_matmuls: str = "float32"  # or bf16: model_runner.py
 
 
 class LLMEngine:
@@ -74,10 +75,11 @@ class LLMEngine:
         prefix_tokens = self.config.prefix_cache_tokens if self.config.prefix_cache else 0
         rows, window, kv_tokens = self.config.max_batch_size, self.max_seq_len, self.config.kv_cache_tokens
         plan = partial(plan_memory, loaded.model, loaded.dtype, loaded.device, rows, window, kv_tokens, prefix_tokens)
-        self.plan, freeze_wide = fit_runner(loaded, self.config.compile, self.config.quantize, plan)
+        compile, quantize, prefill_matmuls = self.config.compile, self.config.quantize, self.config.prefill_matmuls
+        self.plan, freeze_wide = fit_runner(loaded, compile, quantize, plan, prefill_matmuls)
         log.info("%s", self.plan.describe())
         self.runner = ModelRunner(
-            loaded, self.plan.rows, window, self.config.compile, self.config.quantize, freeze_wide=freeze_wide
+            loaded, self.plan.rows, window, compile, quantize, freeze_wide=freeze_wide, prefill_matmuls=prefill_matmuls
         )
         self.scheduler = Scheduler(self.plan.rows, self.config.prefill_budget)
         self.prefix_cache = (

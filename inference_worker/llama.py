@@ -63,7 +63,8 @@ class Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        """In the weight's dtype, the output cast back to the input's (float32 activations over bf16 weights)."""
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 def fuse(*modules: nn.Linear, share: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -100,15 +101,24 @@ def _param(tensor: torch.Tensor, dtype: torch.dtype | None) -> nn.Parameter:
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, hf_layer: nn.Module, config, make_linear: MakeLinear = Linear, dtype: torch.dtype | None = None
+        self,
+        hf_layer: nn.Module,
+        config,
+        make_linear: MakeLinear = Linear,
+        dtype: torch.dtype | None = None,
+        projections: DecoderLayer | None = None,
     ) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        share = make_linear is Linear and dtype is None
-        self.qkv = make_linear(*_cast(fuse(attn.q_proj, attn.k_proj, attn.v_proj, share=share), dtype))
-        self.o = make_linear(*_cast(_weight_and_bias(attn.o_proj), dtype))
-        self.gate_up = make_linear(*_cast(fuse(mlp.gate_proj, mlp.up_proj, share=share), dtype))
-        self.down = make_linear(*_cast(_weight_and_bias(mlp.down_proj), dtype))
+        if projections is not None:
+            self.qkv, self.o = projections.qkv, projections.o
+            self.gate_up, self.down = projections.gate_up, projections.down
+        else:
+            share = make_linear is Linear and dtype is None
+            self.qkv = make_linear(*_cast(fuse(attn.q_proj, attn.k_proj, attn.v_proj, share=share), dtype))
+            self.o = make_linear(*_cast(_weight_and_bias(attn.o_proj), dtype))
+            self.gate_up = make_linear(*_cast(fuse(mlp.gate_proj, mlp.up_proj, share=share), dtype))
+            self.down = make_linear(*_cast(_weight_and_bias(mlp.down_proj), dtype))
         self.input_norm = _param(hf_layer.input_layernorm.weight.data, dtype)
         self.post_norm = _param(hf_layer.post_attention_layernorm.weight.data, dtype)
         self.eps = config.rms_norm_eps
@@ -151,7 +161,11 @@ class DecoderLayer(nn.Module):
 class LlamaFamilyModel(nn.Module):
     """Built from a loaded HF `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` (sharing its weights).
     `make_linear` builds the layers' projections (`Linear`, or a quantized one), `make_head` the LM head.
-    With `dtype`, it computes in that dtype on copies of the weights (the KV cache keeps its own dtype)."""
+    With `dtype`, it computes in that dtype on copies of the weights (the KV cache keeps its own dtype). With
+    `projections` (another decoder of the same model), its embedding and projections are that decoder's modules,
+    shared, and its norms, RoPE tables and LM head are its own, in `dtype`: float32 activations over bf16 matmuls,
+    for prefills (model_runner.py). The head is not shared: its logits would be rounded to bf16, which ties near
+    ties (SmolLM2's first tokens "L" and "The" both at 25.125 for "What is the capital of France?")."""
 
     def __init__(
         self,
@@ -160,17 +174,22 @@ class LlamaFamilyModel(nn.Module):
         make_linear: MakeLinear = Linear,
         dtype: torch.dtype | None = None,
         make_head: MakeLinear = Linear,
+        projections: LlamaFamilyModel | None = None,
     ) -> None:
         super().__init__()
         config = hf_model.config
         inner = hf_model.model
-        self.embed = _param(inner.embed_tokens.weight.data, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(layer, config, make_linear, dtype) for layer in inner.layers)
+        shared = [None] * len(inner.layers) if projections is None else projections.layers
+        self.layers = nn.ModuleList(
+            DecoderLayer(layer, config, make_linear, dtype, same)
+            for layer, same in zip(inner.layers, shared, strict=True)
+        )
         self.norm = _param(inner.norm.weight.data, dtype)
+        self.embed = projections.embed if projections is not None else _param(inner.embed_tokens.weight.data, dtype)
         self.lm_head = make_head(*_cast((hf_model.lm_head.weight.data, None), dtype))
         self.eps = config.rms_norm_eps
         self.window = getattr(config, "sliding_window", None) if _uses_sliding_window(config) else None
-        cos, sin = _rope_tables(inner.rotary_emb, max_len + 1, self.embed.dtype, self.embed.device)
+        cos, sin = _rope_tables(inner.rotary_emb, max_len + 1, self.norm.dtype, self.norm.device)
         self.rope = _rope_settings(config)  # what the tables are made from (a compiled step's package is named by it)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -221,7 +240,7 @@ class LlamaFamilyModel(nn.Module):
         values: list[torch.Tensor],
         attention: Attention,
     ) -> torch.Tensor:
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens, self.embed).to(self.norm.dtype)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         visible = kv_columns[None, None, :] <= positions[:, :, None]
         if self.window is not None:

@@ -13,11 +13,16 @@ matmuls, so no path of the worker calls cuDNN: with SDPA inside, the step's CUDA
 on the engine thread (H100, torch 2.11: cuDNN could not allocate during the capture), and the engine fell back to
 eager decode for good.
 
-A bf16 Llama-family model on CPU prefills on a float32 copy of its weights, which writes the same bf16 KV cache: a
-prompt's keys and values serve every token after it, and in bf16 SmolLM2 answered "What is the capital of France?"
-with "L'Étoile, la Marseillaise" (`compiled_decode.on_wide_copy`). On CPUs whose float32 matmuls also beat bf16
-ones at many rows (`hardware.py`), decode steps of `WIDE_FROM` rows or more run on the copy too (`uses_wide_copy`),
-and a 344-token SmolLM2 prefill took 377 ms there instead of 600 ms. The copy costs 4 bytes a parameter of memory.
+A bf16 Llama-family model on CPU prefills in float32, on a float32 copy of its weights, which writes the same bf16
+KV cache: a prompt's keys and values serve every token after it, and with bf16 prefills SmolLM2 answered "What is
+the capital of France?" with "L'Étoile, la Marseillaise" (`compiled_decode.on_wide_copy`). The copy costs 4 bytes a
+parameter. On CPUs whose float32 matmuls also beat bf16 ones at many rows (`hardware.py`), decode steps of
+`WIDE_FROM` rows or more run on the copy too (`uses_wide_copy`), and a 344-token SmolLM2 prefill took 377 ms there
+instead of 600 ms. Elsewhere `--prefill-matmuls bf16` trades some of that exactness for speed: a prefill's
+activations, norms, RoPE, attention and LM head stay float32, and only its projections' matmuls are bf16, over the
+bf16 decoder's own weights (`float32_activations`; no copy but the head's). SmolLM2's 176 prompt tokens in 8 rows
+took 125 ms compiled there, against 255 ms on the copy; its prompt logits erred by half of bf16's, but it too
+answered "L'Étoile" to the question above (README, The engine).
 
 In a quantized mode (`--quantize int8|int4`) on CPU the same place, prefills and decode steps of `WIDE_FROM` rows or
 more, goes to the model's own dense weights, which the HF model keeps anyway: the quantized kernels win only at a few
@@ -73,11 +78,38 @@ def family_decoder(
     return decoder
 
 
-def uses_float32_copy(loaded: LoadedModel, quantize: str) -> bool:
-    """Whether prefills run on a float32 copy of the weights: a bf16 model of the Llama family, on CPU."""
+def float32_activations(loaded: LoadedModel, row_len: int) -> llama.LlamaFamilyModel:
+    """The bf16 decoder's twin that computes in float32 over its projections (not copied) and a float32 LM head,
+    built once."""
+    projections = family_decoder(loaded, row_len)
+    assert projections is not None
+    built = _shared[loaded.model]
+    decoder = built.get("float32 activations")
+    if decoder is None or decoder.embed is not projections.embed:
+        length = projections.cos.shape[0] - 1
+        decoder = llama.LlamaFamilyModel(loaded.model, length, dtype=torch.float32, projections=projections).eval()
+        built["float32 activations"] = decoder
+    return decoder
+
+
+def prefills_in_float32(loaded: LoadedModel, quantize: str) -> bool:
+    """Whether prefills compute with float32 activations: a bf16 model of the Llama family, on CPU."""
     if loaded.device.type != "cpu" or loaded.dtype != torch.bfloat16 or quantize != "none":
         return False
     return llama.supports(loaded.model.config)
+
+
+def float32_wins(loaded: LoadedModel) -> bool:
+    """Whether this CPU's float32 matmuls beat bf16 ones at many rows, at the model's shapes (measured once)."""
+    return float32_wins_wide_matmuls(loaded.model.config.hidden_size, loaded.model.config.intermediate_size)
+
+
+def uses_float32_copy(loaded: LoadedModel, quantize: str, prefill_matmuls: str = "float32") -> bool:
+    """Whether the runner keeps a float32 copy of the weights: where prefills compute in float32, unless they run
+    bf16 matmuls (`--prefill-matmuls bf16`) on a CPU whose bf16 matmuls win at many rows."""
+    if not prefills_in_float32(loaded, quantize):
+        return False
+    return prefill_matmuls == "float32" or float32_wins(loaded)
 
 
 def uses_dense_wide(loaded: LoadedModel, quantize: str) -> bool:
@@ -88,32 +120,38 @@ def uses_dense_wide(loaded: LoadedModel, quantize: str) -> bool:
 
 def uses_wide_copy(loaded: LoadedModel, quantize: str) -> bool:
     """Whether decode steps of `WIDE_FROM` rows or more run on the wide decoder (`wide_decoder`) as well (and,
-    compiled, on a graph of their own): in a quantized mode, and where this CPU's float32 matmuls are faster than bf16
-    ones at many rows."""
+    compiled, on a graph of their own): in a quantized mode, and on the float32 copy where float32 matmuls win."""
     if uses_dense_wide(loaded, quantize):
         return True
-    if not uses_float32_copy(loaded, quantize):
-        return False
-    return float32_wins_wide_matmuls(loaded.model.config.hidden_size, loaded.model.config.intermediate_size)
+    return prefills_in_float32(loaded, quantize) and float32_wins(loaded)
 
 
-def added_bytes(loaded: LoadedModel, compile: bool, quantize: str, freeze_wide: bool = False) -> int:
-    """Memory a runner adds beside the loaded weights, for the memory plan: the float32 copy (4 bytes a parameter),
-    on CPU the frozen compiled steps' packed weights (the general step's and the one-row step's, each about the size
-    of the loaded ones) and, with `freeze_wide`, the wide step's packed ones (4 bytes a parameter more for the
-    float32 copy's, the size of the loaded ones for a quantized mode's dense step)."""
+def added_bytes(
+    loaded: LoadedModel, compile: bool, quantize: str, freeze_wide: bool = False, prefill_matmuls: str = "float32"
+) -> int:
+    """Memory a runner adds beside the loaded weights, for the memory plan: the float32 copy (4 bytes a parameter)
+    or, prefilling without one, the float32 LM head (4 bytes a head parameter); on CPU the frozen compiled steps'
+    packed weights (the general step's and the one-row step's, each about the size of the loaded ones) and, with
+    `freeze_wide`, the wide step's packed ones (4 bytes a parameter more for the float32 copy's, the size of the
+    loaded ones for a quantized mode's dense step)."""
     parameters = sum(p.numel() for p in loaded.model.parameters())
     frozen = compile and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
-    copies = (4 * parameters if uses_float32_copy(loaded, quantize) else 0) + (
-        2 * weight_bytes(loaded.model) if frozen else 0
-    )
+    if uses_float32_copy(loaded, quantize, prefill_matmuls):
+        copies = 4 * parameters
+    else:
+        copies = 4 * loaded.model.lm_head.weight.numel() if prefills_in_float32(loaded, quantize) else 0
+    copies += 2 * weight_bytes(loaded.model) if frozen else 0
     if not (frozen and freeze_wide and uses_wide_copy(loaded, quantize)):
         return copies
     return copies + (weight_bytes(loaded.model) if uses_dense_wide(loaded, quantize) else 4 * parameters)
 
 
 def fit_runner(
-    loaded: LoadedModel, compile: bool, quantize: str, plan: Callable[[int], MemoryPlan]
+    loaded: LoadedModel,
+    compile: bool,
+    quantize: str,
+    plan: Callable[[int], MemoryPlan],
+    prefill_matmuls: str = "float32",
 ) -> tuple[MemoryPlan, bool]:
     """The memory plan (`plan(runner_bytes)`), and whether the wide compiled step is frozen. Frozen, it has its own
     copy of the float32 weights, packed for oneDNN (SmolLM2 at batch 64 here: 116 ms a step against 126 reading the
@@ -121,22 +159,27 @@ def fit_runner(
     copy's weights."""
     if compile and uses_wide_copy(loaded, quantize):
         try:
-            return plan(added_bytes(loaded, compile, quantize, freeze_wide=True)), True
+            return plan(added_bytes(loaded, compile, quantize, True, prefill_matmuls)), True
         except MemoryPlanError as exc:
             log.warning("the wide decode step reads the float32 copy's weights (no room to freeze it): %s", exc)
-    return plan(added_bytes(loaded, compile, quantize)), False
+    return plan(added_bytes(loaded, compile, quantize, False, prefill_matmuls)), False
 
 
-def wide_decoder(loaded: LoadedModel, row_len: int, quantize: str) -> llama.LlamaFamilyModel | None:
+def wide_decoder(
+    loaded: LoadedModel, row_len: int, quantize: str, prefill_matmuls: str = "float32"
+) -> llama.LlamaFamilyModel | None:
     """The decoder of prefills and (`uses_wide_copy`) large decode batches, if not the runner's own: a bf16 model's
-    float32 copy, or a quantized mode's dense decoder on the model's own weights."""
+    float32 copy or float32-activations twin, or a quantized mode's dense decoder on the model's own weights."""
     if uses_dense_wide(loaded, quantize):
         log.info("prefills and decode steps of %d rows or more run on the dense weights (faster there)", WIDE_FROM)
         return family_decoder(loaded, row_len)
-    if not uses_float32_copy(loaded, quantize):
+    if not prefills_in_float32(loaded, quantize):
         return None
     if uses_wide_copy(loaded, quantize):
         log.info("prefills and large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
+    elif prefill_matmuls == "bf16":
+        log.info("prefills run bf16 matmuls over the bf16 weights, everything else in float32 (--prefill-matmuls)")
+        return float32_activations(loaded, row_len)
     else:
         log.info("prefills run a float32 copy of the weights (exact keys and values for the prompt)")
     return family_decoder(loaded, row_len, quantize, torch.float32)
@@ -152,6 +195,7 @@ class ModelRunner:
         quantize: str = "none",
         background_compile: bool = True,
         freeze_wide: bool = False,
+        prefill_matmuls: str = "float32",
     ) -> None:
         config = loaded.model.config
         self.device = loaded.device
@@ -167,7 +211,7 @@ class ModelRunner:
         )
         family = family_decoder(loaded, max_len, quantize)
         self.decoder: nn.Module = family if family is not None else HFDecoder(loaded.model, self.cache)
-        self.wide = wide_decoder(loaded, max_len, quantize)
+        self.wide = wide_decoder(loaded, max_len, quantize, prefill_matmuls)
         self.wide_decode = uses_wide_copy(loaded, quantize)  # implies a wide decoder
         self.attention = attention.matmul_attention
         on_cpu = self.device.type == "cpu"

@@ -76,6 +76,7 @@ class Worker(Intake):
             kv_cache_tokens=config.kv_cache_tokens,
             compile=config.compile,
             quantize=config.quantize,
+            prefill_matmuls=config.prefill_matmuls,
         )
         self.limits = Limits(config.max_tokens_cap, config.max_batch_queries, config.max_seq_len)
         self.held = HeldRequests()

@@ -81,6 +81,11 @@ class Config:
         True, "compile the decode step (torch.compile; CUDA graphs on GPU); the worker serves eagerly until compiled"
     )
     quantize: str = _opt("none", "weight-only quantization of the projections and LM head: none, int8 or int4 (CPU)")
+    prefill_matmuls: str = _opt(
+        "float32",
+        "a bf16 model's prefill matmuls on CPU: float32 (exact prompt keys and values) or bf16 (about twice as fast"
+        " where bf16 matmuls win; everything else stays float32, and greedy answers can change)",
+    )
     kv_cache_tokens: int = _opt(
         0, "KV cache tokens planned at start (0: max_batch_size x max_seq_len + prefix_cache_tokens); fewer: fewer rows"
     )
@@ -150,6 +155,8 @@ class Config:
             raise ValueError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
         if self.quantize not in ("none", "int8", "int4"):
             raise ValueError(f"quantize must be none, int8 or int4, got {self.quantize!r}")
+        if self.prefill_matmuls not in ("float32", "bf16"):
+            raise ValueError(f"prefill_matmuls must be float32 or bf16, got {self.prefill_matmuls!r}")
         for name in ("kv_cache_tokens", "prefix_cache_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -121,6 +121,14 @@ def test_every_serving_command_picks_its_event_loop() -> None:
         Config.load(env={"LLMBUS_EVENT_LOOP": "trio"})
 
 
+def test_prefill_matmuls_is_float32_unless_asked_and_a_bad_value_is_named() -> None:
+    assert Config().prefill_matmuls == "float32"
+    assert parse("worker", "--prefill-matmuls", "bf16").prefill_matmuls == "bf16"
+    assert Config.load(env={"LLMBUS_PREFILL_MATMULS": "bf16"}).prefill_matmuls == "bf16"
+    with pytest.raises(ValueError, match="prefill_matmuls must be float32 or bf16, got 'fp8'"):
+        Config(prefill_matmuls="fp8")
+
+
 def test_the_worker_takes_every_quantize_mode_and_names_the_modes_when_refusing_one() -> None:
     assert parse("worker", "--quantize", "int4").quantize == "int4"
     assert Config.load(env={"LLMBUS_QUANTIZE": "int8"}).quantize == "int8"

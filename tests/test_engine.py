@@ -20,9 +20,11 @@ from inference_worker.llama import Linear
 from inference_worker.memory import MemoryPlanError, plan_memory
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
 from inference_worker.model_runner import (
+    ModelRunner,
     added_bytes,
     family_decoder,
     fit_runner,
+    prefills_in_float32,
     uses_float32_copy,
     uses_wide_copy,
 )
@@ -167,9 +169,12 @@ def test_the_memory_plan_counts_the_copies_of_the_weights_the_runner_will_make(t
     assert added_bytes(tiny, compile=True, quantize="none") == 2 * weights  # the frozen steps' packed weights
     bf16 = tiny_model(torch.bfloat16)
     parameters = sum(p.numel() for p in bf16.model.parameters())
-    assert uses_float32_copy(bf16, "none")  # its prefills run on a float32 copy, on every CPU
+    assert prefills_in_float32(bf16, "none") and uses_float32_copy(bf16, "none")  # on a float32 copy, on every CPU
     assert added_bytes(bf16, compile=False, quantize="none") == 4 * parameters
     wide = uses_wide_copy(bf16, "none")  # and its large decode batches too where float32 wins: measured on this CPU
+    assert uses_float32_copy(bf16, "none", prefill_matmuls="bf16") == wide  # else bf16 matmuls, a float32 head
+    head = 4 * bf16.model.lm_head.weight.numel()
+    assert added_bytes(bf16, False, "none", prefill_matmuls="bf16") == (4 * parameters if wide else head)
     assert added_bytes(bf16, compile=False, quantize="int8") == 0  # its wide decoder is the model's own weights
     assert uses_wide_copy(bf16, "int8")  # and the frozen wide step packs a copy of them
     quantized = added_bytes(bf16, compile=True, quantize="int8")
@@ -533,6 +538,38 @@ def test_wide_forwards_run_on_the_float32_copy_and_narrow_decode_steps_on_bf16()
     token = int(prefills[0].argmax())
     steps = [r.forward(0, [[token]], [len(prompt)])[0] for r in (dispatched, by_hand)]
     assert torch.equal(steps[0], steps[1])
+
+
+def test_prefill_matmuls_bf16_runs_float32_activations_over_the_bf16_weights() -> None:
+    """With `prefill_matmuls="bf16"`, where float32 matmuls do not win (the tiny model's shapes on every CPU), a bf16
+    runner prefills on the bf16 decoder's twin: the same embedding and projection modules (no copy of the weights),
+    its own norms, RoPE tables and LM head in float32 (logits rounded to bf16 tie near ties). Its prompt logits are
+    what the twin computes by hand, not rounded to bf16, and nearer a float32 computation over the same weights than
+    the bf16 decoder's; decode steps stay on the bf16 decoder."""
+    loaded = tiny_model(torch.bfloat16)
+    assert not uses_float32_copy(loaded, "none", prefill_matmuls="bf16")
+    runner = LLMEngine(loaded, EngineConfig(max_batch_size=4, prefill_matmuls="bf16")).runner
+    twin, bf16 = runner.wide, runner.decoder
+    assert twin is not None and not runner.wide_decode
+    assert twin.embed is bf16.embed and twin.lm_head.weight.dtype == torch.float32
+    for ours, theirs in zip(twin.layers, bf16.layers, strict=True):
+        assert ours.qkv is theirs.qkv and ours.down is theirs.down and ours.input_norm.dtype == torch.float32
+    assert twin.cos.dtype == torch.float32 and bf16.layers[0].qkv.weight.dtype == torch.bfloat16
+    prompt = loaded.encode_chat([{"role": "user", "content": "a prompt of more than sixteen tokens"}])
+
+    def by_hand(decoder: torch.nn.Module | None) -> tuple[ModelRunner, torch.Tensor]:
+        other = LLMEngine(loaded, EngineConfig(max_batch_size=4)).runner
+        other.wide, other.decoder = None, decoder or other.decoder
+        return other, other.forward(0, [prompt], [0])[0]
+
+    dispatched = runner.forward(0, [prompt], [0])[0]
+    on_twin, logits = by_hand(twin)
+    assert torch.equal(dispatched, logits) and not torch.equal(dispatched, dispatched.bfloat16().float())
+    exact = by_hand(family_decoder(loaded, runner.cache.row_len, "none", torch.float32))[1]
+    assert (dispatched - exact).abs().max() < (by_hand(None)[1] - exact).abs().max()
+    on_twin.decoder = bf16
+    token = [[int(dispatched.argmax())]]
+    assert torch.equal(runner.forward(0, token, [len(prompt)])[0], on_twin.forward(0, token, [len(prompt)])[0])
 
 
 def test_a_quantized_runner_runs_prompts_and_wide_batches_on_the_dense_weights_and_few_rows_on_int8() -> None:
