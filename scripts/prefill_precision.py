@@ -10,7 +10,9 @@ Each decodes on the bf16 decoder, eagerly, one prompt at a time. Printed per pre
   the float32 model's;
 - the bench's 32 chat prompts: replies of `--chat-tokens` tokens equal to the float32 model's, and the mean number
   of leading tokens they share with it;
-- perplexity on `llmbus.quality`'s text, computed by the prefill alone (its windows of 512 tokens).
+- perplexity on `llmbus.quality`'s text, computed by the prefill alone (its windows of 512 tokens);
+- against the float32 copy, over all 64 prompts: the largest logit error at a prompt's last token (the mean over
+  the prompts), and the prompts whose first reply token changes.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def greedy(
     return out
 
 
+def last_logits(loaded: LoadedModel, prefill: LlamaFamilyModel, ids: list[int]) -> torch.Tensor:
+    cache = cache_for(loaded, len(ids), torch.bfloat16)
+    positions = torch.arange(len(ids))[None]
+    return prefill(torch.tensor([ids]), positions, 0, positions[0], cache.keys, cache.values, sdpa_attention)[0]
+
+
 def perplexity(loaded: LoadedModel, prefill: LlamaFamilyModel, kv_dtype: torch.dtype, window: int = 512) -> float:
     ids = loaded.tokenizer(data_file(TEXT), add_special_tokens=False)["input_ids"]
     cache = cache_for(loaded, window, kv_dtype)
@@ -93,6 +101,7 @@ def main() -> None:
         truth_qa = [greedy(float32, reference, reference, ids, 16, torch.float32) for ids in asked]
         truth_chat = [greedy(float32, reference, reference, ids, args.chat_tokens, torch.float32) for ids in chats]
         print(f"float32 model: perplexity {perplexity(float32, reference, torch.float32):.3f}")
+        exact_logits = [last_logits(bf16, prefills["float32 copy"], ids) for ids in asked + chats]
         for name, prefill in prefills.items():
             qa = [greedy(bf16, prefill, decode, ids, 16, torch.bfloat16) for ids in asked]
             chat = [greedy(bf16, prefill, decode, ids, args.chat_tokens, torch.bfloat16) for ids in chats]
@@ -104,6 +113,13 @@ def main() -> None:
                 next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), min(len(x), len(y)))
                 for x, y in zip(chat, truth_chat, strict=True)
             ]
+            logits = [last_logits(bf16, prefill, ids) for ids in asked + chats]
+            errors = [(a - b).abs().max().item() for a, b in zip(logits, exact_logits, strict=True)]
+            changed = sum(int(a.argmax() != b.argmax()) for a, b in zip(logits, exact_logits, strict=True))
+            print(
+                f"{name}: against the float32 copy, largest logit error {sum(errors) / len(errors):.3f} (mean), "
+                f"first token changed in {changed}/{len(logits)}"
+            )
             print(
                 f"{name}: QA exact {exact}/{len(questions)}, equal to float32 "
                 f"{sum(a == b for a, b in zip(qa, truth_qa, strict=True))}/{len(qa)}; "
