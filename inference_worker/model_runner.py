@@ -175,11 +175,11 @@ def wide_decoder(
         return family_decoder(loaded, row_len)
     if not prefills_in_float32(loaded, quantize):
         return None
-    if uses_wide_copy(loaded, quantize):
-        log.info("prefills and large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
-    elif prefill_matmuls == "bf16":
+    if not uses_float32_copy(loaded, quantize, prefill_matmuls):
         log.info("prefills run bf16 matmuls over the bf16 weights, everything else in float32 (--prefill-matmuls)")
         return float32_activations(loaded, row_len)
+    if uses_wide_copy(loaded, quantize):
+        log.info("prefills and large decode batches run a float32 copy of the weights (faster matmuls on this CPU)")
     else:
         log.info("prefills run a float32 copy of the weights (exact keys and values for the prompt)")
     return family_decoder(loaded, row_len, quantize, torch.float32)
