@@ -15,7 +15,7 @@ from helpers.workers import start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus import bench
 from llmbus.bench.bus_load import EngineCounters, wait_for_compiled
-from llmbus.bench.http_load import OpenAITarget, apply_event, probe
+from llmbus.bench.http_load import OpenAITarget, SseSplitter, apply_event, probe
 from llmbus.bench.options import BenchError, parse_options
 from llmbus.bench.report import redact_url
 from llmbus.bench.stack import Stack, assign_cores
@@ -69,7 +69,7 @@ def test_pinned_workers_get_disjoint_cores() -> None:
 
 
 def sse(record: RequestRecord, events: list[tuple[float, str]]) -> list[bool]:
-    return [apply_event(record, data, now) for now, data in events]
+    return [apply_event(record, data.encode(), now) for now, data in events]
 
 
 def test_openai_stream_reader_times_content_deltas_and_takes_usage() -> None:
@@ -103,6 +103,18 @@ def test_openai_stream_without_usage_counts_deltas_and_errors_end_the_stream() -
     garbage = RequestRecord(sent=0.0)
     assert sse(garbage, [(1.0, "<html>")]) == [True]
     assert garbage.error is not None and "not JSON" in garbage.error
+
+
+def test_event_stream_splitter_joins_reads_and_takes_crlf_comments_and_multiline_data() -> None:
+    splitter = SseSplitter()
+    assert splitter.feed(b'data: {"a":1}\n\ndata: {"b"') == [b'{"a":1}']
+    assert splitter.feed(b":2}\r") == []
+    assert splitter.feed(b"\n\r\n: keep-alive\n\nevent: x\ndata: one\ndata: two\n\ndata: [DONE]\n\n") == [
+        b'{"b":2}',
+        b"one\ntwo",
+        b"[DONE]",
+    ]
+    assert splitter.pending == b""
 
 
 def test_point_statistics_from_arrival_times() -> None:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from bus_gateway.client import BusClient
 from llmbus.bench.bus_load import (
@@ -75,11 +75,11 @@ async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Swe
                 if sweep.served_model is None:
                     raise BenchError("the workers report no model name in $SRV.INFO, so the bridge cannot be asked")
                 bridge = OpenAITarget("the HTTP bridge", stack.http_url, sweep.served_model, opts.http_api_key)
-                client = await exits.enter_async_context(http_client(top, opts.request_timeout))
+                client = await exits.enter_async_context(http_client(top))
                 targets.append(Target("http", http_sender(client, bridge, opts.request_timeout), True))
             if opts.peer_url and opts.peer_model:
                 peer = OpenAITarget("the peer", opts.peer_url, opts.peer_model, opts.peer_api_key)
-                client = await exits.enter_async_context(http_client(top, opts.request_timeout))
+                client = await exits.enter_async_context(http_client(top))
                 targets.append(Target("peer", http_sender(client, peer, opts.request_timeout), False))
             for target in targets:
                 count = max(opts.warmup_requests, 2 * opts.workers) if target.via == "nats" else opts.warmup_requests
@@ -105,7 +105,7 @@ def bus_sender(bus: BusClient, timeout: float) -> Send:
     return send
 
 
-def http_sender(client: httpx.AsyncClient, target: OpenAITarget, timeout: float) -> Send:
+def http_sender(client: aiohttp.ClientSession, target: OpenAITarget, timeout: float) -> Send:
     async def send(prompt: str, max_tokens: int) -> RequestRecord:
         return await stream_over_http(client, target, prompt, max_tokens, timeout)
 
