@@ -103,6 +103,13 @@ def test_openai_stream_without_usage_counts_deltas_and_errors_end_the_stream() -
     garbage = RequestRecord(sent=0.0)
     assert sse(garbage, [(1.0, "<html>")]) == [True]
     assert garbage.error is not None and "not JSON" in garbage.error
+    for shape in ('{"choices":[null]}', '{"choices":{"a":1}}'):  # a peer's odd JSON is its error, not the bench's
+        odd = RequestRecord(sent=0.0)
+        assert sse(odd, [(1.0, shape)]) == [True]
+        assert odd.error is not None and "`choices` is not a list of objects" in odd.error
+    text_delta = RequestRecord(sent=0.0)
+    assert sse(text_delta, [(1.0, '{"choices":[{"delta":"x"}]}')]) == [False]
+    assert text_delta.error is None and text_delta.token_times == []
 
 
 def test_event_stream_splitter_joins_reads_and_takes_crlf_comments_and_multiline_data() -> None:

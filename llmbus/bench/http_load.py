@@ -96,11 +96,15 @@ def apply_event(record: RequestRecord, data: bytes, now: float) -> bool:
         error = event["error"]
         record.error = str(error.get("message", error) if isinstance(error, dict) else error)[:ERROR_BODY_LIMIT]
         return True
-    for choice in event.get("choices") or []:
+    choices = event.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+        record.error = f"`choices` is not a list of objects in the event stream: {data[:80]!r}"
+        return True
+    for choice in choices:
         delta = choice.get("delta") or {}
-        record.arrived(now, delta.get("content"))
+        record.arrived(now, delta.get("content") if isinstance(delta, dict) else None)
         if choice.get("finish_reason"):
-            record.finish_reason = choice["finish_reason"]
+            record.finish_reason = str(choice["finish_reason"])
             record.end = now
     usage = event.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
@@ -117,10 +121,10 @@ async def stream_over_http(
     try:
         async with asyncio.timeout(timeout):
             await _stream(client, target, prompt, max_tokens, record)
+    except aiohttp.ClientError as exc:  # first: aiohttp's connect timeout is a TimeoutError too
+        record.error = f"{type(exc).__name__}: {exc}"[:ERROR_BODY_LIMIT]
     except TimeoutError:
         record.error = f"no end of stream after {timeout:g}s"
-    except aiohttp.ClientError as exc:
-        record.error = f"{type(exc).__name__}: {exc}"[:ERROR_BODY_LIMIT]
     if record.error is None and record.end is None:
         record.error = "the event stream ended without a finish_reason or [DONE]"
     return record
