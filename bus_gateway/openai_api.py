@@ -41,8 +41,12 @@ DONE = b"data: [DONE]\n\n"
 
 
 class ModelCatalog:
-    """The models the workers serve, with how many workers serve each, from `$SRV.INFO`; refreshed at most every
-    `ttl` seconds, or at once for a model not seen yet."""
+    """The models the workers serve, with how many workers serve each, from `$SRV.INFO`.
+
+    Gathering `$SRV.INFO` takes the discovery's settle window (about 0.15 s), so no caller waits on another's
+    gathering unless it needs one itself: a catalog older than `ttl` is still answered while one gathering runs in
+    the background, and callers that need a fresh one (`GET /v1/models`, a model not seen yet) share the gathering
+    in flight. So polling `/v1/models`, or naming unknown models, never delays completions of served models."""
 
     def __init__(self, bus: BusClient, ttl: float = CATALOG_TTL) -> None:
         self.bus = bus
@@ -50,17 +54,31 @@ class ModelCatalog:
         self.first_seen: dict[str, int] = {}
         self._models = BusModels()
         self._fetched_at: float | None = None
-        self._lock = asyncio.Lock()
+        self._gathering: asyncio.Future[BusModels] | None = None
 
     async def models(self, *, fresh: bool = False) -> BusModels:
-        async with self._lock:
-            now = asyncio.get_running_loop().time()
-            if fresh or self._fetched_at is None or now - self._fetched_at > self.ttl:
-                self._models = await self.bus.bus_models()
-                self._fetched_at = now
-                for name in self._models.workers:
-                    self.first_seen.setdefault(name, int(time.time()))
-            return self._models
+        if fresh or self._fetched_at is None:
+            return await asyncio.shield(self._gather())
+        if asyncio.get_running_loop().time() - self._fetched_at > self.ttl:
+            self._gather()
+        return self._models
+
+    def _gather(self) -> asyncio.Future[BusModels]:
+        """The gathering in flight, or a new one."""
+        if self._gathering is None:
+            self._gathering = asyncio.ensure_future(self._fetch())
+            self._gathering.add_done_callback(_seen)
+        return self._gathering
+
+    async def _fetch(self) -> BusModels:
+        try:
+            models = await self.bus.bus_models()
+        finally:
+            self._gathering = None
+        self._models, self._fetched_at = models, asyncio.get_running_loop().time()
+        for name in models.workers:
+            self.first_seen.setdefault(name, int(time.time()))
+        return models
 
     async def names(self, *, fresh: bool = False) -> list[str]:
         return sorted((await self.models(fresh=fresh)).workers)
@@ -87,6 +105,13 @@ class ModelCatalog:
             "model",
             "model_not_found",
         )
+
+
+def _seen(gathering: asyncio.Future[BusModels]) -> None:
+    """A gathering whose callers all went away (or a background one) does not log its failure as never retrieved:
+    the next caller that needs the catalog fresh gathers again and gets the error itself."""
+    if not gathering.cancelled():
+        gathering.exception()
 
 
 def failure_response(failure: ApiFailure) -> Response[OpenAIErrorBody]:

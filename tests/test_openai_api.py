@@ -14,12 +14,13 @@ from nats.aio.client import Client as NATS
 
 from bus_gateway.bus_errors import BusError
 from bus_gateway.client import BusClient
+from bus_gateway.openai_api import ModelCatalog
 from bus_gateway.openai_translate import ChunkRenderer, from_bus_error, openai_finish_reason, to_completion
 from helpers.bridge import API_KEY, Bridge, running_bridge, sse_data, sse_json, watching_cancels
 from helpers.workers import start_worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
-from schemas import ChatChunk, ChatResponse, Usage
+from schemas import SERVICE_NAME, ChatChunk, ChatResponse, Usage
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -311,3 +312,41 @@ async def test_sse_headers_and_the_role_chunk_come_before_any_token(
                 assert (await second).status_code == 200
     finally:
         await held.shutdown()
+
+
+async def test_a_catalog_gathering_in_flight_delays_no_completion_and_is_shared(
+    fresh_nats_server: NatsServer, fresh_nc: NATS
+) -> None:
+    """`GET /v1/models` and unknown model names gather `$SRV.INFO` afresh (a settle window each). A served model
+    resolves from the catalog while such a gathering runs, and callers that need one share the one in flight.
+    Here a scripted `$SRV.INFO` responder holds its second reply until the test has checked both."""
+    asked: list[int] = []
+    first_asked, release = asyncio.Event(), asyncio.Event()
+
+    async def answer(msg: Any) -> None:
+        asked.append(1)
+        if len(asked) > 1:
+            first_asked.set()
+            await release.wait()
+        info = {"id": "w1", "metadata": {"model": "served-model", "subject_prefix": "llm"}}
+        await fresh_nc.publish(msg.reply, json.dumps(info).encode())
+
+    await fresh_nc.subscribe(f"$SRV.INFO.{SERVICE_NAME}", cb=answer)
+    await fresh_nc.flush()
+    bus = await BusClient.from_config(Config(nats_url=fresh_nats_server.url))
+    try:
+        catalog = ModelCatalog(bus)
+        assert await catalog.names() == ["served-model"] and len(asked) == 1
+        listing = asyncio.create_task(catalog.names(fresh=True))  # as GET /v1/models does
+        await first_asked.wait()
+        assert await catalog.resolve("served-model") == "served-model"
+        assert not listing.done()  # resolved while the gathering was still waiting for its reply
+        unknown = asyncio.create_task(catalog.resolve("no-such-model"))
+        await asyncio.sleep(0)
+        release.set()
+        assert await listing == ["served-model"]
+        failure = await unknown
+        assert not isinstance(failure, str) and failure.status == 404
+        assert len(asked) == 2  # the unknown name shared the listing's gathering
+    finally:
+        await bus.close()
