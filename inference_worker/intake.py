@@ -36,7 +36,7 @@ from inference_worker.requests import (
     request_id_of,
     tenant_of,
 )
-from inference_worker.routing import Forward
+from inference_worker.routing import Forward, Route
 from inference_worker.sequence import Sequence
 from llmbus import logs
 from schemas import Batch, ChatRequest, WireError, content_type, conversation
@@ -57,7 +57,39 @@ class Intake:
         request = parse_chat(req.data, kind, durable=isinstance(req, Job))
         if isinstance(request, WireError):
             return await self.outbox.send(req, replies.error(kind, request))
-        where = await self.directory.route(request.model)
+        if (where := self.directory.known_route(request.model)) is not None:
+            return await self._dispatch_chat(req, kind, request, where)
+        if isinstance(req, Job):  # a job runs in a task of its own already
+            return await self._dispatch_chat(req, kind, request, await self.directory.route(request.model))
+        self._route_in_a_task(req, kind, request)
+
+    def _route_in_a_task(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
+        """A request that needs a look at the bus before it can be routed takes it in a task of its own: the look
+        can last the whole discovery window, and every request behind this one on `llm.chat` would wait for it in
+        the subscription's callback."""
+        task = asyncio.create_task(self._route_then_dispatch(req, kind, request))
+        self.routing.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._routed)
+
+    async def _route_then_dispatch(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
+        try:
+            await self._dispatch_chat(req, kind, request, await self.directory.route(request.model))
+        except asyncio.CancelledError:
+            failure = WireError.of("shutting_down", "worker stopped before routing this request; retry")
+            with contextlib.suppress(Exception):
+                await self.outbox.send(req, replies.error(kind, failure, stream=request.stream))
+        except Exception as exc:  # as micro does for a handler: a 500 answer, not a lost request
+            log.exception("routing a request failed")
+            with contextlib.suppress(Exception):
+                failure = WireError.of("internal", f"internal error: {exc!r}")
+                await self.outbox.send(req, replies.error(kind, failure, stream=request.stream))
+
+    def _routed(self: Worker, task: asyncio.Task[None]) -> None:
+        self.routing.discard(task)
+        self._released()
+
+    async def _dispatch_chat(self: Worker, req: Replier, kind: str, request: ChatRequest, where: Route) -> None:
         if isinstance(where, WireError):
             return await self.outbox.send(req, replies.error(kind, where, stream=request.stream))
         if isinstance(where, Forward):

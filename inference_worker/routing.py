@@ -110,6 +110,14 @@ class ModelDirectory:
             return True
         return model in (await self.refresh(thorough=True)).workers
 
+    def known_route(self, requested: str | None) -> Route | None:
+        """`route` on the view this worker holds, when it is fresh and routes the request; None when the request
+        needs a look at the bus first (a model not seen yet, a stale view, or no route yet)."""
+        if time.monotonic() - self._fetched_at > self.ttl:
+            return None
+        where = route(requested, self.own, self.models)
+        return None if isinstance(where, WireError) else where
+
     async def route(self, requested: str | None) -> Route:
         """`route` on what the bus looks like now; a request that cannot be routed is looked at again after a fresh
         look at the bus (a model or a default that just arrived), before it is refused."""

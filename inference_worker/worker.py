@@ -81,6 +81,7 @@ class Worker(Intake):
         self.limits = Limits(config.max_tokens_cap, config.max_batch_queries, config.max_seq_len)
         self.held = HeldRequests()
         self.batches: dict[Key, asyncio.Task[None]] = {}
+        self.routing: set[asyncio.Task[None]] = set()  # requests waiting for a look at the bus (`_route_in_a_task`)
         self.peers = BusClient(nc, self.subjects)  # this worker as a client of the bus: batches, discovery
         self.directory = ModelDirectory(self._bus_models, self.model_name, config.default_model)
         self.coordinator = BatchCoordinator(self.peers, config.request_timeout, self.directory.knows)
@@ -154,7 +155,7 @@ class Worker(Intake):
     def _released(self) -> None:
         """A held request or a batch is done: there may be room for a durable job, or nothing left to drain."""
         self._capacity.set()
-        if not len(self.held) and not self.batches:
+        if not len(self.held) and not self.batches and not self.routing:
             self._idle.set()
 
     def _build_engine(self) -> LLMEngine:
@@ -230,9 +231,10 @@ class Worker(Intake):
         failure = failure or WireError.of("shutting_down", "worker stopped before finishing this request")
         leftovers = [Failed(h.engine_id, failure.code, failure.message, name=failure.name) for h in self.held]
         await self.outbox.publish(leftovers)
-        for task in [*self.batches.values(), *self._tasks]:
+        unfinished = [*self.routing, *self.batches.values(), *self._tasks]
+        for task in unfinished:
             task.cancel()
-        await asyncio.gather(*self.batches.values(), *self._tasks, return_exceptions=True)
+        await asyncio.gather(*unfinished, return_exceptions=True)
         if self.jobs is not None:
             await self.jobs.close()
         if self._cancel_sub is not None:

@@ -27,6 +27,7 @@ from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 
 ERROR_CODE = "Nats-Service-Error-Code"
+ERROR = "Nats-Service-Error"
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -211,3 +212,47 @@ def test_a_worker_counts_itself_among_the_workers_on_its_host_even_while_drainin
     assert workers_on_host(others, "vm", own_id="a") == 2  # draining: its own reply is missing
     assert workers_on_host([{"id": "a", "metadata": here}, *others], "vm", own_id="a") == 2
     assert fair_threads(2, 2) == 1 and fair_threads(2, 3) == 1 and fair_threads(16, 3) == 5
+
+
+async def test_a_request_waiting_for_a_look_at_the_bus_delays_no_other_request(
+    fresh_nats_server: NatsServer, fresh_nc: NATS
+) -> None:
+    """A request naming a model nobody serves is routed only after a thorough look at the bus (the whole discovery
+    window). That look runs in a task of its own, so the requests behind it on `llm.chat` are served meanwhile;
+    a worker that stops before the look ends answers it 503. Here the look is held until the test lets it go."""
+    config = Config(nats_url=fresh_nats_server.url, subject_prefix="looked", max_tokens_cap=8, compile=False)
+    worker = Worker(config, await nats.connect(fresh_nats_server.url), tiny_model())
+    await worker.start()
+    looking, release = asyncio.Event(), asyncio.Event()
+    look_at_the_bus = worker.directory.gather
+
+    async def held_look(thorough: bool) -> Any:
+        if thorough:
+            looking.set()
+            await release.wait()
+        return await look_at_the_bus(thorough)
+
+    worker.directory.gather = held_look
+    typo = b'{"chat_id": "t", "user_prompt": "hi", "model": "no-such-model", "max_tokens": 2}'
+    fine = b'{"chat_id": "f", "user_prompt": "hi", "max_tokens": 2}'
+    try:
+        unknown = asyncio.create_task(fresh_nc.request("looked.chat", typo, timeout=120))
+        await looking.wait()
+        answered = await fresh_nc.request("looked.chat", fine, timeout=60)
+        assert ERROR_CODE not in (answered.headers or {}) and json.loads(answered.data)["chat_id"] == "f"
+        assert not unknown.done() and len(worker.routing) == 1
+        release.set()
+        refused = await unknown
+        assert refused.headers[ERROR_CODE] == "404" and "no-such-model" in refused.headers[ERROR]
+
+        release.clear()
+        looking.clear()
+        stopped_before_the_look_ended = asyncio.create_task(fresh_nc.request("looked.chat", typo, timeout=120))
+        await looking.wait()
+        await worker.close()
+        answer = await stopped_before_the_look_ended
+        assert answer.headers[ERROR_CODE] == "503" and not worker.routing
+    finally:
+        release.set()
+        await worker.close()
+        await worker.nc.close()
