@@ -35,19 +35,10 @@ from llmbus import tracing
 from llmbus.config import Config
 from llmbus.connection import connect
 from schemas import BatchResponse, ChatRequest, ChatResponse, Subjects
-from schemas.subjects import (
-    JOBS_CONSUMER,
-    JOBS_STREAM,
-    MSG_ID,
-    REPLY_TO,
-    REQUEST_ID,
-    model_token,
-    valid_request_id,
-)
+from schemas.subjects import MSG_ID, REPLY_TO, REQUEST_ID, valid_request_id
 
 PUBLISH_TIMEOUT = 5.0
 PUBLISH_RETRY_DELAY = 0.2
-CONSUMER_NOT_FOUND = 10014  # JetStream's error code for a consumer that does not exist (a missing stream is 10059)
 REMEMBERED_ANSWERS = 10_000
 
 
@@ -71,7 +62,6 @@ class JobClient:
         self.inbox = ReplyInbox(nc)
         self._answered: OrderedDict[str, None] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
-        self._models_with_consumers: set[str] = set()
 
     @property
     def duplicates(self) -> int:
@@ -89,8 +79,6 @@ class JobClient:
         """One chat completion as a durable job on `<prefix>.jobs.chat`."""
         timeout = self.timeout if timeout is None else timeout
         data = msgspec.json.encode(msgspec.structs.replace(with_deadline(request, timeout), stream=False))
-        if request.model:
-            await self._check_consumer(request.model)
         subject = self.subjects.model_jobs_chat(request.model) if request.model else self.subjects.jobs_chat
         reply = await self.submit(subject, data, timeout, request_id, headers)
         return decode_reply(reply.data, ChatResponse)
@@ -220,28 +208,6 @@ class JobClient:
                     name="duplicate_request",
                 )
             return
-
-    async def _check_consumer(self, model: str) -> None:
-        """A job for `model` waits in its queue until a worker of that model pulls it, across worker restarts; but a
-        queue without a durable consumer (no worker of that model ever ran with --durable on this bus) would keep
-        it until it expires and its caller would wait out the timeout: a 404 at once. Other failures of the check
-        (no stream, no JetStream) are left to the publish, which names them."""
-        if model in self._models_with_consumers:
-            return
-        name = f"{JOBS_CONSUMER}-{model_token(model)}"
-        try:
-            await self.js.consumer_info(JOBS_STREAM, name, timeout=PUBLISH_TIMEOUT)
-        except nats.js.errors.NotFoundError as exc:
-            if exc.err_code != CONSUMER_NOT_FOUND:
-                return
-            raise BusError(
-                404,
-                f"no worker takes durable jobs for the model `{model}` on this bus (JetStream has no consumer {name})",
-                name="model_not_found",
-            ) from None
-        except nats.errors.Error:
-            return
-        self._models_with_consumers.add(model)
 
     async def _send_cancel(self, request_id: str) -> None:
         with contextlib.suppress(nats.errors.Error):

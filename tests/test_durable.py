@@ -44,21 +44,6 @@ async def test_a_durable_job_with_no_stream_fails_at_once(fresh_nc: nats.NATS) -
     assert no_stream.value.code == 503 and "--durable" in no_stream.value.message
 
 
-async def test_a_durable_job_for_a_model_no_worker_ever_took_is_a_404_at_once(fresh_nc: nats.NATS) -> None:
-    """Only a model whose workers made a durable consumer gets its jobs queued (they wait there across restarts);
-    a job for any other model would sit unread until it expires, so it is refused and not stored."""
-    await ensure_jobs_stream(fresh_nc.jetstream(), JobLimits(), job_consumers(Subjects(), "served-model"))
-    async with JobClient(fresh_nc) as jobs:
-        with pytest.raises(BusError) as unknown:
-            await jobs.chat(chat("typo", model="no-such-model"), timeout=120)
-        assert unknown.value.code == 404 and "`no-such-model`" in unknown.value.message
-        assert await stream_messages(fresh_nc) == 0
-        with pytest.raises(BusError) as unanswered:  # no worker runs now: the job is kept for the next one
-            await jobs.chat(chat("queued", model="served-model"), timeout=0.5)
-        assert unanswered.value.code == 504
-        assert await stream_messages(fresh_nc) == 1
-
-
 async def test_durable_mode_without_jetstream_is_a_clear_error() -> None:
     with NatsServer(jetstream=False) as plain:
         nc = await nats.connect(plain.url)
