@@ -54,6 +54,22 @@ def sender_of(state: State) -> ChatSender:
     return state.get("jobs") or state["bus"]
 
 
+async def not_served(state: State, model: str) -> BusError | None:
+    """For a durable job naming `model`: a 404 when workers are on the bus and none serves it. Its queue would keep
+    the job unread until it expires, and the caller would wait out its timeout (core request-reply gets the same
+    404 from no-responders). With no worker on the bus at all, the job is queued for the next one to start."""
+    catalog = state["models"]
+    if model in await catalog.names():
+        return None
+    served = await catalog.names(fresh=True)
+    if not served or model in served:
+        return None
+    listing = ", ".join(served)
+    return BusError(
+        404, f"the model `{model}` is not served on this bus; models on the bus: {listing}", name="model_not_found"
+    )
+
+
 def config_of(state: State) -> Config:
     return state["config"]
 
@@ -101,6 +117,8 @@ async def chat(request: Request, state: State) -> Response[ChatResponse]:
             return bus_error_response(opened)
         return sse_response(opened, render_chunk, render_stream_error)
     try:
+        if parsed.model and state.get("jobs") and (unserved := await not_served(state, parsed.model)) is not None:
+            return bus_error_response(unserved)
         sending = sender_of(state).chat(parsed, timeout, headers=tenant_headers(request))
         return Response(await unless_disconnected(request, sending))
     except BusError as exc:

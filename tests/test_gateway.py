@@ -353,6 +353,8 @@ async def test_durable_bridge_sends_chats_through_jetstream(smollm: object) -> N
                 partial = await http.post("/chat/batched", json=batch)
                 assert partial.status_code == 200, partial.text
                 assert partial.json()["partial_success"] is True
+                typo = await http.post("/chat", json=FRANCE | {"model": "no-such-model"})  # never stored, never waits
+                assert typo.status_code == 404 and "`no-such-model`" in typo.json()["error"], typo.text
                 async with http.stream("POST", "/chat", json=FRANCE | {"stream": True}) as streamed:
                     assert streamed.status_code == 200  # streams stay on core request-reply
                     assert sse_json([line async for line in streamed.aiter_lines()])[-1]["done"] is True

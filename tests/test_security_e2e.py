@@ -147,8 +147,15 @@ async def test_the_durable_bridge_works_with_the_gateway_durable_grants(
 ) -> None:
     async with running_bridge(secure_bus.config("gateway", durable=True)) as bridge:
         reply = await chat_over_http(bridge.url)
+        async with httpx.AsyncClient(base_url=bridge.url, timeout=120, trust_env=False) as http:
+            (served,) = [model["id"] for model in (await http.get("/v1/models")).json()["data"]]
+            named = {"chat_id": "named", "user_prompt": PROMPT, "max_tokens": 8, "model": served}
+            by_name = await http.post("/chat", json=named)  # the bridge checks the name on the bus first
+            typo = await http.post("/chat", json=named | {"model": "no-such-model"})
     assert reply.status_code == 200, reply.text
     assert "Paris" in reply.json()["response"]
+    assert by_name.status_code == 200 and "Paris" in by_name.json()["response"], by_name.text
+    assert typo.status_code == 404 and "`no-such-model`" in typo.json()["error"], typo.text
 
 
 # --- secrets ------------------------------------------------------------------------------------------------------
