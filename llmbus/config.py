@@ -94,7 +94,11 @@ class Config:
     http_host: str = _opt("127.0.0.1", "HTTP bridge bind address")
     http_port: int = _opt(8000, "HTTP bridge port")
     request_timeout: float = _opt(120.0, "seconds the bridge waits for a reply")
-    api_keys: list[str] = _opt(None, "API key the bridge requires (repeatable); none: no auth", factory=list)
+    api_keys: list[str] = field(
+        default_factory=list,
+        repr=False,  # a secret: never in a logged Config
+        metadata={"help": "API key the bridge requires (repeatable); none: no auth", "secret": True},
+    )
     api_key_file: str | None = _opt(None, "file with one API key per line")
     durable: bool = _opt(False, "send requests through the JetStream work queue (survives worker loss)")
     jobs_ack_wait: float = _opt(30.0, "durable jobs: seconds without an ack before JetStream redelivers a job")

@@ -71,8 +71,9 @@ def servers_of(url: str) -> list[str]:
 
 def redact_url(url: str) -> str:
     """A server URL fit for logs: `nats://user:***@host:4222` (a password or token in the URL is never shown)."""
+    scheme_less = "://" not in url  # nats-py takes `user:pass@host:4222` as nats://; urlsplit would not
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(f"nats://{url}" if scheme_less else url)
     except ValueError:
         return "<unparseable URL>"
     if parts.password is None and parts.username is None:
@@ -81,7 +82,8 @@ def redact_url(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     user = f"{parts.username}:***" if parts.password is not None else "***"
-    return urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
+    redacted = urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
+    return redacted.removeprefix("nats://") if scheme_less else redacted
 
 
 def redact_urls(url: str) -> str:

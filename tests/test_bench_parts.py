@@ -3,6 +3,7 @@ ratios against the targets, the report's URL redaction, and the peer probe again
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from llmbus import bench
 from llmbus.bench.bus_load import EngineCounters, wait_for_compiled
 from llmbus.bench.http_load import OpenAITarget, SseSplitter, apply_event, probe
 from llmbus.bench.options import BenchError, parse_options
-from llmbus.bench.report import redact_url
+from llmbus.bench.report import connection_settings, redact_url
 from llmbus.bench.stack import Stack, assign_cores
 from llmbus.bench.stats import PointResult, RequestRecord, describe_point, summarize
 from llmbus.bench.verdicts import compute_ratios, diagnostics, http_notes, pairwise, peer_notes
@@ -188,6 +189,21 @@ def test_report_urls_carry_no_credentials() -> None:
     assert redact_url("http://user:secret@host:8080/v1") == "http://host:8080/v1"
     assert redact_url("nats://a:b@h1:4222,nats://h2:4222") == "nats://h1:4222,nats://h2:4222"
     assert redact_url(None) is None
+    assert redact_url("alice:s3cret@h1:4222") == "h1:4222"  # nats-py's scheme-less form
+
+
+def test_the_report_shows_no_secret_of_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench.json` holds the options; the connection's secrets (from flags or LLMBUS_*) only as set or not."""
+    monkeypatch.setenv("LLMBUS_NATS_PASSWORD", "pw-from-the-env")
+    monkeypatch.setenv("LLMBUS_API_KEYS", "bridge-key-1")
+    opts = parse_options(["--nats-url", "nats://alice:url-secret@h1:4222", "--nats-token", "tok-from-a-flag"])
+    settings = connection_settings(opts.connection)
+    text = json.dumps(settings)
+    for secret in ("pw-from-the-env", "bridge-key-1", "url-secret", "tok-from-a-flag"):
+        assert secret not in text
+    assert settings["nats_password"] == "***" and settings["nats_token"] == "***" and settings["nats_creds"] is None
+    assert settings["nats_url"] == "nats://h1:4222" and "api_keys" not in settings
+    assert "bridge-key-1" not in repr(opts.connection)
 
 
 async def test_peer_probe_sends_the_key_from_the_environment(

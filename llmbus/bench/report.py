@@ -7,7 +7,7 @@ import json
 import math
 import os
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -18,6 +18,7 @@ from llmbus.bench.options import BenchOptions
 from llmbus.bench.stack import Stack
 from llmbus.bench.sweep import Sweep
 from llmbus.bench.verdicts import Ratio, pairwise
+from llmbus.config import Config
 
 
 def build_report(
@@ -32,6 +33,7 @@ def build_report(
     config = asdict(opts)
     for key in ("nats_url", "http_url", "peer_url"):
         config[key] = redact_url(config[key])
+    config["connection"] = connection_settings(opts.connection)
     return {
         "config": config,
         "machine": {**machine_info(opts), "load_average_after": os.getloadavg()},
@@ -76,12 +78,30 @@ def build_report(
     }
 
 
+def connection_settings(connection: Config) -> dict[str, Any]:
+    """The NATS settings the bench connected with, fit for the report: a secret only as set (`***`) or not, the
+    URL without credentials, and none of the Config's other fields (the bridge's API keys among them)."""
+    settings: dict[str, Any] = {}
+    for setting in fields(connection):
+        if setting.name.startswith("nats_"):
+            value = getattr(connection, setting.name)
+            settings[setting.name] = ("***" if value else None) if setting.metadata.get("secret") else value
+    settings["nats_url"] = redact_url(connection.nats_url)
+    return settings
+
+
 def redact_url(url: str | None) -> str | None:
     """The URL without any user:password part, so that no credential reaches the report."""
     if not url:
         return url
-    parts = [urlsplit(u.strip()) for u in url.split(",")]
-    return ",".join(urlunsplit(p._replace(netloc=p.netloc.rpartition("@")[2])) for p in parts)
+    return ",".join(_without_credentials(server.strip()) for server in url.split(","))
+
+
+def _without_credentials(url: str) -> str:
+    scheme_less = "://" not in url  # `user:pass@host:4222` is a NATS URL to nats-py; urlsplit needs the scheme
+    parts = urlsplit(f"nats://{url}" if scheme_less else url)
+    stripped = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return stripped.removeprefix("nats://") if scheme_less else stripped
 
 
 def machine_info(opts: BenchOptions) -> dict[str, Any]:
