@@ -60,7 +60,9 @@ class TlsRequiredClient(NATS):
 
     def _connect_command(self) -> bytes:
         scheme = self._current_server.uri.scheme if self._current_server is not None else ""
-        if scheme != "ws" and not self._server_info.get("tls_required"):
+        if scheme == "wss":  # TLS of the WebSocket transport, which the server's INFO does not speak of
+            return super()._connect_command()
+        if scheme == "ws" or not self._server_info.get("tls_required"):
             raise PlaintextServerError()
         return super()._connect_command()
 

@@ -9,6 +9,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -17,7 +18,7 @@ from nats.aio.msg import Msg
 from helpers.nats_auth import SecureServer
 from llmbus.config import Config
 from llmbus.connection import ConnectionSettingsError, NatsConnectError, connect
-from llmbus.nats_server import NatsServer
+from llmbus.nats_server import NatsServer, free_port
 
 DENIAL_TIMEOUT_S = 10.0
 STREAM_REPLIES = 1_500
@@ -109,6 +110,17 @@ async def test_tls_settings_refuse_a_plaintext_server_before_sending_credentials
     without_tls = Config(nats_url=nats_server.url.replace("nats://", "tls://"))
     with pytest.raises(NatsConnectError, match="does not offer TLS"):
         await asyncio.wait_for(connect(without_tls, "test-plaintext"), 30)
+
+
+async def test_tls_settings_refuse_a_plaintext_websocket(secure_bus: SecureServer, tmp_path: Path) -> None:
+    """A ws:// URL is plaintext whatever the server's INFO says: with TLS settings it is refused before CONNECT."""
+    port = free_port()
+    conf = tmp_path / "websocket.conf"
+    conf.write_text(f"websocket {{\n  host: 127.0.0.1\n  port: {port}\n  no_tls: true\n}}\n")
+    with NatsServer(config_file=str(conf)):
+        config = secure_bus.config("alice", nats_url=f"ws://127.0.0.1:{port}")
+        with pytest.raises(NatsConnectError, match="does not offer TLS"):
+            await asyncio.wait_for(connect(config, "test-plaintext-websocket"), 30)
 
 
 async def test_a_url_with_user_and_password_logs_in_and_errors_hide_the_password(secure_bus: SecureServer) -> None:
