@@ -44,7 +44,7 @@ from schemas import (
     ChatResponse,
     Subjects,
 )
-from schemas.subjects import REPLY_TO, REQUEST_ID, valid_request_id
+from schemas.subjects import REPLY_TO, REQUEST_ID, message_size, valid_request_id
 
 __all__ = ["BusClient", "BusError", "new_request_id", "with_deadline"]
 
@@ -227,6 +227,8 @@ class BusClient(Streaming, Discovery):
         reply = self.inbox.reply_subject(request_id)
         try:
             headers = {**tracing.outgoing(), **(headers or {}), REQUEST_ID: request_id}  # the caller's trace context
+            if (size := message_size(data, headers)) > self.nc.max_payload:
+                raise too_large(size, self.nc.max_payload)
             await self.nc.publish(subject, data, reply=reply, headers=headers)
         except nats.errors.MaxPayloadError:
             raise too_large(len(data), self.nc.max_payload) from None

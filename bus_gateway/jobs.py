@@ -35,7 +35,7 @@ from llmbus import tracing
 from llmbus.config import Config
 from llmbus.connection import connect
 from schemas import BatchResponse, ChatRequest, ChatResponse, Subjects
-from schemas.subjects import MSG_ID, REPLY_TO, REQUEST_ID, valid_request_id
+from schemas.subjects import MSG_ID, REPLY_TO, REQUEST_ID, message_size, valid_request_id
 
 PUBLISH_TIMEOUT = 5.0
 PUBLISH_RETRY_DELAY = 0.2
@@ -172,6 +172,9 @@ class JobClient:
         loop = asyncio.get_running_loop()
         reply_to = self.inbox.reply_subject(request_id)
         headers = {**tracing.outgoing(), **extra, REQUEST_ID: request_id, REPLY_TO: reply_to, MSG_ID: reply_to}
+        if (size := message_size(data, headers)) > self.nc.max_payload:
+            limit = self.nc.max_payload
+            raise BusError(413, f"job of {size} bytes exceeds the NATS max payload of {limit} bytes", name="too_large")
         first_try = True
         while True:
             if not self.nc.is_connected:

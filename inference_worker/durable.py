@@ -31,7 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolic
 
 from schemas import ErrorBody, Subjects, WireError, encode
 from schemas.errors import error_headers
-from schemas.subjects import JOBS_CONSUMER, JOBS_STREAM, MSG_ID, REQUEST_ID, model_token
+from schemas.subjects import JOBS_CONSUMER, JOBS_STREAM, MSG_ID, REQUEST_ID, message_size, model_token
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -244,6 +244,10 @@ class Job:
             return
         headers = dict(self.headers or {})
         headers[MSG_ID] = f"{headers.get(MSG_ID, self.request_id)}>{subject}"
+        if (size := message_size(self.data, headers)) > self.nc.max_payload:  # its longer id pushed it over
+            limit = self.nc.max_payload
+            message = f"job of {size} bytes (with its forwarding headers) exceeds the NATS max payload of {limit}"
+            return await self.respond_error(WireError.of("too_large", message), encode(ErrorBody(message, 413)))
         await self.nc.jetstream().publish(subject, self.data, headers=headers)
         await self._settle("forwarded", self.msg.ack)
 

@@ -59,6 +59,16 @@ def model_token(name: str) -> str:
     return f"{UNSAFE_IN_TOKEN.sub('_', name)[:48]}-{digest}"
 
 
+def message_size(data: bytes, headers: dict[str, str] | None) -> int:
+    """The bytes nats-server counts against its max payload: the payload and the header block (`NATS/1.0`, each
+    `name: value`, the blank line). nats-py checks the payload alone, and a message the server finds too big makes
+    it drop the whole connection, which nats-py then closes for good: so a publisher checks this first."""
+    if not headers:
+        return len(data)
+    block = 10 + sum(len(name.encode()) + len(value.encode()) + 4 for name, value in headers.items()) + 2
+    return len(data) + block
+
+
 def valid_request_id(request_id: str) -> bool:
     """A request id is one NATS subject token (it names `<prefix>.cancel.<id>`): 1-128 of A-Z a-z 0-9 _ -."""
     return REQUEST_ID_PATTERN.match(request_id) is not None

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus_gateway.client import BusClient, BusError
+from bus_gateway.client import BusClient, BusError, with_deadline
 from bus_gateway.jobs import JobClient
 from helpers.faults import FaultFigures, chat, engine_data, gather_stats
 from helpers.workers import RunningWorker, start_worker
@@ -360,6 +360,27 @@ async def test_a_message_over_the_nats_max_payload_fails_on_the_client(nats_serv
         with pytest.raises(BusError) as durable:
             await JobClient(nc).chat(oversized, timeout=5)
         assert durable.value.code == 413 and f"max payload of {nc.max_payload} bytes" in durable.value.message
+    finally:
+        await nc.close()
+
+
+async def test_a_message_whose_headers_push_it_over_the_max_payload_fails_and_keeps_the_connection(
+    nats_server: NatsServer,
+) -> None:
+    """nats-py checks the payload alone; nats-server counts the headers too, and drops a connection that sends more,
+    after which nats-py closes it for good. A request a few bytes under the limit, which the request-id header
+    pushes over, is a 413 on the client, and its connection keeps working."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        base = msgspec.json.encode(with_deadline(chat("edge", user_prompt=""), 5.0))
+        edge = chat("edge", user_prompt="x" * (nc.max_payload - 8 - len(base)))
+        assert len(msgspec.json.encode(with_deadline(edge, 5.0))) == nc.max_payload - 8
+        for client in (BusClient(nc), JobClient(nc)):
+            with pytest.raises(BusError) as too_large:
+                await client.chat(edge, timeout=5.0)
+            assert too_large.value.code == 413 and f"max payload of {nc.max_payload} bytes" in too_large.value.message
+        await nc.flush(timeout=5)
+        assert nc.is_connected
     finally:
         await nc.close()
 
