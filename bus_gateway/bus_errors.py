@@ -79,12 +79,12 @@ def too_large(size: int, limit: int) -> BusError:
 def decode_reply(data: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(data, type=type_)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # msgspec's errors for bad JSON
         raise BusError(502, f"invalid reply from a worker: {exc}", data, name="bad_reply") from None
 
 
 def try_decode(data: bytes, type_: type[T]) -> T | None:
     try:
         return msgspec.json.decode(data, type=type_) if data else None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None

@@ -119,6 +119,6 @@ class Discovery:
 def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
         value = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # any service may answer $SRV: ignore junk
         return None
     return value if isinstance(value, dict) else None

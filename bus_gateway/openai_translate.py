@@ -110,8 +110,10 @@ def parse_request(body: bytes) -> ChatCompletionRequest | ApiFailure:
         return invalid("empty request body: expected a JSON object")
     try:
         raw = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for bad UTF-8 in a string
         return invalid(f"malformed JSON: {exc}")
+    except RecursionError:
+        return invalid("malformed JSON: nested too deeply")
     if not isinstance(raw, dict):
         return invalid(f"expected a JSON object, got {type(raw).__name__}")
     for name in [key for key in raw if key in UNSUPPORTED]:

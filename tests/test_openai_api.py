@@ -78,6 +78,8 @@ async def test_neutral_values_of_unsupported_parameters_are_accepted(lonely_http
     ("body", "fragment"),
     [
         (b"{oops", "malformed JSON"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "\xff"}]}', "malformed JSON"),  # bad UTF-8
+        (b"[" * 5000, "nested too deeply"),
         (b"", "empty request body"),
         (b'{"messages": []}', "model"),
         (b'{"model": "m", "messages": [{"role": "tool", "content": "x"}]}', "tool messages are not supported"),
