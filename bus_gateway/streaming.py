@@ -74,6 +74,7 @@ class Streaming:
         """The messages of one streamed answer through its end message; errors raised as `BusError`."""
         idle = self.timeout if timeout is None else timeout
         attempts = (self.retries if retries is None else retries) + 1
+        started = False  # a retry once the caller has a message would repeat the answer from its start
         for attempt in range(attempts):
             live = False  # a worker may hold the work: cancel it if we leave early
             try:
@@ -92,12 +93,13 @@ class Streaming:
                         raise error
                     end = (msg.headers or {}).get(STREAM) == STREAM_END
                     live = not end
+                    started = True
                     yield msg
                     if end:
                         return
             except BusError as exc:
                 delay = self.backoff_delay(attempt)
-                if not (exc.come_back_later and attempt + 1 < attempts):
+                if started or not (exc.come_back_later and attempt + 1 < attempts):
                     raise
             finally:
                 self._live_streams.discard(request_id)

@@ -18,6 +18,7 @@ from helpers.workers import start_worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 from schemas import ChatChunk, ChatRequest, Message, Subjects
+from schemas.subjects import ERROR, ERROR_CODE, ERROR_NAME
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,6 +72,27 @@ async def test_retries_back_off_then_give_up(lonely_nats: NatsServer) -> None:
     assert caught.value.code == 503
     # three pauses of about 0.05, 0.1 and 0.2 s (each +-20%) between the four attempts: at least 0.28 s in all
     assert elapsed > 0.28, elapsed
+
+
+async def test_a_stream_is_never_retried_once_it_has_started(lonely_nats: NatsServer) -> None:
+    """A worker that stops mid-stream answers 503 `shutting_down`, an error worth a retry before the stream starts;
+    after its first message a retry would repeat the answer from the beginning. A scripted worker here sends one
+    chunk, then that error."""
+    requests: list[bytes] = []
+    async with await BusClient.connect(lonely_nats.url, retries=2, backoff=0.01) as bus:
+
+        async def worker(msg: nats.aio.msg.Msg) -> None:
+            requests.append(msg.data)
+            await bus.nc.publish(msg.reply, msgspec.json.encode(ChatChunk(chat_id="s", delta="Hel", index=0)))
+            error = {ERROR_CODE: "503", ERROR: "worker is shutting down", ERROR_NAME: "shutting_down"}
+            await bus.nc.publish(msg.reply, b"", headers=error)
+
+        await bus.nc.subscribe(bus.subjects.chat, cb=worker)
+        chunks = []
+        with pytest.raises(BusError) as stopped:
+            async for chunk in bus.stream(FRANCE, timeout=10):
+                chunks.append(chunk.delta)
+    assert stopped.value.code == 503 and chunks == ["Hel"] and len(requests) == 1
 
 
 async def test_timeout_is_504_and_cancels_on_the_worker(lonely_nats: NatsServer) -> None:
