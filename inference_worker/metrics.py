@@ -52,8 +52,9 @@ BY_LABEL = {"request_success": "finished_reason", "request_failure": "code"}  # 
 
 def kv_cache_usage(engine: LLMEngine) -> float:
     """The share of the KV cache's token capacity (slots x context window) that the running sequences hold: the
-    slot cache grows up to a whole context window per slot, so 1 means the batch's memory is full."""
-    capacity = engine.config.max_batch_size * engine.max_seq_len
+    slot cache grows up to a whole context window per slot, so 1 means the batch's memory is full. The slots are
+    the memory plan's rows, fewer than `max_batch_size` when `kv_cache_tokens` or the memory buys fewer."""
+    capacity = engine.plan.rows * engine.max_seq_len
     held = sum(seq.num_cached_tokens for seq in tuple(engine.scheduler.running))
     return min(1.0, held / capacity) if capacity else 0.0
 

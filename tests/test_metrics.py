@@ -193,6 +193,13 @@ def test_kv_cache_usage_is_the_share_of_slots_times_window_held(tiny: LoadedMode
         engine.step()
     assert kv_cache_usage(engine) == 0
 
+    two_rows = LLMEngine(tiny, EngineConfig(max_batch_size=4, max_seq_len=64, kv_cache_tokens=128, prefix_cache=False))
+    assert two_rows.plan.rows == 2  # the KV budget buys two rows of the four asked for: those are the capacity
+    two_rows.add_request(Sequence("c", tiny.encode_chat([{"role": "user", "content": "hi"}]), SamplingParams()))
+    two_rows.prefill()
+    held = sum(seq.num_cached_tokens for seq in two_rows.scheduler.running)
+    assert kv_cache_usage(two_rows) == pytest.approx(held / (2 * 64))
+
 
 def test_bucket_quantiles_follow_prometheus_histogram_quantile() -> None:
     inf = float("inf")
