@@ -148,6 +148,10 @@ class Intake:
         """Hand a request to `model`'s workers with the client's reply subject: they answer the client directly."""
         log.debug("forwarding a request for %s to its workers", model)
         if isinstance(req, Job):
+            if self.jobs is not None and not await self.jobs.takes_jobs_for(model):
+                why = f"the model `{model}` is on this bus, but none of its workers takes durable jobs (--durable)"
+                unserved = WireError.of("model_not_found", why)
+                return await self.outbox.send(req, replies.error(content_type(req.headers), unserved))
             jobs = self.subjects.model_jobs_chat_batched if batched else self.subjects.model_jobs_chat
             return await req.forward(jobs(model))
         subject = self.subjects.model_chat_batched(model) if batched else self.subjects.model_chat(model)

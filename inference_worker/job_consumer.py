@@ -19,12 +19,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from inference_worker.durable import FETCH_TIMEOUT, REPLY_SUBJECT, Job, JobLimits, ensure_jobs_stream
 from schemas.errors import clean_text
-from schemas.subjects import REPLY_TO, REQUEST_ID
+from schemas.subjects import JOBS_CONSUMER, REPLY_TO, REQUEST_ID, model_token
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
@@ -128,6 +129,7 @@ class JobConsumer:
         self._fetching = asyncio.Lock()  # one fetch at a time, so the consumers share one capacity
         self._stop_pulling = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._consumed: set[str] = set()  # models whose job queue has its durable consumer
 
     async def start(self) -> None:
         await ensure_jobs_stream(self.js, self.limits, self.consumers)
@@ -153,6 +155,20 @@ class JobConsumer:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
         self._subs = []
+
+    async def takes_jobs_for(self, model: str) -> bool:
+        """Whether `model`'s job queue has its durable consumer (some worker of it ran with --durable); a job
+        forwarded to a queue without one would wait unread until it expires. Once seen, a consumer stays known."""
+        if model in self._consumed:
+            return True
+        try:
+            await self.js.consumer_info(self.limits.stream, f"{JOBS_CONSUMER}-{model_token(model)}")
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.errors.Error:
+            return True  # unknown (a timeout): forward, as before this check
+        self._consumed.add(model)
+        return True
 
     def snapshot(self) -> dict:
         return {"held": len(self.held), "clock_offset_s": round(self.clock.offset, 3), **self.counts}

@@ -118,3 +118,24 @@ async def test_a_job_whose_reply_subject_is_not_an_inbox_is_refused(
     finally:
         await victim.unsubscribe()
         await stop(worker)
+
+
+async def test_a_job_for_a_model_whose_workers_take_no_durable_jobs_is_answered_404(
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS
+) -> None:
+    """A model-less job naming `alpha`, whose only worker serves core requests: forwarded to alpha's job queue it
+    would wait there unread until it expires, so the durable worker that routes it answers 404 at once."""
+    durable = await durable_worker(fresh_nats_server)
+    core_config = Config(nats_url=fresh_nats_server.url, served_model_name="alpha", compile=False)
+    core = Worker(core_config, await nats.connect(fresh_nats_server.url), tiny_model())
+    await core.start()
+    try:
+        async with JobClient(fresh_nc) as jobs:
+            job = msgspec.json.encode(chat("to-alpha", max_tokens=2, model="alpha"))
+            with pytest.raises(BusError) as refused:
+                await jobs.submit("llm.jobs.chat", job, timeout=60)
+        assert refused.value.code == 404 and "`alpha`" in refused.value.message and "--durable" in refused.value.message
+        assert (await fresh_nc.jetstream().stream_info(STREAM_NAME)).state.messages == 0
+    finally:
+        await stop(core)
+        await stop(durable)
