@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
+from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.response import Stream
 
@@ -64,7 +65,7 @@ async def chat_batched(request: Request, state: State) -> Response[BatchResponse
     valid = [item for item in items if isinstance(item, ChatRequest)]
     if batch.stream:
         return await stream_batch(
-            items, valid, bus_of(state), config_of(state).request_timeout, tenant_headers(request)
+            request, items, valid, bus_of(state), config_of(state).request_timeout, tenant_headers(request)
         )
     answered: list[BatchResult] | None = []
     if valid:  # only valid queries travel; the invalid ones keep their local error, in place
@@ -112,13 +113,16 @@ def batch_response(results: list[BatchResult]) -> Response[Any]:
 
 
 async def stream_batch(
+    request: Request,
     items: list[ChatRequest | BatchItemError],
     valid: list[ChatRequest],
     bus: BusClient,
     idle_timeout: float,
     headers: dict[str, str],
 ) -> Stream | Response[Any]:
-    """SSE of a streamed batch; a failure before the first result (no worker...) is an HTTP error instead."""
+    """SSE of a streamed batch; a failure before the first result (no worker...) is an HTTP error instead. The
+    first result can take a whole generation, so a client that leaves meanwhile cancels the batch then, and one
+    that leaves later cancels it when the response is closed (its background task)."""
     positions = [index for index, item in enumerate(items) if isinstance(item, ChatRequest)]
     local = [
         BatchItemDone(index=i, result=BatchResult.failed(item))
@@ -129,7 +133,10 @@ async def stream_batch(
     first: BatchItemDone | BatchDone | None = None
     if remote is not None:
         try:
-            first = await anext(remote)
+            first = await unless_disconnected(request, anext(remote))
+        except ClientGone:
+            await remote.aclose()
+            return client_gone()
         except BusError as exc:
             await remote.aclose()
             return bus_error_response(exc)
@@ -158,4 +165,5 @@ async def stream_batch(
         failed = len(items) - answered
         yield sse_event(msgspec.json.encode(BatchDone.of(answered, failed)))
 
-    return Stream(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    body = events()
+    return Stream(body, media_type="text/event-stream", headers=SSE_HEADERS, background=BackgroundTask(body.aclose))

@@ -110,6 +110,33 @@ async def test_hung_worker_is_a_504(lonely_nats: NatsServer) -> None:
     assert_error(response, 504, "no reply from a worker within 0.3s")
 
 
+async def test_a_streamed_batch_is_cancelled_when_its_client_leaves_before_the_first_result(
+    lonely_nats: NatsServer,
+) -> None:
+    """The first result of a streamed batch can take a whole generation; a client that leaves before it cancels
+    the batch on the bus at once. Here the "worker" takes the batch and never answers."""
+    config = Config(nats_url=lonely_nats.url, subject_prefix="leaving", request_timeout=120)
+    taken = asyncio.Event()
+    worker = await nats.connect(lonely_nats.url)
+    try:
+
+        async def take(_: object) -> None:
+            taken.set()
+
+        await worker.subscribe("leaving.chat.batched", cb=take)  # type: ignore[arg-type]
+        async with running_bridge(config) as bridge, watching_cancels(worker, "leaving") as cancels:
+            async with bridge.client() as http:
+                body = {"stream": True, "queries": [FRANCE, FRANCE | {"chat_id": "second"}]}
+                leaving = asyncio.create_task(http.post("/chat/batched", json=body))
+                await taken.wait()
+                leaving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await leaving
+            assert await cancels.next_id(timeout=30)
+    finally:
+        await worker.close()
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 
