@@ -59,14 +59,13 @@ class Intake:
             return await self.outbox.send(req, replies.error(kind, request))
         if (where := self.directory.known_route(request.model)) is not None:
             return await self._dispatch_chat(req, kind, request, where)
-        if isinstance(req, Job):  # a job runs in a task of its own already
-            return await self._dispatch_chat(req, kind, request, await self.directory.route(request.model))
         self._route_in_a_task(req, kind, request)
 
     def _route_in_a_task(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
         """A request that needs a look at the bus before it can be routed takes it in a task of its own: the look
-        can last the whole discovery window, and every request behind this one on `llm.chat` would wait for it in
-        the subscription's callback."""
+        can last the whole discovery window, and every request behind this one would wait for it (on `llm.chat`,
+        in the subscription's callback; a durable job, in the pull loop that every job queue shares). Until it is
+        routed it counts as held (`jobs_wanted`)."""
         task = asyncio.create_task(self._route_then_dispatch(req, kind, request))
         self.routing.add(task)
         self._idle.clear()
@@ -240,8 +239,8 @@ class Intake:
     def jobs_wanted(self: Worker) -> int:
         if not self.accepting:
             return 0
-        idle = not len(self.held) and not self.batches
-        return jobs_to_fetch(len(self.held), idle, self.config)
+        idle = not len(self.held) and not self.batches and not self.routing
+        return jobs_to_fetch(len(self.held) + len(self.routing), idle, self.config)
 
     async def wait_for_capacity(self: Worker) -> None:
         while self.jobs_wanted() <= 0:  # check and clear together, so capacity freed meanwhile is not missed
