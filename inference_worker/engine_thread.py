@@ -162,7 +162,9 @@ class EngineThread:
         except queue.Empty:
             return True
         while True:
-            if command is _STOP:
+            if command is _STOP:  # what the commands before it produced still goes out (a 400, a cancel)
+                self._emit(events)
+                events.clear()
                 return False
             if isinstance(command, _Submit):
                 events += self._admit(engine, command)

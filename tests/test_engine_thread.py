@@ -166,6 +166,31 @@ def test_a_callable_builds_the_request_in_the_engine_thread(tiny: LoadedModel) -
     h.thread.stop(WAIT_S)
 
 
+def test_what_the_commands_before_a_stop_produced_still_goes_out(tiny: LoadedModel) -> None:
+    """A refusal read in the same pass as the stop is answered as it is, not left for the worker's 503."""
+    h = Harness(tiny)
+    building, release = threading.Event(), threading.Event()
+
+    def slow_build() -> Failed:
+        building.set()
+        release.wait(WAIT_S)
+        return Failed("first", 400, "bad input")
+
+    h.thread.submit(slow_build, "first")
+    assert building.wait(WAIT_S)  # the engine thread is inside the first command; the next two queue behind it
+    h.thread.submit(lambda: Failed("second", 400, "also bad"), "second")
+    stopping = threading.Thread(target=h.thread.stop, args=(WAIT_S,))
+    stopping.start()
+    while h.thread.inbox.qsize() < 2:  # the second command and the stop are both queued
+        threading.Event().wait(0.001)
+    release.set()
+    stopping.join(WAIT_S)
+    assert h.finals({"first", "second"}) == {
+        "first": Failed("first", 400, "bad input"),
+        "second": Failed("second", 400, "also bad"),
+    }
+
+
 def test_a_stream_is_accepted_before_its_first_token_and_a_plain_request_is_not(tiny: LoadedModel) -> None:
     h = Harness(tiny)
     h.thread.submit(Sequence("s", chat_prompt(tiny, "stream"), SHORT, stream=True))
