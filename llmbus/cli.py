@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 import nats.errors
 
 from llmbus import __version__, process_gc, tracing
-from llmbus.cli_parser import build_parser
+from llmbus.cli_parser import LOG_LEVELS, build_parser
 from llmbus.config import ENV_PREFIX, Config
 from llmbus.connection import redact_urls
-from llmbus.logs import setup_logging
+from llmbus.logs import FORMATS, setup_logging
 from llmbus.permissions import check_names, grants, jwt_permissions, server_permissions
 from llmbus.stack import Part, run_stack
 from schemas.subjects import DEFAULT_QUEUE_GROUP
@@ -61,6 +61,7 @@ def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = Fal
     collector stays off until the parts are ready (`process_gc.py`)."""
     try:
         config = Config.load(args)
+        check_logging_settings(args)
     except (ValueError, TypeError) as exc:
         print(f"llmbus: error: invalid setting: {exc}", file=sys.stderr)
         return 2
@@ -80,6 +81,15 @@ def serve(args: argparse.Namespace, parts: list[Part], embedded_nats: bool = Fal
     finally:
         process_gc.resume()
         tracing.shutdown()
+
+
+def check_logging_settings(args: argparse.Namespace) -> None:
+    """The log level and format, which may come from LLMBUS_LOG_LEVEL / LLMBUS_LOG_FORMAT: argparse checks a flag's
+    choices, but not a default taken from the environment."""
+    if args.log_level not in LOG_LEVELS:
+        raise ValueError(f"LLMBUS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
+    if args.log_format not in FORMATS:
+        raise ValueError(f"LLMBUS_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {args.log_format!r}")
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

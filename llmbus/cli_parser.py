@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(up, ALL_FIELDS)
     up.add_argument(
-        "--nats-store-dir", default=None, help="JetStream storage directory (default: a temporary one, removed on exit)"
+        "--nats-store-dir",
+        default=os.environ.get(f"{ENV_PREFIX}NATS_STORE_DIR"),
+        help="JetStream storage directory (env LLMBUS_NATS_STORE_DIR; default: a temporary one, removed on exit)",
     )
     add_logging_argument(up)
 
@@ -131,12 +133,15 @@ PERMISSIONS_DESCRIPTION = (
 )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def add_logging_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
         type=str.upper,
         default=os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "INFO").upper(),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=LOG_LEVELS,
         help="log level of the stderr log (env LLMBUS_LOG_LEVEL; default INFO)",
     )
     parser.add_argument(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ CONNECTION_FIELDS = (
     "nats_tls_key",
     "nats_inbox_prefix",
 )  # how a part logs in to NATS: every part takes these (`llmbus.connection`)
+
+
+SUBJECT_PREFIX = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
 
 
 def _opt(default: Any, help: str, factory: Any = None) -> Any:
@@ -149,8 +153,15 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+        if not SUBJECT_PREFIX.fullmatch(self.subject_prefix):
+            raise ValueError(
+                "subject_prefix must be NATS subject tokens separated by dots (no spaces, `*` or `>`), "
+                f"got {self.subject_prefix!r}"
+            )
+        for name in ("http_port", "nats_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be 0-65535, got {port}")
         if self.rate_limit_per_minute < 0:
             raise ValueError(f"rate_limit_per_minute must be >= 0, got {self.rate_limit_per_minute}")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):
@@ -182,7 +193,11 @@ class Config:
         for f in dataclasses.fields(cls):
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
-                values[f.name] = _parse(hints[f.name], raw)
+                try:
+                    values[f.name] = _parse(hints[f.name], raw)
+                except ValueError as exc:
+                    shown = "***" if f.metadata.get("secret") else repr(raw)
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={shown}: {exc}") from None
             if args is not None and getattr(args, f.name, None) is not None:
                 values[f.name] = getattr(args, f.name)
         values.update(overrides)

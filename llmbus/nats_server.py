@@ -66,7 +66,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """True when a server could listen on `port`. SO_REUSEADDR, as nats-server itself uses, so that connections
     left in TIME_WAIT by a server that just stopped do not make its own port look taken on a restart."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as the bridge binds (`serve.bind_socket`)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))

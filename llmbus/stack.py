@@ -153,7 +153,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
             stop.set()
 
     handled = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed; nats-server too
         try:
             loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):

@@ -68,10 +68,10 @@ def workers_table(rows: list[WorkerRow], width: int) -> Table:
         justify = "left" if name in ("device", "state") else "right"
         table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis", width=size)
     for row in rows:
-        table.add_row(
-            worker_of(row, worker),
-            row.model or "-",
-            device_of(row),
+        table.add_row(  # names from $SRV answers as Text, never read as rich markup
+            Text(worker_of(row, worker)),
+            Text(row.model or "-"),
+            Text(device_of(row)),
             str(row.running),
             str(row.waiting),
             rate(row.tokens_per_s),

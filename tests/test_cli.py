@@ -214,6 +214,18 @@ def test_schema_prints_and_writes_every_message(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.schema.json"))) == len(MESSAGES)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"), [("LLMBUS_LOG_LEVEL", "trace"), ("LLMBUS_LOG_FORMAT", "logfmt"), ("LLMBUS_HTTP_PORT", "-1")]
+)
+def test_a_bad_setting_from_the_environment_is_a_clear_error(variable: str, value: str) -> None:
+    """argparse checks a flag's choices but not a default taken from the environment: llmbus checks those."""
+    result = subprocess.run(
+        [*LLMBUS, "gateway"], capture_output=True, text=True, timeout=60, env=llmbus_env() | {variable: value}
+    )
+    assert result.returncode == 2 and "invalid setting" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_unknown_command_is_a_usage_error() -> None:
     result = subprocess.run([*LLMBUS, "serve"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

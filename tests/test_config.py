@@ -95,6 +95,18 @@ def test_a_bad_value_is_an_error() -> None:
         parse("up", "--http-port", "eighty")
 
 
+def test_a_bad_environment_value_names_its_variable_and_ports_are_checked() -> None:
+    with pytest.raises(ValueError, match="LLMBUS_HTTP_PORT='80O0'"):
+        Config.load(env={"LLMBUS_HTTP_PORT": "80O0"})
+    for name in ("http_port", "nats_port", "metrics_port"):
+        with pytest.raises(ValueError, match=f"{name} must be 0-65535, got 80000"):
+            Config(**{name: 80000})
+    for prefix in ("a b", "llm.*", "llm.", ""):
+        with pytest.raises(ValueError, match="subject_prefix must be NATS subject tokens"):
+            Config(subject_prefix=prefix)
+    assert Config(subject_prefix="team-a.llm").subject_prefix == "team-a.llm"
+
+
 def test_each_command_takes_only_its_own_flags() -> None:
     assert set(ALL_FIELDS) == set(WORKER_FIELDS) | set(GATEWAY_FIELDS) | set(STACK_ONLY_FIELDS)
     assert {"model", "max_batch_size", "drain_timeout"} <= set(WORKER_FIELDS) - set(GATEWAY_FIELDS)

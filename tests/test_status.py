@@ -71,6 +71,15 @@ def test_the_table_fits_80_columns_with_long_names() -> None:
     assert "2,408 requests · 6 errors · 0 cancelled · models: Qwen2.5-0.5B-Instruct, SmolLM…\n" in text
 
 
+def test_names_from_the_bus_are_shown_as_text_never_as_markup() -> None:
+    """Any service may answer `$SRV`: a model or host name with rich markup in it is printed as it is."""
+    now = datetime(2026, 11, 26, 3, 25, tzinfo=UTC)
+    view, _ = bus_view([], [stats_reply("a", "[bold]h", 7, "x[/]", 0)], now, 10.0, None)
+    out = io.StringIO()
+    Console(file=out, width=COLUMNS, color_system=None).print(render(view, "nats://127.0.0.1:4222"))
+    assert "[bold]h:7" in out.getvalue() and "x[/]" in out.getvalue()
+
+
 def test_the_state_column_names_degraded_and_warming_workers() -> None:
     """A worker whose compiled decode step failed decodes eagerly (on a GPU about 10x slower): the table says so."""
     now = datetime(2026, 11, 26, 3, 25, tzinfo=UTC)
