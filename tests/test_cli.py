@@ -19,7 +19,7 @@ import httpx
 import nats
 import pytest
 
-from llmbus.nats_server import NatsServer, env_without_proxy, free_port
+from llmbus.nats_server import NatsServer, env_without_proxy, free_port, port_is_free
 from schemas.export import JSON_DIR, MESSAGES
 from schemas.subjects import ERROR, ERROR_CODE, SERVICE_NAME
 
@@ -230,3 +230,13 @@ def test_unknown_command_is_a_usage_error() -> None:
     result = subprocess.run([*LLMBUS, "serve"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_a_port_is_checked_on_the_address_family_of_its_host() -> None:
+    """`--http-host ::1` binds IPv6 (`serve.bind_socket`); the free-port check must ask the same family."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
+        listener.bind(("::1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        assert not port_is_free(taken, "::1")
+    assert port_is_free(taken, "::1")  # closed: free again
