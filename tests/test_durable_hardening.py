@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import msgspec
 import nats
@@ -13,7 +12,7 @@ import pytest
 
 from bus_gateway.client import BusError
 from bus_gateway.jobs import JobClient
-from helpers.faults import chat
+from helpers.faults import HeldLook, chat
 from helpers.tiny_model import tiny_model
 from inference_worker.durable import STREAM_NAME
 from inference_worker.worker import Worker
@@ -149,27 +148,18 @@ async def test_a_job_waiting_for_a_look_at_the_bus_delays_no_other_job(
     look runs in a task of its own, so the pull loop that every job queue shares goes on taking jobs meanwhile.
     Here the look is held until the test lets it go."""
     worker = await durable_worker(fresh_nats_server)
-    looking, release = asyncio.Event(), asyncio.Event()
-    look_at_the_bus = worker.directory.gather
-
-    async def held_look(thorough: bool) -> Any:
-        if thorough:
-            looking.set()
-            await release.wait()
-        return await look_at_the_bus(thorough)
-
-    worker.directory.gather = held_look  # type: ignore[method-assign]
+    look = HeldLook(worker)
     try:
         async with JobClient(fresh_nc) as jobs:
             typo = msgspec.json.encode(chat("typo", max_tokens=2, model="no-such-model"))
             unknown = asyncio.create_task(jobs.submit("llm.jobs.chat", typo, timeout=120))
-            await looking.wait()
+            await look.looking.wait()
             answered = await jobs.chat(chat("fine", max_tokens=2), timeout=60)
             assert answered.chat_id == "fine" and not unknown.done()
-            release.set()
+            look.release.set()
             with pytest.raises(BusError) as refused:
                 await unknown
         assert refused.value.code == 404 and "no-such-model" in refused.value.message
     finally:
-        release.set()
+        look.release.set()
         await stop(worker)

@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from torch import nn
 
 from bus_gateway.client import BusClient
+from helpers.faults import HeldLook
 from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
 from inference_worker import model_runner
@@ -223,36 +224,27 @@ async def test_a_request_waiting_for_a_look_at_the_bus_delays_no_other_request(
     config = Config(nats_url=fresh_nats_server.url, subject_prefix="looked", max_tokens_cap=8, compile=False)
     worker = Worker(config, await nats.connect(fresh_nats_server.url), tiny_model())
     await worker.start()
-    looking, release = asyncio.Event(), asyncio.Event()
-    look_at_the_bus = worker.directory.gather
-
-    async def held_look(thorough: bool) -> Any:
-        if thorough:
-            looking.set()
-            await release.wait()
-        return await look_at_the_bus(thorough)
-
-    worker.directory.gather = held_look
+    look = HeldLook(worker)
     typo = b'{"chat_id": "t", "user_prompt": "hi", "model": "no-such-model", "max_tokens": 2}'
     fine = b'{"chat_id": "f", "user_prompt": "hi", "max_tokens": 2}'
     try:
         unknown = asyncio.create_task(fresh_nc.request("looked.chat", typo, timeout=120))
-        await looking.wait()
+        await look.looking.wait()
         answered = await fresh_nc.request("looked.chat", fine, timeout=60)
         assert ERROR_CODE not in (answered.headers or {}) and json.loads(answered.data)["chat_id"] == "f"
         assert not unknown.done() and len(worker.routing) == 1
-        release.set()
+        look.release.set()
         refused = await unknown
         assert refused.headers[ERROR_CODE] == "404" and "no-such-model" in refused.headers[ERROR]
 
-        release.clear()
-        looking.clear()
+        look.release.clear()
+        look.looking.clear()
         stopped_before_the_look_ended = asyncio.create_task(fresh_nc.request("looked.chat", typo, timeout=120))
-        await looking.wait()
+        await look.looking.wait()
         await worker.close()
         answer = await stopped_before_the_look_ended
         assert answer.headers[ERROR_CODE] == "503" and not worker.routing
     finally:
-        release.set()
+        look.release.set()
         await worker.close()
         await worker.nc.close()

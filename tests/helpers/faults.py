@@ -15,15 +15,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
 from bus_gateway.client import BusClient, BusError
+from bus_gateway.discovery import BusModels
 from llmbus.nats_server import env_without_proxy
 from schemas import ChatRequest
+
+if TYPE_CHECKING:
+    from inference_worker.worker import Worker
 
 RESULTS_FILE = Path(__file__).resolve().parents[2] / "bench-results" / "reliability.json"
 READY_TIMEOUT_S = 180.0
@@ -280,3 +284,19 @@ async def connect_client(url: str, link: LinkEvents | None = None) -> NATS:
 
 async def _quiet(exc: Exception) -> None:
     return None
+
+
+class HeldLook:
+    """Holds a worker's thorough looks at the bus (`ModelDirectory.gather`, the whole discovery window) until the
+    test sets `release`; `looking` is set when one starts."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.looking, self.release = asyncio.Event(), asyncio.Event()
+        self._look = worker.directory.gather
+        worker.directory.gather = self._held
+
+    async def _held(self, thorough: bool) -> BusModels:
+        if thorough:
+            self.looking.set()
+            await self.release.wait()
+        return await self._look(thorough)
