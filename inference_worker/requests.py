@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import jinja2.exceptions
 import msgspec
 
 from inference_worker.engine import Failed
@@ -128,8 +129,15 @@ def prepare(
     deadline: float | None,
     tenant: str = "",
 ) -> Sequence | Failed:
-    """Template and tokenize a request into an engine `Sequence` (runs in the engine thread)."""
-    prompt_ids, prefix_len = encode_chat(conversation(request))
+    """Template and tokenize a request into an engine `Sequence` (runs in the engine thread). A conversation the
+    model's chat template refuses (Mistral's and Llama 2's raise when roles do not alternate) is the request's 400,
+    not a retryable 500."""
+    try:
+        prompt_ids, prefix_len = encode_chat(conversation(request))
+    except jinja2.exceptions.SecurityError:
+        raise  # the template itself is unsafe: the server's problem
+    except jinja2.exceptions.TemplateError as exc:
+        return Failed(engine_id, 400, f"the model's chat template refused these messages: {exc}", name="bad_request")
     max_tokens = fit_max_tokens(request, len(prompt_ids), limits)
     if isinstance(max_tokens, WireError):
         return Failed(engine_id, max_tokens.code, max_tokens.message, name=max_tokens.name)

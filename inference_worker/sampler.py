@@ -25,7 +25,8 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence], shared: torch.Gener
     device = logits.device
     temperature = torch.tensor([s.params.temperature for s in seqs], device=device)[:, None]
     logits = logits / temperature
-    top_k = torch.tensor([s.params.top_k for s in seqs], device=device)
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([min(s.params.top_k, vocab) for s in seqs], device=device)  # any k past the vocab is all
     top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
     if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
         logits = _filter_top_k_top_p(logits, top_k, top_p)
@@ -60,6 +61,6 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     drop = ranks >= k
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]
+    drop |= (mass_before >= top_p[:, None]) & (ranks > 0)  # the likeliest token stays, whatever top_p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import cast
 
+import jinja2.exceptions
 import msgspec
 import pytest
 
@@ -170,6 +171,13 @@ def test_prepare_turns_a_request_into_an_engine_sequence_or_a_failed_event() -> 
     failed = prepare("r2", too_long, encode_chat, LIMITS, deadline=None)
     assert isinstance(failed, Failed)
     assert (failed.request_id, failed.code, failed.name) == ("r2", 400, "context_length_exceeded")
+
+    def alternating_only(turns: list[dict[str, str]]) -> tuple[list[int], int]:  # as Mistral's template refuses
+        raise jinja2.exceptions.TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    refused = prepare("r3", chat(body), alternating_only, LIMITS, deadline=None)
+    assert isinstance(refused, Failed) and (refused.code, refused.name) == (400, "bad_request")
+    assert "chat template refused" in refused.message and "must alternate" in refused.message
 
 
 # replies ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference_worker.sampler import argmax_rows
+from inference_worker.sampler import argmax_rows, sample
+from inference_worker.sampling_params import SamplingParams
+from inference_worker.sequence import Sequence
 
 
 @pytest.mark.parametrize("vocab", [49152, 151936, 32000, 5000, 1500])
@@ -24,3 +26,16 @@ def test_the_blockwise_argmax_picks_what_argmax_picks(vocab: int) -> None:
     cases.append(torch.randn(vocab, 8, generator=generator).T)  # columns not contiguous: torch's argmax
     for scores in cases:
         assert torch.equal(argmax_rows(scores), scores.argmax(dim=-1))
+
+
+def test_extreme_top_k_and_top_p_sample_the_likeliest_token_and_harm_no_other_row() -> None:
+    """top_k past the vocabulary (even past int64, which torch.tensor cannot hold) means every token; a top_p so
+    small that float32 rounds it to 0 still keeps the likeliest token, rather than dropping all and sampling NaN."""
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    logits[:, 17] = 50.0  # far the likeliest in every row
+    rows = [
+        Sequence("k", [1], SamplingParams(max_tokens=4, temperature=1.0, top_k=2**64 - 1, seed=1)),
+        Sequence("p", [1], SamplingParams(max_tokens=4, temperature=1.0, top_p=1e-50, seed=1)),
+        Sequence("g", [1], SamplingParams(max_tokens=4)),
+    ]
+    assert sample(logits, rows) == [17, 17, 17]
