@@ -92,7 +92,8 @@ def load_or_build(
     the package holds no weights, and the step reads the decoder's own tensors (no second copy). `single`: the
     step of one token and one logit."""
     step = DecodeStep(decoder, attention)
-    path = directory / f"decode-{step_packages.package_name(decoder, attention, frozen, single)}.pt2"
+    name = step_packages.package_name(decoder, attention, frozen, single, cache_dtype=keys[0].dtype)
+    path = directory / f"decode-{name}.pt2"
     step_packages.tidy(directory, keep=path)
     if path.exists():
         try:

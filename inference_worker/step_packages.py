@@ -45,15 +45,19 @@ _SOURCES = (
 )
 
 
-def package_name(decoder: nn.Module, attention: Callable, frozen: bool, single: bool = False) -> str:
+def package_name(
+    decoder: nn.Module, attention: Callable, frozen: bool, single: bool = False, cache_dtype: torch.dtype | None = None
+) -> str:
     """The hash that names the package of this decoder's step. A frozen package holds the weights, so their bytes
     are hashed (about 0.3 s for SmolLM2's 270 MB); an unfrozen one takes them at load, so only their shapes are.
     Buffers (the RoPE tables) are named by their shapes and the settings they are made from (`llama.py`'s `rope`),
     not by their bytes: the last bits of the float32 cos table differed between two processes in 2 of 5 tiny-model
-    runs (the vectorized cos), which named a new package and rebuilt it at a warm start."""
+    runs (the vectorized cos), which named a new package and rebuilt it at a warm start. The KV cache's dtype shapes
+    the code too (a float32 decoder runs over bf16 caches in a bf16 worker's wide step, and over float32 ones in a
+    float32 worker's), and the package does not check its inputs' dtypes: it is part of the name."""
     digest = hashlib.sha256()
     # the code is parallelized for the threads
-    settings = f"frozen={frozen} single={single} threads={torch.get_num_threads()}"
+    settings = f"frozen={frozen} single={single} threads={torch.get_num_threads()} cache={cache_dtype}"
     for part in (torch.__version__, attention.__qualname__, " ".join(sorted(cpu_flags())), settings):
         digest.update(part.encode() + b"\0")
     for source in _SOURCES:

@@ -166,7 +166,8 @@ def test_a_package_that_does_not_load_is_built_again(
 ) -> None:
     decoder = family_decoder(tiny, 64)
     cache = slot_cache(tiny)
-    package = tmp_path / f"decode-{step_packages.package_name(decoder, reduction_attention, True)}.pt2"
+    name = step_packages.package_name(decoder, reduction_attention, True, cache_dtype=cache.keys[0].dtype)
+    package = tmp_path / f"decode-{name}.pt2"
     package.write_bytes(b"half a package")
     with caplog.at_level(logging.WARNING, logger="llmbus.engine"):
         step, was_built = package_step(decoder, cache, tmp_path)
@@ -221,6 +222,11 @@ def test_the_package_name_follows_the_weights_the_forward_and_the_attention(tiny
     longer_rope = family_decoder(tiny_model(max_context=4096), 4096)  # its RoPE tables are longer
     assert step_packages.package_name(longer_rope, reduction_attention, True) != name
     assert step_packages.package_name(decoder, reduction_attention, True, single=True) != name
+    over = {  # the same float32 decoder over float32 or bf16 caches: different code
+        step_packages.package_name(decoder, reduction_attention, True, cache_dtype=dtype)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    assert len(over) == 2 and name not in over
     other_theta = tiny_model()
     other_theta.model.config.rope_parameters = {"rope_theta": 50000.0, "rope_type": "default"}
     assert step_packages.package_name(LlamaFamilyModel(other_theta.model, 64), reduction_attention, True) != name
@@ -238,6 +244,11 @@ def test_a_warm_up_hashes_a_decoders_weights_once_and_a_name_outside_it_hashes_t
             twin.model.model.layers[1].mlp.down_proj.weight[3, 4] += 1e-3  # the decoder reads this storage
         assert step_packages.package_name(decoder, reduction_attention, True) == name
         assert step_packages.package_name(decoder, reduction_attention, True, single=True) != name
+    over = {  # the same float32 decoder over float32 or bf16 caches: different code
+        step_packages.package_name(decoder, reduction_attention, True, cache_dtype=dtype)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    assert len(over) == 2 and name not in over
     assert step_packages.package_name(decoder, reduction_attention, True) != name
 
 
