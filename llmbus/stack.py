@@ -9,6 +9,7 @@ then connects with its own role's credentials.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -149,8 +150,9 @@ def check_http_port_is_free(config: Config) -> None:
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> list[signal.Signals]:
     def on_signal() -> None:
         if not stop.is_set():
-            announce("stopping")
             stop.set()
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                announce("stopping")
 
     handled = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed; nats-server too
