@@ -146,14 +146,18 @@ async def test_up_serves_http_and_nats_then_stops_cleanly_on_sigterm(tmp_path: P
 
 
 @pytest.mark.model
-async def test_up_stops_cleanly_on_ctrl_c_to_its_process_group(tmp_path: Path) -> None:
-    """Ctrl-C reaches nats-server too; it must outlive the worker's drain, so llmbus alone decides when it stops."""
+@pytest.mark.parametrize(("stop_signal", "whole_group"), [(signal.SIGINT, True), (signal.SIGHUP, False)])
+async def test_up_stops_cleanly_on_ctrl_c_to_its_process_group_and_on_a_closed_terminal(
+    tmp_path: Path, stop_signal: signal.Signals, whole_group: bool
+) -> None:
+    """Ctrl-C reaches nats-server too; it must outlive the worker's drain, so llmbus alone decides when it stops.
+    A closed terminal sends SIGHUP to llmbus only (nats-server runs in a session of its own): llmbus stops it."""
     nats_port = free_port()
     async with running_llmbus(
         "up", "--nats-port", str(nats_port), "--http-port", str(free_port()), tmp_path=tmp_path
     ) as llmbus:
         await llmbus.wait_for_line("llmbus: ready", READY_TIMEOUT_S)
-        assert await llmbus.stop(signal.SIGINT, whole_group=True) == 0, llmbus.output()
+        assert await llmbus.stop(stop_signal, whole_group=whole_group) == 0, llmbus.output()
     assert nothing_listens_on(nats_port), "the embedded nats-server outlived llmbus"
 
 
