@@ -6,8 +6,9 @@ frozen), the modules' settings, the source of the forward, its attention and its
 and the CPU's instruction sets. A package is written under a temporary name and renamed,
 so workers that share the cache directory never load a half-written one; one that fails to load is built again.
 
-Packages do not pile up: every package a worker loads or builds is marked used (its modification time), and each
-start (`tidy`) removes the packages of its directory that no worker has used for `UNUSED_PACKAGE_S` (a week). A package
+Packages do not pile up: every package a worker loads or builds is marked used (its modification time), again
+every day while it runs, and each start (`tidy`) removes the packages of its directory that no worker has used for
+`UNUSED_PACKAGE_S` (a week). A package
 name changes with every llmbus or torch upgrade, so the old ones went unused; a worker that needs one again
 rebuilds it.
 """
@@ -36,6 +37,7 @@ log = logging.getLogger("llmbus.engine")
 
 STALE_BUILD_S = 86400
 UNUSED_PACKAGE_S = 7 * 86400
+MARK_USED_EVERY_S = 86400  # a running step marks its package used this often
 # what shapes the compiled code: the forward, its attention, its quantized linear, and the step that exports them
 _SOURCES = (
     Path(llama.__file__),
@@ -164,13 +166,13 @@ def _open(package: Path) -> PackagedStep:
         with tempfile.TemporaryDirectory() as scratch:
             copy = Path(scratch) / library.name
             _extract_library(package, copy)
-            return PackagedStep(copy)
+            return PackagedStep(copy, package)
     try:
-        return PackagedStep(library)
+        return PackagedStep(library, package)
     except Exception:
         log.warning("the library of %s did not load; extracting it again", package.name, exc_info=True)
         _extract_library(package, library)
-        return PackagedStep(library)
+        return PackagedStep(library, package)
 
 
 def _extract_library(package: Path, target: Path) -> None:
@@ -199,13 +201,25 @@ class PackagedStep:
       already holds this CPU's instruction sets (`package_name`);
     - at every step, flattening the call's arguments through pytree, which are flat already (26 µs a step)."""
 
-    def __init__(self, library: Path) -> None:
+    def __init__(self, library: Path, package: Path | None = None) -> None:
         self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1)
         self.fqns = self.runner.get_constant_names_to_original_fqns()
+        self.package = package
+        self._mark_at = time.monotonic() + MARK_USED_EVERY_S
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if time.monotonic() >= self._mark_at:
+            self._mark_used()
         (output,) = self.runner.run(tensors)
         return output
+
+    def _mark_used(self) -> None:
+        """Once a day, mark the package this step runs as used, so that `tidy` (at another worker's start, or at
+        this one's restart after a week) keeps it: its load's mark alone is a week old after a week of serving."""
+        self._mark_at = time.monotonic() + MARK_USED_EVERY_S
+        if self.package is not None:
+            with contextlib.suppress(OSError):  # gone, or a read-only cache: its owner prunes it
+                os.utime(self.package)
 
     def get_constant_fqns(self) -> list[str]:
         return list(self.fqns.values())

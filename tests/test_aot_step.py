@@ -104,6 +104,10 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     kept = [package.name, library.name, "decode-of-another-configuration.pt2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert package.stat().st_mtime > week_and_a_day_ago + 86400  # loaded, so marked used: kept another week
+    os.utime(package, (week_and_a_day_ago, week_and_a_day_ago))  # a week of serving on it since then
+    loaded._mark_at = 0.0  # its daily mark is due
+    run(loaded, cache, decode_inputs(cache))
+    assert package.stat().st_mtime > week_and_a_day_ago + 86400  # a running step marks its package used daily
 
     inputs = decode_inputs(cache)
     eager = run(aot_step.DecodeStep(decoder, reduction_attention), cache, inputs)
