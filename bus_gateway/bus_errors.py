@@ -72,8 +72,16 @@ def not_connected(state: str) -> BusError:
     return BusError(503, f"not connected to NATS ({state}); try again shortly", name="not_connected")
 
 
-def too_large(size: int, limit: int) -> BusError:
-    return BusError(413, f"request of {size} bytes exceeds the NATS max payload of {limit} bytes", name="too_large")
+def too_large(size: int, limit: int, what: str = "request") -> BusError:
+    """A message over the server's max payload, its headers counted (`schemas.subjects.message_size`)."""
+    return BusError(413, f"{what} of {size} bytes exceeds the NATS max payload of {limit} bytes", name="too_large")
+
+
+def model_not_found(model: str, served: list[str]) -> BusError:
+    listing = ", ".join(served)
+    return BusError(
+        404, f"the model `{model}` is not served on this bus; models on the bus: {listing}", name="model_not_found"
+    )
 
 
 def decode_reply(data: bytes, type_: type[T]) -> T:

@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 
 from bus_gateway.auth import tenant_headers
-from bus_gateway.bus_errors import BusError
+from bus_gateway.bus_errors import BusError, model_not_found
 from bus_gateway.client import BusClient
 from bus_gateway.disconnect import ClientGone, unless_disconnected
 from bus_gateway.http_errors import bus_error_response, client_gone
@@ -64,10 +64,7 @@ async def not_served(state: State, model: str) -> BusError | None:
     served = await catalog.names(fresh=True)
     if not served or model in served:
         return None
-    listing = ", ".join(served)
-    return BusError(
-        404, f"the model `{model}` is not served on this bus; models on the bus: {listing}", name="model_not_found"
-    )
+    return model_not_found(model, served)
 
 
 def config_of(state: State) -> Config:

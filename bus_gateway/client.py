@@ -27,6 +27,7 @@ from bus_gateway.bus_errors import (
     BusError,
     decode_reply,
     error_from_reply,
+    model_not_found,
     no_reply,
     not_connected,
     too_large,
@@ -230,8 +231,6 @@ class BusClient(Streaming, Discovery):
             if (size := message_size(data, headers)) > self.nc.max_payload:
                 raise too_large(size, self.nc.max_payload)
             await self.nc.publish(subject, data, reply=reply, headers=headers)
-        except nats.errors.MaxPayloadError:
-            raise too_large(len(data), self.nc.max_payload) from None
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
             raise not_connected(type(exc).__name__) from None
 
@@ -243,10 +242,7 @@ class BusClient(Streaming, Discovery):
         served = await self.models()
         if not served or model in served:
             return exc
-        listing = ", ".join(served)
-        return BusError(
-            404, f"the model `{model}` is not served on this bus; models on the bus: {listing}", name="model_not_found"
-        )
+        return model_not_found(model, served)
 
     def _chat_subject(self, model: str | None) -> str:
         """A request that names its model goes straight to that model's workers (no forwarding hop)."""

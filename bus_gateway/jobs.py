@@ -28,7 +28,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus_gateway.bus_errors import BusError, decode_reply, error_from_reply, no_reply, not_connected
+from bus_gateway.bus_errors import BusError, decode_reply, error_from_reply, no_reply, not_connected, too_large
 from bus_gateway.client import DEFAULT_TIMEOUT, REPLY_GRACE, new_request_id, with_deadline
 from bus_gateway.inbox import ReplyInbox
 from llmbus import tracing
@@ -173,8 +173,7 @@ class JobClient:
         reply_to = self.inbox.reply_subject(request_id)
         headers = {**tracing.outgoing(), **extra, REQUEST_ID: request_id, REPLY_TO: reply_to, MSG_ID: reply_to}
         if (size := message_size(data, headers)) > self.nc.max_payload:
-            limit = self.nc.max_payload
-            raise BusError(413, f"job of {size} bytes exceeds the NATS max payload of {limit} bytes", name="too_large")
+            raise too_large(size, self.nc.max_payload, "job")
         first_try = True
         while True:
             if not self.nc.is_connected:
@@ -190,11 +189,8 @@ class JobClient:
                     f"no JetStream stream takes {subject}: start a worker with --durable (it creates the job stream)",
                     name="no_responders",
                 ) from None
-            except nats.errors.MaxPayloadError:
-                limit = self.nc.max_payload
-                raise BusError(
-                    413, f"job of {len(data)} bytes exceeds the NATS max payload of {limit} bytes", name="too_large"
-                ) from None
+            except nats.errors.MaxPayloadError:  # a server reconnected to since the check takes less
+                raise too_large(size, self.nc.max_payload, "job") from None
             except nats.js.errors.APIError as exc:
                 code = exc.code if isinstance(exc.code, int) and 400 <= exc.code < 600 else 503
                 raise BusError(code, f"JetStream refused the durable job: {exc.description}") from None

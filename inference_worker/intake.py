@@ -239,8 +239,7 @@ class Intake:
     def jobs_wanted(self: Worker) -> int:
         if not self.accepting:
             return 0
-        idle = not len(self.held) and not self.batches and not self.routing
-        return jobs_to_fetch(len(self.held) + len(self.routing), idle, self.config)
+        return jobs_to_fetch(len(self.held) + len(self.routing), self.nothing_in_flight(), self.config)
 
     async def wait_for_capacity(self: Worker) -> None:
         while self.jobs_wanted() <= 0:  # check and clear together, so capacity freed meanwhile is not missed

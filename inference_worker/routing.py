@@ -91,10 +91,12 @@ class ModelDirectory:
 
     async def current(self, wanted: str | None = None) -> BusModels:
         """The models on the bus; refreshed when stale, or when `wanted` is not among them."""
-        age = time.monotonic() - self._fetched_at
-        if age > self.ttl or (wanted is not None and wanted not in self.models.workers):
+        if self._stale() or (wanted is not None and wanted not in self.models.workers):
             await self.refresh()
         return self.models
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._fetched_at > self.ttl
 
     async def refresh(self, thorough: bool = False) -> BusModels:
         """Ask the bus again, unless that was done less than `min_refresh` seconds ago (a thorough look always)."""
@@ -113,7 +115,7 @@ class ModelDirectory:
     def known_route(self, requested: str | None) -> Route | None:
         """`route` on the view this worker holds, when it is fresh and routes the request; None when the request
         needs a look at the bus first (a model not seen yet, a stale view, or no route yet)."""
-        if time.monotonic() - self._fetched_at > self.ttl:
+        if self._stale():
             return None
         where = route(requested, self.own, self.models)
         return None if isinstance(where, WireError) else where

@@ -155,8 +155,12 @@ class Worker(Intake):
     def _released(self) -> None:
         """A held request or a batch is done: there may be room for a durable job, or nothing left to drain."""
         self._capacity.set()
-        if not len(self.held) and not self.batches and not self.routing:
+        if self.nothing_in_flight():
             self._idle.set()
+
+    def nothing_in_flight(self) -> bool:
+        """No request held, no batch running, none waiting to be routed."""
+        return not len(self.held) and not self.batches and not self.routing
 
     def _build_engine(self) -> LLMEngine:
         """Runs in the engine thread, so that every torch op of the engine (its caches too) runs in one thread."""
