@@ -80,9 +80,7 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
     if parts.password is None and parts.username is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: `parts.port` raises on a port that is not a number
     user = f"{parts.username}:***" if parts.password is not None else "***"
     redacted = urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
     return redacted.removeprefix("nats://") if scheme_less else redacted

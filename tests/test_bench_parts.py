@@ -186,10 +186,11 @@ def test_a_worker_whose_compiled_step_failed_is_named_in_the_point_and_the_notes
 
 
 def test_report_urls_carry_no_credentials() -> None:
-    assert redact_url("http://user:secret@host:8080/v1") == "http://host:8080/v1"
-    assert redact_url("nats://a:b@h1:4222,nats://h2:4222") == "nats://h1:4222,nats://h2:4222"
+    assert redact_url("http://user:secret@host:8080/v1") == "http://user:***@host:8080/v1"
+    assert redact_url("nats://a:b@h1:4222,nats://h2:4222") == "nats://a:***@h1:4222,nats://h2:4222"
     assert redact_url(None) is None
-    assert redact_url("alice:s3cret@h1:4222") == "h1:4222"  # nats-py's scheme-less form
+    assert redact_url("alice:s3cret@h1:4222") == "alice:***@h1:4222"  # nats-py's scheme-less form
+    assert redact_url("http://tok3n@[::1") == "<unparseable URL>"  # a URL that does not parse shows nothing
 
 
 def test_the_report_shows_no_secret_of_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,7 +203,7 @@ def test_the_report_shows_no_secret_of_the_connection(monkeypatch: pytest.Monkey
     for secret in ("pw-from-the-env", "bridge-key-1", "url-secret", "tok-from-a-flag"):
         assert secret not in text
     assert settings["nats_password"] == "***" and settings["nats_token"] == "***" and settings["nats_creds"] is None
-    assert settings["nats_url"] == "nats://h1:4222" and "api_keys" not in settings
+    assert settings["nats_url"] == "nats://alice:***@h1:4222" and "api_keys" not in settings
     assert "bridge-key-1" not in repr(opts.connection)
 
 

@@ -154,6 +154,7 @@ def test_urls_in_logs_hide_passwords_and_tokens() -> None:
     assert redact_url("nats://nats.example:4222") == "nats://nats.example:4222"
     assert redact_url("alice:s3cret@nats.example:4222") == "alice:***@nats.example:4222"  # nats-py adds nats://
     assert redact_url("nats.example:4222") == "nats.example:4222"
+    assert redact_url("nats://alice:s3cret@nats.example:42x2") == "nats://alice:***@nats.example:42x2"  # no crash
 
 
 def test_secrets_stay_out_of_repr_and_help() -> None:

@@ -10,7 +10,6 @@ import platform
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from llmbus.bench.baselines import Baselines
 from llmbus.bench.http_load import CHAT_PATH
@@ -19,6 +18,7 @@ from llmbus.bench.stack import Stack
 from llmbus.bench.sweep import Sweep
 from llmbus.bench.verdicts import Ratio, pairwise
 from llmbus.config import Config
+from llmbus.connection import redact_urls
 
 
 def build_report(
@@ -91,17 +91,8 @@ def connection_settings(connection: Config) -> dict[str, Any]:
 
 
 def redact_url(url: str | None) -> str | None:
-    """The URL without any user:password part, so that no credential reaches the report."""
-    if not url:
-        return url
-    return ",".join(_without_credentials(server.strip()) for server in url.split(","))
-
-
-def _without_credentials(url: str) -> str:
-    scheme_less = "://" not in url  # `user:pass@host:4222` is a NATS URL to nats-py; urlsplit needs the scheme
-    parts = urlsplit(f"nats://{url}" if scheme_less else url)
-    stripped = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return stripped.removeprefix("nats://") if scheme_less else stripped
+    """The URL (or comma-separated URLs) with any password or token shown as `***` (`connection.redact_urls`)."""
+    return redact_urls(url) if url else url
 
 
 def machine_info(opts: BenchOptions) -> dict[str, Any]:
