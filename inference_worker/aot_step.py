@@ -8,11 +8,8 @@ library, with the packed weights inside when frozen. A SmolLM2 package took 97 s
 330 MB on disk, 0.3 s to load. Its step ran at batch 2 in 18.4 ms against 22.3 ms under `torch.compile` (no guards
 or Python wrapper at each step).
 
-The build runs in a child process (`python -m inference_worker.aot_step JOB`), at a lower CPU priority, on the
-decoder as pickled by the worker. In the worker's own process it broke and slowed serving: a non-strict export
-running beside eager steps made them fail (`fake_mode.in_kernel_invocation must be False`), a strict one took
-11 minutes beside them, and the steps after an in-process build ran at 22.7 ms instead of 17. The child dies with
-its parent, and a stopped engine kills it.
+The build runs in a child process, one at a time per package among the workers that share the cache directory
+(`step_builds.py`).
 
 The step takes its tokens ragged (`llama.LlamaFamilyModel.ragged`): the number of tokens, of logits asked for, the
 attended length and the cache's rows and length are symbolic, so one package serves every engine and configuration
@@ -29,13 +26,8 @@ The packages on disk, their names, their loading and their removal are `step_pac
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -43,12 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference_worker import quantize, step_packages
+from inference_worker import quantize, step_builds, step_packages
 
 log = logging.getLogger("llmbus.engine")
 
 DecodeFn = Callable[..., torch.Tensor]
-CHILD_NICENESS = 5  # the build yields the CPU to serving (at 10 it starved under a steady load: over 8 minutes)
 _MAX = 1 << 20
 
 
@@ -88,71 +79,41 @@ def load_or_build(
     single: bool = False,
 ) -> tuple[DecodeFn, bool]:
     """The compiled step, and whether it was built now (True, in a child process) or loaded from `directory`
-    (False); `on_build` is called when a build starts. Frozen: the weights are folded in and packed. Not frozen:
-    the package holds no weights, and the step reads the decoder's own tensors (no second copy). `single`: the
-    step of one token and one logit."""
+    (False); `on_build` is called when a build starts, here or in another worker that this one waits for. Frozen:
+    the weights are folded in and packed. Not frozen: the package holds no weights, and the step reads the
+    decoder's own tensors (no second copy). `single`: the step of one token and one logit."""
     step = DecodeStep(decoder, attention)
     name = step_packages.package_name(decoder, attention, frozen, single, cache_dtype=keys[0].dtype)
     path = directory / f"decode-{name}.pt2"
     step_packages.tidy(directory, keep=path)
-    if path.exists():
+    seen = _modified(path)
+    if seen is not None:
         try:
-            loaded = step_packages.load(path, step, frozen)
-            with contextlib.suppress(OSError):  # a read-only cache: its owner prunes it
-                os.utime(path)  # used now: kept by `tidy` for another week
-            return loaded, False
+            return _load_marked_used(path, step, frozen), False
         except Exception:
             log.warning("the compiled decode step in %s did not load; building it again", path, exc_info=True)
-    if on_build is not None:
-        on_build()
-    build_in_child(step, keys, values, path, frozen, single, stop)
+    with step_builds.build_lock(path, stop, on_wait=on_build):
+        if _modified(path) not in (None, seen):  # another worker built it while this one waited for the lock
+            with contextlib.suppress(Exception):
+                return _load_marked_used(path, step, frozen), False
+        if on_build is not None:
+            on_build()
+        step_builds.build_in_child(step, keys, values, path, frozen, single, stop)
     return step_packages.load(path, step, frozen), True
 
 
-class BuildStopped(Exception):
-    pass
+def _load_marked_used(path: Path, step: DecodeStep, frozen: bool) -> DecodeFn:
+    loaded = step_packages.load(path, step, frozen)
+    with contextlib.suppress(OSError):  # a read-only cache: its owner prunes it
+        os.utime(path)  # used now: kept by `tidy` for another week
+    return loaded
 
 
-def build_in_child(
-    step: DecodeStep,
-    keys: list,
-    values: list,
-    path: Path,
-    frozen: bool,
-    single: bool = False,
-    stop: threading.Event | None = None,
-) -> None:
-    """Build the package in a child process, which gets the step pickled with small example caches of the same
-    layout; raises with the tail of the child's output if it fails, and `BuildStopped` if `stop` is set first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    examples = [[_example(t) for t in tensors] for tensors in (keys, values)]
-    with tempfile.TemporaryDirectory(prefix="build-", dir=path.parent) as scratch:
-        job, output, built = (Path(scratch) / name for name in ("job.pt", "output.txt", "package.pt2"))
-        job_spec = {"step": step, "keys": examples[0], "values": examples[1], "frozen": frozen, "single": single}
-        torch.save(job_spec, job)
-        threads = str(torch.get_num_threads())
-        command = [sys.executable, "-m", "inference_worker.aot_step", str(job), str(built), str(os.getpid()), threads]
-        with output.open("wb") as sink:
-            child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            while child.poll() is None:
-                if stop is None:
-                    child.wait()
-                elif stop.wait(0.5):
-                    child.kill()
-                    child.wait()
-                    raise BuildStopped(f"the build of {path.name} was stopped")
-        if child.returncode != 0:
-            tail = output.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"building {path.name} failed (exit code {child.returncode}):\n{tail}")
-        os.chmod(built, 0o644)
-        os.replace(built, path)  # whole or not at all, for the workers that share the directory
-
-
-def _example(cache: torch.Tensor) -> torch.Tensor:
-    """Two rows whatever the cache has: export specializes a dimension of size 1 (a `--max-batch-size 1` worker's
-    cache), and the build failed."""
-    _, kv_heads, _, head_dim = cache.shape
-    return torch.zeros((2, kv_heads, 66, head_dim), dtype=cache.dtype, device=cache.device)
+def _modified(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def build(step: DecodeStep, keys: list, values: list, path: Path, frozen: bool, single: bool = False) -> None:
@@ -182,26 +143,3 @@ def build(step: DecodeStep, keys: list, values: list, path: Path, frozen: bool, 
 def quantized(module: nn.Module) -> bool:
     linears = tuple(linear for linear in quantize.QUANTIZERS.values() if linear is not None)
     return any(isinstance(m, linears) for m in module.modules())
-
-
-def main(job: str, package: str, parent: str, threads: str) -> None:
-    """The child's side: die with the parent, yield the CPU to it, build the package from the pickled job. With the
-    parent's threads: inductor writes the kernels for that many (built on one thread, a package had no parallel
-    loops, and SmolLM2's step took 24 ms at batch 1 instead of 17)."""
-    _die_with_parent(int(parent))
-    os.nice(CHILD_NICENESS)
-    torch.set_num_threads(int(threads))
-    spec = torch.load(job, weights_only=False)  # our own pickle, written a moment ago into a private directory
-    Path(job).unlink()  # the weights' bytes, not needed any more
-    build(spec["step"], spec["keys"], spec["values"], Path(package), spec["frozen"], spec["single"])
-
-
-def _die_with_parent(parent: int) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the child may outlive a killed parent
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])

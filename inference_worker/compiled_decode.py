@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference_worker import aot_step, step_packages, warm_up
+from inference_worker import aot_step, step_builds, step_packages, warm_up
 from inference_worker.jit_step import compiled_step, configure_compiler
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.step_inputs import StepInputs
@@ -265,7 +265,7 @@ class CompiledDecode:
             packaged, built = aot_step.load_or_build(
                 decoder, self.attention, keys, values, self.package_dir, frozen, self._stop, self.settled.set, single
             )
-        except aot_step.BuildStopped:
+        except step_builds.BuildStopped:
             return "stopped"
         except Exception:
             if single:

@@ -107,8 +107,8 @@ def _weights_digest(decoder: nn.Module) -> bytes:
 def tidy(directory: Path, keep: Path) -> None:
     """Remove what is left over in `directory`: the packages, other than `keep`, that nothing has loaded or built
     for `UNUSED_PACKAGE_S` (a worker that has one loaded keeps running on it: the file's data stays until it is
-    unmapped), the extracted libraries whose package is gone, and the scratch of builds and extractions whose
-    worker was killed (a day old: no build lasts that long)."""
+    unmapped), the extracted libraries whose package is gone, the scratch of builds and extractions whose worker
+    was killed, and the build locks (all a day old: no build lasts that long, and a lock is touched when taken)."""
     unused = [p for p in _untouched_for(directory, "decode-*.pt2", UNUSED_PACKAGE_S) if p != keep]
     for package in unused:
         with contextlib.suppress(OSError):
@@ -121,7 +121,10 @@ def tidy(directory: Path, keep: Path) -> None:
                 library.unlink()
     for scratch in _untouched_for(directory, "build-*", STALE_BUILD_S):
         shutil.rmtree(scratch, ignore_errors=True)
-    for partial in _untouched_for(directory, ".extract-*", STALE_BUILD_S):
+    for partial in [
+        *_untouched_for(directory, ".extract-*", STALE_BUILD_S),
+        *_untouched_for(directory, "decode-*.lock", STALE_BUILD_S),
+    ]:
         with contextlib.suppress(OSError):
             partial.unlink()
 

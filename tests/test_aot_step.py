@@ -7,8 +7,10 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from helpers.tiny_model import chat_prompt, tiny_model
-from inference_worker import aot_step, step_packages
+from inference_worker import aot_step, step_builds, step_packages
 from inference_worker.attention import matmul_attention, reduction_attention, sdpa_attention
 from inference_worker.compiled_decode import SINGLE
 from inference_worker.engine import EngineConfig, LLMEngine
@@ -86,7 +88,8 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     # once took a one-row cache as its example, specialized the rows to 1, and the build failed)
     built, was_built = package_step(decoder, slot_cache(tiny, rows=1), tmp_path)
     assert was_built
-    package, library = sorted(tmp_path.iterdir())  # no temporary file left behind
+    lock, package, library = sorted(tmp_path.iterdir())  # no temporary file left behind
+    assert lock == package.with_suffix(".lock") and lock.stat().st_size == 0  # the build's, removed in a day
     assert package.suffix == ".pt2" and library == step_packages.library_of(package)  # extracted by the load
     week_and_a_day_ago = time.time() - step_packages.UNUSED_PACKAGE_S - 86400
     os.utime(package, (week_and_a_day_ago, week_and_a_day_ago))
@@ -99,9 +102,11 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     (tmp_path / "decode-of-an-older-release.so").write_bytes(b"the library of a package removed with it")
     (tmp_path / ".extract-killed-2-days-ago").write_bytes(b"half a library, its worker killed while extracting it")
     os.utime(tmp_path / ".extract-killed-2-days-ago", (week_and_a_day_ago, week_and_a_day_ago))
+    (tmp_path / "decode-of-an-older-release.lock").write_bytes(b"")  # its build's lock, untouched since
+    os.utime(tmp_path / "decode-of-an-older-release.lock", (week_and_a_day_ago, week_and_a_day_ago))
     loaded, was_built = package_step(decoder, cache, tmp_path)
     assert not was_built
-    kept = [package.name, library.name, "decode-of-another-configuration.pt2"]
+    kept = [package.name, library.name, lock.name, "decode-of-another-configuration.pt2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert package.stat().st_mtime > week_and_a_day_ago + 86400  # loaded, so marked used: kept another week
     os.utime(package, (week_and_a_day_ago, week_and_a_day_ago))  # a week of serving on it since then
@@ -118,6 +123,26 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
     torch.testing.assert_close(cache.keys, written, rtol=1e-5, atol=1e-5)  # it wrote the new columns in place
     assert torch.equal(run(built, cache, decode_inputs(cache)), from_package)
     assert not list(extraction_dir.glob("aotinductor_*"))  # each load removed its extracted copy; the steps run
+
+    # a worker that needs the package while another builds it (started together) waits and loads that build
+    shared, waiting = tmp_path / "shared", threading.Event()
+    shared.mkdir()
+    with ThreadPoolExecutor(1) as pool, step_builds.build_lock(shared / package.name):  # the other's build
+        second = pool.submit(
+            aot_step.load_or_build,
+            decoder,
+            reduction_attention,
+            cache.keys,
+            cache.values,
+            shared,
+            True,
+            on_build=waiting.set,
+        )
+        assert waiting.wait(120)  # it waits: `on_build` tells the engine to serve eagerly meanwhile
+        shutil.copy(package, shared / package.name)  # the other's build lands
+    from_shared, was_built = second.result(timeout=120)
+    assert not was_built
+    assert torch.equal(run(from_shared, cache, decode_inputs(cache)), from_package)
 
     # a prefill of prompts of different lengths, ragged through the package, as the eager padded forward runs it
     chunks, starts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]], [0, 4, 2]

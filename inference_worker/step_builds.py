@@ -1,0 +1,169 @@
+"""Building a compiled step's package in a child process (`aot_step.build` is the compiling itself): one build of a
+package at a time among the workers that share the cache directory, stoppable, and leaving no process behind.
+
+- **A child process.** `python -m inference_worker.step_builds JOB` builds from the step the worker pickled, at a
+  lower CPU priority. In the worker's own process a build broke and slowed serving: a non-strict export running
+  beside eager steps made them fail (`fake_mode.in_kernel_invocation must be False`), a strict one took 11 minutes
+  beside them, and the steps after an in-process build ran at 22.7 ms instead of 17.
+- **One build per package.** A worker takes the package's lock (`flock` on `decode-<name>.lock`) before it builds.
+  Another worker that needs the same package meanwhile (two workers started together on one host) waits for the
+  lock and then loads the package built, rather than building it a second time beside the first.
+- **No process left behind.** The child leads a process group of its own, which holds the compilers it runs (g++):
+  a stopped build kills the whole group. If the worker dies, the child gets SIGTERM (`PR_SET_PDEATHSIG`) and kills
+  its group. Killing the child alone, as before, left its g++ running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("llmbus.engine")
+
+CHILD_NICENESS = 5  # the build yields the CPU to serving (at 10 it starved under a steady load: over 8 minutes)
+LOCK_POLL_S = 0.5
+PR_SET_PDEATHSIG = 1
+
+
+class BuildStopped(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def build_lock(
+    package: Path, stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Held while this worker builds `package`. Waits while another process (or thread) holds it, calling `on_wait`
+    once, and raises `BuildStopped` if `stop` is set meanwhile. In a directory where no lock can be made (read-only),
+    it does not lock: no build can be written there either."""
+    stop = stop or threading.Event()
+    try:
+        lock_file = open(package.with_suffix(".lock"), "a+b")  # noqa: SIM115 (closed below)
+    except OSError:
+        yield
+        return
+    with lock_file:
+        waited = False
+        while not _try_lock(lock_file):
+            if not waited:
+                waited = True
+                log.info("waiting for another worker's build of %s", package.name)
+                if on_wait is not None:
+                    on_wait()
+            if stop.wait(LOCK_POLL_S):
+                raise BuildStopped(f"waiting for the build of {package.name} was stopped")
+        with contextlib.suppress(OSError):
+            os.utime(lock_file.fileno())  # held now: `step_packages.tidy` removes only locks a day old
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _try_lock(lock_file) -> bool:
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def build_in_child(
+    step: nn.Module,
+    keys: list,
+    values: list,
+    path: Path,
+    frozen: bool,
+    single: bool = False,
+    stop: threading.Event | None = None,
+) -> None:
+    """Build the package in a child process, which gets the step pickled with small example caches of the same
+    layout; raises with the tail of the child's output if it fails, and `BuildStopped` if `stop` is set first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    examples = [[_example(t) for t in tensors] for tensors in (keys, values)]
+    with tempfile.TemporaryDirectory(prefix="build-", dir=path.parent) as scratch:
+        job, output, built = (Path(scratch) / name for name in ("job.pt", "output.txt", "package.pt2"))
+        job_spec = {"step": step, "keys": examples[0], "values": examples[1], "frozen": frozen, "single": single}
+        torch.save(job_spec, job)
+        threads = str(torch.get_num_threads())
+        command = [sys.executable, "-m", __name__, str(job), str(built), str(os.getpid()), threads]
+        returncode = run_child(command, output, stop)
+        if returncode is None:
+            raise BuildStopped(f"the build of {path.name} was stopped")
+        if returncode != 0:
+            tail = output.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"building {path.name} failed (exit code {returncode}):\n{tail}")
+        os.chmod(built, 0o644)
+        os.replace(built, path)  # whole or not at all, for the workers that share the directory
+
+
+def run_child(command: list[str], output: Path, stop: threading.Event | None = None) -> int | None:
+    """Run `command` in a process group of its own, its output to `output`; its exit code, or None if `stop` was
+    set first. However it ends (stopped, or this thread interrupted), the whole group is killed."""
+    with output.open("wb") as sink:
+        child = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            while child.poll() is None:
+                if stop is None:
+                    child.wait()
+                elif stop.wait(LOCK_POLL_S):
+                    return None
+            return child.returncode
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)  # what the child left running in its group (compilers)
+            child.wait()
+
+
+def _example(cache: torch.Tensor) -> torch.Tensor:
+    """Two rows whatever the cache has: export specializes a dimension of size 1 (a `--max-batch-size 1` worker's
+    cache), and the build failed."""
+    _, kv_heads, _, head_dim = cache.shape
+    return torch.zeros((2, kv_heads, 66, head_dim), dtype=cache.dtype, device=cache.device)
+
+
+def die_with_parent(parent: int) -> None:
+    """In the child: when the parent dies, get SIGTERM and kill this process group (the child and its compilers);
+    exit at once if the parent is gone already. Linux only: elsewhere a killed worker may leave its build running."""
+    signal.signal(signal.SIGTERM, _kill_own_group)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        _kill_own_group()
+
+
+def _kill_own_group(*_: object) -> None:
+    os.killpg(0, signal.SIGKILL)
+
+
+def main(job: str, package: str, parent: str, threads: str) -> None:
+    """The child's side: die with the parent, yield the CPU to it, build the package from the pickled job. With the
+    parent's threads: inductor writes the kernels for that many (built on one thread, a package had no parallel
+    loops, and SmolLM2's step took 24 ms at batch 1 instead of 17)."""
+    from inference_worker import aot_step
+
+    die_with_parent(int(parent))
+    os.nice(CHILD_NICENESS)
+    torch.set_num_threads(int(threads))
+    spec = torch.load(job, weights_only=False)  # our own pickle, written a moment ago into a private directory
+    Path(job).unlink()  # the weights' bytes, not needed any more
+    aot_step.build(spec["step"], spec["keys"], spec["values"], Path(package), spec["frozen"], spec["single"])
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

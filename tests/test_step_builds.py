@@ -1,0 +1,85 @@
+"""A compiled step's build as a worker runs it (`step_builds.py`): in a child process that leaves nothing running when
+it is stopped or its worker dies, and once per package among the workers that share a cache directory. The child
+here stands in for the compiler: a Python process that starts a grandchild (`sleep`, as inductor starts g++)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from helpers.processes import pid_written_to, process_exits
+from inference_worker import step_builds
+
+
+def compiler_like(pid_file: Path, before: str = "") -> list[str]:
+    """A child that runs `before`, then starts a long `sleep` (its compiler), writes its pid and waits."""
+    script = (
+        f"import subprocess, time\n{before}\ncompiler = subprocess.Popen(['sleep', '600'])\n"
+        f"open({str(pid_file)!r}, 'w').write(f'{{compiler.pid}}\\n')\ntime.sleep(600)"
+    )
+    return [sys.executable, "-c", script]
+
+
+def test_a_stopped_build_leaves_none_of_its_processes_running(tmp_path: Path) -> None:
+    stop, pid_file = threading.Event(), tmp_path / "compiler.pid"
+    with ThreadPoolExecutor(1) as pool:
+        build = pool.submit(step_builds.run_child, compiler_like(pid_file), tmp_path / "output.txt", stop)
+        compiler = pid_written_to(pid_file)
+        stop.set()
+        assert build.result(timeout=60) is None  # stopped
+    assert process_exits(compiler), "the build's compiler outlived the stopped build"
+
+
+def test_a_build_whose_worker_dies_kills_its_compilers(tmp_path: Path) -> None:
+    """The worker is SIGKILLed mid-build: the child gets SIGTERM (PR_SET_PDEATHSIG) and kills its process group."""
+    pid_file = tmp_path / "compiler.pid"
+    child = compiler_like(
+        pid_file, "from inference_worker.step_builds import die_with_parent; import os; die_with_parent(os.getppid())"
+    )
+    worker_script = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen({child!r}, start_new_session=True, stdin=subprocess.DEVNULL); time.sleep(600)"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", worker_script], cwd=Path(__file__).parents[1])
+    try:
+        compiler = pid_written_to(pid_file)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert process_exits(compiler), "the build's compiler outlived its worker"
+
+
+def test_a_worker_waits_for_another_workers_build_of_the_same_package_and_can_be_stopped(tmp_path: Path) -> None:
+    package, stop, waiting = tmp_path / "decode-x.pt2", threading.Event(), threading.Event()
+    entered: list[str] = []
+
+    def second_worker() -> None:
+        with step_builds.build_lock(package, stop, on_wait=waiting.set):
+            entered.append("second")
+
+    with ThreadPoolExecutor(1) as pool:
+        with step_builds.build_lock(package):  # the first worker's build
+            second = pool.submit(second_worker)
+            assert waiting.wait(60)
+            assert entered == []  # it waits for the first build
+        assert second.result(timeout=60) is None and entered == ["second"]  # then takes the lock in its turn
+
+        waiting.clear()
+        with step_builds.build_lock(package):
+            stopped = pool.submit(second_worker)
+            assert waiting.wait(60)
+            stop.set()  # the worker stops while it waits
+            with pytest.raises(step_builds.BuildStopped):
+                stopped.result(timeout=60)
+    assert entered == ["second"]
+
+
+def test_a_failed_build_says_why(tmp_path: Path) -> None:
+    output = tmp_path / "output.txt"
+    code = step_builds.run_child([sys.executable, "-c", "import sys; print('no g++'); sys.exit(3)"], output)
+    assert code == 3 and "no g++" in output.read_text()
