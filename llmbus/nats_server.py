@@ -6,9 +6,11 @@ as JSON, which nats-server reads as its own config format, so no value ever need
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -136,7 +139,13 @@ class NatsServer:
             args += ["--cluster_name", self.cluster_name, "--cluster", f"nats://{self.host}:{self.cluster_port}"]
             if self.cluster_routes:
                 args += ["--routes", ",".join(self.cluster_routes)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_dies_with_this_process(),
+        )
         self.log_tail = LogTail.follow(self.proc.stderr)
         try:
             wait_for_port(self.port, self.host, timeout, self.proc)
@@ -177,6 +186,26 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_this_process() -> Callable[[], None] | None:
+    """What the server runs before it starts so that it gets SIGTERM when this process dies, even by SIGKILL: a
+    killed `llmbus up` then leaves no server holding its port. Linux only, and only from the main thread:
+    `PR_SET_PDEATHSIG` fires when the thread that started the child ends, so a server started from another thread
+    (a test's `asyncio.to_thread`) gets none, and is stopped by `stop()` as before."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def in_the_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # this process died before the line above took effect
+            os._exit(1)
+
+    return in_the_child
 
 
 def tls_config(cert: str, key: str, ca: str | None = None, verify: bool = False) -> dict[str, Any]:

@@ -121,10 +121,12 @@ async def start_embedded_nats(
     config: Config, parts: Sequence[Part], store_dir: str | None
 ) -> tuple[NatsServer, dict[Part, Config]]:
     """Start nats-server on config.nats_port; with `secure`, with TLS and a login per role. Returns the server and
-    each part's config (its URL, and with `secure` its role's credentials)."""
+    each part's config (its URL, and with `secure` its role's credentials). The server starts on this thread, the
+    main one, which blocks the loop while it starts (nothing else runs yet): so it dies with this process, even one
+    killed with SIGKILL, and no server is left holding the port."""
     if not config.secure:
         server = NatsServer(port=config.nats_port, store_dir=store_dir)
-        await asyncio.to_thread(server.start)
+        server.start()
         announce(f"NATS  {server.url}")
         return server, {part: dataclasses.replace(config, nats_url=server.url) for part in parts}
     from llmbus.secure_stack import prepare
@@ -132,7 +134,7 @@ async def start_embedded_nats(
     port = config.nats_port or free_port()
     setup = await asyncio.to_thread(prepare, config, "127.0.0.1", port)
     server = NatsServer(port=port, store_dir=store_dir, config_file=str(setup.server_config), tls=True)
-    await asyncio.to_thread(server.start)
+    server.start()
     announce(f"NATS  {server.url} (TLS, a login per role; CA {setup.ca})")
     announce(
         f"client credentials  {setup.env_file('client')} (load with: set -a; . {setup.env_file('client')}; set +a)"

@@ -19,6 +19,7 @@ import httpx
 import nats
 import pytest
 
+from helpers.processes import process_exits
 from llmbus.nats_server import NatsServer, env_without_proxy, free_port, port_is_free
 from schemas.export import JSON_DIR, MESSAGES
 from schemas.subjects import ERROR, ERROR_CODE, SERVICE_NAME
@@ -159,6 +160,34 @@ async def test_up_stops_cleanly_on_ctrl_c_to_its_process_group_and_on_a_closed_t
         await llmbus.wait_for_line("llmbus: ready", READY_TIMEOUT_S)
         assert await llmbus.stop(stop_signal, whole_group=whole_group) == 0, llmbus.output()
     assert nothing_listens_on(nats_port), "the embedded nats-server outlived llmbus"
+
+
+async def test_a_killed_up_leaves_no_nats_server_behind(tmp_path: Path) -> None:
+    """SIGKILL gives llmbus no chance to stop its nats-server: the server dies with it (PR_SET_PDEATHSIG), so the
+    next `llmbus up` finds the port free. The stack runs the bridge alone, as `up` runs it, so no model loads."""
+    nats_port, http_port = free_port(), free_port()
+    stack = (
+        "import asyncio; from llmbus.config import Config; from llmbus.stack import run_stack; "
+        f"asyncio.run(run_stack(Config(nats_port={nats_port}, http_port={http_port}), ['gateway'], True))"
+    )
+    stderr_path = tmp_path / "stack.stderr"
+    with stderr_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", stack, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=llmbus_env()
+        )
+    llmbus = LlmbusProcess(proc, stderr_path)
+    try:
+        await llmbus.wait_for_line("llmbus: ready", READY_TIMEOUT_S)
+        assert not nothing_listens_on(nats_port)
+        server_pids = subprocess.run(["pgrep", "-f", f"nats-server.* -p {nats_port}"], capture_output=True, text=True)
+        (server_pid,) = map(int, server_pids.stdout.split())
+        proc.kill()
+        await proc.wait()
+        assert await asyncio.to_thread(process_exits, server_pid), "the embedded nats-server outlived llmbus"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert nothing_listens_on(nats_port)
 
 
 @pytest.mark.model
