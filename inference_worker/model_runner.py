@@ -45,7 +45,7 @@ from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.hf_decoder import HFDecoder
 from inference_worker.jit_step import use_compile_cache
 from inference_worker.kv_cache import SlotKVCache
-from inference_worker.memory import MemoryPlan, MemoryPlanError, weight_bytes
+from inference_worker.memory import MemoryPlan, MemoryPlanError, quantized_bytes, weight_bytes
 from inference_worker.model_loader import LoadedModel, cache_root
 from inference_worker.quantize import head_for, linear_for
 
@@ -129,17 +129,18 @@ def uses_wide_copy(loaded: LoadedModel, quantize: str) -> bool:
 def added_bytes(
     loaded: LoadedModel, compile: bool, quantize: str, freeze_wide: bool = False, prefill_matmuls: str = "float32"
 ) -> int:
-    """Memory a runner adds beside the loaded weights, for the memory plan: the float32 copy (4 bytes a parameter)
-    or, prefilling without one, the float32 LM head (4 bytes a head parameter); on CPU the frozen compiled steps'
-    packed weights (the general step's and the one-row step's, each about the size of the loaded ones) and, with
-    `freeze_wide`, the wide step's packed ones (4 bytes a parameter more for the float32 copy's, the size of the
-    loaded ones for a quantized mode's dense step)."""
+    """Memory a runner adds beside the loaded weights, for the memory plan: a quantized mode's quantized weights
+    (`quantized_bytes`); the float32 copy (4 bytes a parameter) or, prefilling without one, the float32 LM head (4
+    bytes a head parameter); on CPU the frozen compiled steps' packed weights (the general step's and the one-row
+    step's, each about the size of the loaded ones) and, with `freeze_wide`, the wide step's packed ones (4 bytes a
+    parameter more for the float32 copy's, the size of the loaded ones for a quantized mode's dense step)."""
     parameters = sum(p.numel() for p in loaded.model.parameters())
     frozen = compile and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
     if uses_float32_copy(loaded, quantize, prefill_matmuls):
         copies = 4 * parameters
     else:
         copies = 4 * loaded.model.lm_head.weight.numel() if prefills_in_float32(loaded, quantize) else 0
+    copies += quantized_bytes(loaded.model, quantize)
     copies += 2 * weight_bytes(loaded.model) if frozen else 0
     if not (frozen and freeze_wide and uses_wide_copy(loaded, quantize)):
         return copies

@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     PretrainedConfig,
@@ -24,8 +32,9 @@ from transformers import (
 
 from inference_worker import attention, llama
 from inference_worker.engine import EngineConfig, LLMEngine
-from inference_worker.hf_decoder import HFDecoder
+from inference_worker.hf_decoder import HFDecoder, logit_transform, mask_kinds
 from inference_worker.model_loader import LoadedModel, load_tokenizer
+from inference_worker.model_runner import ModelRunner
 from inference_worker.sampling_params import SamplingParams
 
 NEW_TOKENS = 16
@@ -141,3 +150,54 @@ def test_every_attention_of_the_forward_computes_the_same_function() -> None:
         others = (attention.sdpa_attention, attention.sdpa_attention_without_cudnn, attention.reduction_attention)
         for attend in others:
             torch.testing.assert_close(attend(q, k, v, visible, 0.25), expected, atol=1e-5, rtol=1e-4)
+
+
+def runner_logits(loaded: LoadedModel, ids: list[int], prefill: int) -> torch.Tensor:
+    """The runner's logits after `ids[:prefill]` (one prefill), then after each later token (one decode step each)."""
+    runner = ModelRunner(loaded, 2, 128)
+    assert isinstance(runner.decoder, HFDecoder)
+    rows = [runner.forward(0, [ids[:prefill]], [0])]
+    rows += [runner.forward(0, [[ids[i]]], [i]) for i in range(prefill, len(ids))]
+    return torch.cat(rows)
+
+
+def assert_hf_decoder_matches_the_forward(loaded: LoadedModel) -> None:
+    """The HF decoder's logits over the slot cache equal the model's own forward's, at the end of a prefill
+    longer than `WINDOW` and at each decode step after it."""
+    ids = prompts(loaded)[1]
+    prefill = WINDOW + 3
+    assert len(ids) > prefill + WINDOW
+    with torch.no_grad():
+        expected = loaded.model(torch.tensor([ids])).logits[0, prefill - 1 :].float()
+    torch.testing.assert_close(runner_logits(loaded, ids, prefill), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen2_with_a_window_on_some_layers_gives_the_logits_of_its_own_forward() -> None:
+    qwen2 = tiny(Qwen2Config, Qwen2ForCausalLM, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    assert mask_kinds(qwen2.model.config) == ["full_attention", "sliding_attention"]
+    assert_hf_decoder_matches_the_forward(qwen2)
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        ((GraniteConfig, GraniteForCausalLM), {"logits_scaling": 8.0}),
+        ((CohereConfig, CohereForCausalLM), {"logit_scale": 0.25}),
+        ((Gemma2Config, Gemma2ForCausalLM), {"head_dim": 16, "sliding_window": WINDOW, "final_logit_softcapping": 0.5}),
+    ],
+)
+def test_models_that_scale_or_cap_their_logits_give_the_logits_of_their_own_forward(family: tuple, extra: dict) -> None:
+    """Granite divides the head's output, Cohere multiplies it, Gemma 2 caps it (and attends eagerly, through a
+    window on every other layer)."""
+    loaded = tiny(*family, **extra)
+    scale, _, cap = logit_transform(loaded.model.config)
+    assert (scale, cap) != (1.0, None)
+    assert_hf_decoder_matches_the_forward(loaded)
+
+
+def test_the_hf_decoder_refuses_logits_and_layers_it_does_not_know() -> None:
+    with pytest.raises(ValueError, match="model type 'mpt' sets logit_scale"):
+        logit_transform(SimpleNamespace(model_type="mpt", logit_scale=2.0))
+    with pytest.raises(ValueError, match="cannot mask layers of type chunked_attention"):
+        mask_kinds(SimpleNamespace(layer_types=["full_attention", "chunked_attention"]))
+    assert mask_kinds(SimpleNamespace(sliding_window=8)) == ["sliding_attention"]  # Mistral: every layer windowed

@@ -65,3 +65,20 @@ def test_int4_recovers_the_q4_1_values_the_shipped_smollm2_was_made_from() -> No
         weight = projection.weight.data
         error = (dequantized(Int4Linear(weight), weight.shape[1]) - weight).norm() / weight.norm()
         assert error < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_memory_plan_counts_the_quantized_weights_the_runner_builds(mode: str, dtype: torch.dtype) -> None:
+    """The quantized projections and LM head are built beside the model's dense weights, which stay: the plan's
+    added bytes are theirs (no float32 copy or compiled steps here)."""
+    from helpers.tiny_model import tiny_model
+    from inference_worker.model_runner import added_bytes, family_decoder
+
+    loaded = tiny_model(dtype)
+    planned = added_bytes(loaded, compile=False, quantize=mode)
+    decoder = family_decoder(loaded, 64, mode)
+    quantized = [m for m in decoder.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    assert isinstance(decoder.lm_head, Int8Linear) and len(quantized) == 4 * len(decoder.layers) + 1
+    built = sum(p.numel() * p.element_size() for m in quantized for p in m.parameters())
+    assert planned == built > 0
