@@ -5,8 +5,8 @@ Routes: `POST /chat`, `POST /chat/batched` (chat_api), `POST /v1/chat/completion
 (and an offline viewer at `/docs`), `GET /metrics` (Prometheus; metrics.py, which also carries each request's trace
 context onto the bus), and the web page (web.py: `/`, `/bus`, `/bus.json`, `/static/`).
 With API keys configured, `/chat*`, `/v1/*` and `/bus.json` need `Authorization: Bearer <key>`.
-Optional: HTTPS (`http_tls_cert`/`http_tls_key`), a requests-per-minute limit per API key (429 with `Retry-After`),
-and CORS for the configured origins only (off by default).
+Optional: HTTPS (`http_tls_cert`/`http_tls_key`), a requests-per-minute limit per API key on `/chat*` and `/v1/*`
+(429 with `Retry-After`), and CORS for the configured origins only (off by default).
 With `durable`, non-streaming chats go through the JetStream work queue (`JobClient`); streams stay core.
 """
 
@@ -36,7 +36,7 @@ from bus_gateway.openai_api import ModelCatalog, openai_router
 from bus_gateway.openai_translate import ApiFailure
 from bus_gateway.openai_types import ChatCompletionRequest
 from bus_gateway.openapi_doc import WireJsonRenderPlugin, with_request_bodies
-from bus_gateway.web import OfflineDocsPlugin, web_routes
+from bus_gateway.web import OfflineDocsPlugin, docs_router, web_routes
 from llmbus.config import Config
 from llmbus.connection import connected_to
 from schemas import BatchRequest, ChatRequest, ErrorBody
@@ -180,7 +180,8 @@ def create_app(
                 await bus.close()
 
     keys = config.all_api_keys()
-    guards = api_key_guard(keys) + rate_limit_guard(config.rate_limit_per_minute, keyed=bool(keys))
+    key_guards = api_key_guard(keys)
+    guards = key_guards + rate_limit_guard(config.rate_limit_per_minute, keyed=bool(keys))
     app = Litestar(
         route_handlers=[
             healthz,
@@ -189,7 +190,7 @@ def create_app(
             metrics_endpoint,
             Router(path="/", route_handlers=[chat, chat_batched], guards=guards, tags=["chat"]),
             openai_router(guards),
-            *web_routes(guards),
+            *web_routes(key_guards),
         ],
         lifespan=[lifespan],
         on_startup=list(on_startup),
@@ -206,6 +207,7 @@ def create_app(
             version="0.1.0",
             description="LLM chat inference over NATS: native /chat API and an OpenAI-compatible /v1 API.",
             path="/docs",
+            openapi_router=docs_router("/docs"),
             render_plugins=[OfflineDocsPlugin(path="/"), WireJsonRenderPlugin(REQUEST_BODIES, path="/openapi.json")],
         ),
     )

@@ -3,7 +3,8 @@ at `GET /bus.json`, the page's files under `/static/`, and an offline API docs v
 
 Everything is served from the installed package (`bus_gateway/static/`); nothing comes from a CDN. The page talks
 to the bridge's own API only (`/v1/models`, `/v1/chat/completions`, `/bus.json`), so with API keys configured the
-page asks for a key and the same guard protects `/bus.json` (it names hosts and pids).
+page asks for a key and the same guard protects `/bus.json` (it names hosts and pids). Every page and file carries
+`SECURITY_HEADERS` (a strict CSP that forbids framing, and nosniff).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from litestar import Request, Response, Router, get
 from litestar.datastructures import CacheControlHeader, State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import OpenAPIRenderPlugin
+from litestar.response.base import ASGIResponse
 from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler, Guard
 
@@ -26,14 +28,14 @@ from bus_gateway.client import BusClient, BusError
 from schemas import ErrorBody
 
 STATIC_DIR = Path(__file__).parent / "static"
-PAGE_HEADERS = {
+SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
         "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-cache",
 }
+PAGE_HEADERS = {**SECURITY_HEADERS, "Cache-Control": "no-cache"}
 
 
 class BusSnapshot(BusView, kw_only=True):
@@ -124,9 +126,28 @@ class OfflineDocsPlugin(OpenAPIRenderPlugin):
         return static_bytes("docs.html")
 
 
-def web_routes(guards: list[Guard]) -> list[ControllerRouterHandler]:
-    """The page, its files, and `/bus.json` behind the same API-key guards as the API."""
+def docs_router(path: str) -> Router:
+    """The router Litestar puts the `/docs` viewer (and its 404 page) on: with the page's headers, so the viewer
+    cannot be framed either."""
+    return Router(path=path, route_handlers=[], include_in_schema=False, response_headers=PAGE_HEADERS)
+
+
+def with_security_headers(response: ASGIResponse) -> ASGIResponse:
+    """The static files' `after_request` hook: the page's headers on every file (docs.html and index.html are
+    pages too; the policy is harmless on scripts and styles)."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers[name] = value
+    return response
+
+
+def web_routes(key_guards: list[Guard]) -> list[ControllerRouterHandler]:
+    """The page, its files, and `/bus.json` behind the API-key guards. Not behind the rate limit: the page polls
+    `/bus.json` every 1.5 s, which would spend a key's whole budget for chats."""
     static = create_static_files_router(
-        path="/static", directories=[STATIC_DIR], cache_control=CacheControlHeader(no_cache=True), name="web-static"
+        path="/static",
+        directories=[STATIC_DIR],
+        cache_control=CacheControlHeader(no_cache=True),
+        name="web-static",
+        after_request=with_security_headers,  # type: ignore[arg-type]
     )
-    return [playground_page, bus_page, static, Router(path="/", route_handlers=[bus_json], guards=guards)]
+    return [playground_page, bus_page, static, Router(path="/", route_handlers=[bus_json], guards=key_guards)]

@@ -13,8 +13,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,74 +38,18 @@ CHROMIUM = Path(os.environ.get("LLMBUS_CHROMIUM", "/usr/bin/chromium"))
 if not CHROMIUM.exists():
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
-from playwright.async_api import Browser, Page, Request, expect  # noqa: E402
+from playwright.async_api import Page, expect  # noqa: E402
 
+pytest.register_assert_rewrite("helpers.browser")
+from helpers.browser import FakeBus, OpenTab, screenshot  # noqa: E402
+
+pytest_plugins = ["helpers.browser"]  # the browser and open_tab fixtures
 pytestmark = pytest.mark.timeout(180)
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "bench-results" / "screenshots"
 MODEL = "SmolLM2-135M-Instruct"
 ANSWER_TIMEOUT_MS = 90_000
 STATS_TIMEOUT_S = 30.0
 expect.set_options(timeout=20_000)
-
-
-@dataclass
-class Tab:
-    """A page, the uncaught errors it raised and every URL it requested."""
-
-    page: Page
-    errors: list[str] = field(default_factory=list)
-    requests: list[Request] = field(default_factory=list)
-
-    def assert_clean(self, origin: str) -> None:
-        assert not self.errors, self.errors
-        outside = [r.url for r in self.requests if not r.url.startswith((origin, "data:"))]
-        assert not outside, f"the page loaded from elsewhere: {outside}"
-
-
-OpenTab = Callable[..., Awaitable[Tab]]
-
-
-@pytest.fixture(scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    """One chromium for the module; Playwright gives each launch a fresh temporary profile."""
-    async with playwright_api.async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield launched
-        await launched.close()
-
-
-@pytest.fixture
-async def open_tab(browser: Browser) -> AsyncIterator[OpenTab]:
-    contexts = []
-
-    async def open_page(url: str, **context_options: Any) -> Tab:
-        context = await browser.new_context(**{"viewport": {"width": 1280, "height": 900}, **context_options})
-        contexts.append(context)
-        tab = Tab(await context.new_page())
-        tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
-        tab.page.on("request", lambda request: tab.requests.append(request))
-        await tab.page.goto(url)
-        return tab
-
-    yield open_page
-    for context in contexts:
-        await context.close()
-
-
-async def screenshot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
 async def set_settings(page: Page, *, max_tokens: int, system: str = "", temperature: str = "0") -> None:
@@ -353,6 +296,94 @@ async def test_the_docs_viewer_reads_openapi_json_offline(lonely_bridge: Bridge,
     await expect(page.locator("#schema-ChatCompletionRequest pre")).to_contain_text('"messages"')
     await expect(page.locator(".path", has_text=re.compile(r"^/bus\.json$"))).to_have_count(1)
     await screenshot(page, "docs.png")
+    tab.assert_clean(lonely_bridge.url)
+
+
+async def test_after_cancel_send_asks_for_the_key_again(keyed_bridge: Bridge, open_tab: OpenTab) -> None:
+    """Esc after an earlier "Use key" saves nothing (the dialog's returnValue still said "save"); a cancelled
+    dialog leaves the list saying why, and Send asks again, after which the bus view polls again."""
+    tab = await open_tab(keyed_bridge.url + "/")
+    page = tab.page
+    dialog = page.locator("#key-dialog")
+    await expect(dialog).to_be_visible()
+    await page.fill("#key-input", "sk-wrong")
+    await page.click("#key-save")
+    await expect(page.locator("#key-reason")).to_contain_text("invalid API key")
+    await page.fill("#key-input", "sk-typed-then-escaped")
+    await page.keyboard.press("Escape")
+    await expect(dialog).to_be_hidden()
+    await expect(page.locator("#model option")).to_have_text(["API key needed"])
+    await expect(page.locator("#bus-status")).to_contain_text("API key needed")
+    assert await page.evaluate("sessionStorage.getItem('llmbus-api-key')") is None
+    await page.fill("#prompt", "Hello")
+    await page.click("#send")
+    await expect(dialog).to_be_visible()
+    await page.fill("#key-input", API_KEY)
+    await page.click("#key-save")
+    await expect(dialog).to_be_hidden()
+    await expect(page.locator("#bus-status")).to_contain_text("Updated")
+    await expect(page.locator("#model option")).to_have_text(["no model on the bus"])
+    await expect(page.locator("#chat-error")).to_contain_text("No model to ask")
+    await expect(page.locator("#prompt")).to_have_value("Hello")
+    tab.assert_clean(keyed_bridge.url)
+
+
+async def test_the_model_list_reloads_when_the_bus_changes_not_on_every_poll(
+    lonely_bridge: Bridge, open_tab: OpenTab
+) -> None:
+    """The bus view may name models this bridge cannot ask (another subject prefix, a draining worker): the list
+    then loads once, not on every poll; a failed load shows its error until a load succeeds."""
+    async with lonely_bridge.client() as client:
+        fake = FakeBus((await client.get("/bus.json")).json())
+    fake.bus_models, fake.models = ["elsewhere"], None
+    tab = await open_tab(lonely_bridge.url + "/", routes=fake.routes)
+    page = tab.page
+    error = page.locator("#chat-error")
+    await expect(error).to_have_text("Could not list models: not connected to NATS")
+    await fake.polled(4)
+    assert fake.model_loads <= 2  # at the start, and once for the bus's names
+    fake.bus_models, fake.models = ["elsewhere", MODEL], [MODEL]
+    await expect(page.locator("#model")).to_have_value(MODEL)
+    await expect(error).to_be_hidden()
+    loads = fake.model_loads
+    await fake.polled(4)
+    assert fake.model_loads == loads
+    tab.assert_clean(lonely_bridge.url)
+
+
+async def test_the_sse_body_is_cancelled_when_the_loop_ends_early(lonely_bridge: Bridge, open_tab: OpenTab) -> None:
+    """A break or a throw in the loop over `sseData` cancels the body, as Stop does, so the fetch closes and the
+    bridge stops the generation. (An open stream the bridge would keep, played by streams that never close.)"""
+    tab = await open_tab(lonely_bridge.url + "/")
+    page = tab.page
+    await page.evaluate(
+        """async () => {
+            const { sseData } = await import("/static/chat.js");
+            const cancelled = [];
+            const body = (name) => new ReadableStream({
+                start(controller) { controller.enqueue(new TextEncoder().encode("data: one\\n\\ndata: two\\n\\n")); },
+                cancel() {
+                    cancelled.push(name);
+                    document.body.dataset.cancelled = cancelled.toSorted().join(" ");
+                },
+            });
+            for await (const data of sseData(body("break"))) if (data === "one") break;
+            try {
+                for await (const data of sseData(body("throw"))) throw new Error(data);
+            } catch {}
+        }"""
+    )
+    await expect(page.locator("body")).to_have_attribute("data-cancelled", "break throw")
+    tab.assert_clean(lonely_bridge.url)
+
+
+async def test_the_docs_viewer_takes_a_malformed_hash(lonely_bridge: Bridge, open_tab: OpenTab) -> None:
+    tab = await open_tab(lonely_bridge.url + "/docs#%E0")
+    page = tab.page
+    await expect(page.locator("#api-title")).to_contain_text("llmbus HTTP bridge")
+    await page.evaluate("location.hash = '#schema-ChatCompletionRequest'")
+    await expect(page.locator("#schema-ChatCompletionRequest")).to_have_attribute("open", "")
+    await expect(page.locator("#docs-error")).to_be_hidden()
     tab.assert_clean(lonely_bridge.url)
 
 

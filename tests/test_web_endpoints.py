@@ -14,7 +14,9 @@ import httpx
 import pytest
 
 from bus_gateway.web import STATIC_DIR
-from helpers.bridge import API_KEY
+from helpers.bridge import API_KEY, running_bridge
+from llmbus.config import Config
+from llmbus.nats_server import NatsServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,6 +64,30 @@ async def test_the_page_and_its_files_are_served_with_a_strict_policy(lonely_htt
     assert (await lonely_http.get("/static/nothing.js")).status_code == 404
 
 
+def assert_page_headers(response: httpx.Response) -> None:
+    """The page's headers: a strict policy that forbids framing, and no MIME sniffing."""
+    policy = response.headers.get("content-security-policy", "")
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy, (response.url, policy)
+    assert response.headers.get("x-content-type-options") == "nosniff", response.url
+
+
+async def test_every_static_file_carries_the_page_headers(lonely_http: httpx.AsyncClient) -> None:
+    """The static copies of the pages are pages too: none can be framed, and no file is MIME-sniffed."""
+    for path in ("/", "/bus", *(f"/static/{path.name}" for path in assets())):
+        response = await lonely_http.get(path)
+        assert response.status_code == 200, path
+        assert_page_headers(response)
+
+
+async def test_the_docs_viewer_carries_the_page_headers(lonely_http: httpx.AsyncClient) -> None:
+    docs = await lonely_http.get("/docs")
+    assert docs.status_code == 200
+    assert_page_headers(docs)
+    missing = await lonely_http.get("/docs/nothing")  # the viewer's own 404 page is HTML too
+    assert missing.status_code == 404
+    assert_page_headers(missing)
+
+
 async def test_docs_is_the_bundled_viewer(lonely_http: httpx.AsyncClient) -> None:
     docs = await lonely_http.get("/docs")
     assert docs.status_code == 200
@@ -107,3 +133,18 @@ async def test_bus_json_reports_the_worker_and_its_tokens_per_s(worker, http: ht
     assert after["tokens_per_s"] == pytest.approx(generated / second["interval_s"], rel=1e-6)
     assert second["totals"]["tokens_per_s"] == after["tokens_per_s"]
     assert after["requests"] == row["requests"] + 1
+
+
+async def test_bus_json_polls_do_not_spend_the_chat_rate_limit(lonely_nats: NatsServer) -> None:
+    """The page polls /bus.json every 1.5 s: with a limit of 3 per minute, polls past it still answer (behind the
+    key) and the key's chats keep their own 3."""
+    config = Config(nats_url=lonely_nats.url, request_timeout=5.0, api_keys=[API_KEY], rate_limit_per_minute=3)
+    keyed = {"Authorization": f"Bearer {API_KEY}"}
+    chat = {"chat_id": "limit", "user_prompt": "Hi", "max_tokens": 1}
+    async with running_bridge(config) as bridge, bridge.client() as client:
+        assert (await client.get("/bus.json")).status_code == 401
+        for _ in range(10):
+            assert (await client.get("/bus.json", headers=keyed)).status_code == 200
+        chats = [(await client.post("/chat", json=chat, headers=keyed)).status_code for _ in range(4)]
+    assert chats[:3] == [503] * 3  # through the limit: no worker on this bus
+    assert chats[3] == 429

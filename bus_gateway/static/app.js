@@ -11,7 +11,7 @@ let pendingKey = null; // one dialog for every call that got a 401 at the same t
 
 export class KeyRequired extends Error {
   constructor() {
-    super("this bridge needs an API key (reload the page to enter one)");
+    super("API key needed");
     this.name = "KeyRequired";
   }
 }
@@ -58,6 +58,7 @@ function askForKey(reason) {
         if (dialog.returnValue === "save" && key) {
           sessionStorage.setItem(KEY_STORAGE, key);
           showForgetKey();
+          resumePolling();
           resolve(true);
         } else {
           resolve(false);
@@ -65,6 +66,7 @@ function askForKey(reason) {
       },
       { once: true },
     );
+    dialog.returnValue = ""; // Esc keeps the last returnValue: an earlier "save" would save what was typed
     dialog.showModal();
     input.focus();
   });
@@ -180,6 +182,7 @@ function renderBus(view) {
 
 let pollTimer = null;
 let polling = false;
+let pollStopped = false; // the key dialog was cancelled: polling waits for a key (entered from Send)
 
 function schedulePoll(ms) {
   clearTimeout(pollTimer);
@@ -200,16 +203,24 @@ async function pollBus() {
     renderBus(view);
     for (const listener of listeners) listener(view);
   } catch (error) {
-    status.textContent = `Bus view unavailable: ${error.message}`;
     again = !(error instanceof KeyRequired);
+    const retry = again ? "" : document.body.dataset.view === "bus" ? " (reload to enter one)" : " (Send asks for it)";
+    status.textContent = `Bus view unavailable: ${error.message}${retry}`;
+    pollStopped = !again;
   } finally {
     polling = false;
   }
   if (again && !document.hidden) schedulePoll(POLL_MS);
 }
 
+function resumePolling() {
+  if (!pollStopped) return;
+  pollStopped = false;
+  schedulePoll(0);
+}
+
 document.addEventListener("visibilitychange", () => {
-  if (!document.hidden) schedulePoll(0);
+  if (!document.hidden && !pollStopped) schedulePoll(0);
 });
 
 document.getElementById("forget-key").addEventListener("click", () => {

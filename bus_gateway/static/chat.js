@@ -2,7 +2,8 @@
 // POST), sends the whole conversation as `messages`, and stops a generation by aborting the fetch (the bridge
 // then cancels it on the worker). Model and user text only ever reaches the page through textContent.
 
-import { apiFetch, bus, errorMessage, KeyRequired, onBus } from "./app.js";
+import { apiFetch, errorMessage, KeyRequired, onBus } from "./app.js";
+import { curlCommand, natsRequest, pythonCode } from "./request.js";
 
 const $ = (id) => document.getElementById(id);
 const history = []; // the conversation so far: {role, content}
@@ -12,27 +13,56 @@ let callCount = 0;
 
 // ---- models ----
 
-let knownModels = "";
+// The bus view names every model on the server (other subject prefixes and draining workers too), /v1/models only
+// those this bridge can ask, so the two may differ for good: the list reloads when the bus's names change since the
+// last load, not on every poll. A failed load is tried again after MODELS_RETRY_MS.
+const MODELS_RETRY_MS = 15_000;
+const MODELS_FAILED = "Could not list models: ";
+let busModels = null; // the bus view's model names when the list last loaded
+let modelsLoad = null; // the load in flight
+let retryModelsAt = null; // performance.now() after which a failed load is tried again
+let keyNeeded = false; // the list is empty because the bridge wants an API key
 
-async function loadModels() {
+function showModels(names, empty) {
   const select = $("model");
+  const chosen = select.value;
+  const options = names.map((name) => new Option(name, name, false, name === chosen));
+  if (!options.length) options.push(new Option(empty, "", true, true));
+  select.replaceChildren(...options);
+}
+
+async function fetchModels() {
   try {
     const response = await apiFetch("/v1/models");
     if (!response.ok) throw new Error(await errorMessage(response));
-    const names = (await response.json()).data.map((card) => card.id);
-    const chosen = select.value;
-    const options = names.map((name) => new Option(name, name, false, name === chosen));
-    if (!options.length) options.push(new Option("no model on the bus", "", true, true));
-    select.replaceChildren(...options);
-    knownModels = names.join("\n");
+    showModels((await response.json()).data.map((card) => card.id), "no model on the bus");
+    keyNeeded = false;
+    retryModelsAt = null;
+    if ($("chat-error").textContent.startsWith(MODELS_FAILED)) showError("");
   } catch (error) {
-    if (!(error instanceof KeyRequired)) showError(`Could not list models: ${error.message}`);
+    keyNeeded = error instanceof KeyRequired;
+    if (keyNeeded) showModels([], "API key needed");
+    else {
+      retryModelsAt = performance.now() + MODELS_RETRY_MS;
+      showError(`${MODELS_FAILED}${error.message}`);
+    }
   }
   renderRequest();
 }
 
+function loadModels() {
+  modelsLoad ??= fetchModels().finally(() => {
+    modelsLoad = null;
+  });
+  return modelsLoad;
+}
+
 onBus((view) => {
-  if (view.totals.models.join("\n") !== knownModels) loadModels();
+  const names = view.totals.models.join("\n");
+  const retry = retryModelsAt !== null && performance.now() >= retryModelsAt;
+  if (modelsLoad || (names === busModels && !retry)) return;
+  busModels = names;
+  loadModels();
 });
 
 // ---- the conversation ----
@@ -94,23 +124,29 @@ function setBusy(busy) {
   $("new-chat").disabled = busy;
 }
 
-async function* sseData(stream) {
+// The `data:` payloads of an SSE body. However the caller's loop ends (break, throw, Stop), the body is cancelled,
+// which closes the fetch, so the bridge stops the generation on the worker.
+export async function* sseData(stream) {
   const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value;
-    let end;
-    while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
-      const data = block
-        .split(/\r?\n/)
-        .filter((line) => line.startsWith("data:"))
-        .map((line) => line.slice(5).trimStart());
-      if (data.length) yield data.join("\n");
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let end;
+      while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+        const data = block
+          .split(/\r?\n/)
+          .filter((line) => line.startsWith("data:"))
+          .map((line) => line.slice(5).trimStart());
+        if (data.length) yield data.join("\n");
+      }
     }
+  } finally {
+    reader.cancel().catch(() => {}); // already closed or aborted: nothing left to stop
   }
 }
 
@@ -130,11 +166,12 @@ function describe(answer, outcome) {
 
 async function send(text) {
   showError("");
+  if (keyNeeded) await loadModels(); // the key dialog was cancelled: ask for the key again
   history.push({ role: "user", content: text });
   const body = requestBody(history);
   if (!body.model) {
     history.pop();
-    showError("No model to ask: no worker on the bus serves one yet.");
+    showError(keyNeeded ? "API key needed: Send asks for it." : "No model to ask: no worker on the bus serves one yet.");
     return false;
   }
   lastRequest = body;
@@ -203,64 +240,11 @@ async function send(text) {
 
 // ---- "Show the request" ----
 
-function shellQuote(text) {
-  return `'${text.replaceAll("'", "'\\''")}'`;
-}
-
-function curlCommand(body) {
-  return [
-    `curl -sN ${location.origin}/v1/chat/completions \\`,
-    `  -H 'Content-Type: application/json' \\`,
-    `  -H "Authorization: Bearer $LLMBUS_API_KEY" \\`,
-    `  -d ${shellQuote(JSON.stringify(body))}`,
-  ].join("\n");
-}
-
-function natsRequest(body) {
-  const chatRequest = {
-    chat_id: `playground-${lastRequest ? callCount : callCount + 1}`,
-    messages: body.messages,
-    max_tokens: body.max_tokens,
-    temperature: body.temperature,
-    stream: true,
-  };
-  return [
-    `subject: ${bus.chatSubject}`,
-    "headers: Llmbus-Request-Id: <your id> (optional; publish to the cancel subject with it to stop)",
-    "body:",
-    JSON.stringify(chatRequest, null, 2),
-    "",
-    "# The answer arrives on the reply inbox as ChatChunk messages, the last with done: true.",
-    `# One-shot from the nats CLI (set "stream": false): nats req ${bus.chatSubject} '<body>'`,
-  ].join("\n");
-}
-
-function pythonCode(body) {
-  return [
-    "import os",
-    "",
-    "from openai import OpenAI",
-    "",
-    `client = OpenAI(base_url="${location.origin}/v1", api_key=os.environ.get("LLMBUS_API_KEY", "none"))`,
-    "stream = client.chat.completions.create(",
-    `    model=${JSON.stringify(body.model)},`,
-    `    messages=${JSON.stringify(body.messages, null, 4).replaceAll("\n", "\n    ")},`,
-    `    temperature=${Number.isInteger(body.temperature) ? body.temperature.toFixed(1) : body.temperature},`,
-    `    max_tokens=${body.max_tokens},`,
-    "    stream=True,",
-    '    stream_options={"include_usage": True},',
-    ")",
-    "for chunk in stream:",
-    "    if chunk.choices and chunk.choices[0].delta.content:",
-    '        print(chunk.choices[0].delta.content, end="", flush=True)',
-  ].join("\n");
-}
-
 function renderRequest() {
   const draft = $("prompt").value.trim() || "What is the capital of France?";
   const body = lastRequest ?? requestBody([...history, { role: "user", content: draft }]);
   $("request-curl").textContent = curlCommand(body);
-  $("request-nats").textContent = natsRequest(body);
+  $("request-nats").textContent = natsRequest(body, `playground-${lastRequest ? callCount : callCount + 1}`);
   $("request-python").textContent = pythonCode(body);
 }
 

@@ -66,8 +66,16 @@ function render(doc) {
   document.getElementById("schemas").replaceChildren(...schemas);
 }
 
+function hashTarget() {
+  try {
+    return document.getElementById(decodeURIComponent(location.hash.slice(1)));
+  } catch {
+    return null; // a malformed escape (`#%E0`) names nothing
+  }
+}
+
 function openTarget() {
-  const target = location.hash && document.getElementById(decodeURIComponent(location.hash.slice(1)));
+  const target = location.hash && hashTarget();
   if (target instanceof HTMLDetailsElement) target.open = true;
 }
 
