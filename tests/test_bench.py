@@ -1,14 +1,22 @@
 """`llmbus bench` end to end with tiny settings: it starts its own nats-server, a pinned worker process and an
 HTTP bridge process, measures the in-process baselines, measures a peer (llmbus's own bridge beside the shared
 test worker, as any OpenAI-compatible server would be) and writes a complete report. Speed is not asserted here;
-the bench itself reports it."""
+the bench itself reports it. And what main does around the phases: it fails in seconds on a bus or a bridge it
+cannot reach, a `kill` stops what it started, and the bridge it starts logs in with the bench's NATS settings."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import json
 import math
 import os
+import re
+import select
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +26,10 @@ from helpers.workers import RunningWorker
 from inference_worker.model_loader import LoadedModel
 from llmbus import bench
 from llmbus.bench.eager import EagerModel, decode_loop, generate
+from llmbus.bench.options import parse_options
+from llmbus.bench.stack import Stack, WorkerProcess, gateway_env
+from llmbus.config import Config
+from llmbus.nats_server import NatsServer, free_port
 
 POINT_FIELDS = {
     "concurrency",
@@ -120,3 +132,122 @@ def test_eager_ceiling_loop_decodes_what_generate_decodes() -> None:
     for row, ids in zip(tokens.tolist(), prompts, strict=True):
         expected = generate(m, ids, 7, max_time=60.0)
         assert row[: len(expected)] == expected
+
+
+class StuckProcess:
+    """A worker process that cannot be signalled (as when stopping it raises)."""
+
+    pid = 1
+    returncode = None
+
+    def poll(self) -> None:
+        return None
+
+    def send_signal(self, signum: int) -> None:
+        raise PermissionError("not allowed")
+
+
+class RecordingServer:
+    stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_the_nats_server_is_stopped_even_when_stopping_a_worker_raises(tmp_path: Path) -> None:
+    server = RecordingServer()
+    stack = Stack(parse_options(["--out", str(tmp_path)]), server=server)  # type: ignore[arg-type]
+    stack.workers.append(WorkerProcess(0, StuckProcess(), [], 1, None, tmp_path / "w.log"))  # type: ignore[arg-type]
+    with pytest.raises(PermissionError):
+        stack.stop()
+    assert server.stopped and stack.server is None
+
+
+def test_the_bench_started_bridge_logs_in_to_nats_with_the_bench_settings_from_the_environment() -> None:
+    """Flags would show the secrets in `ps`; the bench's own login reaches the bridge as LLMBUS_NATS_*."""
+    env = {"PATH": "/bin", "LLMBUS_API_KEYS": "k", "LLMBUS_NATS_CREDS": "stale.creds", "LLMBUS_NATS_USER": "old"}
+    connection = Config(
+        nats_url="tls://h:4222",
+        nats_token="tok",
+        nats_tls_ca="ca.pem",
+        nats_tls_cert="c.pem",
+        nats_tls_key="k.pem",
+        nats_inbox_prefix="_INBOX.bench",
+    )
+    child = gateway_env(env, connection)
+    assert child["PATH"] == "/bin" and "LLMBUS_API_KEYS" not in child
+    assert child["LLMBUS_NATS_URL"] == "tls://h:4222" and child["LLMBUS_NATS_TOKEN"] == "tok"
+    assert (child["LLMBUS_NATS_TLS_CA"], child["LLMBUS_NATS_TLS_CERT"], child["LLMBUS_NATS_TLS_KEY"]) == (
+        "ca.pem",
+        "c.pem",
+        "k.pem",
+    )
+    assert child["LLMBUS_NATS_INBOX_PREFIX"] == "_INBOX.bench"
+    assert "LLMBUS_NATS_CREDS" not in child and "LLMBUS_NATS_USER" not in child  # not the bench's login
+    assert Config.load(env=child).nats_token == "tok"
+    with_user = gateway_env({}, Config(nats_user="alice", nats_password="pw"))
+    assert (with_user["LLMBUS_NATS_USER"], with_user["LLMBUS_NATS_PASSWORD"]) == ("alice", "pw")
+
+
+def no_baselines(*args: object) -> None:
+    raise AssertionError("the baselines ran before the check")
+
+
+@pytest.mark.parametrize("bridge_is_down", [False, True])
+def test_a_bus_or_bridge_that_does_not_answer_fails_before_the_baselines_in_one_line(
+    bridge_is_down: bool,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(importlib.import_module("llmbus.bench.main"), "measure_baselines", no_baselines)
+    argv = ["--out", str(tmp_path)]
+    if bridge_is_down:
+        argv += ["--nats-url", nats_server.url, "--http-url", f"http://127.0.0.1:{free_port()}"]
+        expected = "did not answer GET /readyz"
+    else:
+        argv += ["--nats-url", f"nats://127.0.0.1:{free_port()}"]
+        expected = "error: cannot connect to NATS at nats://127.0.0.1:"
+    assert bench.main(argv) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def start_bench_holding_a_bridge(nats_url: str, out: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
+    """The bench with --http on a bus without workers: it starts its bridge, then waits for workers that never come.
+    Returns the bench, its bridge's pid and the bench's output so far."""
+    argv = ["--nats-url", nats_url, "--http", "--skip-baselines", "--ready-timeout", "600", "--out", str(out)]
+    bench_proc = subprocess.Popen([sys.executable, "-m", "llmbus.bench", *argv], stderr=subprocess.PIPE, text=True)
+    assert bench_proc.stderr is not None
+    seen = []
+    for line in bench_proc.stderr:
+        seen.append(line)
+        if started := re.search(r"HTTP bridge started .*\(pid (\d+)", line):
+            return bench_proc, int(started[1]), seen
+    bench_proc.wait()
+    raise AssertionError("".join(seen))
+
+
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda sig: sig.name)
+def test_killing_the_bench_stops_the_processes_it_started(
+    kill: signal.Signals, fresh_nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`kill <bench>` or a closed terminal runs the same cleanup as Ctrl-C; after a SIGKILL, which no cleanup
+    survives, the kernel sends the bridge SIGTERM (PR_SET_PDEATHSIG)."""
+    bench_proc, bridge_pid, seen = start_bench_holding_a_bridge(fresh_nats_server.url, tmp_path)
+    bridge = os.pidfd_open(bridge_pid)  # readable once the bridge has exited, whoever's child it is by then
+    try:
+        bench_proc.send_signal(kill)
+        _, rest = bench_proc.communicate()
+        if kill == signal.SIGKILL:
+            select.select([bridge], [], [])
+        else:
+            assert bench_proc.returncode == 128 + kill, "".join(seen) + rest
+        assert select.select([bridge], [], [], 0)[0], "the bench left its bridge running"
+    finally:
+        bench_proc.kill()
+        bench_proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(bridge, signal.SIGKILL)
+        os.close(bridge)

@@ -15,19 +15,20 @@ from helpers.bridge import API_KEY, Bridge
 from helpers.workers import start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus import bench
-from llmbus.bench.bus_load import EngineCounters, wait_for_compiled
+from llmbus.bench.bus_load import EngineCounters, counters_during, on_prefix, wait_for_compiled
 from llmbus.bench.http_load import OpenAITarget, SseSplitter, apply_event, probe
 from llmbus.bench.options import BenchError, parse_options
 from llmbus.bench.report import connection_settings, redact_url
 from llmbus.bench.stack import Stack, assign_cores
 from llmbus.bench.stats import PointResult, RequestRecord, describe_point, summarize
-from llmbus.bench.verdicts import compute_ratios, diagnostics, http_notes, pairwise, peer_notes
+from llmbus.bench.verdicts import compute_ratios, diagnostics, http_notes, pairwise, peer_notes, point_notes
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer, free_port
 
 
 def test_options_keep_the_old_flags_and_add_the_new_ones() -> None:
-    argv = ["--concurrency", "8,1,8", "--http-url", "http://127.0.0.1:9/v1/", "--worker-arg=--quantize"]
+    argv = ["--concurrency", "8,1,8", "--http-url", "http://127.0.0.1:9/v1/", "--nats-url", "nats://127.0.0.1:9"]
+    argv += ["--worker-arg=--quantize"]
     argv += ["--worker-arg=int8", "--peer-url", "http://h:1/", "--peer-model", "m", "--skip-baselines"]
     opts = parse_options(argv)
     assert opts.concurrency == [1, 8]
@@ -48,6 +49,10 @@ def test_options_keep_the_old_flags_and_add_the_new_ones() -> None:
         (["--pin", "--workers", str(len(os.sched_getaffinity(0)) + 1)], "do not fit"),
         (["--concurrency", "0"], "positive integers"),
         (["--ceiling", "runner"], "invalid choice"),
+        (["--http-url", "http://127.0.0.1:9"], "--http-url needs --nats-url"),
+        (["--baseline-time-cap", "-1"], "--baseline-time-cap must be a positive"),
+        (["--point-time-cap", "0"], "--point-time-cap must be a positive"),
+        (["--request-timeout", "nan"], "--request-timeout must be a positive"),
     ],
 )
 def test_inconsistent_options_are_refused_with_the_reason(
@@ -67,6 +72,21 @@ def test_pinned_workers_get_disjoint_cores() -> None:
         assign_cores([0, 1], 3)
     with pytest.raises(BenchError, match="do not fit"):
         assign_cores([0, 1], 1, per_worker=3)
+
+
+def test_engine_counters_are_subtracted_per_worker_and_a_late_worker_is_named() -> None:
+    """A worker that answers `$SRV.STATS` after the point but not before must not add its whole history."""
+    before = {"a": EngineCounters(decode_steps=10, decode_tokens=40), "b": EngineCounters(decode_steps=5)}
+    after = {"a": EngineCounters(decode_steps=14, decode_tokens=56), "c": EngineCounters(decode_steps=900)}
+    during = counters_during(before, after)
+    assert (during.counters.decode_steps, during.counters.decode_tokens) == (4, 16)
+    assert during.missing == ["b", "c"]
+    p = point(8, 100.0)
+    p.engine_workers_missing = during.missing
+    assert any("nats@8: the engine counters are incomplete: worker(s) b, c" in n for n in point_notes([p]))
+    assert "counters incomplete (2 worker(s) missing)" in describe_point(p)
+    replies = [{"id": "x", "metadata": {"subject_prefix": "llm"}}, {"id": "y", "metadata": {"subject_prefix": "o"}}]
+    assert [r["id"] for r in on_prefix([*replies, {"id": "z"}], "llm")] == ["x", "z"]
 
 
 def sse(record: RequestRecord, events: list[tuple[float, str]]) -> list[bool]:
@@ -158,6 +178,24 @@ def test_ratios_use_64_clients_when_measured_and_say_na_when_not() -> None:
     without_http = {r.name: r for r in compute_ratios(nats, None)}
     assert without_http["http_over_nats"].status == "N/A"
     assert [row["concurrency"] for row in pairwise(http, nats)] == [1, 64]
+
+
+def test_a_ratio_whose_points_had_errors_cannot_pass() -> None:
+    """Failed NATS requests lower the denominator of http_over_nats; one TTFT of eight is no p50."""
+    nats, http = [point(1, 100.0), point(64, 1000.0)], [point(64, 1200.0, "http")]
+    nats[1].errors, nats[1].error_samples = 3, ["504 timeout"]
+    nats[0].errors, nats[0].requests = 7, 1
+    ratios = {r.name: r for r in compute_ratios(nats, None, http)}
+    assert ratios["http_over_nats"].value == 1.2 and ratios["http_over_nats"].status == "ERRORS"
+    assert ratios["http_over_nats"].inputs_with_errors == ["nats@64"]
+    assert ratios["ttft_vs_e2e"].status == "ERRORS" and ratios["ttft_vs_e2e"].inputs_with_errors == ["nats@1"]
+    assert ratios["throughput_vs_ceiling"].status == "N/A"  # not measured stays N/A
+    notes = point_notes([*nats, *http])
+    assert any("nats@64: 3 of 4 requests failed (first: 504 timeout)" in note for note in notes)
+    assert any("nats@1: 7 of 8 requests failed" in note for note in notes)
+    assert not any("http@64" in note for note in notes)
+    nats[1].errors, nats[1].requests = 0, 0  # nothing answered, nothing failed: no figure either
+    assert {r.name: r for r in compute_ratios(nats, None, http)}["http_over_nats"].status != "PASS"
 
 
 def test_notes_name_the_http_clients_cost_and_a_peer_without_usage() -> None:

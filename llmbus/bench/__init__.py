@@ -2,7 +2,9 @@
 OpenAI-compatible peer server), against in-process transformers baselines measured in the same run.
 
 Phases (one progress line each on stderr):
-0. With --peer-url, one short request to the peer, so that a wrong URL, model or key fails in seconds.
+0. Checks, so that a wrong URL, model, key or login fails in seconds: with --nats-url, a connection with the
+   bench's NATS settings; with --http-url (which needs --nats-url: the bridge must front the same workers), one
+   `GET /readyz`; with --peer-url, one short request to the peer.
 1. Baselines, in this process, before any worker starts (so nothing competes for the cores): load the model with
    plain transformers and measure the eager ceiling (the transformers decode loop with a DynamicCache, greedy,
    at each batch size of the sweep), the in-process prefill time of the 1-client prompts, and the naive
@@ -14,7 +16,9 @@ Phases (one progress line each on stderr):
    one is fully answered) over NATS through `BusClient.stream`, then through the bridge's
    `POST /v1/chat/completions` (--http), then the peer's (--peer-url). Same prompts, max_tokens, greedy,
    streaming for all three.
-4. Print the ratios against the targets (PASS/MISS/N/A); write bench.json and bench.png under --out.
+4. Print the ratios against the targets (PASS/MISS/N/A, or ERRORS when a point it uses had failed requests: its
+   value is shown but cannot pass); write bench.json and bench.png under --out.
+Ctrl-C, SIGTERM and SIGHUP stop the processes the bench started; so does the bench's death (PR_SET_PDEATHSIG).
 
 What is measured, per target and concurrency: tokens/s (completion tokens of the answered requests over the
 wall time of the point), requests/s, time to first token (first text chunk), inter-token latency (gaps between

@@ -17,6 +17,8 @@ from llmbus.bench.stack import Stack
 from llmbus.bench.stats import RequestRecord
 from schemas import SERVICE_NAME, ChatRequest
 
+STATS_WINDOW_S = 2.0  # the longest wait for every worker's `$SRV.STATS` answer around a point
+
 
 async def stream_over_bus(bus: BusClient, prompt: str, max_tokens: int, timeout: float) -> RequestRecord:
     """One greedy streaming chat; each chunk's arrival time is taken as `BusClient.stream` yields it."""
@@ -46,7 +48,7 @@ async def wait_for_workers(bus: BusClient, stack: Stack, count: int, timeout: fl
     seen: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
         stack.check_alive()
-        seen = {str(reply.get("id")): reply for reply in await bus.ping()}
+        seen = {str(reply.get("id")): reply for reply in on_prefix(await bus.ping(), bus.subjects.prefix)}
         if len(seen) >= count:
             return list(seen.values())
         await asyncio.sleep(0.2)
@@ -63,7 +65,7 @@ async def wait_for_compiled(bus: BusClient, stack: Stack, count: int, timeout: f
     compiling: list[dict] = []
     while time.monotonic() - started < timeout:
         stack.check_alive()
-        answers = await bus.stats()
+        answers = on_prefix(await bus.stats(), bus.subjects.prefix)
         compiling = [answer for answer in answers if _endpoint_data(answer).get("compile") == "compiling"]
         if len(answers) >= count and not compiling:
             return time.monotonic() - started
@@ -76,13 +78,13 @@ async def wait_for_compiled(bus: BusClient, stack: Stack, count: int, timeout: f
 
 async def worker_options(bus: BusClient) -> list[dict[str, Any]]:
     """Each worker's `$SRV.INFO` metadata (model, device, dtype, batch size and whatever options it reports)."""
-    infos = await bus.info()
+    infos = on_prefix(await bus.info(), bus.subjects.prefix)
     return sorted((dict(info.get("metadata") or {}) for info in infos), key=lambda m: str(m.get("pid", "")))
 
 
 @dataclass(slots=True)
 class EngineCounters:
-    """Summed over the workers, from `$SRV.STATS`: what the engines did during one point."""
+    """From `$SRV.STATS`, one worker's or summed over workers: what the engines did (during one point)."""
 
     decode_steps: int = 0
     decode_tokens: int = 0
@@ -109,21 +111,62 @@ class EngineCounters:
             self.compile_failed,
         )
 
+    def plus(self, other: EngineCounters) -> EngineCounters:
+        return EngineCounters(
+            self.decode_steps + other.decode_steps,
+            self.decode_tokens + other.decode_tokens,
+            self.prefill_forwards + other.prefill_forwards,
+            self.prompt_tokens + other.prompt_tokens,
+            self.prefix_tokens_reused + other.prefix_tokens_reused,
+            self.decode_s + other.decode_s,
+            self.prefill_s + other.prefill_s,
+            self.compile_failed + other.compile_failed,
+        )
 
-async def engine_counters(bus: BusClient) -> EngineCounters:
+
+@dataclass(slots=True)
+class CountersDuring:
+    """The engines' work during a point, over the workers that answered `$SRV.STATS` both before and after it;
+    `missing`: the ids of those that answered only once (their share is not in the sums)."""
+
+    counters: EngineCounters
+    missing: list[str]
+
+
+def counters_of(data: dict[str, Any]) -> EngineCounters:
+    """One worker's counters from its `$SRV.STATS` endpoint data."""
+    batches = data.get("decode_batch_sizes", {})
+    return EngineCounters(
+        decode_steps=int(data.get("decode_steps", 0)),
+        decode_tokens=sum(int(size) * int(count) for size, count in batches.items()),
+        prefill_forwards=int(data.get("prefill_forwards", 0)),
+        prompt_tokens=int(data.get("prompt_tokens", 0)),
+        prefix_tokens_reused=int(data.get("prefix_tokens_reused", 0)),
+        decode_s=float(data.get("decode_seconds", 0.0)),
+        prefill_s=float(data.get("prefill_seconds", 0.0)),
+        compile_failed=int(data.get("compile") == "failed"),
+    )
+
+
+def on_prefix(replies: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """The `$SRV` replies of the workers on `prefix` (`$SRV` subjects are shared by every prefix on a server); a
+    reply whose metadata names no prefix is kept."""
+    return [r for r in replies if (r.get("metadata") or {}).get("subject_prefix", prefix) == prefix]
+
+
+async def engine_counters(bus: BusClient, expect: int | None = None) -> dict[str, EngineCounters]:
+    """Each worker's counters now, by worker id (`expect`: stop waiting once that many answered)."""
+    replies = on_prefix(await bus.stats(STATS_WINDOW_S, expect=expect), bus.subjects.prefix)
+    return {str(reply.get("id")): counters_of(_endpoint_data(reply)) for reply in replies}
+
+
+def counters_during(before: dict[str, EngineCounters], after: dict[str, EngineCounters]) -> CountersDuring:
+    """Per worker, after minus before, summed; a worker missing from either snapshot adds nothing but its id."""
     total = EngineCounters()
-    for answer in await bus.stats():
-        data = _endpoint_data(answer)
-        batches = data.get("decode_batch_sizes", {})
-        total.decode_steps += int(data.get("decode_steps", 0))
-        total.decode_tokens += sum(int(size) * int(count) for size, count in batches.items())
-        total.prefill_forwards += int(data.get("prefill_forwards", 0))
-        total.prompt_tokens += int(data.get("prompt_tokens", 0))
-        total.prefix_tokens_reused += int(data.get("prefix_tokens_reused", 0))
-        total.decode_s += float(data.get("decode_seconds", 0.0))
-        total.prefill_s += float(data.get("prefill_seconds", 0.0))
-        total.compile_failed += data.get("compile") == "failed"
-    return total
+    for worker_id in before.keys() & after.keys():
+        total = total.plus(after[worker_id].minus(before[worker_id]))
+    total.compile_failed = sum(c.compile_failed for c in after.values())  # a state: whoever answered last
+    return CountersDuring(total, sorted(before.keys() ^ after.keys()))
 
 
 def _endpoint_data(stats_answer: dict[str, Any]) -> dict[str, Any]:

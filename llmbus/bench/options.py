@@ -113,7 +113,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         "(the bench starts `llmbus gateway` in its own process unless --http-url)",
     )
     http.add_argument(
-        "--http-url", default=None, help=f"an existing bridge to measure (implies --http; key: env {HTTP_API_KEY_ENV})"
+        "--http-url",
+        default=None,
+        help=f"an existing bridge on the --nats-url bus to measure (implies --http; key: env {HTTP_API_KEY_ENV})",
     )
     http.add_argument(
         "--peer-url",
@@ -179,6 +181,9 @@ def check(opts: BenchOptions) -> str | None:
     for name in ("workers", "max_tokens", "requests_per_client", "naive_threads"):
         if getattr(opts, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
+    for name in ("point_time_cap", "request_timeout", "baseline_time_cap"):
+        if not getattr(opts, name) > 0:  # NaN too
+            return f"--{name.replace('_', '-')} must be a positive number of seconds"
     if opts.peer_url and not opts.peer_model:
         return "--peer-url needs --peer-model NAME (the model name the peer serves)"
     if opts.peer_model and not opts.peer_url:
@@ -186,6 +191,11 @@ def check(opts: BenchOptions) -> str | None:
     for url in (opts.peer_url, opts.http_url):
         if url and not url.startswith(("http://", "https://")):
             return f"expected an http:// or https:// URL, got {url!r}"
+    if opts.http_url and not opts.nats_url:
+        return (
+            "--http-url needs --nats-url URL of the bus that bridge uses, so that NATS and HTTP reach the same "
+            "workers (or use --http: the bench starts a bridge on its own bus)"
+        )
     if opts.cores_per_worker and not opts.pin:
         return "--cores-per-worker needs --pin"
     if opts.pin and opts.nats_url:

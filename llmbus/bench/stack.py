@@ -1,24 +1,32 @@
 """The processes under test: an embedded nats-server, `--workers N` `llmbus worker` processes (each pinned to
 its own cores with `--pin`), and with `--http` an `llmbus gateway` process (the HTTP bridge in a process of its
 own, so that its Python work never competes with a worker's engine for the GIL). With `--nats-url` the bench
-uses that server and the workers on it instead."""
+uses that server and the workers on it instead. The bridge logs in to NATS with the bench's own settings, given
+in its environment (`gateway_env`). `stop()` stops them all, nats-server last and even when stopping another
+raised; the workers and the bridge also get SIGTERM from the kernel should the bench die first."""
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmbus.bench.options import BenchError, BenchOptions, progress
+from llmbus.config import CONNECTION_FIELDS, ENV_PREFIX, Config
 from llmbus.nats_server import NatsServer, free_port
 
 BRIDGE_ENV_DROPPED = ("LLMBUS_API_KEYS", "LLMBUS_API_KEY_FILE")  # the bench's own bridge is open, on loopback
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def assign_cores(available: Sequence[int], workers: int, per_worker: int = 0) -> list[list[int]]:
@@ -40,10 +48,40 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _pinned_to(cores: list[int] | None) -> Callable[[], None] | None:
-    if cores is None:
+def _child_setup(cores: list[int] | None, die_with_parent: bool) -> Callable[[], None] | None:
+    """What a worker or bridge child does before exec: take its cores (every thread it starts inherits them), and
+    ask the kernel for SIGTERM when the bench dies, even by SIGKILL (PR_SET_PDEATHSIG). The kernel sends that
+    signal when the *thread* that forked the child exits, so only a bench started from the main thread asks."""
+    prctl, parent = (_LIBC.prctl if die_with_parent and _LIBC is not None else None), os.getpid()
+    if cores is None and prctl is None:
         return None
-    return lambda: os.sched_setaffinity(0, cores)  # in the child before exec: every thread it starts inherits it
+
+    def setup() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the bench died before the line above took effect
+                os._exit(1)
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
+
+    return setup
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def gateway_env(env: Mapping[str, str], connection: Config) -> dict[str, str]:
+    """The bench-started bridge's environment: the bench's own, less the API keys (the bridge is open, on
+    loopback), with the bench's NATS connection settings as `LLMBUS_NATS_*` (flags would show secrets in `ps`)."""
+    child = {k: v for k, v in env.items() if k not in BRIDGE_ENV_DROPPED}
+    for name in ("nats_url", *CONNECTION_FIELDS):
+        key, value = ENV_PREFIX + name.upper(), getattr(connection, name)
+        if value is None:
+            child.pop(key, None)
+        else:
+            child[key] = str(value)
+    return child
 
 
 @dataclass
@@ -109,7 +147,7 @@ class Stack:
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_pinned_to(cores),
+                    preexec_fn=_child_setup(cores, _in_main_thread()),
                 )
             self.workers.append(WorkerProcess(index, proc, command, threads, cores, log_path))
             where = f", cores {cores}" if cores is not None else ""
@@ -136,14 +174,19 @@ class Stack:
 
     def start_bridge(self) -> None:
         port = free_port()
-        command = [sys.executable, "-m", "llmbus.cli", "gateway", "--nats-url", self.url]
-        command += ["--subject-prefix", self.opts.subject_prefix, "--http-host", "127.0.0.1", "--http-port", str(port)]
+        command = [sys.executable, "-m", "llmbus.cli", "gateway", "--subject-prefix", self.opts.subject_prefix]
+        command += ["--http-host", "127.0.0.1", "--http-port", str(port)]
         command += ["--request-timeout", str(self.opts.request_timeout), "--log-level", "WARNING"]
-        env = {k: v for k, v in os.environ.items() if k not in BRIDGE_ENV_DROPPED}
+        env = gateway_env(os.environ, dataclasses.replace(self.opts.connection, nats_url=self.url))
         log_path = self.opts.out / "bridge.log"
         with open(log_path, "wb") as log_file:
             self.bridge = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                preexec_fn=_child_setup(None, _in_main_thread()),
             )
         self.http_url = f"http://127.0.0.1:{port}"
         progress(f"HTTP bridge started on {self.http_url} (pid {self.bridge.pid}, log {log_path})")
@@ -170,19 +213,22 @@ class Stack:
             raise BenchError(f"the HTTP bridge exited with code {self.bridge.returncode}; see {log_path}")
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the bridge and the workers, then nats-server, which is stopped even when stopping them raised."""
         procs = ([self.bridge] if self.bridge is not None else []) + [w.proc for w in self.workers]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                progress(f"pid {proc.pid} did not stop in {timeout:.0f}s; killing it")
-                proc.kill()
-                proc.wait()
-        self.bridge = None
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        try:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    progress(f"pid {proc.pid} did not stop in {timeout:.0f}s; killing it")
+                    proc.kill()
+                    proc.wait()
+        finally:
+            self.bridge = None
+            server, self.server = self.server, None
+            if server is not None:
+                server.stop()

@@ -68,6 +68,7 @@ class PointResult:
     engine_decode_s: float = math.nan  # seconds the workers' engines spent decoding during the point (summed)
     engine_prefill_s: float = math.nan  # and prefilling; the rest of their wall time they waited for work
     engine_compile_failed: int = 0  # workers whose compiled decode step had failed by the end of the point
+    engine_workers_missing: list[str] = field(default_factory=list)  # answered $SRV.STATS before or after only
     client_cpu_s: float = math.nan
     worker_cpu_s: float | None = None
     nats_server_cpu_s: float | None = None
@@ -142,6 +143,8 @@ def describe_point(p: PointResult) -> str:
         if not math.isnan(p.engine_decode_s):
             text += f" (busy {p.engine_decode_s:.1f} s decoding, {p.engine_prefill_s:.1f} s prefilling)"
 
+        if p.engine_workers_missing:
+            text += f", counters incomplete ({len(p.engine_workers_missing)} worker(s) missing)"
         if p.engine_compile_failed:
             text += f", compiled decode step FAILED on {p.engine_compile_failed} worker(s)"
     text += f"; cores used: {cores_used(p)}; load {p.load_average_1m:.2f}"

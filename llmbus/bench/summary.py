@@ -40,7 +40,8 @@ def summary_lines(sweep: Sweep, baselines: Baselines | None, ratios: list[Ratio]
         lines.append(f"naive baseline: {baselines.naive.tokens_per_s:.1f} tok/s")
     for r in ratios:
         aim = f", aim {r.aim}" if r.aim is not None else ""
-        lines.append(f"{r.status:4}  {r.description} = {_fmt(r.value)} (target {r.op} {r.target}{aim})")
+        flawed = f"; failed requests at {', '.join(r.inputs_with_errors)}" if r.inputs_with_errors else ""
+        lines.append(f"{r.status:4}  {r.description} = {_fmt(r.value)} (target {r.op} {r.target}{aim}{flawed})")
     lines += [f"note: {note}" for note in notes]
     return lines
 

@@ -16,6 +16,7 @@ import aiohttp
 
 from bus_gateway.client import BusClient
 from llmbus.bench.bus_load import (
+    counters_during,
     engine_counters,
     stream_over_bus,
     wait_for_compiled,
@@ -91,7 +92,7 @@ async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Swe
                 per_client = requests_per_client(opts.requests_per_client, opts.min_requests, concurrency)
                 progress(f"concurrency {concurrency}: {concurrency * per_client} requests per target")
                 for target in targets:
-                    point = await measure_point(bus, stack, target, prompts, concurrency, per_client, opts)
+                    point = await measure_point(bus, stack, target, prompts, concurrency, per_client, opts, seen)
                     by_via[target.via].append(point)
         return sweep
     finally:
@@ -120,8 +121,10 @@ async def measure_point(
     concurrency: int,
     per_client: int,
     opts: BenchOptions,
+    expect: int | None = None,
 ) -> PointResult:
-    before = await engine_counters(bus) if target.ours else None
+    """One target at one concurrency; `expect`: how many workers answer `$SRV.STATS` (for the engine counters)."""
+    before = await engine_counters(bus, expect) if target.ours else None
     client_cpu = time.process_time()
     worker_cpu, nats_cpu, bridge_cpu = (
         stack.worker_cpu_seconds(),
@@ -136,7 +139,9 @@ async def measure_point(
     point.bridge_cpu_s = _minus(stack.bridge_cpu_seconds(), bridge_cpu)
     point.load_average_1m = os.getloadavg()[0]
     if before is not None:
-        during = (await engine_counters(bus)).minus(before)
+        counted = counters_during(before, await engine_counters(bus, expect))
+        during = counted.counters
+        point.engine_workers_missing = counted.missing
         point.engine_decode_steps = during.decode_steps
         point.engine_mean_decode_batch = during.mean_decode_batch
         point.engine_prefill_forwards = during.prefill_forwards

@@ -2,13 +2,17 @@
 
 "At 64" means at 64 clients when the sweep has that point, else at its largest concurrency (the description of
 each ratio names the concurrency it used). A ratio whose inputs were not measured is N/A, never a guess.
+
+A ratio one of whose points had failed requests (or no answered one) is ERRORS, never PASS: its value comes from
+the requests that were answered, which a failure can flatter (fewer requests behind the NATS figure, one TTFT of
+eight). `inputs_with_errors` names those points (`nats@64`), and a note says what failed.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmbus.bench.baselines import Baselines
@@ -34,8 +38,9 @@ class Ratio:
     value: float | None
     op: str
     target: float
-    status: str
+    status: str  # PASS, MISS, N/A (not measured) or ERRORS (an input point had failed requests)
     aim: float | None = None
+    inputs_with_errors: list[str] = field(default_factory=list)
 
 
 def reference_point(points: list[PointResult]) -> PointResult | None:
@@ -64,21 +69,42 @@ def compute_ratios(
         "throughput_vs_ceiling": (
             f"throughput@{c} / eager ceiling@{c}",
             _div(ref and ref.tokens_per_s, ceiling_ref),
+            [ref],
         ),
-        "throughput_vs_ceiling_at_1": ("throughput@1 / eager ceiling@1", _div(one and one.tokens_per_s, ceiling_one)),
-        "throughput_vs_naive": (f"throughput@{c} / naive baseline", _div(ref and ref.tokens_per_s, naive)),
-        "ttft_vs_prefill": ("TTFT p50@1 / in-process prefill p50", _div(one and one.ttft_p50_s, prefill)),
-        "ttft_vs_e2e": ("TTFT p50@1 / end-to-end p50@1", _div(one and one.ttft_p50_s, one and one.e2e_p50_s)),
+        "throughput_vs_ceiling_at_1": (
+            "throughput@1 / eager ceiling@1",
+            _div(one and one.tokens_per_s, ceiling_one),
+            [one],
+        ),
+        "throughput_vs_naive": (f"throughput@{c} / naive baseline", _div(ref and ref.tokens_per_s, naive), [ref]),
+        "ttft_vs_prefill": ("TTFT p50@1 / in-process prefill p50", _div(one and one.ttft_p50_s, prefill), [one]),
+        "ttft_vs_e2e": (
+            "TTFT p50@1 / end-to-end p50@1",
+            _div(one and one.ttft_p50_s, one and one.e2e_p50_s),
+            [one],
+        ),
         "http_over_nats": (
             f"HTTP throughput@{c} / NATS throughput@{c}, back to back",
             _div(http_ref and http_ref.tokens_per_s, ref and ref.tokens_per_s),
+            [http_ref, ref],
         ),
     }
     ratios = []
-    for name, (description, value) in values.items():
+    for name, (description, value, inputs) in values.items():
         op, target, aim = TARGETS[name]
-        ratios.append(Ratio(name, description, value, op, target, verdict(value, op, target), aim))
+        flawed = [label(p) for p in inputs if p is not None and has_errors(p)]
+        status = "ERRORS" if flawed and value is not None else verdict(value, op, target)
+        ratios.append(Ratio(name, description, value, op, target, status, aim, flawed))
     return ratios
+
+
+def has_errors(p: PointResult) -> bool:
+    """A point whose figures leave requests out: some failed, or none was answered."""
+    return p.errors > 0 or p.requests == 0
+
+
+def label(p: PointResult) -> str:
+    return f"{p.via}@{p.concurrency}"
 
 
 def pairwise(numerators: list[PointResult], denominators: list[PointResult]) -> list[dict[str, Any]]:
@@ -162,6 +188,24 @@ def diagnostics(
             f"{one.ttft_p50_s / baselines.prefill.suffix_p50_s:.3f} (the worker's prefix cache reused "
             f"{one.engine_prefix_tokens_reused} prompt tokens of {one.engine_prompt_tokens} at that point)"
         )
+    return notes
+
+
+def point_notes(points: list[PointResult]) -> list[str]:
+    """Each point with failed requests, and each whose engine counters miss a worker."""
+    notes = []
+    for p in points:
+        if has_errors(p):
+            first = f" (first: {p.error_samples[0]})" if p.error_samples else ""
+            notes.append(
+                f"{label(p)}: {p.errors} of {p.errors + p.requests} requests failed{first}: its figures count only "
+                "the answered ones, so no ratio using this point can PASS"
+            )
+        if p.engine_workers_missing:
+            notes.append(
+                f"{label(p)}: the engine counters are incomplete: worker(s) {', '.join(p.engine_workers_missing)} "
+                "answered $SRV.STATS only before or only after the point, and are left out"
+            )
     return notes
 
 
