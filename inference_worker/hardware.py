@@ -20,11 +20,18 @@ _DTYPES = {
 
 @cache
 def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction sets as Linux lists them; empty where it does not (macOS, Windows)."""
+    return flags_in("/proc/cpuinfo")
+
+
+def flags_in(cpuinfo: str) -> frozenset[str]:
+    """The first `flags` line (x86) or `Features` line (Arm) of a /proc/cpuinfo."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
     except OSError:
         pass
     return frozenset()

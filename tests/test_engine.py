@@ -15,7 +15,7 @@ import torch
 from helpers.tiny_model import tiny_model
 from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
-from inference_worker.hardware import float32_wins_wide_matmuls
+from inference_worker.hardware import cpu_flags, flags_in, float32_wins_wide_matmuls
 from inference_worker.llama import Linear
 from inference_worker.memory import MemoryPlanError, plan_memory, quantized_bytes
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
@@ -601,3 +601,14 @@ def test_a_quantized_runner_runs_prompts_and_wide_batches_on_the_dense_weights_a
     by_hand.decoder = int8
     few = [r.forward(0, tokens[:2], [len(prompt) + 1] * 2) for r in (dispatched, by_hand)]
     assert torch.equal(few[0], few[1])
+
+
+def test_the_cpus_instruction_sets_are_read_on_x86_and_on_arm(tmp_path: Path) -> None:
+    """They name the compiled steps' packages (`step_packages.package_name`): an Arm CPU's once read as none."""
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\nvmx flags\t: ept\nbugs\t\t: spectre_v1\n")
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU part\t: 0xd40\n")
+    assert flags_in(str(x86)) == {"fpu", "avx512f", "avx512_bf16"}
+    assert flags_in(str(arm)) == {"fp", "asimd", "sve", "bf16", "i8mm"}
+    assert flags_in(str(tmp_path / "absent")) == frozenset()
+    assert cpu_flags() == flags_in("/proc/cpuinfo")
