@@ -166,6 +166,7 @@ def remove_unused_conversions(models: Path, name: str, keep: Path) -> None:
         with contextlib.suppress(OSError):
             if conversion != keep and now - conversion.stat().st_mtime > UNUSED_CONVERSION_S:
                 shutil.rmtree(conversion, ignore_errors=True)
+                (models / f".{conversion.name}.lock").unlink(missing_ok=True)
 
 
 def remove_stale_staging(models: Path) -> None:

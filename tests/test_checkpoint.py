@@ -300,6 +300,7 @@ def test_the_conversion_is_cached_by_the_sources_content_and_the_format(
     week_and_a_day_ago = time.time() - model_loader.UNUSED_CONVERSION_S - 86400
     os.utime(targets[0], (week_and_a_day_ago, week_and_a_day_ago))  # an older wheel's, unused since
     assert fake.run() == targets[-1] and len(fake.calls) == 3
+    assert not (fake.models / f".{targets[0].name}.lock").exists()  # with its lock
     assert not targets[0].exists() and targets[-2].is_dir()  # removed, while the one used a moment ago stays
 
 
