@@ -32,8 +32,8 @@ RESPONSE_EXPIRES_NS = 3600 * 1_000_000_000
 INBOX_ROOT = "_INBOX"
 SRV_VERBS = ("PING", "INFO", "STATS")
 
-TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
-SUBJECT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+TOKEN = re.compile(r"[A-Za-z0-9_-]+")  # matched whole (fullmatch: `$` would pass an end "\n")
+SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +52,11 @@ def default_inbox_prefix(role: Role) -> str:
 
 def check_names(subject_prefix: str, inbox_prefix: str | None, queue_group: str) -> str | None:
     """The problem with these names, or None. Subjects must be literal dotted tokens (no wildcards, no spaces)."""
-    if not SUBJECT.match(subject_prefix):
+    if not SUBJECT.fullmatch(subject_prefix):
         return f"invalid subject prefix {subject_prefix!r}: use dotted tokens of A-Z a-z 0-9 _ - (no wildcards)"
-    if inbox_prefix is not None and not SUBJECT.match(inbox_prefix):
+    if inbox_prefix is not None and not SUBJECT.fullmatch(inbox_prefix):
         return f"invalid inbox prefix {inbox_prefix!r}: use dotted tokens of A-Z a-z 0-9 _ -, e.g. _INBOX.alice"
-    if not TOKEN.match(queue_group):
+    if not TOKEN.fullmatch(queue_group):
         return f"invalid queue group {queue_group!r}: use one token of A-Z a-z 0-9 _ -"
     return None
 

@@ -46,6 +46,7 @@ PROPAGATED_HEADERS = frozenset({TENANT, TRACEPARENT, TRACESTATE})  # carried fro
 NATS_STATUS = "Status"
 NO_RESPONDERS = "503"
 
+# anchored for JSON Schema (asyncapi); Python matches them with `fullmatch`, as `$` also matches before an end "\n"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MODEL_TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UNSAFE_IN_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
@@ -53,7 +54,7 @@ UNSAFE_IN_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 
 def model_token(name: str) -> str:
     """The subject token of a model name (see the module docstring)."""
-    if MODEL_TOKEN_PATTERN.match(name):
+    if MODEL_TOKEN_PATTERN.fullmatch(name):
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{UNSAFE_IN_TOKEN.sub('_', name)[:48]}-{digest}"
@@ -71,7 +72,7 @@ def message_size(data: bytes, headers: dict[str, str] | None) -> int:
 
 def valid_request_id(request_id: str) -> bool:
     """A request id is one NATS subject token (it names `<prefix>.cancel.<id>`): 1-128 of A-Z a-z 0-9 _ -."""
-    return REQUEST_ID_PATTERN.match(request_id) is not None
+    return REQUEST_ID_PATTERN.fullmatch(request_id) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,7 +118,9 @@ def test_a_request_id_header_is_kept_and_a_missing_one_is_made_up_fresh() -> Non
     assert all(isinstance(rid, str) and len(rid) == 32 and rid.isalnum() for rid in made)
 
 
-@pytest.mark.parametrize("request_id", ["has.dot", "has space", "llm.cancel.*", "", "r" * 129])
+@pytest.mark.parametrize(
+    "request_id", ["has.dot", "has space", "llm.cancel.*", "", "r" * 129, "id\n", "x\nforged log line"]
+)
 def test_an_invalid_request_id_header_is_refused_not_replaced(request_id: str) -> None:
     """An id names the cancel subject `llm.cancel.<id>`, so one that is not a single subject token is a 400."""
     error = refusal(request_id_of({REQUEST_ID: request_id}))
@@ -311,3 +313,13 @@ def test_an_error_on_a_stream_is_the_end_message_with_its_request_id_and_content
     assert plain.headers is None
     assert end.headers == {STREAM: STREAM_END, REQUEST_ID: "req-9", CONTENT_TYPE: MSGPACK}
     assert end.data == encode(ErrorBody("no", 400), MSGPACK)
+
+
+def test_names_ending_in_a_newline_are_no_subject_tokens() -> None:
+    """A regex's `$` also matches before an end "\\n": such names once passed as tokens, into subjects and logs."""
+    from llmbus.permissions import check_names
+    from schemas.subjects import model_token
+
+    assert model_token("abc") == "abc" and "\n" not in model_token("abc\n")
+    assert check_names("llm\n", None, "workers") is not None and check_names("llm", None, "workers\n") is not None
+    assert check_names("llm", "_INBOX.alice", "workers") is None
