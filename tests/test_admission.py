@@ -136,3 +136,13 @@ async def wait_for_figure(server: NatsServer, name: str, value: int) -> dict:
             await asyncio.sleep(0.05)
     finally:
         await nc.close()
+
+
+def test_a_keys_tenant_is_stable_and_no_fast_hash_of_the_key() -> None:
+    """Bus headers and `$SRV.STATS` show the tenant: a plain SHA-256 of the key made it a fast test of guesses."""
+    import hashlib
+
+    tenant = tenant_of_key("short")
+    assert tenant == tenant_of_key("short") != tenant_of_key("shorT")  # the same on every bridge, one per key
+    assert tenant.removeprefix("key-") not in hashlib.sha256(b"short").hexdigest()
+    assert len(tenant) == len("key-") + 12 and "short" not in tenant
