@@ -11,7 +11,6 @@ call `generate`), loads through transformers' Auto classes. A damaged config.jso
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from inference_worker import file_lock
 from inference_worker.chat_tokenizer import ChatTokenizer
 from inference_worker.checkpoint import Unreadable, Unsupported, load_llama, read_config
 from inference_worker.hardware import pick_device, pick_dtype
@@ -123,9 +123,7 @@ def cached_conversion(source: Path, version: str, name: str, convert: Callable[[
     remove_unused_conversions(models, name, keep=target)
     if (target / "config.json").is_file():
         return _marked_used(target)
-    lock = os.open(models / f".{target.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock.exclusive(models / f".{target.name}.lock"):
         if (target / "config.json").is_file():  # converted while this worker waited
             return _marked_used(target)
         log.info("converting %s to %s (once)", source, target)
@@ -134,10 +132,11 @@ def cached_conversion(source: Path, version: str, name: str, convert: Callable[[
             convert(source, staging)
             staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the cache from other users
             os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # else another worker's conversion landed first
+                raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        os.close(lock)  # releases the lock
     return target
 
 
@@ -166,7 +165,7 @@ def remove_unused_conversions(models: Path, name: str, keep: Path) -> None:
         with contextlib.suppress(OSError):
             if conversion != keep and now - conversion.stat().st_mtime > UNUSED_CONVERSION_S:
                 shutil.rmtree(conversion, ignore_errors=True)
-                (models / f".{conversion.name}.lock").unlink(missing_ok=True)
+                file_lock.remove_if_free(models / f".{conversion.name}.lock")
 
 
 def remove_stale_staging(models: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import logging
 import os
 import signal
@@ -31,10 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inference_worker import file_lock
+
 log = logging.getLogger("llmbus.engine")
 
 CHILD_NICENESS = 5  # the build yields the CPU to serving (at 10 it starved under a steady load: over 8 minutes)
-LOCK_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 
 
@@ -46,39 +46,21 @@ class BuildStopped(Exception):
 def build_lock(
     package: Path, stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None
 ) -> Iterator[None]:
-    """Held while this worker builds `package`. Waits while another process (or thread) holds it, calling `on_wait`
-    once, and raises `BuildStopped` if `stop` is set meanwhile. In a directory where no lock can be made (read-only),
-    it does not lock: no build can be written there either."""
-    stop = stop or threading.Event()
+    """Held while this worker builds `package` (`file_lock.exclusive` on `decode-<name>.lock`). Waits while another
+    worker holds it, calling `on_wait` once, and raises `BuildStopped` if `stop` is set meanwhile."""
+
+    def waiting() -> None:
+        log.info("waiting for another worker's build of %s", package.name)
+        if on_wait is not None:
+            on_wait()
+
     try:
-        lock_file = open(package.with_suffix(".lock"), "a+b")  # noqa: SIM115 (closed below)
-    except OSError:
-        yield
-        return
-    with lock_file:
-        waited = False
-        while not _try_lock(lock_file):
-            if not waited:
-                waited = True
-                log.info("waiting for another worker's build of %s", package.name)
-                if on_wait is not None:
-                    on_wait()
-            if stop.wait(LOCK_POLL_S):
-                raise BuildStopped(f"waiting for the build of {package.name} was stopped")
-        with contextlib.suppress(OSError):
-            os.utime(lock_file.fileno())  # held now: `step_packages.tidy` removes only locks a day old
-        try:
+        with file_lock.exclusive(package.with_suffix(".lock"), stop, waiting) as locked:
+            if not locked:
+                log.warning("no lock file can be made beside %s: another worker may build it too", package.name)
             yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def _try_lock(lock_file) -> bool:
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
+    except file_lock.Stopped:
+        raise BuildStopped(f"waiting for the build of {package.name} was stopped") from None
 
 
 def build_in_child(
@@ -121,7 +103,7 @@ def run_child(command: list[str], output: Path, stop: threading.Event | None = N
             while child.poll() is None:
                 if stop is None:
                     child.wait()
-                elif stop.wait(LOCK_POLL_S):
+                elif stop.wait(file_lock.POLL_S):
                     return None
             return child.returncode
         finally:

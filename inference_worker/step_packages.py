@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference_worker import attention, llama, quantize
+from inference_worker import attention, file_lock, llama, quantize
 from inference_worker.hardware import cpu_flags
 
 log = logging.getLogger("llmbus.engine")
@@ -121,12 +121,11 @@ def tidy(directory: Path, keep: Path) -> None:
                 library.unlink()
     for scratch in _untouched_for(directory, "build-*", STALE_BUILD_S):
         shutil.rmtree(scratch, ignore_errors=True)
-    for partial in [
-        *_untouched_for(directory, ".extract-*", STALE_BUILD_S),
-        *_untouched_for(directory, "decode-*.lock", STALE_BUILD_S),
-    ]:
+    for partial in _untouched_for(directory, ".extract-*", STALE_BUILD_S):
         with contextlib.suppress(OSError):
             partial.unlink()
+    for lock in _untouched_for(directory, "decode-*.lock", STALE_BUILD_S):
+        file_lock.remove_if_free(lock)
 
 
 def _untouched_for(directory: Path, pattern: str, seconds: float) -> list[Path]:

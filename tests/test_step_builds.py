@@ -4,6 +4,7 @@ here stands in for the compiler: a Python process that starts a grandchild (`sle
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers.processes import pid_written_to, process_exits
-from inference_worker import step_builds
+from inference_worker import file_lock, step_builds
 
 
 def compiler_like(pid_file: Path, before: str = "") -> list[str]:
@@ -83,3 +84,33 @@ def test_a_failed_build_says_why(tmp_path: Path) -> None:
     output = tmp_path / "output.txt"
     code = step_builds.run_child([sys.executable, "-c", "import sys; print('no g++'); sys.exit(3)"], output)
     assert code == 3 and "no g++" in output.read_text()
+
+
+def test_a_held_lock_file_is_not_removed_and_a_free_one_is(tmp_path: Path) -> None:
+    lock = tmp_path / "decode-x.lock"
+    with file_lock.exclusive(lock) as locked:
+        assert locked
+        file_lock.remove_if_free(lock)  # `tidy` at another worker's start, during a build
+        assert lock.exists()
+    file_lock.remove_if_free(lock)
+    assert not lock.exists()
+
+
+def test_a_waiter_whose_lock_file_was_removed_takes_a_new_one(tmp_path: Path) -> None:
+    """The holder removes the file as it lets go (as `remove_if_free` does); the waiter then holds a file that no
+    path names, which a newcomer could not see: it must start again on the path's own file."""
+    lock, waiting, held = tmp_path / "decode-x.lock", threading.Event(), []
+
+    def waiter() -> None:
+        with file_lock.exclusive(lock, on_wait=waiting.set):
+            held.append(lock.exists())
+            with pytest.raises(BlockingIOError), open(lock) as newcomer:
+                fcntl.flock(newcomer, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the waiter's lock is the path's
+
+    with ThreadPoolExecutor(1) as pool:
+        with file_lock.exclusive(lock):
+            second = pool.submit(waiter)
+            assert waiting.wait(60)
+            lock.unlink()
+        second.result(timeout=60)
+    assert held == [True]
