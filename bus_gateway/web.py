@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,24 @@ def static_bytes(name: str) -> bytes:
     return (STATIC_DIR / name).read_bytes()
 
 
+FRESH_FOR_S = 1.0  # a view this young is served again: however fast /bus.json is polled, one `$SRV` round a second
+
+
 class BusMonitor:
     """Gathers `$SRV.INFO` and `$SRV.STATS` together and feeds a `BusSampler`. Callers that arrive while a gather
-    is under way share its view, so many open pages cost one `$SRV` round at a time and never queue up."""
+    is under way share its view, and so do those within `FRESH_FOR_S` of it: many open pages, or a client polling
+    `/bus.json` in a loop (it is not rate-limited), cost the workers one `$SRV` round at a time and at most one a
+    second."""
 
     def __init__(self, bus: BusClient) -> None:
         self.bus = bus
         self.sampler = BusSampler()
         self._gathering: asyncio.Future[BusView] | None = None
+        self._last: tuple[float, BusView] | None = None
 
     async def view(self) -> BusView:
+        if self._last is not None and time.monotonic() - self._last[0] < FRESH_FOR_S:
+            return self._last[1]
         if self._gathering is None:
             self._gathering = asyncio.ensure_future(self._gather())
         return await asyncio.shield(self._gathering)  # one caller leaving does not cancel the others' gather
@@ -66,7 +75,9 @@ class BusMonitor:
     async def _gather(self) -> BusView:
         try:
             infos, stats = await asyncio.gather(self.bus.info(), self.bus.stats())
-            return self.sampler.observe(infos, stats)
+            view = self.sampler.observe(infos, stats)
+            self._last = (time.monotonic(), view)
+            return view
         finally:
             self._gathering = None
 

@@ -11,8 +11,11 @@ import tomllib
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
+from nats.aio.msg import Msg
 
+from bus_gateway import web
 from bus_gateway.web import STATIC_DIR
 from helpers.bridge import API_KEY, running_bridge
 from llmbus.config import Config
@@ -118,7 +121,8 @@ async def test_bus_json_needs_the_api_key_when_keys_are_set(keyed_bridge) -> Non
 
 
 @pytest.mark.model
-async def test_bus_json_reports_the_worker_and_its_tokens_per_s(worker, http: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
+async def test_bus_json_reports_the_worker_and_its_tokens_per_s(worker, http: httpx.AsyncClient, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(web, "FRESH_FOR_S", 0.0)  # every poll a new `$SRV` round, however soon the chat ends
     first = (await http.get("/bus.json")).json()
     [row] = first["workers"]
     assert (row["host"], row["pid"]) == (socket.gethostname(), os.getpid())
@@ -148,3 +152,31 @@ async def test_bus_json_polls_do_not_spend_the_chat_rate_limit(lonely_nats: Nats
         chats = [(await client.post("/chat", json=chat, headers=keyed)).status_code for _ in range(4)]
     assert chats[:3] == [503] * 3  # through the limit: no worker on this bus
     assert chats[3] == 429
+
+
+async def test_polls_of_bus_json_within_a_second_share_one_srv_round(
+    lonely_nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/bus.json is not rate-limited: a client polling it in a loop must not make every worker answer each poll."""
+    rounds: list[str] = []
+    config = Config(nats_url=lonely_nats.url, request_timeout=5.0)
+    async with running_bridge(config) as bridge, bridge.client() as client:
+        nc = await nats.connect(lonely_nats.url)
+        try:
+
+            async def counted(msg: Msg) -> None:
+                rounds.append(msg.subject)
+
+            await nc.subscribe("$SRV.INFO.>", cb=counted)
+            await nc.flush()
+            monkeypatch.setattr(web, "FRESH_FOR_S", 3600.0)
+            for _ in range(5):
+                assert (await client.get("/bus.json")).status_code == 200
+            await nc.flush()
+            assert len(rounds) == 1
+            monkeypatch.setattr(web, "FRESH_FOR_S", 0.0)
+            assert (await client.get("/bus.json")).status_code == 200
+            await nc.flush()
+            assert len(rounds) == 2
+        finally:
+            await nc.close()
