@@ -155,7 +155,8 @@ def on_prefix(replies: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]
 
 
 async def engine_counters(bus: BusClient, expect: int | None = None) -> dict[str, EngineCounters]:
-    """Each worker's counters now, by worker id (`expect`: stop waiting once that many answered)."""
+    """Each worker's counters now, by worker id (`expect`: stop waiting once that many answered; None on a server
+    other prefixes share, whose workers answer too and would count before `on_prefix` drops them)."""
     replies = on_prefix(await bus.stats(STATS_WINDOW_S, expect=expect), bus.subjects.prefix)
     return {str(reply.get("id")): counters_of(_endpoint_data(reply)) for reply in replies}
 

@@ -92,7 +92,8 @@ async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Swe
                 per_client = requests_per_client(opts.requests_per_client, opts.min_requests, concurrency)
                 progress(f"concurrency {concurrency}: {concurrency * per_client} requests per target")
                 for target in targets:
-                    point = await measure_point(bus, stack, target, prompts, concurrency, per_client, opts, seen)
+                    expect = None if opts.nats_url else seen  # a given server may carry other prefixes' workers
+                    point = await measure_point(bus, stack, target, prompts, concurrency, per_client, opts, expect)
                     by_via[target.via].append(point)
         return sweep
     finally:
