@@ -245,6 +245,7 @@ class Worker(Intake):
             with contextlib.suppress(Exception):
                 await self._cancel_sub.unsubscribe()
         await self.peers.close()
+        self.metrics.stop_serving()  # its port is free again, and no scrape reads the stopped engine
 
     def _engine_died(self, exc: BaseException) -> None:
         log.critical("the engine thread died (%r): leaving the bus so that a supervisor restarts this worker", exc)

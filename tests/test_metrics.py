@@ -27,7 +27,7 @@ from inference_worker.model_loader import LoadedModel
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
 from llmbus.config import Config
-from llmbus.nats_server import NatsServer, free_port
+from llmbus.nats_server import NatsServer, free_port, port_is_free
 from llmbus.stack import with_metrics_port
 from schemas import ChatRequest, Subjects
 
@@ -244,3 +244,15 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist(tiny: LoadedModel
     family = re.compile(r"_(bucket|sum|count|total)$")
     never_shown = {family.sub("", n) for n in exposed if n.startswith("llmbus_")} - {family.sub("", n) for n in used}
     assert not never_shown, f"metrics with no panel: {never_shown}"
+
+
+async def test_a_closed_worker_stops_serving_its_metrics(nats_server: NatsServer, tiny: LoadedModel) -> None:
+    """An in-process worker (tests, an embedding service) closed and started again gets its port back."""
+    port = free_port()
+    config = Config(nats_url=nats_server.url, subject_prefix=next(prefixes), metrics_port=port, max_tokens_cap=8)
+    worker = await start_worker(config, tiny)
+    assert (await scrape(f"http://127.0.0.1:{port}/metrics")).llmbus()
+    await worker.shutdown()
+    assert port_is_free(port)
+    again = await start_worker(config, tiny)  # the same port: it raised OSError while the first one held it
+    await again.shutdown()
