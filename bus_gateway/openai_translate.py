@@ -87,8 +87,14 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "metadata": Unsupported(_always, ""),
     "service_tier": Unsupported(_always, ""),
     "prompt_cache_key": Unsupported(_always, ""),
+    "prompt_cache_retention": Unsupported(_always, ""),
+    "prompt_cache_options": Unsupported(_always, ""),
     "safety_identifier": Unsupported(_always, ""),
+    "verbosity": Unsupported(_is_none_or("medium"), "`verbosity` other than medium is not supported by llmbus"),
+    "moderation": Unsupported(_is_none_or(), "`moderation` is not supported by llmbus"),
 }
+# with tool_choice "none" (function_call "none"), no tool can be called: the tools are only the client's own list
+UNCALLABLE_WITH_NONE = {"tool_choice": ("tools", "parallel_tool_calls"), "function_call": ("functions",)}
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -116,6 +122,10 @@ def parse_request(body: bytes) -> ChatCompletionRequest | ApiFailure:
         return invalid("malformed JSON: nested too deeply")
     if not isinstance(raw, dict):
         return invalid(f"expected a JSON object, got {type(raw).__name__}")
+    for choice, uncallable in UNCALLABLE_WITH_NONE.items():
+        if raw.get(choice) == "none":
+            for name in uncallable:
+                raw.pop(name, None)
     for name in [key for key in raw if key in UNSUPPORTED]:
         rule = UNSUPPORTED[name]
         if not rule.accepts(raw[name]):
@@ -168,10 +178,14 @@ def to_bus_messages(messages: list[OpenAIMessage]) -> list[dict[str, str]] | Api
 
 
 def to_chat_request(request: ChatCompletionRequest, chat_id: str) -> ChatRequest | ApiFailure:
-    """The bus request for an OpenAI one, validated by the same rules as the worker's."""
+    """The bus request for an OpenAI one, validated by the same rules as the worker's. A conversation of system (or
+    developer) messages alone, which OpenAI answers, becomes one whose last message is the user's: the bus contract
+    needs a user or assistant turn. A negative `seed` (OpenAI takes any 64-bit one) is taken modulo 2**63."""
     messages = to_bus_messages(request.messages)
     if isinstance(messages, ApiFailure):
         return messages
+    if all(message["role"] == "system" for message in messages):
+        messages[-1] = {**messages[-1], "role": "user"}
     temperature = 1.0 if request.temperature is None else request.temperature
     top_p = 1.0 if request.top_p is None else request.top_p
     if top_p == 0:  # the limit of nucleus sampling as top_p -> 0 is greedy decoding
@@ -184,14 +198,17 @@ def to_chat_request(request: ChatCompletionRequest, chat_id: str) -> ChatRequest
         else request.max_tokens,
         "temperature": temperature,
         "top_p": top_p,
-        "seed": request.seed,
+        "seed": None if request.seed is None else request.seed % 2**63,
         "stop": request.stop,
         "stream": bool(request.stream),
     }
     try:
         bus_request = msgspec.convert({k: v for k, v in raw.items() if v is not None}, ChatRequest)
     except msgspec.ValidationError as exc:
-        return invalid(f"invalid request: {exc}", param=param_of(str(exc)))
+        param = param_of(str(exc))
+        if param == "max_tokens" and request.max_completion_tokens is not None:
+            param = "max_completion_tokens"  # the name the client sent
+        return invalid(f"invalid request: {exc}", param=param)
     error = check_chat_request(bus_request)
     if error is not None:
         return invalid(error.message, param="messages")

@@ -15,12 +15,20 @@ from nats.aio.client import Client as NATS
 from bus_gateway.bus_errors import BusError
 from bus_gateway.client import BusClient
 from bus_gateway.openai_api import ModelCatalog
-from bus_gateway.openai_translate import ChunkRenderer, from_bus_error, openai_finish_reason, to_completion
+from bus_gateway.openai_translate import (
+    ApiFailure,
+    ChunkRenderer,
+    from_bus_error,
+    openai_finish_reason,
+    to_chat_request,
+    to_completion,
+)
+from bus_gateway.openai_types import ChatCompletionRequest, OpenAIMessage
 from helpers.bridge import API_KEY, Bridge, running_bridge, sse_data, sse_json, watching_cancels
 from helpers.workers import start_worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
-from schemas import SERVICE_NAME, ChatChunk, ChatResponse, Usage
+from schemas import SERVICE_NAME, ChatChunk, ChatRequest, ChatResponse, Usage
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,10 +76,33 @@ async def test_unsupported_parameters_are_400(
     assert error["type"] == "invalid_request_error"
 
 
-async def test_neutral_values_of_unsupported_parameters_are_accepted(lonely_http: httpx.AsyncClient) -> None:
-    fields = {"n": 1, "presence_penalty": 0, "logprobs": False, "response_format": {"type": "text"}, "store": False}
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n": 1, "presence_penalty": 0, "logprobs": False, "response_format": {"type": "text"}, "store": False},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "none"},
+        {"functions": [{"name": "f"}], "function_call": "none", "parallel_tool_calls": False},
+        {"prompt_cache_retention": "24h", "prompt_cache_options": {}, "verbosity": "medium", "moderation": None},
+        {"seed": -1, "messages": [{"role": "developer", "content": "Write a haiku about NATS"}]},
+    ],
+)
+async def test_neutral_values_of_unsupported_parameters_are_accepted(
+    lonely_http: httpx.AsyncClient, fields: dict[str, Any]
+) -> None:
+    """What the SDK and frameworks send that changes nothing here: a tool list the model may not call
+    (tool_choice "none"), cache hints, a negative seed, a conversation of a system or developer message alone."""
     response = await lonely_http.post("/v1/chat/completions", json=completion(**fields))
     assert_openai_error(response, 503, "no inference worker")  # past validation; no worker on this server
+
+
+def test_a_system_only_conversation_a_negative_seed_and_the_param_the_client_named() -> None:
+    system_only = ChatCompletionRequest(model="m", messages=[OpenAIMessage(role="system", content="Say hi")], seed=-1)
+    bus = to_chat_request(system_only, "c1")
+    assert isinstance(bus, ChatRequest)
+    assert [(m.role, m.content) for m in bus.messages] == [("user", "Say hi")] and bus.seed == 2**63 - 1
+    zero = ChatCompletionRequest(model="m", messages=[OpenAIMessage(role="user", content="x")], max_completion_tokens=0)
+    failure = to_chat_request(zero, "c2")
+    assert isinstance(failure, ApiFailure) and failure.param == "max_completion_tokens"
 
 
 @pytest.mark.parametrize(
