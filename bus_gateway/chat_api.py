@@ -55,16 +55,25 @@ def sender_of(state: State) -> ChatSender:
 
 
 async def not_served(state: State, model: str) -> BusError | None:
-    """For a durable job naming `model`: a 404 when workers are on the bus and none serves it. Its queue would keep
-    the job unread until it expires, and the caller would wait out its timeout (core request-reply gets the same
-    404 from no-responders). With no worker on the bus at all, the job is queued for the next one to start."""
+    """For a durable job naming `model`: a 404 when workers are on the bus and none serves it with `--durable`
+    (its `$SRV.INFO` metadata `durable`). Its queue would keep the job unread until it expires, and the caller would
+    wait out its timeout (core request-reply gets the same 404 from no-responders). With no worker on the bus at
+    all, the job is queued for the next one to start."""
     catalog = state["models"]
-    if model in await catalog.names():
+    if model in (await catalog.models()).durable:
         return None
-    served = await catalog.names(fresh=True)
-    if not served or model in served:
+    models = await catalog.models(fresh=True)
+    if not models.workers or model in models.durable:
         return None
-    return model_not_found(model, served)
+    if model not in models.workers:
+        return model_not_found(model, sorted(models.workers))
+    takers = ", ".join(sorted(models.durable)) or "none"
+    return BusError(
+        404,
+        f"the model `{model}` is on this bus, but none of its workers takes durable jobs (--durable); "
+        f"models whose workers take durable jobs: {takers}",
+        name="model_not_found",
+    )
 
 
 def config_of(state: State) -> Config:

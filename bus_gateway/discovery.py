@@ -59,10 +59,12 @@ async def gather(
 
 @dataclass
 class BusModels:
-    """The models on the bus: name -> number of workers, and the names whose workers claim to be the default."""
+    """The models on the bus: name -> number of workers, the names whose workers claim to be the default, and the
+    names that a worker serves with `--durable` (one that reads that model's job queue)."""
 
     workers: dict[str, int] = field(default_factory=dict)
     defaults: set[str] = field(default_factory=set)
+    durable: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, infos: list[dict], subject_prefix: str | None = None) -> BusModels:
@@ -78,6 +80,8 @@ class BusModels:
                 models.workers[name] = models.workers.get(name, 0) + 1
                 if metadata.get("default_model") == "true":
                     models.defaults.add(name)
+                if metadata.get("durable") != "false":  # a worker that does not say (an older llmbus) may take jobs
+                    models.durable.add(name)
         return models
 
     def listing(self) -> str:

@@ -76,7 +76,9 @@ class JobClient:
         request_id: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> ChatResponse:
-        """One chat completion as a durable job on `<prefix>.jobs.chat`."""
+        """One chat completion as a durable job on `<prefix>.jobs.chat`, or on its model's job queue when it names one.
+        Only a `--durable` worker of that model reads that queue: the bridge answers 404 first when none is on the bus
+        (`chat_api.not_served`, from `$SRV.INFO`); a caller of its own should check the same."""
         timeout = self.timeout if timeout is None else timeout
         data = msgspec.json.encode(msgspec.structs.replace(with_deadline(request, timeout), stream=False))
         subject = self.subjects.model_jobs_chat(request.model) if request.model else self.subjects.jobs_chat

@@ -19,7 +19,7 @@ from litestar.types import Guard
 
 from bus_gateway.auth import ApiKeyError, tenant_headers
 from bus_gateway.bus_errors import BusError
-from bus_gateway.chat_api import sender_of
+from bus_gateway.chat_api import not_served, sender_of
 from bus_gateway.client import BusClient
 from bus_gateway.disconnect import ClientGone, unless_disconnected
 from bus_gateway.discovery import BusModels
@@ -179,6 +179,8 @@ async def chat_completions(request: Request, state: State) -> Response[ChatCompl
             return [sse_event(msgspec.json.encode(out)) for out in renderer.render(chunk)]
 
         return sse_response(opened, render, render_stream_error, trailer=DONE)
+    if state.get("jobs") and (unserved := await not_served(state, model)) is not None:
+        return failure_response(from_bus_error(unserved))  # a durable job that no worker of its model would read
     try:
         sending = sender_of(state).chat(bus_request, config.request_timeout, headers=tenant_headers(request))
         reply = await unless_disconnected(request, sending)

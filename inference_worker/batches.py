@@ -42,11 +42,14 @@ class BatchCoordinator:
         self.default_timeout = default_timeout
         self.knows = knows  # is a model on the bus? (a query for an unknown model fails at once, not after retries)
 
-    async def answer(self, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers) -> int | None:
+    async def answer(
+        self, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers, age: float = 0.0
+    ) -> int | None:
         """Run `batch` and answer `req`: one message in input order, or (with `stream`) each result as it is ready,
-        then the end message and the sentinel. Returns the error code it answered when every query failed."""
+        then the end message and the sentinel. Returns the error code it answered when every query failed. `age`:
+        seconds since the batch was sent (a durable job's wait in the queue), taken off each query's timeout."""
         if not batch.stream:
-            answer = await self.gather(batch.items, headers)
+            answer = await self.gather(batch.items, headers, age)
             if all(r.error is not None for r in answer.responses):
                 failure = WireError(common_code(answer.responses), answer.message or "every query failed")
                 await req.respond_error(failure, encode(answer, kind), headers_for(kind))
@@ -54,7 +57,7 @@ class BatchCoordinator:
             await req.respond(encode(answer, kind), headers_for(kind))
             return None
         answered = failed = 0
-        async for index, result in self.as_completed(batch.items, headers):
+        async for index, result in self.as_completed(batch.items, headers, age):
             failed += result.error is not None
             answered += result.error is None
             chunk = encode(BatchItemDone(index=index, result=result), kind)
@@ -64,19 +67,21 @@ class BatchCoordinator:
         await req.respond(SENTINEL.data, None, final=False)
         return None
 
-    async def gather(self, items: list[Item], headers: Headers = None) -> BatchResponse:
+    async def gather(self, items: list[Item], headers: Headers = None, age: float = 0.0) -> BatchResponse:
         """Every query's result in input order."""
         results: list[BatchResult | None] = [None] * len(items)
-        async for index, result in self.as_completed(items, headers):
+        async for index, result in self.as_completed(items, headers, age):
             results[index] = result
         return BatchResponse.of([r for r in results if r is not None])
 
-    async def as_completed(self, items: list[Item], headers: Headers = None) -> AsyncIterator[tuple[int, BatchResult]]:
+    async def as_completed(
+        self, items: list[Item], headers: Headers = None, age: float = 0.0
+    ) -> AsyncIterator[tuple[int, BatchResult]]:
         """(index, result) of each query as it finishes; the invalid ones first. Closing the iterator early (or
         cancelling the task that reads it) cancels the queries still running, on their workers too."""
         items = await self._unknown_models_failed(items)
         tasks = {
-            asyncio.ensure_future(self._one(index, item, headers))
+            asyncio.ensure_future(self._one(index, item, headers, age))
             for index, item in enumerate(items)
             if isinstance(item, ChatRequest)
         }
@@ -103,11 +108,16 @@ class BatchCoordinator:
             unknown_model(item) if isinstance(item, ChatRequest) and item.model in unknown else item for item in items
         ]
 
-    async def _one(self, index: int, query: ChatRequest, headers: Headers) -> tuple[int, BatchResult]:
+    async def _one(self, index: int, query: ChatRequest, headers: Headers, age: float) -> tuple[int, BatchResult]:
         """One query, retried with backoff while its model's workers are busy or restarting (within its timeout);
-        when no worker answers at all, it is retried only while its model is still on the bus."""
+        when no worker answers at all, it is retried only while its model is still on the bus. A query whose
+        timeout passed before it started (`age`: it waited that long) is a 504 at once, as a chat job is."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (query.timeout or self.default_timeout)
+        timeout = query.timeout - age if query.timeout else self.default_timeout
+        if timeout <= 0:
+            expired = "deadline exceeded before generation started"
+            return index, BatchResult.failed(BatchItemError(chat_id=query.chat_id, error=expired, code=504))
+        deadline = loop.time() + timeout
         for attempt in itertools.count():
             try:
                 answer = await self.client.chat(query, max(deadline - loop.time(), 0.001), retries=0, headers=headers)

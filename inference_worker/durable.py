@@ -7,135 +7,49 @@ micro request (`respond` / `respond_error`): the answer goes to the reply subjec
 worker that dies mid-generation leaves its jobs unacked and JetStream redelivers them to another worker after
 `ack_wait`. Long generations send in-progress acks so that they are not redelivered.
 
-A job that failed (an internal error, or a worker that stopped before finishing it) goes back to the queue after a
-delay that doubles with each delivery (1 s, 2 s, 4 s... at most 30 s). Delivery `max_attempts + 1` of a job never
+A job that failed (an internal error, a worker whose engine died) goes back to the queue after a delay that doubles
+with each delivery (1 s, 2 s, 4 s... at most 30 s). Delivery `max_attempts + 1` of a job never
 runs: it answers the client with an error and terminates the job, so a job that kills or fails every worker it
-reaches stops with a clear answer. An answer can reach a client twice when a worker dies between publishing it and
-acking; the client keeps the first per request id (bus_gateway.jobs).
+reaches stops with a clear answer. A job that a clean shutdown interrupts is stored again at once, that delivery not
+charged (`requeue`). A job stored again (`requeue`, `forward`) carries its first publication time and the attempts
+charged so far in headers, so neither its age nor its attempts restart. An answer can reach a client twice when a
+worker dies between publishing it and acking; the client keeps the first per request id (bus_gateway.jobs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from schemas import ErrorBody, Subjects, WireError, encode
+from bus_gateway.bus_errors import too_large
+from schemas import ErrorBody, WireError, content_type, encode
 from schemas.errors import error_headers
-from schemas.subjects import JOBS_CONSUMER, JOBS_STREAM, MSG_ID, REQUEST_ID, message_size, model_token
+from schemas.subjects import MSG_ID, REQUEST_ID, message_size
 
 if TYPE_CHECKING:
-    from nats.js.client import JetStreamContext
-
-    from llmbus.config import Config
+    pass
 
 log = logging.getLogger("llmbus.jobs")
 
-STREAM_NAME = JOBS_STREAM
-CONSUMER_NAME = JOBS_CONSUMER
 RETRYABLE_CODES = frozenset({"500", "503"})  # an internal error or a worker that stopped: another delivery may work
 FIRST_REDELIVERY_DELAY = 1.0  # seconds before a failed job's next delivery; doubles with each delivery
 MAX_REDELIVERY_DELAY = 30.0
 FETCH_TIMEOUT = 1.0  # also bounds how long a draining worker waits for its last fetch
 REPLY_SUBJECT = re.compile(r"^[^\s*>]{1,255}$")
+PUBLISHED = "Llmbus-Job-Published"  # a job stored again: its first publication (server time, POSIX seconds)
+ATTEMPTS = "Llmbus-Job-Attempts"  # a job stored again: the deliveries charged to it before
 
 
 class Clock(Protocol):
     """The NATS server's time (`job_consumer.ServerClock`): what a job's JetStream timestamp is compared with."""
 
     def now(self) -> float: ...
-
-
-@dataclass(frozen=True, slots=True)
-class JobLimits:
-    """The explicit limits of the stream and its consumer (created with them when missing)."""
-
-    subjects: str = "llm.jobs.>"
-    stream: str = STREAM_NAME
-    max_age: float = 3600.0
-    max_msgs: int = 10_000
-    max_attempts: int = 3
-    ack_wait: float = 30.0
-
-    @classmethod
-    def from_config(cls, config: Config) -> JobLimits:
-        return cls(
-            subjects=Subjects(config.subject_prefix).jobs,
-            max_age=config.jobs_max_age,
-            max_msgs=config.jobs_max_msgs,
-            max_attempts=config.jobs_max_deliver,
-            ack_wait=config.jobs_ack_wait,
-        )
-
-    @property
-    def max_deliver(self) -> int:
-        """The consumer's limit: the attempts, plus one delivery that only answers the error."""
-        return self.max_attempts + 1
-
-    def stream_config(self) -> StreamConfig:
-        return StreamConfig(
-            name=self.stream,
-            subjects=[self.subjects],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.NEW,  # a full queue refuses new jobs rather than dropping queued ones
-            max_age=self.max_age,
-            max_msgs=self.max_msgs,
-            duplicate_window=min(120.0, self.max_age),  # a re-published job (same Nats-Msg-Id) is stored once
-        )
-
-    def consumer_config(self, name: str, filters: list[str]) -> ConsumerConfig:
-        return ConsumerConfig(
-            durable_name=name,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.ack_wait,
-            max_deliver=self.max_deliver,
-            filter_subjects=filters,
-        )
-
-
-def job_consumers(subjects: Subjects, model: str) -> dict[str, list[str]]:
-    """The durable consumers a worker of `model` pulls from: the model-less jobs (shared by every worker, which
-    forwards a job for another model to that model's queue) and its own model's jobs. A work-queue stream lets no
-    two consumers share a subject, so their filters do not overlap."""
-    return {
-        CONSUMER_NAME: [subjects.jobs_chat, subjects.jobs_chat_batched],
-        f"{CONSUMER_NAME}-{model_token(model)}": [subjects.model_jobs(model)],
-    }
-
-
-class JetStreamUnavailable(RuntimeError):
-    pass
-
-
-async def ensure_jobs_stream(js: JetStreamContext, limits: JobLimits, consumers: dict[str, list[str]]) -> None:
-    """Create the work-queue stream and the durable consumers if they do not exist; a consumer whose filter is not
-    `consumers`' (an older llmbus's `llm.jobs.>`, which would overlap the per-model consumers) is updated."""
-    try:
-        await js.stream_info(limits.stream)
-    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-        raise JetStreamUnavailable(
-            "durable mode needs JetStream on the NATS server: run nats-server with -js (`llmbus up` enables it)"
-        ) from None
-    except nats.js.errors.NotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # another worker created it in between
-            await js.add_stream(limits.stream_config())
-    for name, filters in consumers.items():
-        try:
-            info = await js.consumer_info(limits.stream, name)
-        except nats.js.errors.NotFoundError:
-            info = None
-        if info is None or sorted(info.config.filter_subjects or [info.config.filter_subject]) != sorted(filters):
-            await js.add_consumer(limits.stream, limits.consumer_config(name, filters))
 
 
 class Job:
@@ -158,7 +72,9 @@ class Job:
         self.max_attempts = max_attempts
         self.clock = clock
         self.on_settled = on_settled
-        self.outcome = ""  # answered, failed, requeued, given_up or abandoned once settled
+        self.outcome = ""  # answered, failed, requeued, forwarded, given_up or abandoned once settled
+        self.queries = 0  # a batch job running here: its number of queries (`JobConsumer.batch_queries`)
+        self.requeue_to: str | None = None  # its model's job queue, once known: where a clean shutdown stores it
 
     @property
     def key(self) -> tuple[str, str]:
@@ -186,13 +102,20 @@ class Job:
 
     @property
     def attempt(self) -> int:
-        return self.msg.metadata.num_delivered
+        """This delivery's number: JetStream's count, plus the deliveries charged before the job was stored again."""
+        return self.msg.metadata.num_delivered + int(header_number(self.headers, ATTEMPTS) or 0)
+
+    @property
+    def published(self) -> float:
+        """When the client published the job (server time), also when it was stored again since (`PUBLISHED`)."""
+        stored = self.msg.metadata.timestamp.timestamp()
+        return min(stored, header_number(self.headers, PUBLISHED) or stored)
 
     @property
     def age(self) -> float:
         """Seconds since the client published the job, on the server's clock: its `timeout` counts from then. The
         worker's own clock may be off (see `ServerClock`), so it never compares its time with the server's stamp."""
-        return max(0.0, self.clock.now() - self.msg.metadata.timestamp.timestamp())
+        return max(0.0, self.clock.now() - self.published)
 
     def adopt(self, msg: Msg) -> None:
         """A redelivery of this job while this worker still runs it: ack the newest delivery when done."""
@@ -201,14 +124,16 @@ class Job:
     async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True) -> None:
         if self.settled:
             return
-        await self._publish(data, {**(headers or {}), REQUEST_ID: self.request_id})
-        await self._settle("answered", self.msg.ack)
+        await self._final(data, {**(headers or {}), REQUEST_ID: self.request_id}, "answered", self.msg.ack)
 
     async def respond_error(self, error: WireError, data: bytes = b"", headers: dict[str, str] | None = None) -> None:
         """A retryable failure (an internal error, a worker that stopped) goes back to the queue, after a delay that
-        grows with each delivery, while attempts remain; any other error is the job's final answer."""
+        grows with each delivery, while attempts remain; a clean shutdown's job is stored again, not charged; any
+        other error is the job's final answer."""
         if self.settled:
             return
+        if error.name == "shutting_down" and self.requeue_to is not None:
+            return await self.requeue(self.requeue_to)
         code = str(error.code)
         if code in RETRYABLE_CODES and self.attempt < self.max_attempts:
             delay = redelivery_delay(self.attempt)
@@ -221,8 +146,8 @@ class Job:
             )
             data = encode(ErrorBody(error.message, error.code))
         answer_headers = {**(headers or {}), **error_headers(error.code, error.message, error.name or None)}
-        await self._publish(data, {**answer_headers, REQUEST_ID: self.request_id})
-        await self._settle("failed", self.msg.ack if code not in RETRYABLE_CODES else self.msg.term)
+        settle = self.msg.ack if code not in RETRYABLE_CODES else self.msg.term
+        await self._final(data, {**answer_headers, REQUEST_ID: self.request_id}, "failed", settle)
 
     async def give_up(self) -> None:
         """This delivery is past the attempts: answer the client with an error and stop redelivery."""
@@ -238,22 +163,48 @@ class Job:
 
     async def forward(self, subject: str) -> None:
         """Store this job again on `subject` (another model's job queue), then ack it here: it is never lost, and
-        the worker that takes it answers the same reply subject. Its `Nats-Msg-Id` gets the subject as a suffix,
-        so the store does not take it for a duplicate of itself."""
+        the worker that takes it answers the same reply subject."""
+        await self._store_again(subject, "forwarded", self.attempt - 1)
+
+    async def requeue(self, subject: str) -> None:
+        """A clean shutdown interrupted this job: store it again on its model's queue `subject` (another worker takes
+        it at once), this delivery not charged: a nak would count it, and rolling restarts could use up every
+        attempt. Only a model's queue: a worker's grants (llmbus.permissions) cover no model-less job subject, so a
+        job not routed yet, or a model-less batch, is nak'd as any failed delivery."""
+        log.info("job %s: worker stopping; stored again on %s", self.request_id, subject)
+        await self._store_again(subject, "requeued", self.attempt - 1)
+
+    async def _store_again(self, subject: str, outcome: str, charged: int) -> None:
+        """Its `Nats-Msg-Id` gets this message's stream sequence as a suffix, so the store does not take it for a
+        duplicate of itself, while a second try for the same message (a worker that died before its ack) is."""
         if self.settled:
             return
-        headers = dict(self.headers or {})
-        headers[MSG_ID] = f"{headers.get(MSG_ID, self.request_id)}>{subject}"
+        headers = {**(self.headers or {}), PUBLISHED: f"{self.published:.6f}", ATTEMPTS: str(max(0, charged))}
+        headers[MSG_ID] = f"{headers.get(MSG_ID, self.request_id)}>{self.msg.metadata.sequence.stream}"
         if (size := message_size(self.data, headers)) > self.nc.max_payload:  # its longer id pushed it over
             limit = self.nc.max_payload
             message = f"job of {size} bytes (with its forwarding headers) exceeds the NATS max payload of {limit}"
             return await self.respond_error(WireError.of("too_large", message), encode(ErrorBody(message, 413)))
         await self.nc.jetstream().publish(subject, self.data, headers=headers)
-        await self._settle("forwarded", self.msg.ack)
+        await self._settle(outcome, self.msg.ack)
 
     async def keep_alive(self) -> None:
         if not self.settled:
             await self.msg.in_progress()
+
+    async def _final(
+        self, data: bytes, headers: dict[str, str], outcome: str, settle: Callable[[], Awaitable[None]]
+    ) -> None:
+        """A final answer, then its ack or term. An answer over the server's max payload could never be published
+        (and the job would run again after each ack_wait): the client gets a 413 instead, and the job is acked."""
+        if (size := message_size(data, headers)) > self.nc.max_payload:
+            error = too_large(size, self.nc.max_payload, "answer")
+            log.warning("job %s: %s; answering 413", self.request_id, error.message)
+            data = encode(ErrorBody(error.message, error.code), content_type(headers))
+            headers = {**headers, **error_headers(error.code, error.message, error.name)}
+            outcome, settle = "failed", self.msg.ack
+        await self._publish(data, headers)
+        await self._settle(outcome, settle)
 
     async def _publish(self, data: bytes, headers: dict[str, str]) -> None:
         """The answer first; the ack only once it is out. If it cannot be published, let the job go unacked (no more
@@ -271,6 +222,15 @@ class Job:
         if self.on_settled is not None:
             self.on_settled(self)
         await settle()
+
+
+def header_number(headers: dict[str, str] | None, name: str) -> float | None:
+    """A non-negative finite number from a header, or None."""
+    try:
+        value = float((headers or {}).get(name, ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def redelivery_delay(attempt: int) -> float:

@@ -113,6 +113,8 @@ class Intake:
 
     async def _serve_chat(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
         durable = isinstance(req, Job)
+        if isinstance(req, Job):
+            req.requeue_to = self.subjects.model_jobs_chat(self.model_name)  # routed here: its model's queue
         request_id = req.request_id if durable else request_id_of(req.headers)
         tenant = tenant_of(req.headers)
         for problem in (request_id, tenant):
@@ -172,6 +174,8 @@ class Intake:
         if isinstance(batch, WireError):
             return await self.outbox.send(req, replies.error(kind, batch))
         durable = isinstance(req, Job)
+        if isinstance(req, Job) and model is not None:
+            req.requeue_to = self.subjects.model_jobs_chat_batched(model)
         batch_id = req.request_id if durable else request_id_of(req.headers)
         problem = batch_id if isinstance(batch_id, WireError) else check_batch(batch, self.limits, durable)
         if problem is not None:
@@ -185,13 +189,18 @@ class Intake:
             return await self.outbox.send(req, replies.error(kind, refusal, stream=batch.stream, request_id=batch_id))
         headers = {k: v for k, v in (req.headers or {}).items() if k in PROPAGATED_HEADERS}
         self._idle.clear()
-        task = asyncio.create_task(self._run_batch(req, kind, batch, batch_id, headers))
+        if isinstance(req, Job):
+            req.queries = len(batch.items)  # counted by `jobs_wanted` while the batch runs
+        age = req.age if isinstance(req, Job) else 0.0  # each query's timeout counts from the job's publication
+        task = asyncio.create_task(self._run_batch(req, kind, batch, batch_id, headers, age))
         self.batches[key] = task
         task.add_done_callback(lambda _: self._batch_done(key))
 
-    async def _run_batch(self: Worker, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers) -> None:
+    async def _run_batch(
+        self: Worker, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers, age: float
+    ) -> None:
         try:
-            if (code := await self.coordinator.answer(req, kind, batch, batch_id, headers)) is not None:
+            if (code := await self.coordinator.answer(req, kind, batch, batch_id, headers, age)) is not None:
                 self.outbox.count(code)
         except asyncio.CancelledError:
             reason = "shutting_down" if not self.accepting else "cancelled"
@@ -239,7 +248,9 @@ class Intake:
     def jobs_wanted(self: Worker) -> int:
         if not self.accepting:
             return 0
-        return jobs_to_fetch(len(self.held) + len(self.routing), self.nothing_in_flight(), self.config)
+        batch_queries = self.jobs.batch_queries() if self.jobs is not None else 0
+        held = len(self.held) + len(self.routing) + batch_queries
+        return jobs_to_fetch(held, self.nothing_in_flight(), self.config)
 
     async def wait_for_capacity(self: Worker) -> None:
         while self.jobs_wanted() <= 0:  # check and clear together, so capacity freed meanwhile is not missed

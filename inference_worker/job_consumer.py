@@ -23,7 +23,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from inference_worker.durable import FETCH_TIMEOUT, REPLY_SUBJECT, Job, JobLimits, ensure_jobs_stream
+from inference_worker.durable import FETCH_TIMEOUT, REPLY_SUBJECT, Job
+from inference_worker.job_stream import JobLimits, ensure_jobs_stream
 from schemas.errors import clean_text
 from schemas.subjects import JOBS_CONSUMER, REPLY_TO, REQUEST_ID, model_token
 
@@ -36,8 +37,9 @@ log = logging.getLogger("llmbus.jobs")
 
 
 def jobs_to_fetch(held: int, idle: bool, config: Config) -> int:
-    """How many jobs to fetch now: none while the engine is full; else as many as surely fit `max_pending` even if
-    each is a batch of `max_batch_queries` (whose queries come back to the workers as requests); one when idle."""
+    """How many jobs to fetch now, `held` counting the requests held and the queries of the batch jobs running: none
+    while the engine is full; else as many as surely fit `max_pending` even if each is a batch of
+    `max_batch_queries` (whose queries come back to the workers as requests); one when idle."""
     if held >= config.max_batch_size:
         return 0
     fits = (config.max_pending - held) // config.max_batch_queries
@@ -122,6 +124,7 @@ class JobConsumer:
         self.consumers = consumers
         self.reply_prefixes = reply_prefixes
         self.clock = clock
+        self.terms = dict.fromkeys(consumers, limits)  # each consumer's ack_wait and attempts, as the server has them
         self.held: dict[tuple[str, str], Job] = {}
         outcomes = ("answered", "failed", "requeued", "given_up", "abandoned", "refused", "forwarded")
         self.counts = dict.fromkeys(("received", "redelivered", *outcomes), 0)
@@ -132,11 +135,12 @@ class JobConsumer:
         self._consumed: set[str] = set()  # models whose job queue has its durable consumer
 
     async def start(self) -> None:
-        await ensure_jobs_stream(self.js, self.limits, self.consumers)
+        self.terms = await ensure_jobs_stream(self.js, self.limits, self.consumers)
         await self.clock.measure(self.nc, self.limits.stream)
         for name in self.consumers:
             self._subs.append(await self.js.pull_subscribe_bind(durable=name, stream=self.limits.stream))
-        self._tasks = [asyncio.create_task(self._pull(sub), name="llmbus-jobs-pull") for sub in self._subs]
+        pulls = zip(self.consumers, self._subs, strict=True)
+        self._tasks = [asyncio.create_task(self._pull(name, sub), name="llmbus-jobs-pull") for name, sub in pulls]
         self._tasks.append(asyncio.create_task(self._keep_alive(), name="llmbus-jobs-progress"))
 
     async def stop_pulling(self) -> None:
@@ -170,10 +174,14 @@ class JobConsumer:
         self._consumed.add(model)
         return True
 
+    def batch_queries(self) -> int:
+        """The queries of the batch jobs running here: each comes back to the workers as a request of its own."""
+        return sum(job.queries for job in self.held.values())
+
     def snapshot(self) -> dict:
         return {"held": len(self.held), "clock_offset_s": round(self.clock.offset, 3), **self.counts}
 
-    async def _pull(self, sub: JetStreamContext.PullSubscription) -> None:
+    async def _pull(self, consumer: str, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stop_pulling.is_set():
             if self.host.jobs_wanted() <= 0:
                 await _first_of(self.host.wait_for_capacity(), self._stop_pulling.wait())
@@ -192,11 +200,11 @@ class JobConsumer:
                     continue
                 for msg in msgs:
                     try:
-                        await self._take(msg)
+                        await self._take(msg, self.terms[consumer].max_attempts)
                     except Exception:  # one job that cannot be taken (or answered) must not stop the pulling
                         log.exception("taking a durable job failed; it will be redelivered")
 
-    async def _take(self, msg: Msg) -> None:
+    async def _take(self, msg: Msg, max_attempts: int) -> None:
         headers = msg.headers or {}
         metadata = msg.metadata
         request_id = headers.get(REQUEST_ID) or f"job-{metadata.sequence.stream}"
@@ -217,8 +225,8 @@ class JobConsumer:
             await msg.term()
             self.counts["refused"] += 1
             return
-        job = Job(self.nc, msg, request_id, reply_to, self.limits.max_attempts, self.clock, on_settled=self._settled)
-        if job.attempt > self.limits.max_attempts:
+        job = Job(self.nc, msg, request_id, reply_to, max_attempts, self.clock, on_settled=self._settled)
+        if job.attempt > max_attempts:
             await job.give_up()
             return
         self.held[job.key] = job
@@ -230,7 +238,7 @@ class JobConsumer:
         self.counts[job.outcome] += 1
 
     async def _keep_alive(self) -> None:
-        interval = max(0.2, self.limits.ack_wait / 3)
+        interval = max(0.2, min(terms.ack_wait for terms in self.terms.values()) / 3)
         next_clock = time.monotonic() + ServerClock.REFRESH_S
         while True:
             await asyncio.sleep(interval)

@@ -25,7 +25,6 @@ from nats.aio.client import Client as NATS
 from bus_gateway.client import BusClient
 from bus_gateway.discovery import BusModels
 from inference_worker.batches import BatchCoordinator
-from inference_worker.durable import JobLimits, job_consumers
 from inference_worker.engine import (
     EngineConfig,
     EngineThread,
@@ -36,6 +35,7 @@ from inference_worker.hardware import pick_threads
 from inference_worker.held import HeldRequests, Key
 from inference_worker.intake import Intake
 from inference_worker.job_consumer import JobConsumer, ServerClock
+from inference_worker.job_stream import JobLimits, job_consumers
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.micro import MicroService
 from inference_worker.model_loader import LoadedModel, load_model

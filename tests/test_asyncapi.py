@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 import bus_gateway.jobs
-import inference_worker.durable
+import inference_worker.job_stream
 import inference_worker.micro
 import schemas.messages
 import schemas.subjects
@@ -163,7 +163,7 @@ def test_every_header_and_name_of_the_contract_is_in_the_document() -> None:
 
 def test_names_shared_with_the_worker_and_clients_agree() -> None:
     assert MSG_ID == bus_gateway.jobs.MSG_ID
-    assert JOBS_STREAM == inference_worker.durable.STREAM_NAME
+    assert JOBS_STREAM == inference_worker.job_stream.STREAM_NAME
     assert (DISCOVERY, VERBS) == (inference_worker.micro.DISCOVERY, inference_worker.micro.VERBS)
 
 

@@ -13,7 +13,7 @@ import pytest
 from bus_gateway.jobs import JobClient
 from helpers.faults import FaultFigures, chat, engine_data, serving, stats_of
 from helpers.workers import start_worker
-from inference_worker.durable import CONSUMER_NAME, STREAM_NAME
+from inference_worker.job_stream import CONSUMER_NAME, STREAM_NAME
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer

@@ -11,16 +11,19 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from bus_gateway.client import BusError
 from bus_gateway.jobs import JobClient
-from helpers.faults import FaultFigures, chat, engine_data, gather_stats, start_workers, wait_until
+from helpers.durable_jobs import durable_worker, stop
+from helpers.faults import FaultFigures, HeldLook, chat, engine_data, gather_stats, start_workers, wait_until
 from helpers.workers import start_worker
-from inference_worker.durable import (
+from inference_worker.job_stream import (
     CONSUMER_NAME,
     STREAM_NAME,
     JetStreamUnavailable,
     JobLimits,
+    JobStreamMismatch,
     ensure_jobs_stream,
     job_consumers,
 )
@@ -52,6 +55,51 @@ async def test_durable_mode_without_jetstream_is_a_clear_error() -> None:
                 await ensure_jobs_stream(nc.jetstream(), JobLimits(), CONSUMERS)
         finally:
             await nc.close()
+
+
+async def test_a_job_stream_of_another_subject_prefix_is_a_clear_error_at_start(fresh_nc: nats.NATS) -> None:
+    js = fresh_nc.jetstream()
+    await ensure_jobs_stream(js, JobLimits(subjects="acme.jobs.>"), job_consumers(Subjects("acme"), "tiny"))
+    with pytest.raises(JobStreamMismatch, match=r"takes acme\.jobs\.>, not this worker's job subjects llm\.jobs\.>"):
+        await ensure_jobs_stream(js, JobLimits(), CONSUMERS)
+
+
+async def test_a_worker_follows_the_consumers_it_finds_and_names_what_differs(
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consumers were made with ack_wait 1 s and 3 attempts; this worker's flags say 30 s and 1. It gave up on
+    delivery 2 (its own limit), and sent in-progress acks every 10 s, long after JetStream had redelivered."""
+    js = fresh_nc.jetstream()
+    await ensure_jobs_stream(js, JobLimits(max_attempts=3, ack_wait=1.0), job_consumers(Subjects(), "tiny"))
+    async with JobClient(fresh_nc) as jobs:
+        call = asyncio.create_task(jobs.chat(chat("again", max_tokens=2), timeout=60))
+        dies = await js.pull_subscribe_bind(durable=CONSUMER_NAME, stream=STREAM_NAME)
+        await dies.fetch(1, timeout=10)
+        await dies.unsubscribe()  # delivery 1 dies unacked: delivery 2 is the worker's
+        worker = await durable_worker(fresh_nats_server, jobs_max_deliver=1)
+        look, progress, kept_alive = HeldLook(worker), [], asyncio.Event()
+
+        async def count(msg: Msg) -> None:
+            progress.append(msg.data)
+            if progress.count(b"+WPI") >= 6:  # the job is held 2 s, twice ack_wait
+                kept_alive.set()
+
+        acks = await fresh_nc.subscribe(f"$JS.ACK.{STREAM_NAME}.>", cb=count)
+        try:
+            assert (await call).chat_id == "again"
+            typo = msgspec.json.encode(chat("typo", max_tokens=2, model="not-seen-yet"))
+            unknown = asyncio.create_task(jobs.submit("llm.jobs.chat", typo, timeout=60))
+            await look.looking.wait()  # held while it is routed: in-progress acks keep it from being redelivered
+            await kept_alive.wait()
+            look.release.set()
+            with pytest.raises(BusError) as refused:
+                await unknown
+            assert refused.value.code == 404 and worker.jobs.snapshot()["redelivered"] == 1
+        finally:
+            look.release.set()
+            await acks.unsubscribe()
+            await stop(worker)
+    assert "ack_wait 1.0 (this worker's flag: 30.0); max_deliver 4 (this worker's flag: 2)" in caplog.text
 
 
 @pytest.mark.model

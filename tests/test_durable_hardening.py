@@ -1,39 +1,33 @@
 """Durable jobs that used to fail for reasons unrelated to the job (issue 8): another client's request id, a burst of
-batch jobs at a busy worker, a worker whose clock runs ahead of the server's, and a forged reply subject."""
+batch jobs at a busy worker, a worker whose clock runs ahead of the server's, and a forged reply subject; and, from
+a later review, a model whose workers take no durable jobs, batch jobs over-fetched or run past their client's
+timeout, an answer over the max payload, and a rolling restart that used up a long job's attempts."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import msgspec
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from bus_gateway.client import BusError
 from bus_gateway.jobs import JobClient
+from helpers.bridge import running_bridge
+from helpers.durable_jobs import JobWatch, durable_worker, first_of, stop
 from helpers.faults import HeldLook, chat
 from helpers.tiny_model import tiny_model
-from inference_worker.durable import STREAM_NAME
-from inference_worker.worker import Worker
+from inference_worker.durable import ATTEMPTS, PUBLISHED
+from inference_worker.job_stream import STREAM_NAME
 from llmbus.config import Config
-from llmbus.nats_server import NatsServer
+from llmbus.nats_server import NatsServer, write_config
 from schemas import BatchResponse
-from schemas.subjects import REPLY_TO, REQUEST_ID
+from schemas.subjects import ERROR, ERROR_CODE, REPLY_TO, REQUEST_ID
 
 pytestmark = pytest.mark.timeout(600)
-
-
-async def durable_worker(server: NatsServer, **worker_options: object) -> Worker:
-    config = Config(nats_url=server.url, durable=True, compile=False)
-    worker = Worker(config, await nats.connect(server.url), tiny_model(), **worker_options)  # type: ignore[arg-type]
-    await worker.start()
-    return worker
-
-
-async def stop(worker: Worker) -> None:
-    await worker.close()
-    await worker.nc.close()
 
 
 async def test_two_clients_may_pick_the_same_request_id(fresh_nats_server: NatsServer, fresh_nc: nats.NATS) -> None:
@@ -126,9 +120,7 @@ async def test_a_job_for_a_model_whose_workers_take_no_durable_jobs_is_answered_
     """A model-less job naming `alpha`, whose only worker serves core requests: forwarded to alpha's job queue it
     would wait there unread until it expires, so the durable worker that routes it answers 404 at once."""
     durable = await durable_worker(fresh_nats_server)
-    core_config = Config(nats_url=fresh_nats_server.url, served_model_name="alpha", compile=False)
-    core = Worker(core_config, await nats.connect(fresh_nats_server.url), tiny_model())
-    await core.start()
+    core = await durable_worker(fresh_nats_server, durable=False, served_model_name="alpha")
     try:
         async with JobClient(fresh_nc) as jobs:
             job = msgspec.json.encode(chat("to-alpha", max_tokens=2, model="alpha"))
@@ -163,3 +155,129 @@ async def test_a_job_waiting_for_a_look_at_the_bus_delays_no_other_job(
     finally:
         look.release.set()
         await stop(worker)
+
+
+async def test_the_durable_bridge_answers_404_for_a_model_that_no_durable_worker_serves(
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS
+) -> None:
+    """`alpha`'s only worker takes no durable jobs: the bridge stored a request naming it in alpha's job queue, where
+    nothing reads it (the client waited out its timeout, the job filled the queue until max_age). Now: 404 at once."""
+    durable = await durable_worker(fresh_nats_server)
+    core = await durable_worker(fresh_nats_server, durable=False, served_model_name="alpha")
+    hi = {"user_prompt": "Hi", "max_tokens": 2}
+    try:
+        config = Config(nats_url=fresh_nats_server.url, durable=True, request_timeout=30)
+        async with running_bridge(config) as bridge, bridge.client() as http:
+            native = await http.post("/chat", json={"chat_id": "n", "model": "alpha", **hi})
+            messages = [{"role": "user", "content": "Hi"}]
+            body = {"model": "alpha", "messages": messages, "max_tokens": 2}
+            openai = await http.post("/v1/chat/completions", json=body)
+            served = await http.post("/chat", json={"chat_id": "t", "model": "tiny", **hi})
+        assert native.status_code == 404 and "takes durable jobs (--durable)" in native.json()["error"]
+        error = openai.json()["error"]
+        assert openai.status_code == 404 and error["code"] == "model_not_found" and "--durable" in error["message"]
+        assert served.status_code == 200 and served.json()["chat_id"] == "t"
+        assert (await fresh_nc.jetstream().stream_info(STREAM_NAME)).state.messages == 0
+    finally:
+        await stop(core)
+        await stop(durable)
+
+
+async def test_a_worker_fetches_only_the_batch_jobs_whose_queries_fit(
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS
+) -> None:
+    """Room for 8 queries and batches of at most 4: two batch jobs of 4 fill the worker. A running batch job used to
+    count for nothing, so the worker fetched every queued one. Its queries wait on a held look at the bus here (they
+    name a model not seen yet), so the two batches keep running until the test lets them go."""
+    worker = await durable_worker(fresh_nats_server, max_pending=8, max_batch_size=8, max_batch_queries=4)
+    look, watch = HeldLook(worker), JobWatch(worker)
+    inbox = fresh_nc.new_inbox()
+    answers = await fresh_nc.subscribe(inbox)
+    try:
+        for b in range(6):
+            batch = {"queries": [chat(f"b{b}-q{q}", model="not-seen-yet") for q in range(4)]}
+            headers = {REQUEST_ID: f"batch-{b}", REPLY_TO: inbox}
+            await fresh_nc.jetstream().publish("llm.jobs.chat.batched", msgspec.json.encode(batch), headers=headers)
+        await first_of(watch.waiting.wait(), watch.took(3).wait())
+        assert len(watch.taken) == 2, "the worker took more batch jobs than their queries fit"
+        look.release.set()
+        codes = [(await answers.next_msg(timeout=60)).headers[ERROR_CODE] for _ in range(6)]
+        assert codes == ["404"] * 6 and len(watch.taken) == 6
+    finally:
+        look.release.set()
+        await answers.unsubscribe()
+        await stop(worker)
+
+
+async def test_a_job_counts_its_timeout_from_its_first_publication(
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS
+) -> None:
+    """A job stored again (forwarded, or put back by a stopping worker) carries its first publication time; and a
+    batch job that waited past its client's timeout runs none of its queries (it ran them in full before)."""
+    skew = [0.0]
+    worker = await durable_worker(fresh_nats_server, wall_clock=lambda: time.time() + skew[0])
+    inbox = fresh_nc.new_inbox()
+    answers = await fresh_nc.subscribe(inbox)
+    try:
+        stored_again = {REQUEST_ID: "old", REPLY_TO: inbox, PUBLISHED: f"{time.time() - 1000:.6f}"}
+        body = msgspec.json.encode(chat("old", max_tokens=2, timeout=60))
+        await fresh_nc.jetstream().publish("llm.jobs.model.tiny.chat", body, headers=stored_again)
+        reply = await answers.next_msg(timeout=60)
+        assert reply.headers[ERROR_CODE] == "504"
+        assert reply.headers[ERROR] == "deadline exceeded before generation started"
+        skew[0] = 1000.0  # the worker measured the server's clock at start: every job now looks 1000 s old
+        async with JobClient(fresh_nc) as jobs:
+            with pytest.raises(BusError) as expired:
+                await jobs.chat_batched([chat("q0", max_tokens=2), chat("q1", max_tokens=2)], timeout=60)
+        assert expired.value.code == 504 and worker.stats()["prefill_forwards"] == 0
+    finally:
+        await answers.unsubscribe()
+        await stop(worker)
+
+
+async def test_an_answer_over_the_max_payload_is_a_413_and_the_job_is_done(tmp_path: Path) -> None:
+    """Publishing an answer over the server's max payload raised: the job stayed unacked, ran again after each
+    ack_wait, and the client waited out its timeout. Now the client gets a 413 at once and the job is acked."""
+    conf = write_config(tmp_path / "nats.conf", {"max_payload": 4096})
+    with NatsServer(config_file=conf) as server:
+        worker = await durable_worker(server, tiny_model(eos_token_ids=frozenset()), max_tokens_cap=128)
+        nc = await nats.connect(server.url)
+        try:
+            async with JobClient(nc) as jobs:
+                with pytest.raises(BusError) as too_large:
+                    await jobs.chat_batched([chat(f"q{i}", max_tokens=128) for i in range(12)], timeout=120)
+            assert too_large.value.code == 413 and "max payload of 4096 bytes" in too_large.value.message
+            assert worker.jobs.snapshot()["failed"] == 1
+            assert (await nc.jetstream().stream_info(STREAM_NAME)).state.messages == 0
+        finally:
+            await nc.close()
+            await stop(worker)
+
+
+async def test_a_rolling_restart_puts_a_long_job_back_without_using_an_attempt(
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS
+) -> None:
+    """One attempt per job (jobs_max_deliver=1), and the worker generating a job drains with a timeout shorter than
+    the job: it failed it with 503 "giving up". Now it stores the job again on its model's queue, uncharged, and the
+    next worker runs it. (One sequence at a time: the drain finds no fetch in flight to wait for.)"""
+    never_ends, options = tiny_model(eos_token_ids=frozenset()), {"jobs_max_deliver": 1, "max_tokens_cap": 900}
+    first = await durable_worker(fresh_nats_server, never_ends, max_batch_size=1, **options)
+    watch = JobWatch(first)
+    stored: asyncio.Queue[Msg] = asyncio.Queue()
+    await fresh_nc.subscribe("llm.jobs.model.tiny.chat", cb=stored.put)  # the client's job, then the copy
+    async with JobClient(fresh_nc) as jobs:
+        call = asyncio.create_task(jobs.chat(chat("long", max_tokens=900, model="tiny"), timeout=300))
+        await watch.took(1).wait()
+        await first.drain(0.01)
+        await first.nc.close()
+        await stored.get()
+        again = asyncio.ensure_future(stored.get())
+        await asyncio.wait({call, again}, return_when=asyncio.FIRST_COMPLETED)
+        assert not call.done(), f"the stopping worker answered the job: {call.exception()!r}"
+        assert again.result().headers[ATTEMPTS] == "0" and float(again.result().headers[PUBLISHED]) <= time.time()
+        second = await durable_worker(fresh_nats_server, never_ends, **options)
+        try:
+            answer = await call
+        finally:
+            await stop(second)
+    assert answer.chat_id == "long" and answer.usage.completion_tokens == 900
