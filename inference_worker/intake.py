@@ -33,6 +33,7 @@ from inference_worker.requests import (
     parse_batch,
     parse_chat,
     prepare,
+    propagated,
     request_id_of,
     tenant_of,
 )
@@ -40,7 +41,7 @@ from inference_worker.routing import Forward, Route
 from inference_worker.sequence import Sequence
 from llmbus import logs
 from schemas import Batch, ChatRequest, WireError, content_type, conversation
-from schemas.subjects import JSON, PROPAGATED_HEADERS, REPLY_TO
+from schemas.subjects import JSON, REPLY_TO
 
 if TYPE_CHECKING:
     from inference_worker.worker import Worker
@@ -187,7 +188,9 @@ class Intake:
             return await self.outbox.send(req, replies.error(kind, cancelled, stream=batch.stream, request_id=batch_id))
         if (refusal := self._refusal(key, 0, check_load=False)) is not None:
             return await self.outbox.send(req, replies.error(kind, refusal, stream=batch.stream, request_id=batch_id))
-        headers = {k: v for k, v in (req.headers or {}).items() if k in PROPAGATED_HEADERS}
+        headers = propagated(req.headers)
+        if isinstance(headers, WireError):
+            return await self.outbox.send(req, replies.error(kind, headers, stream=batch.stream and not durable))
         self._idle.clear()
         if isinstance(req, Job):
             req.queries = len(batch.items)  # counted by `jobs_wanted` while the batch runs

@@ -23,8 +23,11 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from inference_worker import replies
 from inference_worker.durable import FETCH_TIMEOUT, REPLY_SUBJECT, Job
 from inference_worker.job_stream import JobLimits, ensure_jobs_stream
+from inference_worker.requests import request_id_of
+from schemas import WireError, content_type
 from schemas.errors import clean_text
 from schemas.subjects import JOBS_CONSUMER, REPLY_TO, REQUEST_ID, model_token
 
@@ -89,7 +92,7 @@ def server_time(data: bytes) -> float | None:
 def reply_allowed(reply_to: str, prefixes: tuple[str, ...]) -> bool:
     """A durable answer goes only to an inbox: a subject under one of `prefixes`, never `llm.chat` or another
     service's subject (server permissions cannot stop this: a durable worker holds JetStream rights)."""
-    return bool(REPLY_SUBJECT.match(reply_to)) and any(reply_to.startswith(prefix) for prefix in prefixes)
+    return bool(REPLY_SUBJECT.fullmatch(reply_to)) and any(reply_to.startswith(prefix) for prefix in prefixes)
 
 
 class JobHost(Protocol):
@@ -207,7 +210,8 @@ class JobConsumer:
     async def _take(self, msg: Msg, max_attempts: int) -> None:
         headers = msg.headers or {}
         metadata = msg.metadata
-        request_id = headers.get(REQUEST_ID) or f"job-{metadata.sequence.stream}"
+        checked = request_id_of(headers) if REQUEST_ID in headers else f"job-{metadata.sequence.stream}"
+        request_id = checked if isinstance(checked, str) else f"job-{metadata.sequence.stream}"
         reply_to = headers.get(REPLY_TO, "")
         self.counts["received"] += 1
         if metadata.num_delivered > 1:
@@ -226,6 +230,10 @@ class JobConsumer:
             self.counts["refused"] += 1
             return
         job = Job(self.nc, msg, request_id, reply_to, max_attempts, self.clock, on_settled=self._settled)
+        if isinstance(checked, WireError):  # an id that is no subject token: a 400, as in core mode
+            [answer] = replies.error(content_type(headers), checked)
+            await job.respond_error(checked, answer.data, answer.headers)
+            return
         if job.attempt > max_attempts:
             await job.give_up()
             return

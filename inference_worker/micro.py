@@ -31,7 +31,7 @@ from nats.micro.service import EndpointInfo, EndpointStats, ServiceInfo, Service
 from nats.nuid import NUID
 
 from schemas import WireError
-from schemas.errors import error_headers
+from schemas.errors import clean_text, error_headers
 
 log = logging.getLogger("llmbus.micro")
 
@@ -59,7 +59,7 @@ class Endpoint:
         self.processing_ns += elapsed_ns
         if error is not None:
             self.num_errors += 1
-            self.last_error = f"{error.code}:{error.message}"[:256]
+            self.last_error = clean_text(f"{error.code}:{error.message}", 256)  # STATS readers see it
 
     def stats(self, data: dict[str, Any] | None) -> EndpointStats:
         done = max(1, self.num_requests)

@@ -17,6 +17,7 @@ import msgspec
 from inference_worker.engine import Failed
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
+from llmbus.tracing import trace_headers
 from schemas import (
     Batch,
     BatchItemError,
@@ -49,6 +50,18 @@ def tenant_of(headers: Mapping[str, str] | None) -> str | WireError:
     if not valid_request_id(given):
         return WireError.of("bad_request", f"invalid {TENANT} header: use 1-128 characters from A-Z a-z 0-9 _ -")
     return given
+
+
+def propagated(headers: Mapping[str, str] | None) -> dict[str, str] | WireError:
+    """The headers a batch passes on to each of its queries: its valid trace context (`tracing.trace_headers`) and
+    its tenant, checked as a request's own are. Copied as they came, a bad or huge one went out on every query."""
+    carried: dict[str, str] = dict(trace_headers(headers))
+    tenant = tenant_of(headers)
+    if isinstance(tenant, WireError):
+        return tenant
+    if tenant:
+        carried[TENANT] = tenant
+    return carried
 
 
 def request_id_of(headers: Mapping[str, str] | None) -> str | WireError:

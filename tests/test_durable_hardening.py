@@ -30,6 +30,26 @@ from schemas.subjects import ERROR, ERROR_CODE, REPLY_TO, REQUEST_ID
 pytestmark = pytest.mark.timeout(600)
 
 
+@pytest.mark.parametrize("request_id", ["id\n2026-11-27 INFO llmbus.requests: forged line", "r" * 200])
+async def test_a_job_whose_request_id_is_no_subject_token_is_a_400(
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, request_id: str
+) -> None:
+    """As in core mode: the id names the cancel subject and goes into logs and answer headers, so one that is not a
+    single token (a newline forges a log line) is refused, and the answer names the job by its stream sequence."""
+    worker = await durable_worker(fresh_nats_server)
+    inbox = fresh_nc.new_inbox()
+    answers = await fresh_nc.subscribe(inbox)
+    try:
+        headers = {REQUEST_ID: request_id, REPLY_TO: inbox}
+        await fresh_nc.jetstream().publish("llm.jobs.chat", msgspec.json.encode(chat("bad-id")), headers=headers)
+        reply = await answers.next_msg(timeout=60)
+        assert reply.headers[ERROR_CODE] == "400" and REQUEST_ID in reply.headers[ERROR]
+        assert reply.headers[REQUEST_ID].startswith("job-") and "\n" not in reply.headers[REQUEST_ID]
+    finally:
+        await answers.unsubscribe()
+        await stop(worker)
+
+
 async def test_two_clients_may_pick_the_same_request_id(fresh_nats_server: NatsServer, fresh_nc: nats.NATS) -> None:
     worker = await durable_worker(fresh_nats_server)
     try:

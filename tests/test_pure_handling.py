@@ -15,7 +15,7 @@ from inference_worker import replies
 from inference_worker.events import Accepted, Failed, Finished, TokenDelta
 from inference_worker.held import Held, HeldRequests
 from inference_worker.metrics import WorkerMetrics
-from inference_worker.micro import error_headers_of
+from inference_worker.micro import Endpoint, error_headers_of
 from inference_worker.outbox import Outbox
 from inference_worker.requests import (
     Limits,
@@ -23,6 +23,7 @@ from inference_worker.requests import (
     parse_batch,
     parse_chat,
     prepare,
+    propagated,
     request_id_of,
     tenant_of,
 )
@@ -323,3 +324,20 @@ def test_names_ending_in_a_newline_are_no_subject_tokens() -> None:
     assert model_token("abc") == "abc" and "\n" not in model_token("abc\n")
     assert check_names("llm\n", None, "workers") is not None and check_names("llm", None, "workers\n") is not None
     assert check_names("llm", "_INBOX.alice", "workers") is None
+
+
+def test_a_batch_passes_on_only_a_valid_trace_context_and_a_checked_tenant() -> None:
+    """Copied as they came, a malformed traceparent or a 60 KB tracestate went out on every query of the batch."""
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert propagated({"traceparent": parent, "tracestate": "a=1", TENANT: "t1"}) == {
+        "traceparent": parent,
+        "tracestate": "a=1",
+        TENANT: "t1",
+    }
+    assert propagated({"traceparent": "garbage", "tracestate": "x" * 60_000, TENANT: "t1"}) == {TENANT: "t1"}
+    assert propagated(None) == {}
+    refused = propagated({TENANT: "a tenant\nwith a newline"})
+    assert isinstance(refused, WireError) and refused.code == 400
+    endpoint = Endpoint("chat", "llm.chat", "q", handler=None)  # type: ignore[arg-type]
+    endpoint.record(1, WireError.of("bad_request", "model 'x\nforged' is not served"))
+    assert "\n" not in endpoint.last_error and endpoint.last_error.startswith("400:")
