@@ -187,7 +187,7 @@ class JobConsumer:
     async def _pull(self, consumer: str, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stop_pulling.is_set():
             if self.host.jobs_wanted() <= 0:
-                await _first_of(self.host.wait_for_capacity(), self._stop_pulling.wait())
+                await first_of(self.host.wait_for_capacity(), self._stop_pulling.wait())
                 continue
             async with self._fetching:
                 wanted = self.host.jobs_wanted()
@@ -199,7 +199,7 @@ class JobConsumer:
                     return
                 except Exception as exc:  # a reconnect or a JetStream hiccup: try again shortly
                     log.warning("fetching jobs failed: %r", exc)
-                    await _first_of(asyncio.sleep(FETCH_TIMEOUT), self._stop_pulling.wait())
+                    await first_of(asyncio.sleep(FETCH_TIMEOUT), self._stop_pulling.wait())
                     continue
                 for msg in msgs:
                     try:
@@ -258,7 +258,8 @@ class JobConsumer:
                 await self.clock.measure(self.nc, self.limits.stream)
 
 
-async def _first_of(*waits: Awaitable[object]) -> None:
+async def first_of(*waits: Awaitable[object]) -> None:
+    """Wait until one of `waits` is done, then cancel the others."""
     tasks = [asyncio.ensure_future(w) for w in waits]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
