@@ -62,14 +62,16 @@ class Outbox:
         if held is None:
             return
         self.on_release()
-        if isinstance(event, Finished):
-            await self.send(held.replier, replies.finished(held, event, self.model))
-        elif isinstance(event, Failed):
-            failure = WireError(event.code, event.message, event.name)
-            await self.send(
-                held.replier, replies.error(held.kind, failure, stream=held.stream, request_id=held.request_id)
-            )
-        self.metrics.answered(held, event)
+        try:
+            if isinstance(event, Finished):
+                await self.send(held.replier, replies.finished(held, event, self.model))
+            elif isinstance(event, Failed):
+                failure = WireError(event.code, event.message, event.name)
+                await self.send(
+                    held.replier, replies.error(held.kind, failure, stream=held.stream, request_id=held.request_id)
+                )
+        finally:  # answered or not (a publish that raised), the request is done: its figures and its log line
+            self.metrics.answered(held, event)
 
     async def send(self, replier: Replier, messages: list[replies.Outgoing]) -> None:
         for message in messages:

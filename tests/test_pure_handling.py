@@ -341,3 +341,22 @@ def test_a_batch_passes_on_only_a_valid_trace_context_and_a_checked_tenant() -> 
     endpoint = Endpoint("chat", "llm.chat", "q", handler=None)  # type: ignore[arg-type]
     endpoint.record(1, WireError.of("bad_request", "model 'x\nforged' is not served"))
     assert "\n" not in endpoint.last_error and endpoint.last_error.startswith("400:")
+
+
+async def test_a_final_answer_that_cannot_be_published_still_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """The publish raised (a closed connection): the request is done all the same, so its figures and its log
+    line are kept, and the error is logged without stranding the answers after it."""
+
+    class FailingReplier(RecordingReplier):
+        async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True):
+            raise ConnectionError("connection closed")
+
+    requests, metrics = HeldRequests(), WorkerMetrics("tiny-model", "w1")
+    requests.hold(Held(FailingReplier(), ("_INBOX.test", "req-1"), "r1", JSON, "chat-1", False))
+    requests.hold(held_two := Held(RecordingReplier(), ("_INBOX.test", "req-2"), "r2", JSON, "chat-2", False))
+    outbox = Outbox(requests, "tiny-model", lambda: None, metrics)
+    with caplog.at_level("INFO"):
+        await outbox.publish([Finished("r1", "Hi", "stop", 3, 1), Finished("r2", "Yo", "stop", 3, 1)])
+    assert metrics.generation_tokens._value.get() == 2  # both counted
+    assert "failed to publish the answer to r1" in caplog.text
+    assert len(cast(RecordingReplier, held_two.replier).sent) == 1
