@@ -149,7 +149,7 @@ def check_settings(config: Config) -> None:
     if bool(config.nats_user) != bool(config.nats_password):
         missing = "nats_password" if config.nats_user else "nats_user"
         raise ConnectionSettingsError(f"a NATS user and password go together: {missing} is missing")
-    if config.nats_inbox_prefix is not None and not SUBJECT.match(config.nats_inbox_prefix):
+    if config.nats_inbox_prefix is not None and not SUBJECT.fullmatch(config.nats_inbox_prefix):
         raise ConnectionSettingsError(
             f"invalid nats_inbox_prefix {config.nats_inbox_prefix!r}: use dotted tokens of A-Z a-z 0-9 _ -,"
             " such as _INBOX.alice"

@@ -32,8 +32,8 @@ RESPONSE_EXPIRES_NS = 3600 * 1_000_000_000
 INBOX_ROOT = "_INBOX"
 SRV_VERBS = ("PING", "INFO", "STATS")
 
-TOKEN = re.compile(r"[A-Za-z0-9_-]+")  # matched whole (fullmatch: `$` would pass an end "\n")
-SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")  # matched with fullmatch: `$` alone also matches before an end "\n"
+SUBJECT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,6 +131,7 @@ def test_connection_settings_are_checked_before_connecting(tmp_path: Path) -> No
         "nats_password is missing": Config(nats_user="alice"),
         "nats_user is missing": Config(nats_password="secret-pw"),
         "invalid nats_inbox_prefix": Config(nats_inbox_prefix="_INBOX.>"),
+        "invalid nats_inbox_prefix '_INBOX.alice": Config(nats_inbox_prefix="_INBOX.alice\n"),  # `$` passed it
         "both nats_tls_cert and nats_tls_key": Config(nats_tls_cert=str(seed)),
         "cannot read": Config(nats_tls_ca=str(tmp_path / "missing-ca.pem")),
         "no NATS user nkey seed": Config(nats_nkey_seed=str(tmp_path / "user.nk.bad")),
