@@ -12,6 +12,7 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -63,6 +64,30 @@ def extraction_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return directory
 
 
+class FloatBuild(NamedTuple):
+    directory: Path
+    package: Path
+    step: Any
+    was_built: bool
+
+
+@pytest.fixture(scope="module")
+def float_build(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> FloatBuild:
+    """The tiny decoder's frozen float32 package, built once for the module (a build takes 20-30 s here). Built by
+    a worker of one row (--max-batch-size 1), it is loaded by workers of four: the rows are symbolic (the export
+    once took a one-row cache as its example, specialized the rows to 1, and the build failed). Tests that need a
+    built package copy it from there."""
+    directory = tmp_path_factory.mktemp("float-build")
+    step, was_built = package_step(family_decoder(tiny, 64), slot_cache(tiny, rows=1), directory)
+    (package,) = directory.glob("*.pt2")
+    return FloatBuild(directory, package, step, was_built)
+
+
+def copy_of_float_build(float_build: FloatBuild, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(float_build.package, directory / float_build.package.name))
+
+
 def package_step(decoder, cache: SlotKVCache, directory: Path, frozen: bool = True, single: bool = False) -> tuple:
     return aot_step.load_or_build(
         decoder, reduction_attention, cache.keys, cache.values, directory, frozen, single=single
@@ -80,34 +105,32 @@ def run(step, cache: SlotKVCache, inputs: tuple[torch.Tensor, ...]) -> torch.Ten
 
 
 def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_step(
-    tiny: LoadedModel, tmp_path: Path, extraction_dir: Path
+    tiny: LoadedModel, float_build: FloatBuild, tmp_path: Path, extraction_dir: Path
 ) -> None:
     decoder = family_decoder(tiny, 64)
     cache = slot_cache(tiny)
-    # built by a worker of one row (--max-batch-size 1), loaded by one of four: the rows are symbolic (the export
-    # once took a one-row cache as its example, specialized the rows to 1, and the build failed)
-    built, was_built = package_step(decoder, slot_cache(tiny, rows=1), tmp_path)
+    built_in, _, built, was_built = float_build  # by a worker of one row; loaded below by one of four
     assert was_built
-    lock, package, library = sorted(tmp_path.iterdir())  # no temporary file left behind
+    lock, package, library = sorted(built_in.iterdir())  # no temporary file left behind
     assert lock == package.with_suffix(".lock") and lock.stat().st_size == 0  # the build's, removed in a day
     assert package.suffix == ".pt2" and library == step_packages.library_of(package)  # extracted by the load
     week_and_a_day_ago = time.time() - step_packages.UNUSED_PACKAGE_S - 86400
     os.utime(package, (week_and_a_day_ago, week_and_a_day_ago))
-    (tmp_path / "decode-of-an-older-release.pt2").write_bytes(b"unused for 8 days")
-    os.utime(tmp_path / "decode-of-an-older-release.pt2", (week_and_a_day_ago, week_and_a_day_ago))
-    (tmp_path / "decode-of-another-configuration.pt2").write_bytes(b"another configuration's package")
-    (tmp_path / "build-killed-2-days-ago").mkdir()
-    (tmp_path / "build-killed-2-days-ago" / "job.pt").write_bytes(b"scratch of a build whose worker was killed")
-    os.utime(tmp_path / "build-killed-2-days-ago", (week_and_a_day_ago, week_and_a_day_ago))
-    (tmp_path / "decode-of-an-older-release.so").write_bytes(b"the library of a package removed with it")
-    (tmp_path / ".extract-killed-2-days-ago").write_bytes(b"half a library, its worker killed while extracting it")
-    os.utime(tmp_path / ".extract-killed-2-days-ago", (week_and_a_day_ago, week_and_a_day_ago))
-    (tmp_path / "decode-of-an-older-release.lock").write_bytes(b"")  # its build's lock, untouched since
-    os.utime(tmp_path / "decode-of-an-older-release.lock", (week_and_a_day_ago, week_and_a_day_ago))
-    loaded, was_built = package_step(decoder, cache, tmp_path)
+    (built_in / "decode-of-an-older-release.pt2").write_bytes(b"unused for 8 days")
+    os.utime(built_in / "decode-of-an-older-release.pt2", (week_and_a_day_ago, week_and_a_day_ago))
+    (built_in / "decode-of-another-configuration.pt2").write_bytes(b"another configuration's package")
+    (built_in / "build-killed-2-days-ago").mkdir()
+    (built_in / "build-killed-2-days-ago" / "job.pt").write_bytes(b"scratch of a build whose worker was killed")
+    os.utime(built_in / "build-killed-2-days-ago", (week_and_a_day_ago, week_and_a_day_ago))
+    (built_in / "decode-of-an-older-release.so").write_bytes(b"the library of a package removed with it")
+    (built_in / ".extract-killed-2-days-ago").write_bytes(b"half a library, its worker killed while extracting it")
+    os.utime(built_in / ".extract-killed-2-days-ago", (week_and_a_day_ago, week_and_a_day_ago))
+    (built_in / "decode-of-an-older-release.lock").write_bytes(b"")  # its build's lock, untouched since
+    os.utime(built_in / "decode-of-an-older-release.lock", (week_and_a_day_ago, week_and_a_day_ago))
+    loaded, was_built = package_step(decoder, cache, built_in)
     assert not was_built
     kept = [package.name, library.name, lock.name, "decode-of-another-configuration.pt2"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert sorted(p.name for p in built_in.iterdir()) == sorted(kept)
     assert package.stat().st_mtime > week_and_a_day_ago + 86400  # loaded, so marked used: kept another week
     os.utime(package, (week_and_a_day_ago, week_and_a_day_ago))  # a week of serving on it since then
     loaded._mark_at = 0.0  # its daily mark is due
@@ -206,13 +229,17 @@ def test_a_package_that_does_not_load_is_built_again(
 
 
 def test_a_library_that_does_not_load_is_extracted_again_and_a_read_only_cache_loads_a_copy_of_its_own(
-    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny: LoadedModel,
+    float_build: FloatBuild,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     decoder = family_decoder(tiny, 64)
     cache = slot_cache(tiny)
+    built_package = copy_of_float_build(float_build, tmp_path / "built")
     built, _ = package_step(decoder, cache, tmp_path / "built")
     expected = run(built, cache, decode_inputs(cache))
-    (built_package,) = (tmp_path / "built").glob("*.pt2")
     # another cache directory with the same package: a library path this process has not loaded (a second
     # dlopen of one path reuses the library already mapped, whatever the file holds now)
     package = tmp_path / "cache" / built_package.name
@@ -324,13 +351,14 @@ def test_a_frozen_bf16_package_calls_onednn_on_packed_weights_and_has_parallel_l
 
 
 def test_quantized_packages_keep_their_weights_quantized_and_decode_as_the_eager_quantized_steps(
-    tiny: LoadedModel, tmp_path: Path
+    tiny: LoadedModel, float_build: FloatBuild, tmp_path: Path
 ) -> None:
     """`--quantize int8|int4` on CPU runs a packaged step too: it computes what the eager quantized step does, and
     its package holds the projections in 8 or 4 bits, not as dequantized copies: each saves at least 3 of float32's
     4 bytes a weight. (One test for both modes: each package takes about 20 s to build here.)"""
     cache = slot_cache(tiny)
     float_decoder = family_decoder(tiny, 64)
+    copy_of_float_build(float_build, tmp_path / "none")  # with its library, once loaded, for a like-for-like size
     package_step(float_decoder, cache, tmp_path / "none")
     for mode in ("int8", "int4"):
         decoder = family_decoder(tiny, 64, mode)
