@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from bus_gateway.bus_errors import too_large
 from schemas import ErrorBody, WireError, content_type, encode
 from schemas.errors import error_headers
-from schemas.subjects import MSG_ID, REQUEST_ID, message_size
+from schemas.subjects import JOB_ATTEMPTS, JOB_PUBLISHED, MSG_ID, REQUEST_ID, message_size
 
 if TYPE_CHECKING:
     pass
@@ -42,8 +42,8 @@ FIRST_REDELIVERY_DELAY = 1.0  # seconds before a failed job's next delivery; dou
 MAX_REDELIVERY_DELAY = 30.0
 FETCH_TIMEOUT = 1.0  # also bounds how long a draining worker waits for its last fetch
 REPLY_SUBJECT = re.compile(r"^[^\s*>]{1,255}$")
-PUBLISHED = "Llmbus-Job-Published"  # a job stored again: its first publication (server time, POSIX seconds)
-ATTEMPTS = "Llmbus-Job-Attempts"  # a job stored again: the deliveries charged to it before
+PUBLISHED = JOB_PUBLISHED
+ATTEMPTS = JOB_ATTEMPTS
 
 
 class Clock(Protocol):

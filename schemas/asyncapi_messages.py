@@ -27,6 +27,8 @@ from schemas.subjects import (
     ERROR,
     ERROR_CODE,
     ERROR_NAME,
+    JOB_ATTEMPTS,
+    JOB_PUBLISHED,
     JSON,
     MSG_ID,
     MSGPACK,
@@ -87,6 +89,16 @@ HEADER_FIELDS: dict[str, Schema] = {
         "a job with any other is dropped without an answer). Cancel: the reply subject of the request to cancel."
     ),
     MSG_ID: _text("Durable job: equal to `Llmbus-Reply-To`, so JetStream stores a re-published job once."),
+    JOB_PUBLISHED: _text(
+        "Durable job stored again by a worker (forwarded to its model's queue, or put back at a clean shutdown): "
+        "its first publication, in POSIX seconds of the NATS server's clock, from which its `timeout` counts. "
+        "Clients do not set it."
+    ),
+    JOB_ATTEMPTS: _text(
+        "Durable job stored again by a worker: the deliveries already charged to it, added to JetStream's count. "
+        "Clients do not set it.",
+        pattern="^[0-9]+$",
+    ),
     ERROR: _text("A message for people (one line, control characters removed).", maxLength=MAX_HEADER_MESSAGE),
     ERROR_CODE: _text("The error's code, a number that follows HTTP (see `ErrorName`).", pattern="^[1-5][0-9]{2}$"),
     ERROR_NAME: ref("ErrorName"),
@@ -115,7 +127,9 @@ def header_schemas() -> dict[str, Schema]:
     return {
         "RequestHeaders": _headers("Headers of a request (all optional).", traced),
         "JobHeaders": _headers(
-            "Headers of a durable job.", [REPLY_TO, REQUEST_ID, MSG_ID, *traced[2:], CONTENT_TYPE], (REPLY_TO,)
+            "Headers of a durable job.",
+            [REPLY_TO, REQUEST_ID, MSG_ID, JOB_PUBLISHED, JOB_ATTEMPTS, *traced[2:], CONTENT_TYPE],
+            (REPLY_TO,),
         ),
         "CancelHeaders": _headers("Headers of a cancel.", [REPLY_TO], (REPLY_TO,)),
         "AnswerHeaders": _headers(

@@ -27,6 +27,8 @@ SERVICE_NAME = "llm-inference"
 JOBS_STREAM = "LLM_JOBS"  # the JetStream work queue of durable jobs
 JOBS_CONSUMER = "llm-workers"  # its consumer of model-less jobs; one model's: llm-workers-<token>
 MSG_ID = "Nats-Msg-Id"  # JetStream's de-duplication header; a durable job's is its reply subject
+JOB_PUBLISHED = "Llmbus-Job-Published"  # a job stored again: its first publication (server time, POSIX seconds)
+JOB_ATTEMPTS = "Llmbus-Job-Attempts"  # a job stored again: the deliveries charged to it before
 
 CONTENT_TYPE = "Content-Type"
 JSON = "application/json"
