@@ -144,7 +144,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_dies_with_this_process(),
+            preexec_fn=dies_with_this_process(),
         )
         self.log_tail = LogTail.follow(self.proc.stderr)
         try:
@@ -191,11 +191,11 @@ class NatsServer:
 PR_SET_PDEATHSIG = 1
 
 
-def _dies_with_this_process() -> Callable[[], None] | None:
-    """What the server runs before it starts so that it gets SIGTERM when this process dies, even by SIGKILL: a
-    killed `llmbus up` then leaves no server holding its port. Linux only, and only from the main thread:
-    `PR_SET_PDEATHSIG` fires when the thread that started the child ends, so a server started from another thread
-    (a test's `asyncio.to_thread`) gets none, and is stopped by `stop()` as before."""
+def dies_with_this_process() -> Callable[[], None] | None:
+    """What a child (this server; the bench's workers and bridge) runs before it starts so that it gets SIGTERM
+    when this process dies, even by SIGKILL: a killed `llmbus up` then leaves no server holding its port. Linux
+    only, and only from the main thread: `PR_SET_PDEATHSIG` fires when the thread that started the child ends, so
+    a child started from another thread (a test's `asyncio.to_thread`) gets none, and is stopped as before."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return None
     prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()

@@ -7,14 +7,12 @@ raised; the workers and the bridge also get SIGTERM from the kernel should the b
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +20,9 @@ from pathlib import Path
 
 from llmbus.bench.options import BenchError, BenchOptions, progress
 from llmbus.config import CONNECTION_FIELDS, ENV_PREFIX, Config
-from llmbus.nats_server import NatsServer, free_port
+from llmbus.nats_server import NatsServer, dies_with_this_process, free_port
 
 BRIDGE_ENV_DROPPED = ("LLMBUS_API_KEYS", "LLMBUS_API_KEY_FILE")  # the bench's own bridge is open, on loopback
-PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def assign_cores(available: Sequence[int], workers: int, per_worker: int = 0) -> list[list[int]]:
@@ -48,27 +44,20 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _child_setup(cores: list[int] | None, die_with_parent: bool) -> Callable[[], None] | None:
-    """What a worker or bridge child does before exec: take its cores (every thread it starts inherits them), and
-    ask the kernel for SIGTERM when the bench dies, even by SIGKILL (PR_SET_PDEATHSIG). The kernel sends that
-    signal when the *thread* that forked the child exits, so only a bench started from the main thread asks."""
-    prctl, parent = (_LIBC.prctl if die_with_parent and _LIBC is not None else None), os.getpid()
-    if cores is None and prctl is None:
-        return None
+def _child_setup(cores: list[int] | None) -> Callable[[], None] | None:
+    """What a worker or bridge child does before exec: ask for SIGTERM when the bench dies, even by SIGKILL
+    (`nats_server.dies_with_this_process`: only from the main thread), and take its cores (every thread it starts
+    inherits them)."""
+    dies_with_bench = dies_with_this_process()
+    if cores is None:
+        return dies_with_bench
 
     def setup() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:  # the bench died before the line above took effect
-                os._exit(1)
-        if cores is not None:
-            os.sched_setaffinity(0, cores)
+        if dies_with_bench is not None:
+            dies_with_bench()
+        os.sched_setaffinity(0, cores)
 
     return setup
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 def gateway_env(env: Mapping[str, str], connection: Config) -> dict[str, str]:
@@ -147,7 +136,7 @@ class Stack:
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=_child_setup(cores, _in_main_thread()),
+                    preexec_fn=_child_setup(cores),
                 )
             self.workers.append(WorkerProcess(index, proc, command, threads, cores, log_path))
             where = f", cores {cores}" if cores is not None else ""
@@ -186,7 +175,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
-                preexec_fn=_child_setup(None, _in_main_thread()),
+                preexec_fn=_child_setup(None),
             )
         self.http_url = f"http://127.0.0.1:{port}"
         progress(f"HTTP bridge started on {self.http_url} (pid {self.bridge.pid}, log {log_path})")
