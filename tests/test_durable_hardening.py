@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
@@ -135,23 +137,32 @@ async def test_a_job_whose_reply_subject_is_not_an_inbox_is_refused(
         await stop(worker)
 
 
+@asynccontextmanager
+async def alpha_served_without_durable_jobs(server: NatsServer) -> AsyncIterator[None]:
+    """A durable worker of the tiny model, and `alpha`'s only worker, which serves core requests alone."""
+    durable = await durable_worker(server)
+    try:
+        core = await durable_worker(server, durable=False, served_model_name="alpha")
+        try:
+            yield
+        finally:
+            await stop(core)
+    finally:
+        await stop(durable)
+
+
 async def test_a_job_for_a_model_whose_workers_take_no_durable_jobs_is_answered_404(
     fresh_nats_server: NatsServer, fresh_nc: nats.NATS
 ) -> None:
     """A model-less job naming `alpha`, whose only worker serves core requests: forwarded to alpha's job queue it
     would wait there unread until it expires, so the durable worker that routes it answers 404 at once."""
-    durable = await durable_worker(fresh_nats_server)
-    core = await durable_worker(fresh_nats_server, durable=False, served_model_name="alpha")
-    try:
+    async with alpha_served_without_durable_jobs(fresh_nats_server):
         async with JobClient(fresh_nc) as jobs:
             job = msgspec.json.encode(chat("to-alpha", max_tokens=2, model="alpha"))
             with pytest.raises(BusError) as refused:
                 await jobs.submit("llm.jobs.chat", job, timeout=60)
         assert refused.value.code == 404 and "`alpha`" in refused.value.message and "--durable" in refused.value.message
         assert (await fresh_nc.jetstream().stream_info(STREAM_NAME)).state.messages == 0
-    finally:
-        await stop(core)
-        await stop(durable)
 
 
 async def test_a_job_waiting_for_a_look_at_the_bus_delays_no_other_job(
@@ -183,10 +194,8 @@ async def test_the_durable_bridge_answers_404_for_a_model_that_no_durable_worker
 ) -> None:
     """`alpha`'s only worker takes no durable jobs: the bridge stored a request naming it in alpha's job queue, where
     nothing reads it (the client waited out its timeout, the job filled the queue until max_age). Now: 404 at once."""
-    durable = await durable_worker(fresh_nats_server)
-    core = await durable_worker(fresh_nats_server, durable=False, served_model_name="alpha")
     hi = {"user_prompt": "Hi", "max_tokens": 2}
-    try:
+    async with alpha_served_without_durable_jobs(fresh_nats_server):
         config = Config(nats_url=fresh_nats_server.url, durable=True, request_timeout=30)
         async with running_bridge(config) as bridge, bridge.client() as http:
             native = await http.post("/chat", json={"chat_id": "n", "model": "alpha", **hi})
@@ -199,9 +208,6 @@ async def test_the_durable_bridge_answers_404_for_a_model_that_no_durable_worker
         assert openai.status_code == 404 and error["code"] == "model_not_found" and "--durable" in error["message"]
         assert served.status_code == 200 and served.json()["chat_id"] == "t"
         assert (await fresh_nc.jetstream().stream_info(STREAM_NAME)).state.messages == 0
-    finally:
-        await stop(core)
-        await stop(durable)
 
 
 async def test_a_worker_fetches_only_the_batch_jobs_whose_queries_fit(
