@@ -84,6 +84,15 @@ def model_not_found(model: str, served: list[str]) -> BusError:
     )
 
 
+def no_durable_worker(model: str, takers: list[str] | None = None) -> BusError:
+    """A durable job for `model`, whose workers are on the bus but none reads its job queue (none runs `--durable`);
+    `takers`: the models whose workers do, when known."""
+    message = f"the model `{model}` is on this bus, but none of its workers takes durable jobs (--durable)"
+    if takers is not None:
+        message += f"; models whose workers take durable jobs: {', '.join(takers) or 'none'}"
+    return BusError(404, message, name="model_not_found")
+
+
 def decode_reply(data: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(data, type=type_)

@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 
 from bus_gateway.auth import tenant_headers
-from bus_gateway.bus_errors import BusError, model_not_found
+from bus_gateway.bus_errors import BusError, model_not_found, no_durable_worker
 from bus_gateway.client import BusClient
 from bus_gateway.disconnect import ClientGone, unless_disconnected
 from bus_gateway.http_errors import bus_error_response, client_gone
@@ -67,13 +67,7 @@ async def not_served(state: State, model: str) -> BusError | None:
         return None
     if model not in models.workers:
         return model_not_found(model, sorted(models.workers))
-    takers = ", ".join(sorted(models.durable)) or "none"
-    return BusError(
-        404,
-        f"the model `{model}` is on this bus, but none of its workers takes durable jobs (--durable); "
-        f"models whose workers take durable jobs: {takers}",
-        name="model_not_found",
-    )
+    return no_durable_worker(model, sorted(models.durable))
 
 
 def config_of(state: State) -> Config:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
+from bus_gateway.bus_errors import no_durable_worker
 from inference_worker import replies
 from inference_worker.batches import Headers
 from inference_worker.durable import Job
@@ -151,8 +152,7 @@ class Intake:
         log.debug("forwarding a request for %s to its workers", model)
         if isinstance(req, Job):
             if self.jobs is not None and not await self.jobs.takes_jobs_for(model):
-                why = f"the model `{model}` is on this bus, but none of its workers takes durable jobs (--durable)"
-                unserved = WireError.of("model_not_found", why)
+                unserved = WireError.of("model_not_found", no_durable_worker(model).message)
                 return await self.outbox.send(req, replies.error(content_type(req.headers), unserved))
             jobs = self.subjects.model_jobs_chat_batched if batched else self.subjects.model_jobs_chat
             return await req.forward(jobs(model))
