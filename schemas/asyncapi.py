@@ -1,8 +1,8 @@
 """The AsyncAPI 3.0 document of the whole NATS interface (`llmbus schema --asyncapi`), generated from the wire Structs.
 
-The channels and operations are in `schemas/asyncapi_channels.py`, the messages and their payload and header
-schemas in `schemas/asyncapi_messages.py`; this module writes the description (with the error table), the
-components and the parameters, and assembles the document.
+The channels and operations are in `schemas/asyncapi_channels.py`, the messages and their payload schemas in
+`schemas/asyncapi_messages.py`, the header schemas in `schemas/asyncapi_headers.py`; this module writes the
+description (with the error table), the components and the parameters, and assembles the document.
 
 Addresses carry the subject prefix (default `llm`) as text, not as a `{prefix}` parameter, so that code generators
 see plain subjects; `asyncapi_document(version, prefix)` writes the document of another prefix.
@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from schemas.asyncapi_channels import Doc, bus_channels, bus_operations, discovery
-from schemas.asyncapi_messages import Schema, answer_messages, header_schemas, payload_schemas, request_messages
+from schemas.asyncapi_headers import Schema, header_schemas
+from schemas.asyncapi_messages import answer_messages, payload_schemas, request_messages
 from schemas.errors import ERRORS
 from schemas.subjects import (
     DEFAULT_PREFIX,
