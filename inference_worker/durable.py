@@ -8,12 +8,13 @@ worker that dies mid-generation leaves its jobs unacked and JetStream redelivers
 `ack_wait`. Long generations send in-progress acks so that they are not redelivered.
 
 A job that failed (an internal error, a worker whose engine died) goes back to the queue after a delay that doubles
-with each delivery (1 s, 2 s, 4 s... at most 30 s). Delivery `max_attempts + 1` of a job never
-runs: it answers the client with an error and terminates the job, so a job that kills or fails every worker it
-reaches stops with a clear answer. A job that a clean shutdown interrupts is stored again at once, that delivery not
-charged (`requeue`). A job stored again (`requeue`, `forward`) carries its first publication time and the attempts
-charged so far in headers, so neither its age nor its attempts restart. An answer can reach a client twice when a
-worker dies between publishing it and acking; the client keeps the first per request id (bus_gateway.jobs).
+with each delivery (1 s, 2 s, 4 s... at most 30 s). Delivery `max_attempts + 1` of a job never runs: it answers the
+client with an error and terminates the job, so a job that kills or fails every worker it reaches stops with a
+clear answer. A job that a clean shutdown interrupts is stored again at once, that delivery not charged
+(`requeue`): on its model's queue once it was routed, else on the queue it came from. A job stored again
+(`requeue`, `forward`) carries its first publication time and the attempts charged so far in headers, so neither
+its age nor its attempts restart. An answer can reach a client twice when a worker dies between publishing it and
+acking; the client keeps the first per request id (bus_gateway.jobs).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Job:
         self.on_settled = on_settled
         self.outcome = ""  # answered, failed, requeued, forwarded, given_up or abandoned once settled
         self.queries = 0  # a batch job running here: its number of queries (`JobConsumer.batch_queries`)
-        self.requeue_to: str | None = None  # its model's job queue, once known: where a clean shutdown stores it
+        self.requeue_to = msg.subject  # where a clean shutdown stores it: its queue, or its model's once routed
 
     @property
     def key(self) -> tuple[str, str]:
@@ -132,7 +133,7 @@ class Job:
         other error is the job's final answer."""
         if self.settled:
             return
-        if error.name == "shutting_down" and self.requeue_to is not None:
+        if error.name == "shutting_down":
             return await self.requeue(self.requeue_to)
         code = str(error.code)
         if code in RETRYABLE_CODES and self.attempt < self.max_attempts:
@@ -167,10 +168,9 @@ class Job:
         await self._store_again(subject, "forwarded", self.attempt - 1)
 
     async def requeue(self, subject: str) -> None:
-        """A clean shutdown interrupted this job: store it again on its model's queue `subject` (another worker takes
-        it at once), this delivery not charged: a nak would count it, and rolling restarts could use up every
-        attempt. Only a model's queue: a worker's grants (llmbus.permissions) cover no model-less job subject, so a
-        job not routed yet, or a model-less batch, is nak'd as any failed delivery."""
+        """A clean shutdown interrupted this job: store it again on `subject` (its model's queue, or for a job not
+        routed yet and a model-less batch the queue it came from), where another worker takes it at once. This
+        delivery is not charged: a nak would count it, and rolling restarts could use up every attempt."""
         log.info("job %s: worker stopping; stored again on %s", self.request_id, subject)
         await self._store_again(subject, "requeued", self.attempt - 1)
 

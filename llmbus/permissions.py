@@ -122,6 +122,8 @@ def worker_grants(
             f"{api}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumers}",
             f"$JS.ACK.{JOBS_STREAM}.{consumers}.>",
             f"{subjects.prefix}.jobs.model.*.>",  # a job for another model, forwarded to that model's queue
+            subjects.jobs_chat,  # a model-less job that a clean shutdown interrupted, stored again (durable.requeue)
+            subjects.jobs_chat_batched,
             f"{INBOX_ROOT}.>",  # answers to the clients' inboxes (Llmbus-Reply-To; the worker checks the prefix)
         ]
     return Grants(publish=tuple(publish), subscribe=tuple(subscribe), responds=True)

@@ -281,19 +281,27 @@ async def test_an_answer_over_the_max_payload_is_a_413_and_the_job_is_done(tmp_p
             await stop(worker)
 
 
+@pytest.mark.parametrize(
+    "queue", ["llm.jobs.model.tiny.chat", "llm.jobs.chat.batched"], ids=["a model's chat", "a model-less batch"]
+)
 async def test_a_rolling_restart_puts_a_long_job_back_without_using_an_attempt(
-    fresh_nats_server: NatsServer, fresh_nc: nats.NATS
+    fresh_nats_server: NatsServer, fresh_nc: nats.NATS, queue: str
 ) -> None:
     """One attempt per job (jobs_max_deliver=1), and the worker generating a job drains with a timeout shorter than
-    the job: it failed it with 503 "giving up". Now it stores the job again on its model's queue, uncharged, and the
-    next worker runs it. (One sequence at a time: the drain finds no fetch in flight to wait for.)"""
+    the job: it failed it with 503 "giving up". Now it stores the job again, uncharged, on its model's queue (a
+    model-less batch: on the queue it came from), and the next worker runs it. (One sequence at a time: the drain
+    finds no fetch in flight to wait for.)"""
     never_ends, options = tiny_model(eos_token_ids=frozenset()), {"jobs_max_deliver": 1, "max_tokens_cap": 900}
     first = await durable_worker(fresh_nats_server, never_ends, max_batch_size=1, **options)
     watch = JobWatch(first)
     stored: asyncio.Queue[Msg] = asyncio.Queue()
-    await fresh_nc.subscribe("llm.jobs.model.tiny.chat", cb=stored.put)  # the client's job, then the copy
+    await fresh_nc.subscribe(queue, cb=stored.put)  # the client's job, then the copy
     async with JobClient(fresh_nc) as jobs:
-        call = asyncio.create_task(jobs.chat(chat("long", max_tokens=900, model="tiny"), timeout=300))
+        long = chat("long", max_tokens=900)
+        if queue.endswith("batched"):
+            call = asyncio.create_task(jobs.chat_batched([long], timeout=300))
+        else:
+            call = asyncio.create_task(jobs.chat(msgspec.structs.replace(long, model="tiny"), timeout=300))
         await watch.took(1).wait()
         await first.drain(0.01)
         await first.nc.close()
@@ -307,4 +315,5 @@ async def test_a_rolling_restart_puts_a_long_job_back_without_using_an_attempt(
             answer = await call
         finally:
             await stop(second)
+    (answer,) = answer.responses if isinstance(answer, BatchResponse) else [answer]
     assert answer.chat_id == "long" and answer.usage.completion_tokens == 900

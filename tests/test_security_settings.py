@@ -85,6 +85,7 @@ def test_durable_adds_the_jetstream_subjects(capsys: pytest.CaptureFixture[str])
     assert "$JS.API.CONSUMER.MSG.NEXT.LLM_JOBS.*" in worker["publish"]["allow"]  # every llm-workers[-<model>]
     assert "$JS.ACK.LLM_JOBS.*.>" in worker["publish"]["allow"]
     assert "llm.jobs.model.*.>" in worker["publish"]["allow"]
+    assert {"llm.jobs.chat", "llm.jobs.chat.batched"} <= set(worker["publish"]["allow"])  # a job stored again
     assert "_INBOX.>" in worker["publish"]["allow"]
     assert "_INBOX.w1.>" in worker["subscribe"]["allow"]
     client = printed(capsys, "--role", "client", "--durable")
