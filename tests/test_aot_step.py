@@ -192,6 +192,15 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
         torch.testing.assert_close(ragged_key[1:4, :, :7], key[1:4, :, :7], rtol=1e-5, atol=1e-5)
 
 
+def test_a_build_leaves_no_copy_of_its_package_in_the_compilers_cache(float_build: FloatBuild) -> None:
+    """AOTInductor compiles a package's files in inductor's cache and copies them into the package; the build's
+    child removes them there (each SmolLM2 build left its 330 MB library behind)."""
+    with zipfile.ZipFile(float_build.package) as archive:
+        names = {Path(name).name for name in archive.namelist() if "/aotinductor/" in name}
+    assert any(name.endswith(".so") for name in names)
+    assert not [path for path in Path(cache_dir()).rglob("*") if path.name in names]
+
+
 def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(
     tiny: LoadedModel, tmp_path: Path, extraction_dir: Path
 ) -> None:
