@@ -12,8 +12,13 @@
 which cuts a stream after its first chunk) with `expires` 1h (counted from the request's delivery; the server's
 default is 2 minutes, which cuts long streams, and a negative value never frees the server's reply entry).
 
-Inbox prefixes use the dotted form `_INBOX.<name>`: NATS wildcards match whole tokens, so a durable worker's one
-`_INBOX.>` covers every client, while each client may read only `_INBOX.<name>.>`.
+Inbox prefixes are `_INBOX.<name>`, exactly one name token below `_INBOX`: NATS wildcards match whole tokens, so a
+durable worker's one `_INBOX.>` covers every client, while each client may read only `_INBOX.<name>.>`, and two
+different names never nest (`_INBOX.alice.>` would cover a prefix `_INBOX.alice.bob`). The bare `_INBOX` (every
+answer), a prefix outside `_INBOX` (`llm`: every prompt) and another role's `_INBOX.<role>` (`_INBOX.worker` holds
+the jobs the workers pull) are refused. A client has no default: each user needs a name of their own. Workers
+share `_INBOX.worker` by default (and gateways `_INBOX.gateway`): each of them already reads every request sent
+to it, and their inboxes carry only their own queries, JetStream replies and pulled jobs.
 """
 
 from __future__ import annotations
@@ -61,6 +66,32 @@ def check_names(subject_prefix: str, inbox_prefix: str | None, queue_group: str)
     return None
 
 
+def check_inbox_prefix(role: Role, inbox_prefix: str | None) -> str | None:
+    """The problem with `role`'s inbox prefix, or None: it must be `_INBOX.<name>` with one name token, and not
+    another role's `_INBOX.<role>`. A client must name one (no two users may share an inbox); a worker and a gateway
+    default to their role's."""
+    example = f"{INBOX_ROOT}.<name>, e.g. {INBOX_ROOT}.alice"
+    if inbox_prefix is None:
+        if role == "client":
+            return f"a client needs its own inbox prefix: pass --inbox-prefix {example} (one name per user)"
+        return None
+    if not SUBJECT.fullmatch(inbox_prefix):
+        return f"invalid inbox prefix {inbox_prefix!r}: use dotted tokens of A-Z a-z 0-9 _ -, e.g. {INBOX_ROOT}.alice"
+    root, _, name = inbox_prefix.partition(".")
+    if root != INBOX_ROOT:
+        return f"invalid inbox prefix {inbox_prefix!r}: use {example} ({inbox_prefix}.> is not an inbox of its own)"
+    if not name:
+        return f"invalid inbox prefix {inbox_prefix!r}: it is the root of every inbox (every answer); use {example}"
+    if "." in name:
+        return (
+            f"invalid inbox prefix {inbox_prefix!r}: use exactly one name below {INBOX_ROOT} ({example}), so that no"
+            f" inbox lies inside another ({INBOX_ROOT}.{name.split('.')[0]}.> would cover this one)"
+        )
+    if name in ROLES and name != role:
+        return f"invalid inbox prefix {inbox_prefix!r}: it is the {name}s' inbox; give this {role} a name of its own"
+    return None
+
+
 def grants(
     role: Role,
     subject_prefix: str = DEFAULT_PREFIX,
@@ -70,11 +101,12 @@ def grants(
     service: str = SERVICE_NAME,
     model: str | None = None,
 ) -> Grants:
-    """The grants of `role`. `inbox_prefix` is the role's own reply inbox prefix (default `_INBOX.<role>`). A
-    worker's `model` (its served name) narrows its per-model subjects to that model's; without it, any model's."""
+    """The grants of `role`. `inbox_prefix` is the role's own reply inbox prefix, `_INBOX.<name>` (check_inbox_prefix):
+    required for a client, `_INBOX.<role>` by default for a worker or a gateway. A worker's `model` (its served name)
+    narrows its per-model subjects to that model's; without it, any model's."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
-    if problem := check_names(subject_prefix, inbox_prefix, queue_group):
+    if problem := check_names(subject_prefix, inbox_prefix, queue_group) or check_inbox_prefix(role, inbox_prefix):
         raise ValueError(problem)
     subjects = Subjects(subject_prefix)
     inbox = f"{inbox_prefix or default_inbox_prefix(role)}.>"

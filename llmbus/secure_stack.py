@@ -9,6 +9,10 @@ Files in the secure directory (default `<cache dir>/secure`, mode 0700; keys and
     worker.env, gateway.env, client.env
                                      LLMBUS_* settings that log in as that role: `set -a; . client.env; set +a`
 
+The directory is made absolute (a relative --secure-dir or LLMBUS_CACHE_DIR would leave relative CA and seed paths
+in the env files, wrong from any other directory), and each env value is shell-quoted, so that sourcing a file in
+sh or bash sets exactly those values, whatever the directory's name (spaces, `$`, quotes).
+
 The seeds and the CA are kept between runs, so a client's credentials stay valid across restarts; delete the
 directory to rotate everything. Only the `client` login is for people: the worker and the bridge of `llmbus up`
 use their own.
@@ -21,6 +25,7 @@ import datetime
 import ipaddress
 import os
 import secrets
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +44,15 @@ SERVER_CERT_DAYS = 365
 
 
 def secure_root() -> Path:
-    """`<cache dir>/secure`: the model cache's root (LLMBUS_CACHE_DIR, else $XDG_CACHE_HOME/llmbus)."""
+    """`<cache dir>/secure`: the model cache's root (LLMBUS_CACHE_DIR, else $XDG_CACHE_HOME/llmbus), absolute."""
     if custom := os.environ.get("LLMBUS_CACHE_DIR"):
-        return Path(custom) / "secure"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmbus" / "secure"
+        return absolute(custom) / "secure"
+    return absolute(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmbus" / "secure"
+
+
+def absolute(path: str | Path) -> Path:
+    """`path` with `~` expanded, made absolute against the working directory (symlinks kept)."""
+    return Path(path).expanduser().absolute()
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,10 @@ class SecureSetup:
     def env_file(self, role: Role) -> Path:
         return self.directory / f"{role}.env"
 
+    def load_command(self, role: Role) -> str:
+        """The shell line that loads `<role>.env` into the environment, its path quoted for sh."""
+        return f"set -a; . {shlex.quote(str(self.env_file(role)))}; set +a"
+
     def settings(self, role: Role) -> dict[str, str]:
         """The connection fields that log in as `role` (also written to `<role>.env` as LLMBUS_* variables)."""
         return {
@@ -82,7 +96,7 @@ class SecureSetup:
 def prepare(config: Config, host: str, port: int) -> SecureSetup:
     """Make (or reuse) the CA and the seeds, issue the server certificate, and write the server config and the
     per-role env files for a server on `host:port`."""
-    directory = Path(config.secure_dir) if config.secure_dir else secure_root()
+    directory = absolute(config.secure_dir) if config.secure_dir else secure_root()
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     setup = SecureSetup(directory, f"tls://{host}:{port}", config.subject_prefix)
@@ -120,7 +134,8 @@ def ensure_seed(path: Path) -> str:
 
 
 def write_env(path: Path, settings: dict[str, str]) -> None:
-    lines = [f"LLMBUS_{name.upper()}={value}" for name, value in settings.items()]
+    """`LLMBUS_<NAME>=<value>` lines, each value quoted for sh (a plain value such as a URL stays as it is)."""
+    lines = [f"LLMBUS_{name.upper()}={shlex.quote(value)}" for name, value in settings.items()]
     write_private(path, ("\n".join(lines) + "\n").encode())
 
 

@@ -12,13 +12,15 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
 from llmbus import process_gc
-from llmbus.config import Config
+from llmbus.config import ENV_PREFIX, Config
+from llmbus.connection import redact_urls
 from llmbus.nats_server import NatsServer, NatsServerError, free_port, port_is_free
 
 Part = Literal["worker", "gateway"]
@@ -27,6 +29,7 @@ PartRunner = Callable[[Config, asyncio.Event, asyncio.Event | None], Awaitable[N
 SHUTDOWN_MARGIN_S = 15.0
 STARTING_GRACE_S = 5.0
 NATS_POLL_INTERVAL_S = 0.5
+NATS_URL_VARIABLE = f"{ENV_PREFIX}NATS_URL"
 
 log = logging.getLogger("llmbus.stack")
 
@@ -99,7 +102,7 @@ async def run_stack(
     configs: dict[Part, Config] = {part: config for part in parts}
     try:
         if config.secure and not embedded_nats:
-            raise StackError("--secure starts its own nats-server: it cannot be combined with --nats-url")
+            raise StackError(secure_with_nats_url(config, os.environ))
         if "gateway" in parts:
             check_http_port_is_free(config)
         if embedded_nats:
@@ -136,10 +139,20 @@ async def start_embedded_nats(
     server = NatsServer(port=port, store_dir=store_dir, config_file=str(setup.server_config), tls=True)
     server.start()
     announce(f"NATS  {server.url} (TLS, a login per role; CA {setup.ca})")
-    announce(
-        f"client credentials  {setup.env_file('client')} (load with: set -a; . {setup.env_file('client')}; set +a)"
-    )
+    announce(f"client credentials  {setup.env_file('client')} (load with: {setup.load_command('client')})")
     return server, {part: setup.config_for(part, config) for part in parts}
+
+
+def secure_with_nats_url(config: Config, env: Mapping[str, str]) -> str:
+    """Why --secure cannot run with a NATS URL to join, naming where that URL came from: the LLMBUS_NATS_URL a
+    sourced `<role>.env` file sets (which --nats-url would override), or --nats-url."""
+    if env.get(NATS_URL_VARIABLE) == config.nats_url:
+        return (
+            f"--secure starts its own nats-server, but {NATS_URL_VARIABLE} is set in the environment"
+            f" ({redact_urls(config.nats_url)}, e.g. by a sourced client.env): unset {NATS_URL_VARIABLE} to start"
+            " a secure stack, or leave out --secure to join that server"
+        )
+    return f"--secure starts its own nats-server: it cannot be combined with --nats-url {redact_urls(config.nats_url)}"
 
 
 def check_http_port_is_free(config: Config) -> None:

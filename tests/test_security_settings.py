@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -53,9 +54,13 @@ def printed(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+ALICE = ("--inbox-prefix", "_INBOX.alice")  # a client has no default inbox prefix: one per user
+
+
 def test_the_command_prints_each_roles_block(capsys: pytest.CaptureFixture[str]) -> None:
     for role in ROLES:
-        assert printed(capsys, "--role", role) == server_permissions(grants(role))
+        flags, inbox = (ALICE, "_INBOX.alice") if role == "client" else ((), None)
+        assert printed(capsys, "--role", role, *flags) == server_permissions(grants(role, inbox_prefix=inbox))
     worker = printed(capsys, "--role", "worker")
     assert worker["allow_responses"] == {"max": -1, "expires": "1h"}
     # replies, plus what spreading a batch over the queue group and sharing a host's cores take; nothing else
@@ -75,7 +80,7 @@ def test_the_command_prints_each_roles_block(capsys: pytest.CaptureFixture[str])
     }
     assert "allow_responses" not in client
     gateway = printed(capsys, "--role", "gateway")
-    assert set(gateway["publish"]["allow"]) - set(printed(capsys, "--role", "client")["publish"]["allow"]) == {
+    assert set(gateway["publish"]["allow"]) - set(printed(capsys, "--role", "client", *ALICE)["publish"]["allow"]) == {
         "$SRV.STATS.llm-inference"
     }
 
@@ -88,7 +93,7 @@ def test_durable_adds_the_jetstream_subjects(capsys: pytest.CaptureFixture[str])
     assert {"llm.jobs.chat", "llm.jobs.chat.batched"} <= set(worker["publish"]["allow"])  # a job stored again
     assert "_INBOX.>" in worker["publish"]["allow"]
     assert "_INBOX.w1.>" in worker["subscribe"]["allow"]
-    client = printed(capsys, "--role", "client", "--durable")
+    client = printed(capsys, "--role", "client", "--durable", *ALICE)
     assert {"llm.jobs.chat", "llm.jobs.chat.batched"} <= set(client["publish"]["allow"])
     assert not [s for s in client["publish"]["allow"] if s.startswith("$JS.API")]  # a JetStream publish is a request
 
@@ -98,14 +103,16 @@ def test_the_jwt_format_uses_the_user_claim_names(capsys: pytest.CaptureFixture[
     assert worker["resp"] == {"max": -1, "ttl": 3_600_000_000_000}
     assert worker["pub"] == {"allow": WORKER_PUBLISH}
     assert "llm.chat llm-workers" in worker["sub"]["allow"]
-    assert printed(capsys, "--role", "client", "--format", "jwt") == jwt_permissions(grants("client"))
+    alice = grants("client", inbox_prefix="_INBOX.alice")
+    assert printed(capsys, "--role", "client", "--format", "jwt", *ALICE) == jwt_permissions(alice)
 
 
 def test_no_subscribe_allow_list_is_ever_empty() -> None:
     """An empty subscribe allow list would allow every subject."""
     for role in ROLES:
         for durable in (False, True):
-            assert server_permissions(grants(role, durable=durable))["subscribe"]["allow"]
+            inbox = "_INBOX.alice" if role == "client" else None
+            assert server_permissions(grants(role, inbox_prefix=inbox, durable=durable))["subscribe"]["allow"]
 
 
 @pytest.mark.parametrize(
@@ -190,7 +197,7 @@ def test_secure_setup_writes_private_files_and_keeps_the_seeds(tmp_path: Path) -
     assert stat.S_IMODE(first.directory.stat().st_mode) == 0o700
     for name in ("ca.key", "server.key", "worker.nk", "gateway.nk", "client.nk", "client.env", "nats-server.conf"):
         assert stat.S_IMODE((first.directory / name).stat().st_mode) == 0o600, name
-    env = dict(line.split("=", 1) for line in first.env_file("client").read_text().splitlines())
+    env = dict(shlex.split(line)[0].split("=", 1) for line in first.env_file("client").read_text().splitlines())
     assert env["LLMBUS_NATS_URL"] == "tls://127.0.0.1:4333"
     assert env["LLMBUS_NATS_INBOX_PREFIX"] == "_INBOX.client"
     assert Path(env["LLMBUS_NATS_NKEY_SEED"]).read_text().startswith("SU")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -41,7 +42,9 @@ async def read_until_ready(proc: asyncio.subprocess.Process, lines: list[str]) -
 
 
 def env_file_settings(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    """The settings of an env file, its values unquoted as sh would (tests/test_permissions_secure_env.py sources
+    such files in a real shell)."""
+    return dict(shlex.split(line)[0].split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
 async def test_up_secure_prints_the_client_credentials_that_work(tmp_path: Path) -> None:
