@@ -1,7 +1,8 @@
 """The HTTP bridge: a Litestar app over a `BusClient`, served by uvicorn (serve.py).
 
 Routes: `POST /chat`, `POST /chat/batched` (chat_api), `POST /v1/chat/completions`, `GET /v1/models` (openai_api),
-`GET /healthz` (bridge up and NATS connected), `GET /readyz` (a worker answers `$SRV.PING`), `GET /openapi.json`
+`GET /healthz` (bridge up and NATS connected), `GET /readyz` (a worker on the bridge's subject prefix answers
+`$SRV.PING`; another prefix is another bus that shares the NATS server), `GET /openapi.json`
 (and an offline viewer at `/docs`), `GET /metrics` (Prometheus; metrics.py, which also carries each request's trace
 context onto the bus), and the web page (web.py: `/`, `/bus`, `/bus.json`, `/static/`).
 With API keys configured, `/chat*`, `/v1/*` and `/bus.json` need `Authorization: Bearer <key>`.
@@ -27,6 +28,7 @@ from litestar.openapi import OpenAPIConfig
 
 from bus_gateway.auth import ApiKeyError, RateLimited, api_key_guard, rate_limit_guard
 from bus_gateway.batch_api import chat_batched
+from bus_gateway.bus_view import on_prefix, prefix_of
 from bus_gateway.chat_api import chat
 from bus_gateway.client import BusClient
 from bus_gateway.http_errors import error_response, retry_headers
@@ -81,21 +83,24 @@ def healthz(state: State) -> Response[HealthBody]:
     )
 
 
-@get("/readyz", summary="At least one inference worker answers $SRV.PING", tags=["health"])
+@get("/readyz", summary="At least one inference worker on this subject prefix answers $SRV.PING", tags=["health"])
 async def readyz(state: State) -> Response[ReadyBody]:
     bus: BusClient = state["bus"]
     if not bus.connected:
         body = ReadyBody(status="not ready", workers=0, error="not connected to NATS")
         return Response(body, status_code=503, headers=retry_headers(ERRORS["not_connected"]))
-    replies = await bus.ping(READY_PING_WINDOW)
+    answers = await bus.ping(READY_PING_WINDOW)
+    replies = [reply for reply in answers if on_prefix(prefix_of(reply), bus.subjects.prefix)]
     if not replies:
         error = f"no inference worker answers $SRV.PING.{bus.service_name}"
+        if answers:
+            error = f"no inference worker on subject prefix {bus.subjects.prefix} answers $SRV.PING.{bus.service_name}"
         return Response(
             ReadyBody(status="not ready", workers=0, error=error),
             status_code=503,
             headers=retry_headers(ERRORS["not_connected"]),
         )
-    names = {reply.get("metadata", {}).get("model") for reply in replies}
+    names = {metadata.get("model") for reply in replies if isinstance(metadata := reply.get("metadata"), dict)}
     models = sorted(name for name in names if isinstance(name, str) and name)
     return Response(ReadyBody(status="ready", workers=len(replies), models=models))
 

@@ -2,8 +2,10 @@
 
 The functions here are pure: replies in (as `BusClient.info()` / `.stats()` return them), rows out. They accept
 partial or odd replies (a worker from another version, a missing field, a number sent as a string): what is
-missing reads as 0, "" or None, never as an error. Tokens/s needs two samples of each worker's
-`tokens_generated`; `BusSampler` keeps the previous samples and is the only stateful part:
+missing from a reply reads as 0, "" or None, never as an error; a worker without a STATS answer (a login that may
+not publish `$SRV.STATS`, or a late answer) has None figures: unknown, never 0. With `subject_prefix`, only the
+workers on that prefix count, as in `BusModels.of` (one that does not say counts). Tokens/s needs two samples of
+each worker's `tokens_generated`; `BusSampler` keeps the previous samples and is the only stateful part:
 
     sampler = BusSampler()
     view = sampler.observe(await bus.info(), await bus.stats())   # tokens_per_s None on the first call
@@ -16,11 +18,12 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 Reply = Mapping[str, Any]
+Number = TypeVar("Number", int, float)
 MIN_RATE_INTERVAL = 1.0  # seconds: tokens/s is measured over at least this long when samples allow it
 
 
@@ -28,7 +31,8 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     """One worker. `requests`/`errors` are the messages its endpoints handled and failed (a batch counts once);
     `cancelled` is requests stopped by a cancel. `tokens_per_s` is None until two samples exist. `compile` is its
     decode step's state: off, compiling, ready, or failed (it then decodes eagerly, several times slower on a GPU).
-    `state` is what `llmbus status` and the web page show (`worker_state`)."""
+    `state` is what `llmbus status` and the web page show (`worker_state`). `stats` says whether it answered
+    `$SRV.STATS`: without that answer its figures, `draining` included, are None and its state is `unknown`."""
 
     id: str
     host: str = ""
@@ -36,30 +40,37 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     model: str = ""
     device: str = ""
     dtype: str = ""
-    running: int = 0
-    waiting: int = 0
-    tokens_generated: int = 0
+    subject_prefix: str = ""
+    stats: bool = False
+    running: int | None = None
+    waiting: int | None = None
+    tokens_generated: int | None = None
     tokens_per_s: float | None = None
     uptime_s: float | None = None
-    draining: bool = False
+    draining: bool | None = None
     compile: str = ""
-    state: str = "serving"
-    requests: int = 0
-    errors: int = 0
-    cancelled: int = 0
+    state: str = "unknown"
+    requests: int | None = None
+    errors: int | None = None
+    cancelled: int | None = None
 
 
 class BusTotals(msgspec.Struct, kw_only=True):
+    """The sums over the workers that answered STATS (`stats_answers` of them); a figure no worker gave is None.
+    `other_prefixes`: the subject prefixes of workers left out of the view (another bus on the same server)."""
+
     workers: int = 0
+    stats_answers: int = 0
     draining: int = 0
     compile_failed: int = 0
     models: list[str] = []
-    running: int = 0
-    waiting: int = 0
+    running: int | None = None
+    waiting: int | None = None
     tokens_per_s: float | None = None
-    requests: int = 0
-    errors: int = 0
-    cancelled: int = 0
+    requests: int | None = None
+    errors: int | None = None
+    cancelled: int | None = None
+    other_prefixes: list[str] = []
 
 
 class BusView(msgspec.Struct, kw_only=True):
@@ -83,10 +94,20 @@ def worker_rows(infos: Iterable[Reply], stats: Iterable[Reply], now: datetime) -
     info_by_id = _by_id(infos)
     stats_by_id = _by_id(stats)
     rows = [
-        worker_row(worker_id, info_by_id.get(worker_id, {}), stats_by_id.get(worker_id, {}), now)
+        worker_row(worker_id, info_by_id.get(worker_id, {}), stats_by_id.get(worker_id), now)
         for worker_id in dict.fromkeys([*info_by_id, *stats_by_id])
     ]
     return sorted(rows, key=lambda row: (row.host, row.pid or 0, row.id))
+
+
+def prefix_of(reply: Reply) -> str:
+    """The subject prefix a `$SRV` reply's worker serves (its `subject_prefix` metadata); "" when it does not say."""
+    return _text(_mapping(reply.get("metadata")).get("subject_prefix"))
+
+
+def on_prefix(prefix: str, subject_prefix: str | None) -> bool:
+    """Whether a worker on `prefix` ("": it does not say) belongs to the bus of `subject_prefix` (None: any)."""
+    return subject_prefix is None or prefix in ("", subject_prefix)
 
 
 def worker_state(draining: bool, compile: str) -> str:
@@ -97,18 +118,25 @@ def worker_state(draining: bool, compile: str) -> str:
     return {"failed": "degraded", "compiling": "warming"}.get(compile, "serving")
 
 
-def worker_row(worker_id: str, info: Reply, stats: Reply, now: datetime) -> WorkerRow:
-    metadata = {**_mapping(stats.get("metadata")), **_mapping(info.get("metadata"))}
-    endpoints = [_mapping(endpoint) for endpoint in _sequence(stats.get("endpoints"))]
-    data = next((endpoint["data"] for endpoint in endpoints if isinstance(endpoint.get("data"), Mapping)), {})
-    draining, compile = data.get("draining") is True, _text(data.get("compile"))
-    return WorkerRow(
+def worker_row(worker_id: str, info: Reply, stats: Reply | None, now: datetime) -> WorkerRow:
+    metadata = {**_mapping((stats or {}).get("metadata")), **_mapping(info.get("metadata"))}
+    identity = WorkerRow(
         id=worker_id,
         host=_text(metadata.get("host")),
         pid=_int_or_none(metadata.get("pid")),
         model=_text(metadata.get("model")),
         device=_text(metadata.get("device")),
         dtype=_text(metadata.get("dtype")),
+        subject_prefix=_text(metadata.get("subject_prefix")),
+    )
+    if stats is None:  # no STATS answer: its load is unknown, not 0
+        return identity
+    endpoints = [_mapping(endpoint) for endpoint in _sequence(stats.get("endpoints"))]
+    data = next((endpoint["data"] for endpoint in endpoints if isinstance(endpoint.get("data"), Mapping)), {})
+    draining, compile = data.get("draining") is True, _text(data.get("compile"))
+    return msgspec.structs.replace(
+        identity,
+        stats=True,
         running=_int(data.get("running")),
         waiting=_int(data.get("waiting")),
         tokens_generated=_int(data.get("tokens_generated")),
@@ -136,47 +164,63 @@ def uptime_seconds(started: Any, now: datetime) -> float | None:
 
 
 def with_rates(rows: Sequence[WorkerRow], previous: Sample | None, at: float) -> list[WorkerRow]:
-    """The rows with `tokens_per_s` over the interval since `previous` (None for workers it lacks, a counter
-    that went backwards, or no time passed)."""
+    """The rows with `tokens_per_s` over the interval since `previous` (None for workers it lacks, a worker without
+    a STATS answer, a counter that went backwards, or no time passed)."""
     if previous is None or at <= previous.at:
         return list(rows)
     elapsed = at - previous.at
     out = []
     for row in rows:
-        before = previous.tokens.get(row.id)
-        rate = None if before is None or row.tokens_generated < before else (row.tokens_generated - before) / elapsed
+        before, now = previous.tokens.get(row.id), row.tokens_generated
+        rate = None if before is None or now is None or now < before else (now - before) / elapsed
         out.append(msgspec.structs.replace(row, tokens_per_s=rate))
     return out
 
 
 def sample_of(rows: Iterable[WorkerRow], at: float) -> Sample:
-    return Sample(at=at, tokens={row.id: row.tokens_generated for row in rows})
+    return Sample(at=at, tokens={row.id: row.tokens_generated for row in rows if row.tokens_generated is not None})
 
 
-def bus_totals(rows: Sequence[WorkerRow]) -> BusTotals:
-    rates = [row.tokens_per_s for row in rows if row.tokens_per_s is not None]
+def known_sum(values: Iterable[Number | None]) -> Number | None:
+    """The sum of the known values; None when none is known (never an invented 0)."""
+    known = [value for value in values if value is not None]
+    return sum(known[1:], known[0]) if known else None
+
+
+def bus_totals(rows: Sequence[WorkerRow], other_prefixes: Iterable[str] = ()) -> BusTotals:
     return BusTotals(
         workers=len(rows),
-        draining=sum(row.draining for row in rows),
+        stats_answers=sum(row.stats for row in rows),
+        draining=sum(row.draining is True for row in rows),
         compile_failed=sum(row.compile == "failed" for row in rows),
         models=sorted({row.model for row in rows if row.model}),
-        running=sum(row.running for row in rows),
-        waiting=sum(row.waiting for row in rows),
-        tokens_per_s=sum(rates) if rates else None,
-        requests=sum(row.requests for row in rows),
-        errors=sum(row.errors for row in rows),
-        cancelled=sum(row.cancelled for row in rows),
+        running=known_sum(row.running for row in rows),
+        waiting=known_sum(row.waiting for row in rows),
+        tokens_per_s=known_sum(row.tokens_per_s for row in rows),
+        requests=known_sum(row.requests for row in rows),
+        errors=known_sum(row.errors for row in rows),
+        cancelled=known_sum(row.cancelled for row in rows),
+        other_prefixes=sorted(set(other_prefixes)),
     )
 
 
 def bus_view(
-    infos: Iterable[Reply], stats: Iterable[Reply], now: datetime, at: float, previous: Sample | None
+    infos: Iterable[Reply],
+    stats: Iterable[Reply],
+    now: datetime,
+    at: float,
+    previous: Sample | None,
+    subject_prefix: str | None = None,
 ) -> tuple[BusView, Sample]:
-    """The view at wall time `now` and monotonic time `at`, with rates since `previous`; and this sample."""
-    rows = worker_rows(infos, stats, now)
+    """The view at wall time `now` and monotonic time `at`, with rates since `previous`; and this sample. With
+    `subject_prefix`, the workers of other prefixes are left out (their prefixes listed in the totals)."""
+    every = worker_rows(infos, stats, now)
+    rows = [row for row in every if on_prefix(row.subject_prefix, subject_prefix)]
+    others = [row.subject_prefix for row in every if not on_prefix(row.subject_prefix, subject_prefix)]
     rated = with_rates(rows, previous, at)
     interval = at - previous.at if previous is not None and at > previous.at else None
-    view = BusView(time=now.isoformat(timespec="seconds"), interval_s=interval, workers=rated, totals=bus_totals(rated))
+    totals = bus_totals(rated, others)
+    view = BusView(time=now.isoformat(timespec="seconds"), interval_s=interval, workers=rated, totals=totals)
     return view, sample_of(rows, at)
 
 
@@ -201,8 +245,9 @@ class BusSampler:
     """Keeps recent samples so that each view's tokens/s spans at least `min_interval` seconds when it can
     (frequent callers, such as several open pages, then do not shrink the interval to noise)."""
 
-    def __init__(self, min_interval: float = MIN_RATE_INTERVAL) -> None:
+    def __init__(self, min_interval: float = MIN_RATE_INTERVAL, *, subject_prefix: str | None = None) -> None:
         self.min_interval = min_interval
+        self.subject_prefix = subject_prefix
         self._samples: deque[Sample] = deque()
 
     def observe(
@@ -210,7 +255,7 @@ class BusSampler:
     ) -> BusView:
         now = datetime.now(UTC) if now is None else now
         at = time.monotonic() if at is None else at
-        view, sample = bus_view(infos, stats, now, at, self._base(at))
+        view, sample = bus_view(infos, stats, now, at, self._base(at), self.subject_prefix)
         self._samples.append(sample)
         while len(self._samples) > 1 and at - self._samples[1].at >= self.min_interval:
             self._samples.popleft()  # the newest sample old enough to measure against stays first

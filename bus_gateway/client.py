@@ -37,7 +37,7 @@ from bus_gateway.inbox import ReplyInbox
 from bus_gateway.streaming import Streaming
 from llmbus import tracing
 from llmbus.config import Config
-from llmbus.connection import connect, servers_of
+from llmbus.connection import connect, open_connection, refused_plaintext, servers_of, servers_want_tls
 from schemas import (
     SERVICE_NAME,
     BatchResponse,
@@ -109,8 +109,13 @@ class BusClient(Streaming, Discovery):
         backoff: float = 0.1,
         **nats_options: Any,
     ) -> BusClient:
-        """Connect to NATS (`url` may list several servers, comma-separated) and own that connection."""
-        nc = await nats.connect(servers=servers_of(url), name=name, **nats_options)
+        """Connect to NATS (`url` may list several servers, comma-separated) and own that connection. With a `tls`
+        context or a `tls://` URL, a server that offers no TLS is refused before any credential is sent."""
+        servers, on_error = servers_of(url), nats_options.pop("error_cb", None)
+        secure = servers_want_tls(servers, nats_options.get("tls"))  # like llmbus.connection: never in plaintext
+        nc = await open_connection(
+            servers, name, secure=secure, fatal=refused_plaintext, on_error=on_error, **nats_options
+        )
         return cls(nc, subjects, timeout=timeout, retries=retries, backoff=backoff, owns_connection=True)
 
     @classmethod

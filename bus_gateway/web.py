@@ -61,7 +61,7 @@ class BusMonitor:
 
     def __init__(self, bus: BusClient) -> None:
         self.bus = bus
-        self.sampler = BusSampler()
+        self.sampler = BusSampler(subject_prefix=bus.subjects.prefix)  # the workers this bridge can ask
         self._gathering: asyncio.Future[BusView] | None = None
         self._last: tuple[float, BusView] | None = None
 

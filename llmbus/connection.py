@@ -5,12 +5,13 @@ servers, credentials (a `.creds` file, an nkey seed file, user and password, or 
 certificate and key for mutual TLS) and the reply inbox prefix. It checks them first and names what is wrong
 (`ConnectionSettingsError`). `connect(config, name)` opens a connection that reconnects forever, so a restarted
 server or a dropped link heals by itself, and logs connection trouble in one line without secrets (a URL's
-`user:pass@` is never printed: see `redact_url`).
+`user:pass@` is never printed: see `redact_url`). A password or token in a URL cannot hold `/`, `?` or `#`: nats-py
+reads the URL as written and decodes no %-escapes, so such a secret goes in `nats_password` or `nats_token`.
 
 Two nats-py behaviours are closed here:
 - Given TLS settings (or a `tls://` URL), nats-py connects **in plaintext, silently**, to a server that does not
-  offer TLS, and would send the credentials in the clear. `connect` refuses such a server before any credential
-  leaves the process (`PlaintextServerError`).
+  offer TLS, and would send the credentials in the clear. `connect` (and `open_connection`, which `BusClient.connect`
+  uses) refuses such a server before any credential leaves the process (`PlaintextServerError`).
 - A first connection that fails for a reason a retry cannot fix (authorization violation, a TLS certificate that
   does not verify, a plaintext server) fails at once with `NatsConnectError` instead of retrying forever.
   Connection refused and timeouts are still retried: the server may be starting.
@@ -19,11 +20,12 @@ Two nats-py behaviours are closed here:
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -38,6 +40,11 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 CREDS_JWT = "-----BEGIN NATS USER JWT-----"
 CREDS_SEED = "-----BEGIN USER NKEY SEED-----"
 PERMANENT_SERVER_ERRORS = ("authorization violation", "authentication expired", "authentication revoked")
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")  # a comma that starts another URL with a scheme
+URL_ENDS = "/?#"  # where a URL's authority ends: a password or token holding one of them cannot be read
+UNPARSEABLE = "<unparseable URL>"
+KEEPALIVE = {"allow_reconnect": True, "reconnect_time_wait": 0.5, "ping_interval": 10, "max_outstanding_pings": 3}
 
 
 class ConnectionSettingsError(ValueError):
@@ -71,30 +78,55 @@ def servers_of(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
+def split_login(url: str) -> tuple[str, str, str]:
+    """`scheme://` ("" when none), the login (all before the last `@`) and the rest. Not `urlsplit`: it ends the
+    authority at the first `/`, `?` or `#`, so a password holding one would read as a host or a path, and show."""
+    scheme = match.group(0) if (match := SCHEME.match(url)) else ""
+    login, at, rest = url[len(scheme) :].rpartition("@")
+    return scheme, login if at else "", rest
+
+
 def redact_url(url: str) -> str:
-    """A server URL fit for logs: `nats://user:***@host:4222` (a password or token in the URL is never shown)."""
-    scheme_less = "://" not in url  # nats-py takes `user:pass@host:4222` as nats://; urlsplit would not
+    """A server URL fit for logs: `nats://user:***@host:4222`, `tls://***@host:4222` for a token."""
+    scheme, login, rest = split_login(url)
+    if "@" in url[len(scheme) :]:  # a user name is kept, a password or token never
+        user, colon, _ = login.partition(":")
+        url = f"{scheme}{user}:***@{rest}" if colon else f"{scheme}***@{rest}"
     try:
-        parts = urlsplit(f"nats://{url}" if scheme_less else url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]  # as written: `parts.port` raises on a port that is not a number
-    user = f"{parts.username}:***" if parts.password is not None else "***"
-    redacted = urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
-    return redacted.removeprefix("nats://") if scheme_less else redacted
+        urlsplit(url if scheme else f"nats://{url}")
+    except ValueError:  # such as an unclosed IPv6 bracket
+        return UNPARSEABLE
+    return url
 
 
 def redact_urls(url: str) -> str:
+    """Each URL of a list redacted; URLs with schemes are cut before each scheme, so a password's comma stays in."""
+    if SCHEME.search(url):
+        return ",".join(redact_url(server.strip()) for server in NEXT_URL.split(url) if server.strip())
     return ",".join(redact_url(server) for server in servers_of(url))
+
+
+def check_url_logins(url: str) -> None:
+    """nats-py cannot read a password or token with `/`, `?` or `#` in a URL, and decodes no %-escapes."""
+    for server in servers_of(url):
+        if any(mark in split_login(server)[1] for mark in URL_ENDS):
+            raise ConnectionSettingsError(
+                f"nats_url {redact_url(server)}: a password or token in a URL cannot hold `/`, `?` or `#`, and"
+                " %-escapes are not decoded: leave it out of the URL and give it as nats_password (--nats-password,"
+                " LLMBUS_NATS_PASSWORD, with nats_user) or nats_token (--nats-token, LLMBUS_NATS_TOKEN)"
+            )
+
+
+def servers_want_tls(servers: list[str], tls: object = None) -> bool:
+    """A TLS context given, or a `tls://` server URL: then a server without TLS is refused."""
+    return tls is not None or any(server.strip().lower().startswith("tls://") for server in servers)
 
 
 def wants_tls(config: Config) -> bool:
     """TLS settings given, or a `tls://` server URL: then a server without TLS is refused."""
     if config.nats_tls_ca or config.nats_tls_cert or config.nats_tls_key:
         return True
-    return any(server.lower().startswith("tls://") for server in servers_of(config.nats_url))
+    return servers_want_tls(servers_of(config.nats_url))
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -156,6 +188,7 @@ def check_settings(config: Config) -> None:
         )
     if not servers_of(config.nats_url):
         raise ConnectionSettingsError("nats_url names no server")
+    check_url_logins(config.nats_url)
 
 
 def nats_options(config: Config) -> dict[str, Any]:
@@ -189,6 +222,10 @@ def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, nats.errors.Error) and any(reason in text for reason in PERMANENT_SERVER_ERRORS)
 
 
+def refused_plaintext(exc: BaseException) -> bool:
+    return isinstance(exc, PlaintextServerError)
+
+
 def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"the server's TLS certificate does not verify against nats_tls_ca ({exc.verify_message})"
@@ -209,39 +246,53 @@ async def connect(
     restarts; subscriptions come back by themselves and publishes wait in nats-py's reconnect buffer meanwhile.
     Raises ConnectionSettingsError for settings that cannot work, NatsConnectError for a refused first login."""
     options = nats_options(config)
-    nc = TlsRequiredClient() if wants_tls(config) else NATS()
+    connected: list[NATS] = []  # the connection, once the first connect succeeded
+
+    async def disconnected_cb() -> None:
+        if connected and not (connected[0].is_closed or connected[0].is_draining):
+            log.warning("%s: disconnected from NATS; reconnecting", name)
+
+    async def reconnected_cb() -> None:
+        log.warning("%s: reconnected to NATS at %s", name, connected_to(connected[0]))
+
+    options |= KEEPALIVE | {
+        "max_reconnect_attempts": -1 if reconnect_forever else 3,
+        "connect_timeout": connect_timeout,
+    }
+    callbacks = {"disconnected_cb": disconnected_cb, "reconnected_cb": reconnected_cb}
+    nc = await open_connection(
+        options.pop("servers"), name, secure=wants_tls(config), on_error=on_error, **options, **callbacks
+    )
+    connected.append(nc)
+    return nc
+
+
+async def open_connection(
+    servers: list[str],
+    name: str,
+    *,
+    secure: bool,
+    fatal: Callable[[BaseException], bool] = is_permanent,
+    on_error: ErrorCallback | None = None,
+    **options: Any,
+) -> NATS:
+    """nats-py's `connect(servers=..., **options)` on a client that, when `secure`, refuses a server without TLS
+    before any credential is sent. A first connect failing for a `fatal` reason ends at once (`NatsConnectError`)
+    instead of being retried; every other error goes to `on_error` (default: one log line without secrets)."""
+    nc = TlsRequiredClient() if secure else NATS()
     connected_once = False
-    where = redact_urls(config.nats_url)
+    where = redact_urls(",".join(servers))
 
     async def error_cb(exc: Exception) -> None:
-        if not connected_once and is_permanent(exc):
+        if not connected_once and fatal(exc):
             raise NatsConnectError(f"cannot connect to NATS at {where} as {name}: {describe_failure(exc)}")
         if on_error is not None:
             await on_error(exc)
         else:
             log.warning("NATS connection (%s): %s", name, describe_failure(exc))
 
-    async def disconnected_cb() -> None:
-        if connected_once and not (nc.is_closed or nc.is_draining):
-            log.warning("%s: disconnected from NATS; reconnecting", name)
-
-    async def reconnected_cb() -> None:
-        log.warning("%s: reconnected to NATS at %s", name, connected_to(nc))
-
     try:
-        await nc.connect(
-            **options,
-            name=name,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1 if reconnect_forever else 3,
-            reconnect_time_wait=0.5,
-            connect_timeout=connect_timeout,
-            ping_interval=10,
-            max_outstanding_pings=3,
-            error_cb=error_cb,
-            disconnected_cb=disconnected_cb,
-            reconnected_cb=reconnected_cb,
-        )
+        await nc.connect(servers=servers, name=name, error_cb=error_cb, **options)
     except BaseException:
         await _abandon(nc)
         raise

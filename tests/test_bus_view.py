@@ -110,7 +110,7 @@ def test_missing_and_odd_fields_read_as_empty_not_errors() -> None:
     assert [row.id for row in rows] == ["w2", "w3"]
     w2, w3 = rows
     assert (w2.requests, w2.running, w2.uptime_s, w2.host, w2.pid) == (7, 0, None, "", None)
-    assert (w3.model, w3.pid, w3.requests, w3.uptime_s) == ("", None, 0, None)
+    assert (w3.model, w3.pid, w3.requests, w3.uptime_s) == ("", None, None, None)  # no STATS answer: unknown
 
 
 def test_stats_metadata_stands_in_for_a_missing_info_reply() -> None:

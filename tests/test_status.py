@@ -1,5 +1,6 @@
 """`llmbus status [--watch]` as a user runs it (a subprocess) against real workers, in 80 columns; and `llmbus up`'s
-metrics endpoints."""
+metrics endpoints. Fake `$SRV` responders (helpers.fake_srv) on a real nats-server play what no real worker does: a
+login that may not read `$SRV.STATS`, and a hostile service answering with terminal escape sequences."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+import nats
 import pytest
 from rich.console import Console
 
 from bus_gateway.bus_view import bus_view
+from helpers.fake_srv import FakeWorker, FakeWorkers
 from helpers.scrape import scrape
 from helpers.workers import RunningWorker
-from llmbus.nats_server import NatsServer, env_without_proxy, free_port
-from llmbus.status import render
+from llmbus.config import Config
+from llmbus.nats_server import NatsServer, env_without_proxy, free_port, write_config
+from llmbus.permissions import grants, server_permissions
+from llmbus.status import render, run_status
 
 LLMBUS = [sys.executable, "-m", "llmbus.cli"]
 COLUMNS = 80
@@ -187,3 +193,83 @@ async def test_up_serves_metrics_and_status_sees_it(tmp_path: object) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 90) == 0
+
+
+async def status_of(config: Config) -> tuple[int, str]:
+    """`llmbus status` once, in this process, printed in 80 columns without colour: its exit code and text."""
+    out = io.StringIO()
+    code = await run_status(config, False, 2.0, Console(file=out, width=COLUMNS, color_system=None))
+    return code, out.getvalue()
+
+
+DRAINING = FakeWorker("w1", {"model": "M", "host": "h", "pid": "1"}, {"running": 7, "waiting": 3, "draining": True})
+
+
+async def test_a_login_that_may_not_read_stats_shows_unknown_figures_never_zeros(tmp_path: Path) -> None:
+    """The client role (`up --secure`'s client.env) may publish `$SRV.INFO` but not `$SRV.STATS`: the worker shows,
+    with its figures unknown (`-`), its state unknown rather than `serving` while it drains, and a note says why."""
+    permissions = server_permissions(grants("client", inbox_prefix="_INBOX.client"))
+    client = {"user": "client", "password": "client-pw", "permissions": permissions}
+    users = [{"user": "fake", "password": "fake-pw"}, client]
+    config_file = write_config(tmp_path / "nats.conf", {"authorization": {"users": users}})
+    with NatsServer(config_file=config_file, jetstream=False) as server:
+        nc = await nats.connect(server.url, user="fake", password="fake-pw")
+        try:
+            await FakeWorkers(nc, [DRAINING]).start()
+            login = {"nats_url": server.url, "nats_user": "client", "nats_password": "client-pw"}
+            code, text = await status_of(Config(**login, nats_inbox_prefix="_INBOX.client"))
+            _, seen_by_stats = await status_of(Config(nats_url=server.url, nats_user="fake", nats_password="fake-pw"))
+        finally:
+            await nc.close()
+    fits(text)
+    [row] = [line.split() for line in text.splitlines() if line.startswith("h:1 ")]
+    assert row == ["h:1", "M", "-", "-", "-", "-", "-", "unknown"], text
+    assert "1 worker · - running · - waiting · - tok/s\n" in text
+    assert "- requests · - errors · - cancelled · models: M\n" in text
+    assert "\nno worker answered $SRV.STATS.llm-inference: this login may lack the permission\n" in text
+    assert code == 0  # the worker answers INFO: it is on the bus
+    assert "1 worker (1 draining) · 7 running · 3 waiting" in seen_by_stats  # the figures a STATS answer gives
+    assert "did not answer" not in seen_by_stats
+
+
+def test_a_worker_without_a_stats_answer_has_null_figures_in_the_json_and_is_left_out_of_the_sums() -> None:
+    """/bus.json is this view: a worker only INFO answered has null figures, and the totals add the known ones."""
+    now = datetime(2026, 11, 26, 3, 25, tzinfo=UTC)
+    info = {"id": "b", "metadata": {"model": "M", "host": "gpu-2", "pid": "2"}}
+    view, _ = bus_view([info], [stats_reply("a", "gpu-1", 1, "M", 0)], now, 1.0, None)
+    rows = msgspec.to_builtins(view)["workers"]
+    assert [(r["running"], r["waiting"], r["requests"], r["draining"], r["state"]) for r in rows] == [
+        (12, 3, 1204, False, "serving"),
+        (None, None, None, None, "unknown"),
+    ]
+    totals = msgspec.to_builtins(view.totals)
+    assert (totals["workers"], totals["stats_answers"], totals["running"], totals["requests"]) == (2, 1, 12, 1204)
+    out = io.StringIO()
+    Console(file=out, width=COLUMNS, color_system=None).print(render(view, "nats://h:4222"))
+    assert "\n1 of 2 workers did not answer $SRV.STATS.llm-inference (their figures: -)\n" in out.getvalue()
+    only_info, _ = bus_view([info], [], now, 1.0, None)
+    assert msgspec.to_builtins(only_info.totals)["running"] is None
+
+
+HOSTILE = FakeWorker(
+    "w2",
+    {"model": "ok\x1b[2J\x1b]0;pwned\x07", "host": "h\x1b[31m\x9b", "pid": "12", "device": "cpu\x7f\u202e"},
+    {"running": 1},
+)
+
+
+async def test_control_codes_from_the_bus_never_reach_the_terminal() -> None:
+    """Any service may answer `$SRV`: an escape sequence in a model, host or device name (here one that clears the
+    screen and retitles the window) is printed escaped, as text, in the rows and in the models line."""
+    with NatsServer(jetstream=False) as server:
+        nc = await nats.connect(server.url)
+        try:
+            await FakeWorkers(nc, [HOSTILE]).start()
+            code, out, err = await llmbus("status", "--nats-url", server.url)
+        finally:
+            await nc.close()
+    assert code == 0, err
+    fits(out)
+    assert not [ch for ch in out if ch in "\x1b\x07\x9b\x7f\u202e"], repr(out)
+    assert "models: ok\\x1b[2J\\x1b]0;pwned\\x07\n" in out
+    assert "h\\x1b[31…:12 " in out and " cpu\\x7f\\u2… " in out  # cut to their columns, escaped

@@ -116,6 +116,11 @@ function rate(value) {
   return value === null || value === undefined ? "-" : value.toFixed(1);
 }
 
+// A count /bus.json gives as null when no $SRV.STATS answer said it (a login without that permission).
+function count(value) {
+  return value === null || value === undefined ? "-" : String(value);
+}
+
 function cell(row, text, column, className = "") {
   const td = document.createElement("td");
   td.textContent = text;
@@ -131,6 +136,7 @@ const STATES = {
   degraded: ["warn", "its compiled decode step failed: it decodes eagerly, several times slower on a GPU (see its log)"],
   warming: ["ok", "its decode step is compiling; it serves eagerly meanwhile"],
   serving: ["ok", "serving"],
+  unknown: ["", "no $SRV.STATS answer: this login may lack the permission to ask for it"],
 };
 
 function workerRow(worker) {
@@ -140,28 +146,28 @@ function workerRow(worker) {
   cell(tr, where, "worker").title = `micro service id ${worker.id}`;
   cell(tr, worker.model || "-", "model", "model");
   cell(tr, [worker.device, worker.dtype].filter(Boolean).join(" ") || "-", "device", "opt");
-  cell(tr, String(worker.running), "running", "num");
-  cell(tr, String(worker.waiting), "waiting", "num");
+  cell(tr, count(worker.running), "running", "num");
+  cell(tr, count(worker.waiting), "waiting", "num");
   cell(tr, rate(worker.tokens_per_s), "tokens_per_s", "num");
   cell(tr, formatDuration(worker.uptime_s), "uptime", "opt");
   const [look, help] = STATES[worker.state] || ["", ""];
   cell(tr, worker.state, "state", look).title = help;
-  cell(tr, `${worker.requests} / ${worker.errors}`, "requests", "num opt");
-  cell(tr, String(worker.cancelled), "cancelled", "num");
+  cell(tr, `${count(worker.requests)} / ${count(worker.errors)}`, "requests", "num opt");
+  cell(tr, count(worker.cancelled), "cancelled", "num");
   return tr;
 }
 
 function renderTotals(totals) {
   const parts = [
     ["workers", `${totals.workers} worker${totals.workers === 1 ? "" : "s"}`],
-    ["draining", `${totals.draining} draining`],
-    ["compile_failed", `${totals.compile_failed} degraded`],
-    ["running", `${totals.running} running`],
-    ["waiting", `${totals.waiting} waiting`],
+    ["draining", `${count(totals.draining)} draining`],
+    ["compile_failed", `${count(totals.compile_failed)} degraded`],
+    ["running", `${count(totals.running)} running`],
+    ["waiting", `${count(totals.waiting)} waiting`],
     ["tokens_per_s", `${rate(totals.tokens_per_s)} tok/s`],
-    ["requests", `${totals.requests} requests`],
-    ["errors", `${totals.errors} errors`],
-    ["cancelled", `${totals.cancelled} cancelled`],
+    ["requests", `${count(totals.requests)} requests`],
+    ["errors", `${count(totals.errors)} errors`],
+    ["cancelled", `${count(totals.cancelled)} cancelled`],
   ];
   const spans = parts.map(([name, text]) => {
     const span = document.createElement("span");

@@ -13,8 +13,8 @@ let callCount = 0;
 
 // ---- models ----
 
-// The bus view names every model on the server (other subject prefixes and draining workers too), /v1/models only
-// those this bridge can ask, so the two may differ for good: the list reloads when the bus's names change since the
+// The bus view names every model on this bridge's subject prefix (draining workers' too), /v1/models only those
+// this bridge can ask, so the two may differ for good: the list reloads when the bus's names change since the
 // last load, not on every poll. A failed load is tried again after MODELS_RETRY_MS.
 const MODELS_RETRY_MS = 15_000;
 const MODELS_FAILED = "Could not list models: ";
