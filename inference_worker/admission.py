@@ -9,7 +9,8 @@ Policy (`WaitingQueue`):
 - **Aging.** Every `aging` admissions from a tenant's queue lower the effective priority of its requests still
   waiting by one, so a low-priority request is never starved by a stream of higher-priority ones. Aging counts
   admissions, not seconds, so the policy is the same on a fast machine and a slow one, and tests can check it in
-  engine steps.
+  engine steps. Only the admissions since a request arrived count, so a tenant's clock is kept only while it has
+  requests waiting (tenants name themselves: one per request must not grow the queue's memory).
 
 The queue keeps counts of the requests waiting by tenant and by priority, for `$SRV.STATS`.
 """
@@ -28,7 +29,7 @@ class WaitingQueue:
     def __init__(self, aging: int = AGING) -> None:
         self.aging = aging
         self._tenants: dict[str, list[Sequence]] = {}  # insertion order is the rotation order
-        self._admitted: Counter[str] = Counter()  # admissions per tenant: the clock its aging counts
+        self._admitted: Counter[str] = Counter()  # admissions per waiting tenant: the clock its aging counts
         self._joined: dict[int, int] = {}  # seq_id -> its tenant's admission count when it arrived
         self.by_tenant: Counter[str] = Counter()
         self.by_priority: Counter[int] = Counter()
@@ -61,15 +62,19 @@ class WaitingQueue:
         queue = self._tenants.pop(seq.tenant)
         if queue:
             self._tenants[seq.tenant] = queue  # to the back of the rotation
+        else:
+            self._forget(seq.tenant)
         return seq
 
     def remove(self, seq: Sequence) -> None:
         self._take(seq)
         if not self._tenants[seq.tenant]:
             del self._tenants[seq.tenant]
+            self._forget(seq.tenant)
 
     def clear(self) -> None:
         self._tenants.clear()
+        self._admitted.clear()
         self._joined.clear()
         self.by_tenant.clear()
         self.by_priority.clear()
@@ -80,6 +85,10 @@ class WaitingQueue:
 
     def _order(self, seq: Sequence) -> tuple[int, int]:
         return (self.effective_priority(seq), seq.seq_id)
+
+    def _forget(self, tenant: str) -> None:
+        """`tenant` has nothing waiting: its clock can restart from 0 (aging counts differences, never the value)."""
+        del self._admitted[tenant]
 
     def _take(self, seq: Sequence) -> None:
         self._tenants[seq.tenant].remove(seq)

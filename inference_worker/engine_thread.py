@@ -163,8 +163,8 @@ class EngineThread:
             return True
         while True:
             if command is _STOP:  # what the commands before it produced still goes out (a 400, a cancel)
-                self._emit(events)
-                events.clear()
+                if events:
+                    self._emit(events)  # the sink may keep this list: it is never touched again
                 return False
             if isinstance(command, _Submit):
                 events += self._admit(engine, command)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from inference_worker.quantize import INT4_GROUP, linear_for
 log = logging.getLogger("llmbus.engine")
 
 MEMORY_HEADROOM = 0.9  # of the available memory the plan may take (the rest: activations, allocator slack)
+CGROUP = Path("/sys/fs/cgroup")  # this process's cgroup v2 (the container's own, in a cgroup namespace)
 
 
 class MemoryPlanError(RuntimeError):
@@ -109,15 +111,15 @@ def plan_memory(
     return plan
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes this process could still allocate: free GPU memory, or MemAvailable (within a cgroup limit)."""
+def available_memory(device: torch.device, cgroup: Path = CGROUP) -> int | None:
+    """Bytes this process could still allocate: free GPU memory, or MemAvailable (within the limit of `cgroup`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
     if device.type != "cpu":
         return None
     available = _meminfo_available()
-    limit = _cgroup_room()
+    limit = cgroup_room(cgroup)
     if available is None:
         return limit
     return available if limit is None else min(available, limit)
@@ -134,15 +136,30 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_room() -> int | None:
+def cgroup_room(root: Path = CGROUP) -> int | None:
+    """Bytes left under the cgroup v2 memory limit in `root` (None: no limit, or no cgroup v2). Page cache that can
+    be dropped (`inactive_file`: the weights just read, say) is room, as the kernel reclaims it before it would
+    refuse this process; `memory.current` counts it as used."""
     try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        used = int((root / "memory.current").read_text())
+        limit_bytes = int(limit)
     except (OSError, ValueError):
         return None
-    return None if limit == "max" else max(0, int(limit) - used)
+    return max(0, limit_bytes - max(0, used - _inactive_file(root)))
+
+
+def _inactive_file(root: Path) -> int:
+    try:
+        for line in (root / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "inactive_file":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _gb(n: int) -> str:

@@ -33,16 +33,17 @@ class Outbox:
         self._loop = asyncio.get_running_loop()
 
     def put(self, events: list[Event]) -> None:
-        """From any thread."""
-        self._loop.call_soon_threadsafe(self._events.put_nowait, events)
+        """From any thread. The events are copied now: the caller may reuse its list once this returns."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, list(events))
 
     async def run(self) -> None:
         while (events := await self._events.get()) is not None:
             await self.publish(events)
 
     def close(self) -> None:
-        """`run` returns once it has published every event queued before this call."""
-        self._events.put_nowait(None)
+        """`run` returns once it has published every event `put` before this call (from any thread: the end mark
+        takes the same way as the events, so it cannot overtake those still on their way to the loop)."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, None)
 
     async def publish(self, events: list[Event]) -> None:
         for event in events:

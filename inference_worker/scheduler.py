@@ -70,22 +70,23 @@ class Scheduler:
         return held
 
     def release_finished(self) -> list[tuple[Sequence, int, int]]:
-        """Drop finished rows, filling each hole with the last decoding row, and keep the partial row last.
-        Returns the (seq, src, dst) row moves the KV cache must copy."""
+        """Drop finished rows, filling each hole with the last live decoding row, and keep the partial row last.
+        Returns the (seq, src, dst) row moves the KV cache must copy: only live rows move (finished rows at the end
+        are dropped first, so a batch that finishes together copies nothing)."""
         partial = self.partial
         if partial is not None:
             self.running.pop()
         moves = []
+        self._drop_finished_tail()
         slot = 0
         while slot < len(self.running):
-            if self.running[slot].status is not Status.FINISHED:
-                slot += 1
-                continue
-            last = self.running.pop()
-            if slot < len(self.running):
+            if self.running[slot].status is Status.FINISHED:
+                last = self.running.pop()  # live (the tail is), and after `slot`, which is finished
                 moves.append((last, last.slot, slot))
                 last.slot = slot
                 self.running[slot] = last
+                self._drop_finished_tail()
+            slot += 1
         if partial is not None and partial.status is Status.FINISHED:
             self.partial = None
         elif partial is not None:
@@ -94,6 +95,10 @@ class Scheduler:
                 partial.slot = len(self.running)
             self.running.append(partial)
         return moves
+
+    def _drop_finished_tail(self) -> None:
+        while self.running and self.running[-1].status is Status.FINISHED:
+            self.running.pop()
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in (*self.running, *self.waiting):
