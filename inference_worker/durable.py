@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -33,16 +32,12 @@ from schemas import ErrorBody, WireError, content_type, encode
 from schemas.errors import error_headers
 from schemas.subjects import JOB_ATTEMPTS, JOB_PUBLISHED, MSG_ID, REQUEST_ID, message_size
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger("llmbus.jobs")
 
 RETRYABLE_CODES = frozenset({"500", "503"})  # an internal error or a worker that stopped: another delivery may work
 FIRST_REDELIVERY_DELAY = 1.0  # seconds before a failed job's next delivery; doubles with each delivery
 MAX_REDELIVERY_DELAY = 30.0
 FETCH_TIMEOUT = 1.0  # also bounds how long a draining worker waits for its last fetch
-REPLY_SUBJECT = re.compile(r"^[^\s*>]{1,255}$")
 PUBLISHED = JOB_PUBLISHED
 ATTEMPTS = JOB_ATTEMPTS
 

@@ -3,8 +3,9 @@
 All workers share one durable pull consumer. A worker fetches a job only when it surely fits (`jobs_to_fetch`), so
 no job is ever refused, nak'd or counted as a failed delivery for capacity reasons. Jobs are keyed by (reply subject,
 request id), so another client's job with the same request id is a different job, never adopted into this one.
-A job's answer goes only to a reply subject under an allowed inbox prefix (`reply_allowed`): server permissions
-cannot enforce this, because a durable worker legitimately holds JetStream API and ack rights.
+A job's answer goes only to a reply subject under one of the worker's reply prefixes (`micro.reply_allowed`, as for
+core requests): server permissions cannot enforce this, because a durable worker legitimately holds JetStream API
+and ack rights.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from inference_worker import replies
-from inference_worker.durable import FETCH_TIMEOUT, REPLY_SUBJECT, Job
+from inference_worker.durable import FETCH_TIMEOUT, Job
 from inference_worker.job_stream import JobLimits, ensure_jobs_stream
+from inference_worker.micro import ReplyGate, reply_allowed
 from inference_worker.requests import request_id_of
 from schemas import WireError, content_type
-from schemas.errors import clean_text
 from schemas.subjects import JOBS_CONSUMER, REPLY_TO, REQUEST_ID, model_token
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from llmbus.config import Config
 
 log = logging.getLogger("llmbus.jobs")
+
+__all__ = ["JobConsumer", "ServerClock", "first_of", "jobs_to_fetch", "reply_allowed", "server_time"]
 
 
 def jobs_to_fetch(held: int, idle: bool, config: Config) -> int:
@@ -89,12 +92,6 @@ def server_time(data: bytes) -> float | None:
     return stamp.timestamp()
 
 
-def reply_allowed(reply_to: str, prefixes: tuple[str, ...]) -> bool:
-    """A durable answer goes only to an inbox: a subject under one of `prefixes`, never `llm.chat` or another
-    service's subject (server permissions cannot stop this: a durable worker holds JetStream rights)."""
-    return bool(REPLY_SUBJECT.fullmatch(reply_to)) and any(reply_to.startswith(prefix) for prefix in prefixes)
-
-
 class JobHost(Protocol):
     """What the consumer needs from the worker."""
 
@@ -126,6 +123,7 @@ class JobConsumer:
         self.limits = limits
         self.consumers = consumers
         self.reply_prefixes = reply_prefixes
+        self.replies = ReplyGate(reply_prefixes)
         self.clock = clock
         self.terms = dict.fromkeys(consumers, limits)  # each consumer's ack_wait and attempts, as the server has them
         self.held: dict[tuple[str, str], Job] = {}
@@ -219,13 +217,7 @@ class JobConsumer:
         if (running := self.held.get((reply_to, request_id))) is not None:
             running.adopt(msg)
             return
-        if not reply_allowed(reply_to, self.reply_prefixes):
-            log.warning(
-                "refused durable job %s: its %s is not under an allowed inbox prefix (%s); nothing was published",
-                clean_text(request_id, 128),
-                REPLY_TO,
-                ", ".join(self.reply_prefixes),
-            )
+        if not self.replies.allows(reply_to, f"durable job {request_id} (its {REPLY_TO})"):
             await msg.term()
             self.counts["refused"] += 1
             return

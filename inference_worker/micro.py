@@ -10,6 +10,10 @@ keeps answering (its `data` says `draining`).
 
 The discovery replies use nats.py's own wire types (`ServicePing`, `ServiceInfo`, `ServiceStats`), so `nats micro
 ls/info/stats` read them as they read any NATS service.
+
+A request is answered only on a reply subject under one of the service's reply prefixes (`ReplyGate`, default
+`_INBOX.`); any other (`$JS.API.STREAM.DELETE.<stream>`, `llm.chat`...) is dropped unanswered. The server cannot
+enforce this: a worker's `allow_responses` lets it publish to whatever reply subject a request names.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +46,48 @@ StatsData = Callable[[], dict[str, Any]]
 
 DISCOVERY = "$SRV"
 VERBS = ("PING", "INFO", "STATS")
+REPLY_SUBJECT = re.compile(r"[^\s.*>\x00-\x1f\x7f]+(\.[^\s.*>\x00-\x1f\x7f]+)*")  # literal: no wildcard, no space
+MAX_REPLY_SUBJECT = 255
+
+
+def reply_allowed(reply: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether an answer may go to `reply`: a literal subject (no wildcard, whitespace or empty token) under one of
+    `prefixes`, never `$JS.API...`, `llm.chat` or another service's subject."""
+    return len(reply) <= MAX_REPLY_SUBJECT and bool(REPLY_SUBJECT.fullmatch(reply)) and reply.startswith(prefixes)
+
+
+class ReplyGate:
+    """The reply subjects a worker answers (`reply_allowed`), and what it refused: counted in `refused`, and logged
+    (sanitized) at most once per `LOG_EVERY_S`, with the number refused since, so that a flood of them cannot flood
+    the log."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, prefixes: tuple[str, ...], clock: Callable[[], float] = time.monotonic) -> None:
+        self.prefixes = tuple(prefixes)
+        self.clock = clock
+        self.refused = 0
+        self._unlogged = 0
+        self._next_log = -math.inf
+
+    def allows(self, reply: str, what: str) -> bool:
+        """Whether to answer on `reply`; `what` names the request for the log (it is sanitized here)."""
+        if reply_allowed(reply, self.prefixes):
+            return True
+        self.refused += 1
+        if (now := self.clock()) < self._next_log:
+            self._unlogged += 1
+            return False
+        since = f" ({self._unlogged} more refused since the last warning)" if self._unlogged else ""
+        log.warning(
+            "dropped %s: its reply subject '%s' is not under a reply prefix (%s); nothing was published%s",
+            clean_text(what, 160),
+            clean_text(reply, 160),
+            ", ".join(self.prefixes),
+            since,
+        )
+        self._next_log, self._unlogged = now + self.LOG_EVERY_S, 0
+        return False
 
 
 @dataclass(eq=False)
@@ -141,6 +189,7 @@ class MicroService:
         description: str,
         metadata: dict[str, str],
         stats_data: StatsData,
+        reply_prefixes: tuple[str, ...],
     ) -> None:
         self.nc = nc
         self.name = name
@@ -151,6 +200,7 @@ class MicroService:
         self.id = NUID().next().decode()
         self.started = datetime.now(UTC).replace(tzinfo=None)
         self.endpoints: list[Endpoint] = []
+        self.replies = ReplyGate(reply_prefixes)
         self._discovery: dict[str, list[Subscription]] = {verb: [] for verb in VERBS}
 
     async def start(self) -> None:
@@ -161,7 +211,7 @@ class MicroService:
                 f"{DISCOVERY}.{verb}.{self.name}",
                 f"{DISCOVERY}.{verb}.{self.name}.{self.id}",
             ):
-                self._discovery[verb].append(await self.nc.subscribe(subject, cb=_answer_with(build)))
+                self._discovery[verb].append(await self.nc.subscribe(subject, cb=self._answer_with(build)))
 
     async def add_endpoint(
         self, name: str, subject: str, queue_group: str, handler: Handler, metadata: dict[str, str] | None = None
@@ -171,6 +221,9 @@ class MicroService:
         async def on_msg(msg: Msg) -> None:
             endpoint.num_requests += 1
             request = Request(self.nc, msg, endpoint)
+            if msg.reply and not self.replies.allows(msg.reply, f"a request on {msg.subject}"):
+                request._finish(WireError.of("forbidden", "reply subject not under a reply prefix: dropped"))
+                return
             try:
                 await handler(request)
             except Exception as exc:  # as nats.py's micro does: a bug in a handler is a 500 answer, not a hang
@@ -232,11 +285,10 @@ class MicroService:
             metadata=self.metadata,
         ).to_dict()
 
+    def _answer_with(self, build: Callable[[], dict[str, Any]]) -> Callable[[Msg], Awaitable[None]]:
+        async def answer(msg: Msg) -> None:
+            if msg.reply and self.replies.allows(msg.reply, f"a request on {msg.subject}"):
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(json.dumps(build()).encode())
 
-def _answer_with(build: Callable[[], dict[str, Any]]) -> Callable[[Msg], Awaitable[None]]:
-    async def answer(msg: Msg) -> None:
-        if msg.reply:
-            with contextlib.suppress(nats.errors.Error):
-                await msg.respond(json.dumps(build()).encode())
-
-    return answer
+        return answer

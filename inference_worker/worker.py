@@ -5,8 +5,9 @@ model's subject) and `llm.model.<token>.chat[.batched]` (its own model), all in 
 handlers live in `intake.py`. The asyncio side and the engine thread meet at one queue each way: handlers hand the
 engine a closure that templates and tokenizes in the engine thread, and the engine's events come back through the
 `Outbox`, which publishes them in order. Durable jobs (`job_consumer`) enter through the same handlers as micro
-requests: both are a `Replier`. When the engine thread dies, the watchdog (`_engine_died`) fails what it held,
-leaves the queue group, and makes `run_worker` raise, so the process exits non-zero and a supervisor restarts it.
+requests: both are a `Replier`, answered only on a reply subject under `--reply-prefixes`. When the engine thread
+dies, the watchdog (`_engine_died`) fails what it held, leaves the queue group, and makes `run_worker` raise, so the
+process exits non-zero and a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from nats.aio.client import DEFAULT_INBOX_PREFIX
 from nats.aio.client import Client as NATS
 
 from bus_gateway.client import BusClient
@@ -37,7 +39,7 @@ from inference_worker.intake import Intake
 from inference_worker.job_consumer import JobConsumer, ServerClock
 from inference_worker.job_stream import JobLimits, job_consumers
 from inference_worker.metrics import WorkerMetrics
-from inference_worker.micro import MicroService
+from inference_worker.micro import MicroService, reply_allowed
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.outbox import Outbox
 from inference_worker.own_thread import in_a_thread_of_its_own
@@ -54,6 +56,15 @@ log = logging.getLogger("llmbus.worker")
 
 class EngineDied(RuntimeError):
     """The engine thread stopped on an error it could not recover from; the worker left the bus."""
+
+
+def check_own_inbox(config: Config) -> None:
+    """A worker sends a batch's queries to its peers with its own inbox as the reply subject: one outside
+    --reply-prefixes would go unanswered by every worker, itself included."""
+    own = config.nats_inbox_prefix or DEFAULT_INBOX_PREFIX.decode()
+    if not reply_allowed(f"{own}.inbox.request", tuple(config.reply_prefixes)):
+        allowed = ", ".join(config.reply_prefixes)
+        raise ValueError(f"this worker's inbox prefix {own} is not under --reply-prefixes ({allowed}): add it there")
 
 
 class Worker(Intake):
@@ -103,6 +114,7 @@ class Worker(Intake):
         self._cancel_sub = None
 
     async def start(self) -> None:
+        prefixes = tuple(self.config.reply_prefixes)
         loop = asyncio.get_running_loop()
         self.outbox = Outbox(self.held, self.model_name, self._released, self.metrics)
         self._thread = EngineThread(
@@ -120,9 +132,8 @@ class Worker(Intake):
             logs.allow_prompts(True)
         self.limits = Limits(self.config.max_tokens_cap, self.config.max_batch_queries, engine.max_seq_len)
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="llmbus-outbox"))
-        self.service = MicroService(
-            self.nc, SERVICE_NAME, __version__, "LLM chat inference (continuous batching)", self.metadata(), self.stats
-        )
+        about = "LLM chat inference (continuous batching)"
+        self.service = MicroService(self.nc, SERVICE_NAME, __version__, about, self.metadata(), self.stats, prefixes)
         await self.service.start()
         group, subjects, own = self.config.queue_group, self.subjects, self.model_name
         await self.service.add_endpoint("chat", subjects.chat, group, self.route_chat)
@@ -132,7 +143,7 @@ class Worker(Intake):
         self._cancel_sub = await self.nc.subscribe(subjects.cancel_all, cb=self.handle_cancel)
         if self.config.durable:
             limits, consumers = JobLimits.from_config(self.config), job_consumers(subjects, own)
-            prefixes, clock = tuple(self.config.durable_reply_prefixes), ServerClock(self.wall_clock)
+            clock = ServerClock(self.wall_clock)
             self.jobs = JobConsumer(self.nc, self, limits, consumers, prefixes, clock)
             await self.jobs.start()
         if self.config.threads == 0:
@@ -193,6 +204,7 @@ class Worker(Intake):
             "draining": self.draining,
             "threads": self.threads,
             "errors_by_code": dict(self.outbox.errors_by_code),
+            "refused_replies": self.service.replies.refused if self.service is not None else 0,
             **self._waiting_counts(),
             "metrics": self.metrics.summary(),
         }
@@ -269,6 +281,7 @@ async def run_worker(
 
 
 async def _serve(config: Config, stop: asyncio.Event, ready: asyncio.Event | None, loaded: LoadedModel | None) -> None:
+    check_own_inbox(config)
     if loaded is None:
         loaded = await in_a_thread_of_its_own(load_model, config.model, config.device, config.dtype)
     nc = await connect(config, "llmbus-worker")

@@ -16,7 +16,7 @@ import nats.errors
 
 from llmbus import __version__, process_gc, tracing
 from llmbus.cli_parser import LOG_LEVELS, build_parser
-from llmbus.config import ENV_PREFIX, Config
+from llmbus.config import Config, env_value
 from llmbus.connection import redact_urls
 from llmbus.logs import FORMATS, setup_logging
 from llmbus.permissions import check_names, grants, jwt_permissions, server_permissions
@@ -28,7 +28,7 @@ DEFAULT_METRICS_PORT = 9464  # `llmbus up`: the worker's Prometheus endpoint unl
 
 def uses_existing_nats(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
-    return args.nats_url is not None or f"{ENV_PREFIX}NATS_URL" in env
+    return args.nats_url is not None or env_value(env, "nats_url") is not None  # an empty variable is unset
 
 
 def main(argv: Sequence[str] | None = None) -> int:

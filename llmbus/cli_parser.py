@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from llmbus import __version__
-from llmbus.config import CONNECTION_FIELDS, ENV_PREFIX, Config, add_arguments
+from llmbus.config import CONNECTION_FIELDS, ENV_PREFIX, Config, add_arguments, env_value, parse_bool
 from llmbus.logs import FORMATS
 from llmbus.permissions import ROLES
 from schemas.subjects import DEFAULT_PREFIX, DEFAULT_QUEUE_GROUP
@@ -37,7 +39,9 @@ GATEWAY_FIELDS = tuple(name for name in ALL_FIELDS if name in BUS_FIELDS + GATEW
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmbus",
-        description="LLM chat inference over NATS. Every flag also reads from LLMBUS_<NAME> (e.g. LLMBUS_HTTP_PORT).",
+        description="LLM chat inference over NATS. Every setting's flag also reads LLMBUS_<NAME> (e.g. LLMBUS_HTTP_PORT"
+        " for --http-port; a flag wins over its variable, and an empty variable counts as unset); options that are no"
+        " setting (--role, --format, --out, --watch...) read none.",
     )
     parser.add_argument("--version", action="version", version=f"llmbus {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(up, ALL_FIELDS)
     up.add_argument(
         "--nats-store-dir",
-        default=os.environ.get(f"{ENV_PREFIX}NATS_STORE_DIR"),
+        default=env_value(os.environ, "nats_store_dir"),
         help="JetStream storage directory (env LLMBUS_NATS_STORE_DIR; default: a temporary one, removed on exit)",
     )
     add_logging_argument(up)
@@ -67,14 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
         description=PERMISSIONS_DESCRIPTION,
     )
     permissions.add_argument("--role", required=True, choices=ROLES, help="who connects with these permissions")
-    permissions.add_argument("--subject-prefix", default=DEFAULT_PREFIX, help="the workers' subject prefix")
+    permissions.add_argument(
+        "--subject-prefix",
+        default=env_default("subject_prefix", DEFAULT_PREFIX),
+        help="the workers' subject prefix (env LLMBUS_SUBJECT_PREFIX; default llm)",
+    )
     permissions.add_argument(
         "--inbox-prefix",
         default=None,
-        help="the role's reply inbox prefix, set with --nats-inbox-prefix when it connects (default _INBOX.<role>)",
+        help="the role's reply inbox prefix, _INBOX.<name>, set with --nats-inbox-prefix when it connects: required for"
+        " a client (one name per user); a worker's defaults to _INBOX.worker, a gateway's to _INBOX.gateway",
     )
-    permissions.add_argument("--queue-group", default=DEFAULT_QUEUE_GROUP, help="the workers' queue group")
-    permissions.add_argument("--durable", action="store_true", help="add what durable (JetStream) jobs need")
+    permissions.add_argument(
+        "--queue-group",
+        default=env_default("queue_group", DEFAULT_QUEUE_GROUP),
+        help=f"the workers' queue group (env LLMBUS_QUEUE_GROUP; default {DEFAULT_QUEUE_GROUP})",
+    )
+    permissions.add_argument(
+        "--durable",
+        action=EnvFlag,
+        default=env_default("durable", False),
+        help="add what durable (JetStream) jobs need (env LLMBUS_DURABLE)",
+    )
     permissions.add_argument(
         "--model", default=None, help="worker: its served model name (default: any model's per-model subjects)"
     )
@@ -107,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write one <message>.schema.json per message in this directory (with --asyncapi: this file)",
     )
     schema.add_argument(
-        "--subject-prefix", default=DEFAULT_PREFIX, help="with --asyncapi: the workers' subject prefix (default llm)"
+        "--subject-prefix",
+        default=env_default("subject_prefix", DEFAULT_PREFIX),
+        help="with --asyncapi: the workers' subject prefix (env LLMBUS_SUBJECT_PREFIX; default llm)",
     )
 
     commands.add_parser("bench", help="benchmark a running stack (`llmbus bench --help` for its flags)", add_help=False)
@@ -136,17 +156,47 @@ PERMISSIONS_DESCRIPTION = (
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def env_default(name: str, default: str | bool) -> str | bool:
+    """An option's default: `LLMBUS_<NAME>` where set (not empty), else `default`. A string default goes through the
+    option's `type` when the option is not given, so a bad value is a usage error that names the variable."""
+    return env_value(os.environ, name) or default
+
+
+def env_bool(variable: str) -> Callable[[str], bool]:
+    def parse(raw: str) -> bool:
+        try:
+            return parse_bool(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{variable}={raw!r}: {exc}") from None
+
+    return parse
+
+
+class EnvFlag(argparse.Action):
+    """`--name` and `--no-name`, whose default may be the raw value of LLMBUS_<NAME> (parsed as Config parses it)."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: str | bool = False, **kwargs: Any) -> None:
+        negated = [f"--no-{option[2:]}" for option in option_strings if option.startswith("--")]
+        kwargs["type"] = env_bool(f"{ENV_PREFIX}{dest.upper()}")
+        super().__init__([*option_strings, *negated], dest, nargs=0, default=default, **kwargs)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, not str(option).startswith("--no-"))
+
+
 def add_logging_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
         type=str.upper,
-        default=os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "INFO").upper(),
+        default=(env_value(os.environ, "log_level") or "INFO").upper(),
         choices=LOG_LEVELS,
         help="log level of the stderr log (env LLMBUS_LOG_LEVEL; default INFO)",
     )
     parser.add_argument(
         "--log-format",
-        default=os.environ.get(f"{ENV_PREFIX}LOG_FORMAT", "text").lower(),
+        default=(env_value(os.environ, "log_format") or "text").lower(),
         choices=FORMATS,
         help="text, or json: one JSON object per line, for log shippers (env LLMBUS_LOG_FORMAT; default text)",
     )

@@ -1,13 +1,16 @@
 """All settings as one typed object. Precedence: defaults < `LLMBUS_*` environment variables < CLI flags.
 
 Every field is an env var (`LLMBUS_` + the upper-case name, e.g. `LLMBUS_MAX_BATCH_SIZE=32`) and a CLI flag
-(`--max-batch-size 32`). Lists are comma-separated in the environment and repeatable on the command line.
+(`--max-batch-size 32`). Lists are comma-separated in the environment and repeatable on the command line. A variable
+set to the empty string counts as unset; a boolean one takes 1/true/yes/on or 0/false/no/off, and any other value is
+an error that names the variable (never silently False).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -30,6 +33,12 @@ CONNECTION_FIELDS = (
 
 
 SUBJECT_PREFIX = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+REPLY_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # an inbox prefix: no wildcard, space or `$`
+DEFAULT_REPLY_PREFIXES = ("_INBOX.",)  # nats-py's inboxes, and every `_INBOX.<name>` private inbox prefix
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+log = logging.getLogger("llmbus.config")
 
 
 def _opt(default: Any, help: str, factory: Any = None) -> Any:
@@ -109,11 +118,13 @@ class Config:
     jobs_max_deliver: int = _opt(3, "durable jobs: deliveries that may run a job before it fails with an error")
     jobs_max_age: float = _opt(3600.0, "durable jobs: seconds a queued job is kept before JetStream drops it")
     jobs_max_msgs: int = _opt(10000, "durable jobs: most jobs queued; beyond it new jobs are refused")
-    durable_reply_prefixes: list[str] = _opt(
+    reply_prefixes: list[str] = _opt(
         None,
-        "durable jobs: answers go only to reply subjects under these prefixes (repeatable)",
-        factory=lambda: ["_INBOX."],
+        "worker: answer a request or a durable job only on a reply subject under these prefixes (repeatable); add"
+        " the clients' custom --nats-inbox-prefix here",
+        factory=lambda: list(DEFAULT_REPLY_PREFIXES),
     )
+    durable_reply_prefixes: list[str] | None = _opt(None, "deprecated alias of --reply-prefixes (repeatable)")
     # local stack
     nats_port: int = _opt(4222, "port of the embedded nats-server that `llmbus up` starts")
     # security: HTTPS, rate limit and CORS on the bridge; `llmbus up --secure`
@@ -175,6 +186,24 @@ class Config:
         for name in ("kv_cache_tokens", "prefix_cache_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.durable_reply_prefixes is not None and list(self.reply_prefixes) == list(DEFAULT_REPLY_PREFIXES):
+            self.reply_prefixes = list(self.durable_reply_prefixes)  # the deprecated alias, where it is all that is set
+        self._check_reply_prefixes()
+
+    def _check_reply_prefixes(self) -> None:
+        """Each reply prefix names inboxes only: never a `$` subject (`$JS.API...`), a wildcard, or the workers' own
+        subjects (a reply there would be a request to the workers)."""
+        if not self.reply_prefixes:
+            raise ValueError(f"reply_prefixes must name at least one prefix, such as {DEFAULT_REPLY_PREFIXES[0]}")
+        own = f"{self.subject_prefix}."
+        for prefix in self.reply_prefixes:
+            if not REPLY_PREFIX.fullmatch(prefix):
+                raise ValueError(
+                    f"reply_prefixes: {prefix!r} is not an inbox prefix: use dotted tokens of A-Z a-z 0-9 _ -, such"
+                    " as _INBOX. or _INBOX.alice (no wildcards, spaces or $ subjects)"
+                )
+            if own.startswith(prefix) or prefix.startswith(own):
+                raise ValueError(f"reply_prefixes: {prefix!r} overlaps the workers' subjects ({own}...)")
 
     def all_api_keys(self) -> list[str]:
         keys = list(self.api_keys)
@@ -191,7 +220,7 @@ class Config:
         hints = get_type_hints(cls)
         env = os.environ if env is None else env
         for f in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
+            raw = env_value(env, f.name)
             if raw is not None:
                 try:
                     values[f.name] = _parse(hints[f.name], raw)
@@ -201,7 +230,27 @@ class Config:
             if args is not None and getattr(args, f.name, None) is not None:
                 values[f.name] = getattr(args, f.name)
         values.update(overrides)
+        if values.get("durable_reply_prefixes") is not None:
+            if values.get("reply_prefixes") is not None:
+                log.warning("durable_reply_prefixes (deprecated) is ignored: reply_prefixes is set")
+                values["durable_reply_prefixes"] = None
+            else:
+                log.warning("durable_reply_prefixes is deprecated: use --reply-prefixes or LLMBUS_REPLY_PREFIXES")
+                values["reply_prefixes"] = values["durable_reply_prefixes"]
         return cls(**values)
+
+
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """The value of `LLMBUS_<NAME>` for the setting `name`; None when unset or empty (`LLMBUS_NATS_URL=`)."""
+    raw = env.get(ENV_PREFIX + name.upper())
+    return raw if raw is not None and raw.strip() else None
+
+
+def parse_bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ValueError(f"not a boolean: use {', '.join(TRUE_WORDS)} or {', '.join(FALSE_WORDS)}")
 
 
 def _base(tp: Any) -> Any:
@@ -215,7 +264,7 @@ def _parse(tp: Any, raw: str) -> Any:
     if get_origin(tp) is list:
         return [part.strip() for part in raw.split(",") if part.strip()]
     if tp is bool:
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
+        return parse_bool(raw)
     return tp(raw)
 
 

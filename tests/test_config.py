@@ -123,6 +123,7 @@ def test_up_starts_its_own_nats_unless_given_a_url() -> None:
     assert uses_existing_nats(parse("up", "--nats-url", "nats://127.0.0.1:4333"), env={}) is True
     assert uses_existing_nats(parse("up"), env={"LLMBUS_NATS_URL": "nats://127.0.0.1:4333"}) is True
     assert uses_existing_nats(parse("up", "--nats-port", "4333"), env={}) is False
+    assert uses_existing_nats(parse("up"), env={"LLMBUS_NATS_URL": ""}) is False  # empty: unset, as for every setting
 
 
 def test_every_serving_command_picks_its_event_loop() -> None:

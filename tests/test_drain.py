@@ -29,7 +29,7 @@ from llmbus.nats_server import NatsServer
 from schemas import ChatResponse
 
 WORKER_FLAGS = ("--max-tokens-cap", "16", "--drain-timeout", "60")
-CLIENT_INBOX = "_INBOX_DRAIN"
+CLIENT_INBOX = "_INBOX.drain"  # under the workers' default --reply-prefixes
 STOP_TIMEOUT_S = 60.0
 LONG_PROMPT = "Count from 1 to 300, one number per line."
 
