@@ -109,7 +109,9 @@ class Discovery:
 
     async def bus_models(self, timeout: float = DISCOVERY_WINDOW, *, thorough: bool = False) -> BusModels:
         """Each model on the bus with its number of serving workers, and the ones that claim to be the default.
-        `thorough` waits the whole `timeout` for slow workers instead of stopping soon after the last reply."""
+        `thorough` waits the whole `timeout` for slow workers instead of stopping soon after the last reply: a quick
+        look misses a worker whose reply comes `DISCOVERY_SETTLE` after the one before, so a caller that acts on a
+        worker's absence (a model is not served, or is the only one: `inference_worker.routing`) looks thoroughly."""
         self._check_connected()
         settle = None if thorough else DISCOVERY_SETTLE
         infos = await gather(self.nc, f"$SRV.INFO.{self.service_name}", timeout, settle=settle)

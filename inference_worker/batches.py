@@ -99,9 +99,11 @@ class BatchCoordinator:
 
     async def _unknown_models_failed(self, items: list[Item]) -> list[Item]:
         """Queries that name a model nobody serves become a 404 at once (the others are sent, and retried while their
-        model's workers are busy or restarting)."""
-        named = {item.model for item in items if isinstance(item, ChatRequest) and item.model}
-        unknown = {model for model in named if not await self.knows(model)}
+        model's workers are busy or restarting). Every name is asked about at once, so the names share one look at
+        the bus (`routing.ModelDirectory.refresh`) rather than taking one each."""
+        named = sorted({item.model for item in items if isinstance(item, ChatRequest) and item.model})
+        served = await asyncio.gather(*(self.knows(model) for model in named))
+        unknown = {model for model, known in zip(named, served, strict=True) if not known}
         if not unknown:
             return items
         return [

@@ -67,15 +67,19 @@ class Intake:
         """A request that needs a look at the bus before it can be routed takes it in a task of its own: the look
         can last the whole discovery window, and every request behind this one would wait for it (on `llm.chat`,
         in the subscription's callback; a durable job, in the pull loop that every job queue shares). Until it is
-        routed it counts as held (`jobs_wanted`)."""
-        task = asyncio.create_task(self._route_then_dispatch(req, kind, request))
+        routed it counts as held (`jobs_wanted`). A request delivered while this worker still accepted requests is
+        served even when a drain began during its look (`drain` serves what was already delivered)."""
+        task = asyncio.create_task(self._route_then_dispatch(req, kind, request, delivered=self.accepting))
         self.routing.add(task)
         self._idle.clear()
         task.add_done_callback(self._routed)
 
-    async def _route_then_dispatch(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
+    async def _route_then_dispatch(
+        self: Worker, req: Replier, kind: str, request: ChatRequest, delivered: bool
+    ) -> None:
         try:
-            await self._dispatch_chat(req, kind, request, await self.directory.route(request.model))
+            where = await self.directory.route(request.model)
+            await self._dispatch_chat(req, kind, request, where, delivered)
         except asyncio.CancelledError:
             failure = WireError.of("shutting_down", "worker stopped before routing this request; retry")
             with contextlib.suppress(Exception):
@@ -90,12 +94,14 @@ class Intake:
         self.routing.discard(task)
         self._released()
 
-    async def _dispatch_chat(self: Worker, req: Replier, kind: str, request: ChatRequest, where: Route) -> None:
+    async def _dispatch_chat(
+        self: Worker, req: Replier, kind: str, request: ChatRequest, where: Route, delivered: bool = False
+    ) -> None:
         if isinstance(where, WireError):
             return await self.outbox.send(req, replies.error(kind, where, stream=request.stream))
         if isinstance(where, Forward):
             return await self._forward(req, where.model, batched=False)
-        await self._serve_chat(req, kind, request)
+        await self._serve_chat(req, kind, request, delivered)
 
     async def serve_chat(self: Worker, req: Replier) -> None:
         """`llm.model.<token>.chat` (and its durable subject): this worker's model only."""
@@ -113,7 +119,9 @@ class Intake:
             return await self.outbox.send(req, replies.error(kind, wrong, stream=request.stream))
         await self._serve_chat(req, kind, request)
 
-    async def _serve_chat(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
+    async def _serve_chat(self: Worker, req: Replier, kind: str, request: ChatRequest, delivered: bool = False) -> None:
+        """Hold `request` and hand it to the engine. `delivered`: it reached this worker while it accepted requests
+        (it waited for a look at the bus since), so a drain that began meanwhile does not refuse it."""
         durable = isinstance(req, Job)
         if isinstance(req, Job):
             req.requeue_to = self.subjects.model_jobs_chat(self.model_name)  # routed here: its model's queue
@@ -124,8 +132,8 @@ class Intake:
                 return await self.outbox.send(req, replies.error(kind, problem, stream=request.stream))
         held = Held(req, (req.reply, request_id), self.held.new_engine_id(), kind, request.chat_id, request.stream)
         if self.held.was_cancelled(held.key):
-            return await self.outbox.send(req, replies.cancelled_before_start(held, self.model_name))
-        refusal = self._refusal(held.key, 1, check_load=not durable) or check_max_tokens(request, self.limits)
+            return await self.outbox.send(req, self._cancelled_earlier(kind, request_id, request.stream))
+        refusal = self._refusal(held.key, 1, not durable, delivered) or check_max_tokens(request, self.limits)
         if refusal is not None:
             answer = replies.error(kind, refusal, stream=request.stream, request_id=request_id)
             return await self.outbox.send(req, answer)
@@ -231,12 +239,13 @@ class Intake:
         else:
             self.held.bury(key)
 
-    def _refusal(self: Worker, key: Key, count: int, check_load: bool) -> WireError | None:
+    def _refusal(self: Worker, key: Key, count: int, check_load: bool, delivered: bool = False) -> WireError | None:
         """Why a new request cannot be held (None: it can). A batch holds nothing itself (its queries come back as
-        requests), and a durable job was fetched only when it fits (`jobs_wanted`), so neither checks the load."""
+        requests), and a durable job was fetched only when it fits (`jobs_wanted`), so neither checks the load.
+        `delivered`: the request reached this worker before it stopped accepting, and a drain serves those."""
         if self.held.holds(key) or key in self.batches:
             return WireError.of("duplicate_request", f"request id {key[1]!r} is already in flight from this client")
-        if not self.accepting:
+        if not self.accepting and not (delivered and self._draining_serves()):
             return WireError.of("shutting_down", "worker is shutting down; retry and another worker will answer")
         if check_load and len(self.held) + count > self.config.max_pending:
             return WireError.of(
@@ -245,6 +254,19 @@ class Intake:
                 " retry later",
             )
         return None
+
+    def _cancelled_earlier(self: Worker, kind: str, request_id: str, stream: bool) -> list[replies.Outgoing]:
+        """A request whose key was cancelled in the last `tombstone_ttl` seconds: its cancel came first (they travel
+        on different subscriptions), or a client re-sent a cancelled request with its id (a retry after a timeout,
+        whose cancel every worker remembered). Either way it does not run, and an error says why, not an empty
+        answer that looks like a success."""
+        ttl = round(self.held.tombstone_ttl)
+        message = f"request id {request_id!r} was cancelled in the last {ttl} s: send it again with a new request id"
+        return replies.error(kind, WireError.of("cancelled", message), stream=stream, request_id=request_id)
+
+    def _draining_serves(self: Worker) -> bool:
+        """A drain still serves what was delivered before it: the engine runs, and the worker is not closing."""
+        return self.draining and self.dead is None and self._thread is not None
 
     # --- durable jobs ----------------------------------------------------------------------------------------
 

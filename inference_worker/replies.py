@@ -77,12 +77,6 @@ def finished(held: Held, event: Finished, model: str) -> list[Outgoing]:
     return [_chunk(held, end, STREAM_END, final=True), SENTINEL]
 
 
-def cancelled_before_start(held: Held, model: str, prompt_tokens: int = 0) -> list[Outgoing]:
-    """The answer to a request whose cancel arrived first: nothing was generated."""
-    event = Finished(held.engine_id, "", "cancelled", prompt_tokens, 0)
-    return finished(held, event, model)
-
-
 def error(kind: str, failure: WireError, *, stream: bool = False, request_id: str | None = None) -> list[Outgoing]:
     """An error answer; on a stream it is the end message (with the request id), followed by the sentinel."""
     message = clean_text(failure.message, MAX_BODY_MESSAGE)

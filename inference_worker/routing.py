@@ -9,7 +9,15 @@ A request that names no model gets the bus's default model: the model whose work
 when none does, the only model on the bus. With several models and no default, it is a 400 that lists them.
 
 The models on the bus come from `$SRV.INFO` (metadata `model` and `default_model`), gathered at most every `ttl`
-seconds, and again at once (at most every `min_refresh` seconds) when a request names a model not seen yet.
+seconds, and again at once (at most every `min_refresh` seconds) when a request names a model not seen yet. A quick
+look stops soon after the last reply, so it may miss a slow worker; what a missing worker could change is looked at
+again thoroughly (the whole discovery window) before it is acted on:
+- a request that cannot be routed (a model not seen, no default) is refused only after a thorough look;
+- a request that names no model is served here as "the only model on the bus" only when a thorough look saw no
+  other model and no default (the default's reply may be the late one), never on a quick look alone.
+Requests that wait for a thorough look share it: a thorough look that ended after a request began waiting for its
+route (it was running, or waited for, meanwhile) answers for that request too, so N unknown names (a batch's, asked
+about at once, or N requests waiting together) cost one look, not N one after another.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ Gather = Callable[[bool], Awaitable[BusModels]]  # thorough: wait the whole wind
 
 TTL_S = 5.0
 MIN_REFRESH_S = 0.5
+TRUST_QUICK_S = 60.0  # how long a quick look that matches the last thorough one (no default, same models) is trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +95,10 @@ class ModelDirectory:
         self.ttl = ttl
         self.min_refresh = min_refresh
         self.models = self._with_own(BusModels())
-        self._fetched_at = float("-inf")
+        self._fetched_at = float("-inf")  # when the look that gave `models` ended
+        self._thorough = False  # whether that look waited the whole window
+        self._thoroughly_seen: set[str] | None = None  # the models the last thorough look saw, when it saw no default
+        self._thorough_at = float("-inf")
         self._lock = asyncio.Lock()
 
     async def current(self, wanted: str | None = None) -> BusModels:
@@ -98,35 +110,61 @@ class ModelDirectory:
     def _stale(self) -> bool:
         return time.monotonic() - self._fetched_at > self.ttl
 
-    async def refresh(self, thorough: bool = False) -> BusModels:
-        """Ask the bus again, unless that was done less than `min_refresh` seconds ago (a thorough look always)."""
+    async def refresh(self, thorough: bool = False, since: float | None = None) -> BusModels:
+        """Ask the bus again, unless that was done less than `min_refresh` seconds ago. A thorough look is taken
+        unless one ended after `since` (the caller began waiting: by default, this call): one that ended while the
+        caller waited answers for it too."""
+        asked = time.monotonic() if since is None else since
         async with self._lock:
+            if thorough and self._thorough and self._fetched_at >= asked:
+                return self.models
             if thorough or time.monotonic() - self._fetched_at > self.min_refresh:
-                self.models = self._with_own(await self.gather(thorough))
-                self._fetched_at = time.monotonic()
+                models = self._with_own(await self.gather(thorough))
+                self.models, self._fetched_at, self._thorough = models, time.monotonic(), thorough
+                if thorough:
+                    self._thoroughly_seen = None if models.defaults else set(models.workers)
+                    self._thorough_at = self._fetched_at
         return self.models
 
     async def knows(self, model: str) -> bool:
         """Whether a worker on the bus serves `model` (after a thorough look when it is not known yet)."""
+        since = time.monotonic()
         if model in (await self.current(model)).workers:
             return True
-        return model in (await self.refresh(thorough=True)).workers
+        return model in (await self.refresh(thorough=True, since=since)).workers
 
     def known_route(self, requested: str | None) -> Route | None:
-        """`route` on the view this worker holds, when it is fresh and routes the request; None when the request
-        needs a look at the bus first (a model not seen yet, a stale view, or no route yet)."""
-        if self._stale():
+        """`route` on the view this worker holds, when it is fresh and routes the request for sure; None when the
+        request needs a look at the bus first (a model not seen yet, a stale view, no route yet, or "the only model
+        on the bus" seen by a quick look only)."""
+        if self._stale() or not self._sure(requested):
             return None
         where = route(requested, self.own, self.models)
         return None if isinstance(where, WireError) else where
 
     async def route(self, requested: str | None) -> Route:
-        """`route` on what the bus looks like now; a request that cannot be routed is looked at again after a fresh
-        look at the bus (a model or a default that just arrived), before it is refused."""
-        where = route(requested, self.own, await self.current(requested))
-        if isinstance(where, WireError):
-            where = route(requested, self.own, await self.refresh(thorough=True))
-        return where
+        """`route` on what the bus looks like now; a request that cannot be routed is looked at again after a
+        thorough look at the bus (a model or a default that just arrived, or answers slowly), before it is refused.
+        A request that names no model, on a view with no default, takes the thorough look at once."""
+        if (where := self.known_route(requested)) is not None:
+            return where
+        since = time.monotonic()
+        if requested is not None or self.models.defaults:
+            where = route(requested, self.own, await self.current(requested))
+            if not isinstance(where, WireError) and self._sure(requested):
+                return where
+        return route(requested, self.own, await self.refresh(thorough=True, since=since))
+
+    def _sure(self, requested: str | None) -> bool:
+        """Whether `route` on the view held can be trusted for `requested`: always, except a request that names no
+        model on a view without a default, which a quick look may have left with no other model than this
+        worker's (the default's INFO reply came after the look stopped). A quick look that sees just what the last
+        thorough one saw, with no default either time, is trusted for `TRUST_QUICK_S`: a worker alone on the bus
+        takes a thorough look a minute, not one every `ttl` seconds."""
+        if requested is not None or self.models.defaults or self._thorough:
+            return True
+        recent = time.monotonic() - self._thorough_at < TRUST_QUICK_S
+        return recent and self._thoroughly_seen is not None and set(self.models.workers) == self._thoroughly_seen
 
     def _with_own(self, models: BusModels) -> BusModels:
         """This worker counts even when discovery missed it (it no longer answers INFO while draining)."""

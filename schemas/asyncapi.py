@@ -84,10 +84,11 @@ def components() -> dict[str, Schema]:
 
 PARAMETERS = {
     "model_token": {
-        "description": "The subject token of a model name (`schemas.subjects.model_token`). A name of 1-64 "
-        "letters, digits, `_` and `-` is its own token. Any other name becomes its letters, digits, `_` and `-` "
-        "(every other character replaced by `_`, at most 48 of them), a `-`, and the first 8 hex digits of the "
-        "SHA-256 of the name in UTF-8, so two names never share a token and any language computes it.",
+        "description": "The subject token of a model name (`schemas.subjects.model_token`), which any language "
+        "computes. A name of 1-64 letters, digits, `_` and `-` is its own token, unless it ends as a hashed token "
+        "does (`-` and 8 lowercase hex digits). Any other name becomes its letters, digits, `_` and `-` (every "
+        "other character replaced by `_`, at most 48 of them), a `-`, and the first 8 hex digits of the SHA-256 of "
+        "the name in UTF-8, so a name never takes another name's hashed token as its own.",
     },
     "request_id": {"description": "The request's `Llmbus-Request-Id` (1-128 of A-Z a-z 0-9 _ -)."},
     "service_id": {"description": "A worker instance's `id`, from a PING or INFO answer."},

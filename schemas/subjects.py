@@ -9,10 +9,13 @@ Subjects (prefix `llm`, `--subject-prefix`):
 - `llm.jobs.chat`, `llm.jobs.chat.batched`: durable jobs (stream `LLM_JOBS`, consumer `llm-workers`) for the default
   model or the one they name; `llm.jobs.model.<token>.chat[.batched]`: one model's (consumer `llm-workers-<token>`).
 
-`<token>` is `model_token(name)`: a model name of 1-64 letters, digits, `_` and `-` is its own token
-(`SmolLM2-135M-Instruct`); any other name (`Qwen/Qwen2.5-0.5B-Instruct`) becomes its letters, digits, `_` and `-`
-(every other character replaced by `_`, at most 48 of them), a `-`, and the first 8 hex digits of the SHA-256 of the
-name in UTF-8 (`Qwen_Qwen2_5-0_5B-Instruct-4b05be1d`), so two names never share a token and any language computes it.
+`<token>` is `model_token(name)`, which any language computes: a model name of 1-64 letters, digits, `_` and `-` is
+its own token (`SmolLM2-135M-Instruct`), unless it ends as a hashed token does (`-` and 8 lowercase hex digits); any
+other name (`Qwen/Qwen2.5-0.5B-Instruct`) becomes its letters, digits, `_` and `-` (every other character replaced by
+`_`, at most 48 of them), a `-`, and the first 8 hex digits of the SHA-256 of the name in UTF-8
+(`Qwen_Qwen2_5-0_5B-Instruct-4b05be1d`). So a name never takes a hashed name's token as its own: the name
+`Qwen_Qwen2_5-0_5B-Instruct-4b05be1d` is hashed too (`Qwen_Qwen2_5-0_5B-Instruct-4b05be1d-28fd1090`). Two hashed
+names share a token only when their first 48 characters (as replaced) and 32 bits of their digests agree.
 """
 
 from __future__ import annotations
@@ -52,13 +55,15 @@ NO_RESPONDERS = "503"
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MODEL_TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UNSAFE_IN_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+DIGEST_HEX = 8  # the hex digits of SHA-256 that end a hashed token
+HASHED_ENDING = re.compile(rf"-[0-9a-f]{{{DIGEST_HEX}}}$")  # how every hashed token ends
 
 
 def model_token(name: str) -> str:
     """The subject token of a model name (see the module docstring)."""
-    if MODEL_TOKEN_PATTERN.fullmatch(name):
+    if MODEL_TOKEN_PATTERN.fullmatch(name) and not HASHED_ENDING.search(name):
         return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(name.encode()).hexdigest()[:DIGEST_HEX]
     return f"{UNSAFE_IN_TOKEN.sub('_', name)[:48]}-{digest}"
 
 

@@ -76,7 +76,7 @@ async def test_a_worker_follows_the_consumers_it_finds_and_names_what_differs(
         dies = await js.pull_subscribe_bind(durable=CONSUMER_NAME, stream=STREAM_NAME)
         await dies.fetch(1, timeout=10)
         await dies.unsubscribe()  # delivery 1 dies unacked: delivery 2 is the worker's
-        worker = await durable_worker(fresh_nats_server, jobs_max_deliver=1)
+        worker = await durable_worker(fresh_nats_server, jobs_max_deliver=1, default_model=True)
         look, progress, kept_alive = HeldLook(worker), [], asyncio.Event()
 
         async def count(msg: Msg) -> None:

@@ -170,8 +170,8 @@ async def test_a_job_waiting_for_a_look_at_the_bus_delays_no_other_job(
 ) -> None:
     """A job naming a model nobody serves is routed after a thorough look at the bus (the discovery window). The
     look runs in a task of its own, so the pull loop that every job queue shares goes on taking jobs meanwhile.
-    Here the look is held until the test lets it go."""
-    worker = await durable_worker(fresh_nats_server)
+    Here the look is held until the test lets it go. (The default model: a model-less job needs no look.)"""
+    worker = await durable_worker(fresh_nats_server, default_model=True)
     look = HeldLook(worker)
     try:
         async with JobClient(fresh_nc) as jobs:

@@ -220,8 +220,11 @@ async def test_a_request_waiting_for_a_look_at_the_bus_delays_no_other_request(
 ) -> None:
     """A request naming a model nobody serves is routed only after a thorough look at the bus (the whole discovery
     window). That look runs in a task of its own, so the requests behind it on `llm.chat` are served meanwhile;
-    a worker that stops before the look ends answers it 503. Here the look is held until the test lets it go."""
-    config = Config(nats_url=fresh_nats_server.url, subject_prefix="looked", max_tokens_cap=8, compile=False)
+    a worker that stops before the look ends answers it 503. Here the look is held until the test lets it go (the
+    worker is the default model, so the requests that name none need no look)."""
+    config = Config(
+        nats_url=fresh_nats_server.url, subject_prefix="looked", max_tokens_cap=8, compile=False, default_model=True
+    )
     worker = Worker(config, await nats.connect(fresh_nats_server.url), tiny_model())
     await worker.start()
     look = HeldLook(worker)

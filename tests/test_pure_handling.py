@@ -299,14 +299,6 @@ async def test_token_deltas_of_a_non_streaming_request_are_not_sent() -> None:
     assert len(sent) == 1 and msgspec.json.decode(sent[0].data, type=ChatResponse).response == "Hello"
 
 
-def test_a_request_cancelled_before_it_started_is_answered_as_cancelled_with_no_tokens() -> None:
-    end, sentinel = replies.cancelled_before_start(held(stream=True), "tiny-model", prompt_tokens=5)
-    chunk = msgspec.json.decode(end.data, type=ChatChunk)
-    assert (chunk.done, chunk.finish_reason, chunk.index) == (True, "cancelled", 0)
-    assert chunk.usage is not None and (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (5, 0)
-    assert sentinel is replies.SENTINEL
-
-
 def test_an_error_on_a_stream_is_the_end_message_with_its_request_id_and_content_type() -> None:
     refused = WireError.of("bad_request", "no")
     (plain,) = replies.error(JSON, refused)
