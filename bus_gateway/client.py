@@ -37,7 +37,8 @@ from bus_gateway.inbox import ReplyInbox
 from bus_gateway.streaming import Streaming
 from llmbus import tracing
 from llmbus.config import Config
-from llmbus.connection import connect, open_connection, refused_plaintext, servers_of, servers_want_tls
+from llmbus.connection import connect, open_connection, refused_plaintext, servers_want_tls
+from llmbus.urls import servers_of
 from schemas import (
     SERVICE_NAME,
     BatchResponse,

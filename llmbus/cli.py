@@ -17,10 +17,10 @@ import nats.errors
 from llmbus import __version__, process_gc, tracing
 from llmbus.cli_parser import LOG_LEVELS, build_parser
 from llmbus.config import Config, env_value
-from llmbus.connection import redact_urls
 from llmbus.logs import FORMATS, setup_logging
 from llmbus.permissions import check_names, grants, jwt_permissions, server_permissions
 from llmbus.stack import Part, run_stack
+from llmbus.urls import redact_urls
 from schemas.subjects import DEFAULT_QUEUE_GROUP
 
 DEFAULT_METRICS_PORT = 9464  # `llmbus up`: the worker's Prometheus endpoint unless --metrics-port says otherwise

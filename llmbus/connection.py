@@ -5,7 +5,7 @@ servers, credentials (a `.creds` file, an nkey seed file, user and password, or 
 certificate and key for mutual TLS) and the reply inbox prefix. It checks them first and names what is wrong
 (`ConnectionSettingsError`). `connect(config, name)` opens a connection that reconnects forever, so a restarted
 server or a dropped link heals by itself, and logs connection trouble in one line without secrets (a URL's
-`user:pass@` is never printed: see `redact_url`). A password or token in a URL cannot hold `/`, `?` or `#`: nats-py
+`user:pass@` is never printed: see `llmbus.urls`). A password or token in a URL cannot hold `/`, `?` or `#`: nats-py
 reads the URL as written and decodes no %-escapes, so such a secret goes in `nats_password` or `nats_token`.
 
 Two nats-py behaviours are closed here:
@@ -20,18 +20,17 @@ Two nats-py behaviours are closed here:
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import nats.errors
 from nats.aio.client import Client as NATS
 
 from llmbus.config import Config
 from llmbus.permissions import SUBJECT
+from llmbus.urls import URL_ENDS, redact_url, redact_urls, servers_of, split_login
 
 log = logging.getLogger("llmbus.nats")
 
@@ -40,10 +39,6 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 CREDS_JWT = "-----BEGIN NATS USER JWT-----"
 CREDS_SEED = "-----BEGIN USER NKEY SEED-----"
 PERMANENT_SERVER_ERRORS = ("authorization violation", "authentication expired", "authentication revoked")
-SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")  # a comma that starts another URL with a scheme
-URL_ENDS = "/?#"  # where a URL's authority ends: a password or token holding one of them cannot be read
-UNPARSEABLE = "<unparseable URL>"
 KEEPALIVE = {"allow_reconnect": True, "reconnect_time_wait": 0.5, "ping_interval": 10, "max_outstanding_pings": 3}
 
 
@@ -72,38 +67,6 @@ class TlsRequiredClient(NATS):
         if scheme == "ws" or not self._server_info.get("tls_required"):
             raise PlaintextServerError()
         return super()._connect_command()
-
-
-def servers_of(url: str) -> list[str]:
-    return [part.strip() for part in url.split(",") if part.strip()]
-
-
-def split_login(url: str) -> tuple[str, str, str]:
-    """`scheme://` ("" when none), the login (all before the last `@`) and the rest. Not `urlsplit`: it ends the
-    authority at the first `/`, `?` or `#`, so a password holding one would read as a host or a path, and show."""
-    scheme = match.group(0) if (match := SCHEME.match(url)) else ""
-    login, at, rest = url[len(scheme) :].rpartition("@")
-    return scheme, login if at else "", rest
-
-
-def redact_url(url: str) -> str:
-    """A server URL fit for logs: `nats://user:***@host:4222`, `tls://***@host:4222` for a token."""
-    scheme, login, rest = split_login(url)
-    if "@" in url[len(scheme) :]:  # a user name is kept, a password or token never
-        user, colon, _ = login.partition(":")
-        url = f"{scheme}{user}:***@{rest}" if colon else f"{scheme}***@{rest}"
-    try:
-        urlsplit(url if scheme else f"nats://{url}")
-    except ValueError:  # such as an unclosed IPv6 bracket
-        return UNPARSEABLE
-    return url
-
-
-def redact_urls(url: str) -> str:
-    """Each URL of a list redacted; URLs with schemes are cut before each scheme, so a password's comma stays in."""
-    if SCHEME.search(url):
-        return ",".join(redact_url(server.strip()) for server in NEXT_URL.split(url) if server.strip())
-    return ",".join(redact_url(server) for server in servers_of(url))
 
 
 def check_url_logins(url: str) -> None:

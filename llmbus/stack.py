@@ -20,8 +20,8 @@ from typing import Literal
 
 from llmbus import process_gc
 from llmbus.config import ENV_PREFIX, Config
-from llmbus.connection import redact_urls
 from llmbus.nats_server import NatsServer, NatsServerError, free_port, port_is_free
+from llmbus.urls import redact_urls
 
 Part = Literal["worker", "gateway"]
 PartRunner = Callable[[Config, asyncio.Event, asyncio.Event | None], Awaitable[None]]

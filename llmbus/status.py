@@ -33,7 +33,7 @@ from rich.text import Text
 from bus_gateway.bus_view import BusSampler, BusTotals, BusView, WorkerRow, format_duration
 from bus_gateway.client import BusClient
 from llmbus.config import Config
-from llmbus.connection import redact_urls
+from llmbus.urls import redact_urls
 from schemas import SERVICE_NAME
 
 RATE_WINDOW = 1.0

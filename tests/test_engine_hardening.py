@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -67,6 +68,17 @@ class Recorder:
         await asyncio.wait_for(self.changed.wait(), WAIT_S)
 
 
+def slow_refusal(building: threading.Event, release: threading.Event) -> Callable[[], Failed]:
+    """The build of request `first`: it says that it started, waits to be released, then refuses the request."""
+
+    def build() -> Failed:
+        building.set()
+        release.wait(WAIT_S)
+        return Failed("first", 400, "bad input")
+
+    return build
+
+
 class CountingInbox(queue.SimpleQueue):
     """The engine thread's inbox, which says when `wanted` commands are queued at once."""
 
@@ -99,13 +111,7 @@ async def test_a_refusal_and_a_cancel_read_with_the_stop_are_published_by_the_re
     thread.submit(Sequence("long", chat_prompt(tiny, "long"), LONG, stream=True))
     await long.first()  # its `accepted` chunk: the engine holds it
     building, release = threading.Event(), threading.Event()
-
-    def slow_build() -> Failed:
-        building.set()
-        release.wait(WAIT_S)
-        return Failed("first", 400, "bad input")
-
-    thread.submit(slow_build, "first")
+    thread.submit(slow_refusal(building, release), "first")
     assert await asyncio.to_thread(building.wait, WAIT_S)  # the engine thread is inside it; the rest queue behind
     inbox.wanted = 3
     thread.cancel("long")
@@ -161,13 +167,7 @@ def test_the_engine_thread_never_changes_a_list_it_handed_to_the_sink(tiny: Load
     thread.inbox = inbox = CountingInbox()
     thread.start()
     building, release = threading.Event(), threading.Event()
-
-    def slow_build() -> Failed:
-        building.set()
-        release.wait(WAIT_S)
-        return Failed("first", 400, "bad input")
-
-    thread.submit(slow_build, "first")
+    thread.submit(slow_refusal(building, release), "first")
     assert building.wait(WAIT_S)
     inbox.wanted = 2
     thread.submit(lambda: Failed("second", 400, "also bad"), "second")

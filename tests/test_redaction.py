@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from llmbus.config import Config
-from llmbus.connection import ConnectionSettingsError, check_settings, redact_url, redact_urls
+from llmbus.connection import ConnectionSettingsError, check_settings
 from llmbus.nats_server import NatsServer, env_without_proxy, write_config
+from llmbus.urls import redact_url, redact_urls
 
 SECRET_URLS = [
     ("nats://alice:s3/cret@127.0.0.1:4222", "nats://alice:***@127.0.0.1:4222", "s3/cret"),

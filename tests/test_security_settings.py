@@ -18,10 +18,11 @@ from cryptography import x509
 from helpers.nats_auth import make_tls
 from llmbus.cli import main
 from llmbus.config import Config
-from llmbus.connection import ConnectionSettingsError, connect, nats_options, redact_url, wants_tls
+from llmbus.connection import ConnectionSettingsError, connect, nats_options, wants_tls
 from llmbus.nats_server import NatsServer, nats_server_binary
 from llmbus.permissions import ROLES, grants, jwt_permissions, server_permissions
 from llmbus.secure_stack import prepare
+from llmbus.urls import redact_url
 
 CONNECTION_FLAGS = (
     "--nats-creds",

@@ -19,8 +19,9 @@ import nats.errors
 from llmbus import connection
 from llmbus.bench.http_load import OpenAITarget, probe
 from llmbus.bench.options import BenchError, BenchOptions
-from llmbus.connection import ConnectionSettingsError, NatsConnectError, describe_failure, redact_urls
+from llmbus.connection import ConnectionSettingsError, NatsConnectError, describe_failure
 from llmbus.nats_server import NatsServerError
+from llmbus.urls import redact_urls
 
 FAILURES = (
     BenchError,

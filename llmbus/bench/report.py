@@ -18,7 +18,7 @@ from llmbus.bench.stack import Stack
 from llmbus.bench.sweep import Sweep
 from llmbus.bench.verdicts import Ratio, pairwise
 from llmbus.config import Config
-from llmbus.connection import redact_urls
+from llmbus.urls import redact_urls
 
 
 def build_report(
