@@ -50,8 +50,10 @@ async def test_a_cancel_that_overtakes_its_request_drops_it(worker: RunningWorke
     await nc.publish("llm.cancel.early-1", b"", headers={"Llmbus-Reply-To": inbox})
     request = {"chat_id": "early", "user_prompt": "Write a long story.", "max_tokens": 64}
     await nc.publish("llm.chat", json.dumps(request).encode(), reply=inbox, headers={"Llmbus-Request-Id": "early-1"})
-    answer = json.loads((await sub.next_msg(timeout=60)).data)
-    assert answer["finish_reason"] == "cancelled" and answer["usage"]["completion_tokens"] == 0
+    answer = await sub.next_msg(timeout=60)  # not run: a 499 that says to use a new id (a retry reusing it, too)
+    assert answer.headers[ERROR_CODE] == "499" and answer.headers["Llmbus-Error"] == "cancelled"
+    assert "'early-1' was cancelled in the last 60 s" in json.loads(answer.data)["error"]
+    assert "new request id" in json.loads(answer.data)["error"]
     after = (await BusClient(nc).stats(expect=1))[0]["endpoints"][0]["data"]["tokens_generated"]
     assert after == before  # nothing was generated for it
     # the tombstone is used up: the same id from the same inbox is served normally now
