@@ -30,6 +30,8 @@ from inference_worker.model_runner import family_decoder
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.step_inputs import StepInputs
 
+ROW_LEN = 1024  # the tiny model's decoder length in an engine, so that an engine loads the packages built here
+
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
@@ -78,7 +80,7 @@ def float_build(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> 
     once took a one-row cache as its example, specialized the rows to 1, and the build failed). Tests that need a
     built package copy it from there."""
     directory = tmp_path_factory.mktemp("float-build")
-    step, was_built = package_step(family_decoder(tiny, 64), slot_cache(tiny, rows=1), directory)
+    step, was_built = package_step(family_decoder(tiny, ROW_LEN), slot_cache(tiny, rows=1), directory)
     (package,) = directory.glob("*.pt2")
     return FloatBuild(directory, package, step, was_built)
 
@@ -107,7 +109,7 @@ def run(step, cache: SlotKVCache, inputs: tuple[torch.Tensor, ...]) -> torch.Ten
 def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_step(
     tiny: LoadedModel, float_build: FloatBuild, tmp_path: Path, extraction_dir: Path
 ) -> None:
-    decoder = family_decoder(tiny, 64)
+    decoder = family_decoder(tiny, ROW_LEN)
     cache = slot_cache(tiny)
     built_in, _, built, was_built = float_build  # by a worker of one row; loaded below by one of four
     assert was_built
@@ -225,7 +227,7 @@ def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(
 def test_a_package_that_does_not_load_is_built_again(
     tiny: LoadedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    decoder = family_decoder(tiny, 64)
+    decoder = family_decoder(tiny, ROW_LEN)
     cache = slot_cache(tiny)
     name = step_packages.package_name(decoder, reduction_attention, True, cache_dtype=cache.keys[0].dtype)
     package = tmp_path / f"decode-{name}.pt2"
@@ -244,7 +246,7 @@ def test_a_library_that_does_not_load_is_extracted_again_and_a_read_only_cache_l
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    decoder = family_decoder(tiny, 64)
+    decoder = family_decoder(tiny, ROW_LEN)
     cache = slot_cache(tiny)
     built_package = copy_of_float_build(float_build, tmp_path / "built")
     built, _ = package_step(decoder, cache, tmp_path / "built")
@@ -276,7 +278,7 @@ def test_a_library_that_does_not_load_is_extracted_again_and_a_read_only_cache_l
 
 
 def test_the_package_name_follows_the_weights_the_forward_and_the_attention(tiny: LoadedModel) -> None:
-    decoder = family_decoder(tiny, 64)
+    decoder = family_decoder(tiny, ROW_LEN)
     name = step_packages.package_name(decoder, reduction_attention, True)
     twin = tiny_model()  # the same seed: the same weights
     assert step_packages.package_name(family_decoder(twin, 64), reduction_attention, True) == name
@@ -318,15 +320,18 @@ def test_a_warm_up_hashes_a_decoders_weights_once_and_a_name_outside_it_hashes_t
 
 
 def test_an_engine_loads_the_step_its_predecessor_built_and_runs_one_row_unpadded(
-    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny: LoadedModel,
+    float_build: FloatBuild,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Both packages of the narrow step, the general one and the one-row one (`SINGLE`), are loaded before the
     engine starts; a lone row's decode steps run on the one-row package and decode as the eager step does."""
     monkeypatch.setenv("LLMBUS_CACHE_DIR", str(tmp_path))
     cache = slot_cache(tiny)  # its rows and length differ from the engine's: they are symbolic in the package
-    decoder = family_decoder(tiny, 1024)
-    package_step(decoder, cache, tmp_path / "compiled")
-    package_step(decoder, cache, tmp_path / "compiled", single=True)
+    copy_of_float_build(float_build, tmp_path / "compiled")  # built by a worker of one row
+    package_step(family_decoder(tiny, ROW_LEN), cache, tmp_path / "compiled", single=True)
     with caplog.at_level(logging.INFO, logger="llmbus.engine"):
         engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, compile=True))
         assert engine.runner.compiled.packaged.keys() == {2, SINGLE}  # loaded before the engine started
@@ -364,14 +369,18 @@ def test_quantized_packages_keep_their_weights_quantized_and_decode_as_the_eager
 ) -> None:
     """`--quantize int8|int4` on CPU runs a packaged step too: it computes what the eager quantized step does, and
     its package holds the projections in 8 or 4 bits, not as dequantized copies: each saves at least 3 of float32's
-    4 bytes a weight. (One test for both modes: each package takes about 20 s to build here.)"""
+    4 bytes a weight. (One test for both modes, built side by side: each package takes about 20 s to build here,
+    mostly in one compiler process at a time.)"""
     cache = slot_cache(tiny)
-    float_decoder = family_decoder(tiny, 64)
+    float_decoder = family_decoder(tiny, ROW_LEN)
     copy_of_float_build(float_build, tmp_path / "none")  # with its library, once loaded, for a like-for-like size
     package_step(float_decoder, cache, tmp_path / "none")
-    for mode in ("int8", "int4"):
-        decoder = family_decoder(tiny, 64, mode)
-        step, was_built = package_step(decoder, cache, tmp_path / mode)
+    decoders = {mode: family_decoder(tiny, ROW_LEN, mode) for mode in ("int8", "int4")}
+    with ThreadPoolExecutor(2) as pool:
+        builds = {mode: pool.submit(package_step, dec, cache, tmp_path / mode) for mode, dec in decoders.items()}
+        packaged = {mode: build.result() for mode, build in builds.items()}
+    for mode, decoder in decoders.items():
+        step, was_built = packaged[mode]
         assert was_built
         eager = run(aot_step.DecodeStep(decoder, reduction_attention), cache, decode_inputs(cache))
         torch.testing.assert_close(run(step, cache, decode_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
@@ -383,22 +392,28 @@ def test_quantized_packages_keep_their_weights_quantized_and_decode_as_the_eager
         assert size["none"] - size[mode] > 0.9 * 3 * projections
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_the_one_row_quantized_package_is_autotuned_and_decodes_as_the_eager_quantized_step(
-    tiny: LoadedModel, tmp_path: Path, mode: str
+def test_the_one_row_quantized_packages_are_autotuned_and_decode_as_the_eager_quantized_steps(
+    tiny: LoadedModel, tmp_path: Path
 ) -> None:
     """The one-row package of a quantized decoder is built with `max_autotune` (inductor's C++ GEMM template
     competes with aten's int8 or int4 kernel for each projection); whichever wins, it computes the eager quantized
-    step's logits, and the row's key and value land in the cache as they do there."""
+    step's logits, and the row's key and value land in the cache as they do there. (int8 and int4 built side by
+    side.)"""
     cache = slot_cache(tiny)
-    decoder = family_decoder(tiny, 64, mode)
-    assert aot_step.quantized(decoder) and not aot_step.quantized(family_decoder(tiny, 64))
-    step, was_built = package_step(decoder, cache, tmp_path, single=True)
-    assert was_built
-    expected_cache = slot_cache(tiny)
-    decode_inputs(cache), decode_inputs(expected_cache)  # the same random keys and values in both
-    eager = run(aot_step.DecodeStep(decoder, reduction_attention), expected_cache, one_token_inputs(cache))
-    torch.testing.assert_close(run(step, cache, one_token_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
-    written = zip((*cache.keys, *cache.values), (*expected_cache.keys, *expected_cache.values), strict=True)
-    for mine, theirs in written:
-        torch.testing.assert_close(mine[1, :, 10], theirs[1, :, 10], rtol=1e-4, atol=1e-4)
+    decoders = {mode: family_decoder(tiny, ROW_LEN, mode) for mode in ("int8", "int4")}
+    assert all(map(aot_step.quantized, decoders.values())) and not aot_step.quantized(family_decoder(tiny, ROW_LEN))
+    with ThreadPoolExecutor(2) as pool:
+        builds = {
+            mode: pool.submit(package_step, dec, cache, tmp_path / mode, single=True) for mode, dec in decoders.items()
+        }
+        packaged = {mode: build.result() for mode, build in builds.items()}
+    for mode, decoder in decoders.items():
+        step, was_built = packaged[mode]
+        assert was_built
+        cache, expected_cache = slot_cache(tiny), slot_cache(tiny)
+        decode_inputs(cache), decode_inputs(expected_cache)  # the same random keys and values in both
+        eager = run(aot_step.DecodeStep(decoder, reduction_attention), expected_cache, one_token_inputs(cache))
+        torch.testing.assert_close(run(step, cache, one_token_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
+        written = zip((*cache.keys, *cache.values), (*expected_cache.keys, *expected_cache.values), strict=True)
+        for mine, theirs in written:
+            torch.testing.assert_close(mine[1, :, 10], theirs[1, :, 10], rtol=1e-4, atol=1e-4, msg=mode)
