@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from inference_worker import replies
 from inference_worker.durable import FETCH_TIMEOUT, Job
 from inference_worker.job_stream import JobLimits, ensure_jobs_stream
-from inference_worker.micro import ReplyGate, reply_allowed
+from inference_worker.micro import ReplyGate
 from inference_worker.requests import request_id_of
 from schemas import WireError, content_type
 from schemas.subjects import JOBS_CONSUMER, REPLY_TO, REQUEST_ID, model_token
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from llmbus.config import Config
 
 log = logging.getLogger("llmbus.jobs")
-
-__all__ = ["JobConsumer", "ServerClock", "first_of", "jobs_to_fetch", "reply_allowed", "server_time"]
 
 
 def jobs_to_fetch(held: int, idle: bool, config: Config) -> int:
@@ -122,7 +120,6 @@ class JobConsumer:
         self.host = host
         self.limits = limits
         self.consumers = consumers
-        self.reply_prefixes = reply_prefixes
         self.replies = ReplyGate(reply_prefixes)
         self.clock = clock
         self.terms = dict.fromkeys(consumers, limits)  # each consumer's ack_wait and attempts, as the server has them

@@ -96,9 +96,7 @@ class ModelDirectory:
         self.min_refresh = min_refresh
         self.models = self._with_own(BusModels())
         self._fetched_at = float("-inf")  # when the look that gave `models` ended
-        self._thorough = False  # whether that look waited the whole window
-        self._thoroughly_seen: set[str] | None = None  # the models the last thorough look saw, when it saw no default
-        self._thorough_at = float("-inf")
+        self._last_thorough: tuple[float, BusModels] | None = None  # when the last whole-window look ended, what it saw
         self._lock = asyncio.Lock()
 
     async def current(self, wanted: str | None = None) -> BusModels:
@@ -116,15 +114,17 @@ class ModelDirectory:
         caller waited answers for it too."""
         asked = time.monotonic() if since is None else since
         async with self._lock:
-            if thorough and self._thorough and self._fetched_at >= asked:
+            if thorough and self._thorough() and self._fetched_at >= asked:
                 return self.models
             if thorough or time.monotonic() - self._fetched_at > self.min_refresh:
-                models = self._with_own(await self.gather(thorough))
-                self.models, self._fetched_at, self._thorough = models, time.monotonic(), thorough
+                self.models, self._fetched_at = self._with_own(await self.gather(thorough)), time.monotonic()
                 if thorough:
-                    self._thoroughly_seen = None if models.defaults else set(models.workers)
-                    self._thorough_at = self._fetched_at
+                    self._last_thorough = (self._fetched_at, self.models)
         return self.models
+
+    def _thorough(self) -> bool:
+        """Whether the view held came from a whole-window look."""
+        return self._last_thorough is not None and self._last_thorough[1] is self.models
 
     async def knows(self, model: str) -> bool:
         """Whether a worker on the bus serves `model` (after a thorough look when it is not known yet)."""
@@ -161,10 +161,13 @@ class ModelDirectory:
         worker's (the default's INFO reply came after the look stopped). A quick look that sees just what the last
         thorough one saw, with no default either time, is trusted for `TRUST_QUICK_S`: a worker alone on the bus
         takes a thorough look a minute, not one every `ttl` seconds."""
-        if requested is not None or self.models.defaults or self._thorough:
+        if requested is not None or self.models.defaults or self._thorough():
             return True
-        recent = time.monotonic() - self._thorough_at < TRUST_QUICK_S
-        return recent and self._thoroughly_seen is not None and set(self.models.workers) == self._thoroughly_seen
+        if self._last_thorough is None:
+            return False
+        ended, seen = self._last_thorough
+        recent = time.monotonic() - ended < TRUST_QUICK_S
+        return recent and not seen.defaults and seen.workers.keys() == self.models.workers.keys()
 
     def _with_own(self, models: BusModels) -> BusModels:
         """This worker counts even when discovery missed it (it no longer answers INFO while draining)."""
