@@ -28,9 +28,9 @@ from litestar.openapi import OpenAPIConfig
 
 from bus_gateway.auth import ApiKeyError, RateLimited, api_key_guard, rate_limit_guard
 from bus_gateway.batch_api import chat_batched
-from bus_gateway.bus_view import on_prefix, prefix_of
 from bus_gateway.chat_api import chat
 from bus_gateway.client import BusClient
+from bus_gateway.discovery import on_prefix, prefix_of
 from bus_gateway.http_errors import error_response, retry_headers
 from bus_gateway.jobs import JobClient
 from bus_gateway.metrics import BridgeMetrics, CountingErrors, metrics_endpoint, observe_http

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bus_gateway.discovery import on_prefix
+
 Reply = Mapping[str, Any]
 Number = TypeVar("Number", int, float)
 MIN_RATE_INTERVAL = 1.0  # seconds: tokens/s is measured over at least this long when samples allow it
@@ -98,16 +100,6 @@ def worker_rows(infos: Iterable[Reply], stats: Iterable[Reply], now: datetime) -
         for worker_id in dict.fromkeys([*info_by_id, *stats_by_id])
     ]
     return sorted(rows, key=lambda row: (row.host, row.pid or 0, row.id))
-
-
-def prefix_of(reply: Reply) -> str:
-    """The subject prefix a `$SRV` reply's worker serves (its `subject_prefix` metadata); "" when it does not say."""
-    return _text(_mapping(reply.get("metadata")).get("subject_prefix"))
-
-
-def on_prefix(prefix: str, subject_prefix: str | None) -> bool:
-    """Whether a worker on `prefix` ("": it does not say) belongs to the bus of `subject_prefix` (None: any)."""
-    return subject_prefix is None or prefix in ("", subject_prefix)
 
 
 def worker_state(draining: bool, compile: str) -> str:

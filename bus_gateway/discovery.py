@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,19 @@ async def gather(
     return list(replies.values())
 
 
+def prefix_of(reply: Mapping[str, Any]) -> str:
+    """The subject prefix a `$SRV` reply's worker serves (its `subject_prefix` metadata); "" when it does not say."""
+    metadata = reply.get("metadata")
+    prefix = metadata.get("subject_prefix") if isinstance(metadata, Mapping) else None
+    return prefix if isinstance(prefix, str) else ""
+
+
+def on_prefix(prefix: str, subject_prefix: str | None) -> bool:
+    """Whether a worker on `prefix` ("": it does not say, as an older llmbus) belongs to the bus of
+    `subject_prefix` (None: any). `$SRV` subjects are shared by every prefix on a server, so every worker answers."""
+    return subject_prefix is None or prefix in ("", subject_prefix)
+
+
 @dataclass
 class BusModels:
     """The models on the bus: name -> number of workers, the names whose workers claim to be the default, and the
@@ -72,9 +86,9 @@ class BusModels:
         that shares the NATS server)."""
         models = cls()
         for info in infos:
-            metadata = info.get("metadata") or {}
-            if subject_prefix is not None and metadata.get("subject_prefix", subject_prefix) != subject_prefix:
+            if not on_prefix(prefix_of(info), subject_prefix):
                 continue
+            metadata = info.get("metadata") or {}
             name = metadata.get("model")
             if isinstance(name, str) and name:
                 models.workers[name] = models.workers.get(name, 0) + 1

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from bus_gateway import discovery
 from bus_gateway.client import BusClient, BusError
 from llmbus.bench.options import BenchError
 from llmbus.bench.stack import Stack
@@ -151,7 +152,7 @@ def counters_of(data: dict[str, Any]) -> EngineCounters:
 def on_prefix(replies: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
     """The `$SRV` replies of the workers on `prefix` (`$SRV` subjects are shared by every prefix on a server); a
     reply whose metadata names no prefix is kept."""
-    return [r for r in replies if (r.get("metadata") or {}).get("subject_prefix", prefix) == prefix]
+    return [reply for reply in replies if discovery.on_prefix(discovery.prefix_of(reply), prefix)]
 
 
 async def engine_counters(bus: BusClient, expect: int | None = None) -> dict[str, EngineCounters]:
