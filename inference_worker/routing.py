@@ -97,6 +97,7 @@ class ModelDirectory:
         self.models = self._with_own(BusModels())
         self._fetched_at = float("-inf")  # when the look that gave `models` ended
         self._last_thorough: tuple[float, BusModels] | None = None  # when the last whole-window look ended, what it saw
+        self._departures = 0  # workers heard leaving (`forget`): a look begun before the last one is stale at once
         self._lock = asyncio.Lock()
 
     async def current(self, wanted: str | None = None) -> BusModels:
@@ -117,10 +118,20 @@ class ModelDirectory:
             if thorough and self._thorough() and self._fetched_at >= asked:
                 return self.models
             if thorough or time.monotonic() - self._fetched_at > self.min_refresh:
+                departures = self._departures
                 self.models, self._fetched_at = self._with_own(await self.gather(thorough)), time.monotonic()
                 if thorough:
                     self._last_thorough = (self._fetched_at, self.models)
+                if departures != self._departures:  # it may have seen a worker that has left since
+                    self._fetched_at = float("-inf")
         return self.models
+
+    def forget(self, model: str) -> None:
+        """A worker of `model` left the bus (`departures`): the view held may list a model nobody serves any more,
+        so the next request looks at the bus again before it is routed."""
+        if model != self.own:
+            self._departures += 1
+            self._fetched_at = float("-inf")
 
     def _thorough(self) -> bool:
         """Whether the view held came from a whole-window look."""

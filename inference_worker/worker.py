@@ -27,6 +27,7 @@ from nats.aio.client import Client as NATS
 from bus_gateway.client import BusClient
 from bus_gateway.discovery import BusModels
 from inference_worker.batches import BatchCoordinator
+from inference_worker.departures import Departures
 from inference_worker.engine import (
     EngineConfig,
     EngineThread,
@@ -46,6 +47,7 @@ from inference_worker.own_thread import in_a_thread_of_its_own
 from inference_worker.requests import Limits
 from inference_worker.routing import ModelDirectory
 from inference_worker.thread_share import share_threads
+from inference_worker.worker_facts import WorkerFacts
 from llmbus import __version__, logs, process_gc
 from llmbus.config import Config
 from llmbus.connection import connect, connected_to
@@ -67,7 +69,7 @@ def check_own_inbox(config: Config) -> None:
         raise ValueError(f"this worker's inbox prefix {own} is not under --reply-prefixes ({allowed}): add it there")
 
 
-class Worker(Intake):
+class Worker(Intake, WorkerFacts):
     def __init__(
         self, config: Config, nc: NATS, loaded: LoadedModel, wall_clock: Callable[[], float] = time.time
     ) -> None:
@@ -112,6 +114,7 @@ class Worker(Intake):
         self._thread: EngineThread | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._cancel_sub = None
+        self.departures: Departures | None = None
 
     async def start(self) -> None:
         prefixes = tuple(self.config.reply_prefixes)
@@ -141,6 +144,8 @@ class Worker(Intake):
         await self.service.add_endpoint("model_chat", subjects.model_chat(own), group, self.serve_chat)
         await self.service.add_endpoint("model_chat_batched", subjects.model_chat_batched(own), group, self.serve_batch)
         self._cancel_sub = await self.nc.subscribe(subjects.cancel_all, cb=self.handle_cancel)
+        self.departures = Departures(self.nc, subjects, own, self.service.id, self.directory.forget)
+        await self.departures.watch()
         if self.config.durable:
             limits, consumers = JobLimits.from_config(self.config), job_consumers(subjects, own)
             clock = ServerClock(self.wall_clock)
@@ -150,15 +155,6 @@ class Worker(Intake):
             ping = self.peers.ping
             self._tasks.append(asyncio.create_task(share_threads(ping, self._set_threads, self.service.id)))
         await self.nc.flush()  # the server knows every subscription before anyone is told this worker serves
-
-    def _waiting_counts(self) -> dict[str, dict[str, int]]:
-        """Requests waiting for admission, by tenant and by priority (copied atomically from the engine thread's)."""
-        waiting = self.engine.scheduler.waiting
-        by_priority = dict(waiting.by_priority)
-        return {
-            "waiting_by_tenant": {tenant or "-": n for tenant, n in dict(waiting.by_tenant).items()},
-            "waiting_by_priority": {str(priority): n for priority, n in sorted(by_priority.items())},
-        }
 
     async def _bus_models(self, thorough: bool) -> BusModels:
         return await self.peers.bus_models(thorough=thorough)
@@ -181,37 +177,6 @@ class Worker(Intake):
         self.threads = threads
         self._thread.set_threads(threads)
 
-    def metadata(self) -> dict[str, str]:
-        return {
-            "model": self.model_name,
-            "default_model": str(self.config.default_model).lower(),
-            "subject_prefix": self.config.subject_prefix,
-            "device": str(self.loaded.device),
-            "dtype": str(self.loaded.dtype).removeprefix("torch."),
-            "max_batch_size": str(self.config.max_batch_size),
-            "max_tokens_cap": str(self.config.max_tokens_cap),
-            "context_window": str(self.limits.context_window),
-            "durable": str(self.config.durable).lower(),
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
-        }
-
-    def stats(self) -> dict:
-        figures = {
-            **self.engine.snapshot(),
-            "pending": len(self.held),
-            "batches": len(self.batches),
-            "draining": self.draining,
-            "threads": self.threads,
-            "errors_by_code": dict(self.outbox.errors_by_code),
-            "refused_replies": self.service.replies.refused if self.service is not None else 0,
-            **self._waiting_counts(),
-            "metrics": self.metrics.summary(),
-        }
-        if self.jobs is not None:
-            figures["jobs"] = self.jobs.snapshot()
-        return figures
-
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     async def drain(self, timeout: float) -> None:
@@ -224,6 +189,7 @@ class Worker(Intake):
         await self.service.leave_discovery()
         await self.service.drain_endpoints()
         self.accepting = False
+        await self.departures.announce()
         log.info("draining: left the queue group; finishing %d held requests", len(self.held))
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -238,6 +204,8 @@ class Worker(Intake):
         self.accepting = False
         if self.service is not None:
             await self.service.stop()
+        if self.departures is not None:
+            await self.departures.announce()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.stop, 10)
             self._thread = None
@@ -256,6 +224,8 @@ class Worker(Intake):
         if self._cancel_sub is not None:
             with contextlib.suppress(Exception):
                 await self._cancel_sub.unsubscribe()
+        if self.departures is not None:
+            await self.departures.close()
         await self.peers.close()
         self.metrics.stop_serving()  # its port is free again, and no scrape reads the stopped engine
 

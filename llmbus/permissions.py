@@ -1,8 +1,9 @@
 """Least-privilege NATS permissions for each llmbus role, as pure functions (`llmbus nats-permissions` prints them).
 
-- **worker**: subscribes only to its endpoints (queue-qualified), the cancel subject, the `$SRV` discovery
-  subjects and its own inbox; publishes replies (`allow_responses`), plus the queries of the batches it spreads over
-  the queue group (the chat subject and their cancels) and `$SRV.PING` (to share a host's cores with its peers).
+- **worker**: subscribes only to its endpoints (queue-qualified), the cancel subject, `llm.worker.left`, the `$SRV`
+  discovery subjects and its own inbox; publishes replies (`allow_responses`), plus the queries of the batches it
+  spreads over the queue group (the chat subject and their cancels), `$SRV.PING` (to share a host's cores with its
+  peers) and `llm.worker.left` (when it leaves the bus).
   With `durable` it also calls the JetStream API for the jobs stream and its consumer, acks jobs, and publishes
   answers to the clients' inboxes. A worker runs with its own inbox prefix (default `_INBOX.worker`).
 - **client**: publishes only requests, cancels and `$SRV` PING/INFO; subscribes only to its own inbox prefix.
@@ -138,11 +139,12 @@ def worker_grants(
     own = f"{subjects.prefix}.model.{token}"
     subscribe = [f"{subjects.chat} {queue_group}", f"{subjects.chat_batched} {queue_group}"]
     subscribe += [f"{own}.chat {queue_group}", f"{own}.chat.batched {queue_group}", subjects.cancel_all]
+    subscribe.append(subjects.worker_left)  # a peer leaving: look at the bus again before forwarding to its model
     subscribe += [f"$SRV.{verb}{suffix}" for verb in SRV_VERBS for suffix in ("", f".{service}", f".{service}.*")]
     subscribe.append(inbox)  # answers to the batch queries it sent; JetStream API replies and pulled jobs
     models = f"{subjects.prefix}.model.*"  # forwarding a request for another model, and a batch's queries
     publish = [subjects.chat, f"{models}.chat", f"{models}.chat.batched", subjects.cancel_all, f"$SRV.PING.{service}"]
-    publish += [f"$SRV.INFO.{service}"]  # which models are on the bus
+    publish += [f"$SRV.INFO.{service}", subjects.worker_left]  # which models are on the bus; this worker leaving
     if durable:
         api = "$JS.API"
         consumers = "*"  # `llm-workers` (model-less jobs) and `llm-workers-<token>` (one model's): one token each

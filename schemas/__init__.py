@@ -25,6 +25,7 @@ from schemas.messages import (
     ErrorBody,
     Message,
     Usage,
+    WorkerLeft,
 )
 from schemas.subjects import DEFAULT_PREFIX, DEFAULT_QUEUE_GROUP, SERVICE_NAME, Subjects
 
@@ -47,6 +48,7 @@ __all__ = [
     "Subjects",
     "Usage",
     "WireError",
+    "WorkerLeft",
     "check_chat_request",
     "content_type",
     "conversation",

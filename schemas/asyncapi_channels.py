@@ -71,6 +71,11 @@ it. A worker that dies leaves the job to be redelivered, so an answer may come t
 A retryable failure is redelivered after a growing delay; the last delivery answers an error. `stream` is not
 available on durable jobs."""
 
+WORKER_LEFT = """Between workers: a worker that leaves the bus (a drain, or an engine that died) publishes a
+`WorkerLeft` once it has left its queue groups and discovery. Every worker subscribes (no queue group) and looks at
+the bus again before it forwards another request for that model, so a request for a model whose last worker left is
+a `model_not_found` at once rather than a timeout. A client may listen to watch workers leave; it never publishes."""
+
 DISCOVERY_TEXT = """NATS micro discovery (ADR-32): send an empty request; every service instance in scope answers
 once (`nats micro ls/info/stats llm-inference`), so collect answers until a short quiet period."""
 
@@ -154,6 +159,7 @@ def bus_channels(s: Subjects) -> dict[str, Doc]:
             ["BatchJob"],
             "model_token",
         ),
+        "workerLeft": _channel(s.worker_left, "Worker left", "Every worker (no queue group).", ["WorkerLeft"]),
         "reply": _channel(None, "Reply subject", "A request's NATS reply subject (its inbox).", replies),
         "jobReply": _channel(
             None, "Job reply subject", "The subject a durable job names in `Llmbus-Reply-To`.", SINGLE + BATCH[:2]
@@ -178,6 +184,10 @@ def bus_operations() -> dict[str, Doc]:
             ),
         }
     operations["cancel"] = _send("cancel", "Cancel", "Cancel a request", CANCEL)
+    operations["workerLeft"] = {
+        **_send("workerLeft", "WorkerLeft", "A worker left the bus", WORKER_LEFT),
+        "action": "receive",
+    }
     address = {"location": REPLY_TO_LOCATION, "description": "The job's `Llmbus-Reply-To` header."}
     for channel, message, answers, summary in (
         ("jobsChat", "ChatJob", SINGLE, "Chat job"),

@@ -22,6 +22,7 @@ from schemas.messages import (
     ChatResponse,
     ErrorBody,
     Usage,
+    WorkerLeft,
 )
 from schemas.subjects import (
     JSON,
@@ -37,7 +38,17 @@ EMPTY = "application/octet-stream"
 
 PAYLOADS: dict[str, type] = {
     t.__name__: t
-    for t in (ChatRequest, ChatResponse, ChatChunk, BatchRequest, BatchResponse, BatchItemDone, BatchDone, ErrorBody)
+    for t in (
+        ChatRequest,
+        ChatResponse,
+        ChatChunk,
+        BatchRequest,
+        BatchResponse,
+        BatchItemDone,
+        BatchDone,
+        ErrorBody,
+        WorkerLeft,
+    )
 }
 DISCOVERY_PAYLOADS: dict[str, type] = {t.__name__: t for t in (PingResponse, InfoResponse, StatsResponse)}
 
@@ -127,6 +138,13 @@ def request_messages() -> dict[str, Schema]:
             content=EMPTY,
         ),
         "DiscoveryRequest": _message("DiscoveryRequest", "An empty request.", EMPTY_BODY, None, content=EMPTY),
+        "WorkerLeft": _message(
+            "WorkerLeft",
+            "A worker left the bus: the model it served, and its micro service id.",
+            ref("WorkerLeft"),
+            None,
+            _example("left", WorkerLeft(model=MODEL, id="Qx2p7tYhXh0sXbeI7mnMhU")),
+        ),
     }
 
 

@@ -7,7 +7,7 @@ it: the worker's `metadata` and the `data` of each endpoint's STATS. Fields that
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from msgspec import Struct
 
@@ -16,6 +16,8 @@ class WorkerMetadata(Struct, kw_only=True):
     """What a worker says about itself in every discovery reply (all values are strings, as micro requires)."""
 
     model: str
+    default_model: Literal["true", "false"]  # whether requests that name no model are this model's (--default-model)
+    subject_prefix: str  # the prefix of the subjects it serves: `$SRV` is shared by every prefix on a NATS server
     device: str
     dtype: str
     max_batch_size: str
@@ -47,6 +49,10 @@ class WorkerStats(Struct, kw_only=True):
     requests_cancelled: int
     decode_batch_sizes: dict[str, int]
     errors_by_code: dict[str, int]
+    refused_replies: int  # requests dropped unanswered: their reply subject is under none of --reply-prefixes
+    waiting_by_tenant: dict[str, int]
+    waiting_by_priority: dict[str, int]
+    metrics: dict[str, Any]  # its `/metrics` figures: numbers; histograms as count, sum, quantiles
     jobs: dict[str, int | float] | None = None
 
 

@@ -16,6 +16,7 @@ from schemas.messages import (
     ChatRequest,
     ChatResponse,
     ErrorBody,
+    WorkerLeft,
 )
 
 MESSAGES: dict[str, type] = {
@@ -27,6 +28,7 @@ MESSAGES: dict[str, type] = {
     "batch_item_done": BatchItemDone,
     "batch_done": BatchDone,
     "error": ErrorBody,
+    "worker_left": WorkerLeft,
 }
 
 JSON_DIR = Path(__file__).parent / "json"

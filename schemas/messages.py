@@ -150,6 +150,13 @@ class BatchDone(Struct, kw_only=True):
         return cls(answered=answered, failed=failed, message=f"all {failed} queries failed" if failed else None)
 
 
+class WorkerLeft(Struct, kw_only=True):
+    """Published on `llm.worker.left` by a worker leaving the bus: the model it served, and its micro service id."""
+
+    model: str
+    id: str
+
+
 class BatchEnvelope(Struct, forbid_unknown_fields=True):
     """How a batch is decoded: each query stays raw so that one bad query fails alone."""
 

@@ -6,6 +6,9 @@ Subjects (prefix `llm`, `--subject-prefix`):
   subject, so the answer comes from a worker of the right model.
 - `llm.model.<token>.chat`, `llm.model.<token>.chat.batched`: the workers of one model, queue group `llm-workers`.
 - `llm.cancel.<request id>`: every worker, no queue group; the request's reply subject goes in `Llmbus-Reply-To`.
+- `llm.worker.left`: every worker, no queue group: a worker leaving the bus (a drain, or an engine that died) says
+  which model it served (`WorkerLeft`), so its peers look at the bus again before forwarding a request for that
+  model to a subject nobody may serve any more. Between workers only: clients never use it.
 - `llm.jobs.chat`, `llm.jobs.chat.batched`: durable jobs (stream `LLM_JOBS`, consumer `llm-workers`) for the default
   model or the one they name; `llm.jobs.model.<token>.chat[.batched]`: one model's (consumer `llm-workers-<token>`).
 
@@ -102,6 +105,10 @@ class Subjects:
         if not valid_request_id(request_id):
             raise ValueError(f"invalid request id {request_id!r}: use 1-128 characters from A-Z a-z 0-9 _ -")
         return f"{self.prefix}.cancel.{request_id}"
+
+    @property
+    def worker_left(self) -> str:
+        return f"{self.prefix}.worker.left"
 
     @property
     def jobs(self) -> str:

@@ -47,6 +47,7 @@ WORKER_PUBLISH = [
     "llm.cancel.*",
     "$SRV.PING.llm-inference",
     "$SRV.INFO.llm-inference",
+    "llm.worker.left",
 ]
 
 
