@@ -25,6 +25,7 @@ from helpers.bridge import Bridge
 from helpers.workers import RunningWorker
 from inference_worker.model_loader import LoadedModel
 from llmbus import bench
+from llmbus.bench.cores import physical_cores, read_topology
 from llmbus.bench.eager import EagerModel, decode_loop, generate
 from llmbus.bench.options import parse_options
 from llmbus.bench.stack import Stack, WorkerProcess, gateway_env
@@ -95,8 +96,9 @@ async def test_bench_over_nats_http_and_a_peer_writes_complete_json_and_plot(
         assert all(row["tokens_per_s"] > 0 for row in report[key])
 
     workers = report["workers"]
-    assert workers["pinned"] is True and workers["threads"] == 1
-    first_core = [min(os.sched_getaffinity(0))]
+    available = os.sched_getaffinity(0)
+    first_core = physical_cores(available, read_topology(available))[0]  # every hyper-thread of the first core
+    assert workers["pinned"] is True and workers["threads"] == len(first_core)
     assert [(p["pinned_cores"], p["affinity"]) for p in workers["processes"]] == [(first_core, first_core)]
     assert workers["extra_args"] == ["--max-tokens-cap=512"]
     assert workers["options"][0]["max_tokens_cap"] == "512", "the --worker-arg reached the worker"

@@ -17,7 +17,12 @@ Phases (one progress line each on stderr):
    `POST /v1/chat/completions` (--http), then the peer's (--peer-url). Same prompts, max_tokens, greedy,
    streaming for all three.
 4. Print the ratios against the targets (PASS/MISS/N/A, or ERRORS when a point it uses had failed requests: its
-   value is shown but cannot pass); write bench.json and bench.png under --out.
+   value is shown but cannot pass); write bench.json and bench.png under --out. A worker or the bridge that dies
+   mid-sweep stops the sweep: the point it was found after is marked failed (ERRORS), and what was measured until
+   then is still written, with the reason (`stopped`); the exit status is then 1.
+Every NATS and HTTP request names the same model: the one the bench's own workers serve, or on a --nats-url bus the
+default model (`$SRV.INFO` metadata `default_model`), else its only one, else --served-model NAME. --request-timeout
+is an idle timeout on both: the wait for the first chunk, then for each next one.
 Ctrl-C, SIGTERM and SIGHUP stop the processes the bench started; so does the bench's death (PR_SET_PDEATHSIG).
 
 What is measured, per target and concurrency: tokens/s (completion tokens of the answered requests over the
@@ -38,9 +43,10 @@ How to read it:
   deltas (the JSON's `token_count_source` says which). Peers stop at different places than llmbus, so compare
   tokens/s and ITL rather than requests/s.
 
---pin, and why N pinned workers give less than N times one: each worker gets `--cores-per-worker` cores of its
-own (default: an equal share) and as many torch threads. Only the workers are pinned. The bench's clients (one
-Python process: NATS or HTTP framing, JSON decoding and timing for every token of every stream), the
+--pin, and why N pinned workers give less than N times one: each worker gets `--cores-per-worker` whole physical
+cores of its own (default: an equal share), with every hyper-thread of them (from sysfs topology; where it cannot
+be read, each CPU counts as a core), and a torch thread per logical CPU. Only the workers are pinned. The bench's
+clients (one Python process: NATS or HTTP framing, JSON decoding and timing for every token of every stream), the
 nats-server (every token chunk passes through it twice: in from a worker, out to a client) and the bridge run
 wherever the kernel puts them. With one worker on core 0 of two, they run on the free core; with one worker on
 each core they take their share from the workers, and a worker's own asyncio thread (publishing each token)

@@ -21,10 +21,18 @@ from schemas import SERVICE_NAME, ChatRequest
 STATS_WINDOW_S = 2.0  # the longest wait for every worker's `$SRV.STATS` answer around a point
 
 
-async def stream_over_bus(bus: BusClient, prompt: str, max_tokens: int, timeout: float) -> RequestRecord:
-    """One greedy streaming chat; each chunk's arrival time is taken as `BusClient.stream` yields it."""
+async def stream_over_bus(
+    bus: BusClient, prompt: str, max_tokens: int, timeout: float, model: str | None = None
+) -> RequestRecord:
+    """One greedy streaming chat naming `model` (the one the HTTP requests name too; None: the bus default); each
+    chunk's arrival time is taken as `BusClient.stream` yields it. `timeout` is the stream's idle timeout."""
     request = ChatRequest(
-        chat_id=uuid.uuid4().hex, user_prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True
+        chat_id=uuid.uuid4().hex,
+        user_prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        model=model,
     )
     record = RequestRecord(sent=time.perf_counter())
     try:
@@ -81,6 +89,28 @@ async def worker_options(bus: BusClient) -> list[dict[str, Any]]:
     """Each worker's `$SRV.INFO` metadata (model, device, dtype, batch size and whatever options it reports)."""
     infos = on_prefix(await bus.info(), bus.subjects.prefix)
     return sorted((dict(info.get("metadata") or {}) for info in infos), key=lambda m: str(m.get("pid", "")))
+
+
+def measured_model(options: list[dict[str, Any]], named: str | None = None) -> str | None:
+    """The model every target is asked for, by NATS and HTTP alike, from the workers' `$SRV.INFO` metadata:
+    `named` (--served-model) when a worker serves it; else the one model that claims `default_model`, else the only
+    model (the bench's own workers serve one); None when no worker names its model. BenchError when the bus serves
+    several and none is the default (or several claim it), or `named` is not served: the bench does not guess."""
+    models = sorted({str(o["model"]) for o in options if o.get("model")})
+    if named is not None:
+        if named not in models:
+            raise BenchError(f"--served-model {named}: no worker serves it (models: {', '.join(models) or 'none'})")
+        return named
+    defaults = sorted({str(o["model"]) for o in options if o.get("model") and o.get("default_model") == "true"})
+    if len(defaults) == 1:
+        return defaults[0]
+    if len(models) <= 1 and not defaults:
+        return models[0] if models else None
+    claim = f"{', '.join(defaults)} all claim to be" if defaults else "none is"
+    raise BenchError(
+        f"the bus serves several models ({', '.join(models)}) and {claim} the default: name the one to measure "
+        "with --served-model NAME"
+    )
 
 
 @dataclass(slots=True)

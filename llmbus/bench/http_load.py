@@ -3,7 +3,8 @@ own bridge (`--http`) and for any OpenAI-compatible peer server (`--peer-url`: l
 serve). The request is the bench's workload: the same prompt as one user message, `max_tokens`, temperature 0,
 `stream: true` and `stream_options.include_usage`. TTFT is the first content delta, ITL the gaps between content
 deltas; completion tokens come from the final usage chunk, or from the count of content deltas when the server
-sends none.
+sends none. `--request-timeout` is an idle timeout (the wait for the response, then for each next read), as on
+the NATS side, never a deadline on the whole stream.
 
 Why aiohttp, and the event stream split by hand: the load generator shares the machine's cores with the stack it
 measures, so what it spends per chunk is taken from the workers. At 64 clients on 2 cores, httpx's pure-Python
@@ -116,26 +117,46 @@ def apply_event(record: RequestRecord, data: bytes, now: float) -> bool:
 async def stream_over_http(
     client: aiohttp.ClientSession, target: OpenAITarget, prompt: str, max_tokens: int, timeout: float
 ) -> RequestRecord:
-    """One streaming chat completion, timed as its SSE events arrive."""
+    """One streaming chat completion, timed as its SSE events arrive. `timeout` is an idle timeout, as on the NATS
+    side (`BusClient.stream`): it bounds the wait for the response's first bytes (connection and headers included)
+    and then for each next read of the body, never the whole stream, so a long answer that keeps streaming is
+    never cut."""
     record = RequestRecord(sent=time.perf_counter())
     try:
-        async with asyncio.timeout(timeout):
-            await _stream(client, target, prompt, max_tokens, record)
+        async with asyncio.timeout(timeout) as idle:
+            await _stream(client, target, prompt, max_tokens, record, IdleDeadline(idle, timeout))
     except aiohttp.ClientError as exc:  # first: aiohttp's connect timeout is a TimeoutError too
         record.error = f"{type(exc).__name__}: {exc}"[:ERROR_BODY_LIMIT]
     except TimeoutError:
-        record.error = f"no end of stream after {timeout:g}s"
+        record.error = f"nothing from the server for {timeout:g}s (idle timeout)"
     if record.error is None and record.end is None:
         record.error = "the event stream ended without a finish_reason or [DONE]"
     return record
 
 
+@dataclass(slots=True)
+class IdleDeadline:
+    """An `asyncio.timeout` moved `seconds` past now each time something arrives."""
+
+    timeout: asyncio.Timeout
+    seconds: float
+
+    def arrived(self) -> None:
+        self.timeout.reschedule(asyncio.get_running_loop().time() + self.seconds)
+
+
 async def _stream(
-    client: aiohttp.ClientSession, target: OpenAITarget, prompt: str, max_tokens: int, record: RequestRecord
+    client: aiohttp.ClientSession,
+    target: OpenAITarget,
+    prompt: str,
+    max_tokens: int,
+    record: RequestRecord,
+    idle: IdleDeadline,
 ) -> None:
     url = target.base_url + CHAT_PATH
     body = target.body(prompt, max_tokens)
     async with client.post(url, json=body, headers=target.headers()) as response:
+        idle.arrived()
         if response.status != 200:
             text = (await response.read()).decode(errors="replace")
             record.error = f"HTTP {response.status}: {text[:ERROR_BODY_LIMIT]}"
@@ -143,6 +164,7 @@ async def _stream(
         splitter = SseSplitter()
         async for received in response.content.iter_any():
             now = time.perf_counter()
+            idle.arrived()
             for data in splitter.feed(received):
                 if apply_event(record, data, now):
                     return

@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(opts: BenchOptions) -> int:
+    """The whole bench; 0 when every point was measured. 1 when a check or the start failed (nothing is written),
+    or when a worker or the bridge died mid-sweep: then the points measured until then, the baselines and the
+    reason (`stopped`) are still written to bench.json and the plot."""
     started = time.time()
     load_before = os.getloadavg()
     prompts = workload(opts.seed)
@@ -66,6 +69,9 @@ def run(opts: BenchOptions) -> int:
     write_json(json_path, report)
     plot(png_path, sweep, baselines, title(opts, report), opts.peer_model)
     progress(f"wrote {json_path} and {png_path} ({report['duration_s']:.0f} s)")
+    if sweep.stopped:
+        progress(f"error: {sweep.stopped}: bench.json and the plot hold the points measured until then")
+        return 1
     return 0
 
 

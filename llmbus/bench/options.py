@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from llmbus.bench.cores import physical_cores, pin_problem, read_topology
 from llmbus.config import CONNECTION_FIELDS, Config, add_arguments
 
 PEER_API_KEY_ENV = "LLMBUS_BENCH_PEER_API_KEY"
@@ -39,6 +40,7 @@ class BenchOptions:
     compile_timeout: float = 900.0
     seed: int = 0
     model: str | None = None
+    served_model: str | None = None  # the model to measure on a --nats-url bus that serves several
     device: str = "auto"
     dtype: str = "auto"
     worker_args: list[str] = field(default_factory=list)
@@ -71,7 +73,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     load.add_argument("--requests-per-client", type=int, default=d.requests_per_client, help="requests per client")
     load.add_argument("--min-requests", type=int, default=d.min_requests, help="at least this many requests per point")
     load.add_argument("--point-time-cap", type=float, default=d.point_time_cap, help="seconds; then no new requests")
-    load.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds one request may take")
+    load.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help="idle timeout in seconds: how long a request may wait for its first chunk, and then for each next "
+        "one, over NATS and HTTP alike (a long answer that keeps streaming is never cut)",
+    )
     load.add_argument("--warmup-requests", type=int, default=d.warmup_requests, help="untimed requests per target")
     load.add_argument("--seed", type=int, default=d.seed, help="seed of the prompt order")
 
@@ -84,6 +92,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     stack.add_argument("--subject-prefix", default=d.subject_prefix, help="subject prefix of the workers")
     add_arguments(stack, CONNECTION_FIELDS)
     stack.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
+    stack.add_argument(
+        "--served-model",
+        default=None,
+        metavar="NAME",
+        help="the model (its name in $SRV.INFO) that NATS and HTTP requests name, for a --nats-url bus that serves "
+        "several (default: the bus's default model, else its only one)",
+    )
     stack.add_argument("--device", default=d.device, help="device of the workers and the baselines: auto, cpu, cuda")
     stack.add_argument("--dtype", default=d.dtype, help="dtype of the workers and the baselines: auto, bfloat16, ...")
     stack.add_argument(
@@ -98,11 +113,15 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     stack.add_argument(
         "--pin",
         action="store_true",
-        help="give each worker its own cores (CPU affinity), threads = its cores; the bench client, nats-server and "
-        "bridge are not pinned",
+        help="give each worker whole physical cores of its own (CPU affinity: every hyper-thread of those cores, "
+        "none shared with another worker; each CPU counts as a core where sysfs shows no topology), torch threads "
+        "= its logical CPUs; the bench client, nats-server and bridge are not pinned",
     )
     stack.add_argument(
-        "--cores-per-worker", type=int, default=d.cores_per_worker, help="with --pin: cores per worker (0: cores/N)"
+        "--cores-per-worker",
+        type=int,
+        default=d.cores_per_worker,
+        help="with --pin: whole physical cores per worker (0: physical cores/N)",
     )
 
     http = p.add_argument_group("HTTP and a peer server")
@@ -201,10 +220,10 @@ def check(opts: BenchOptions) -> str | None:
     if opts.pin and opts.nats_url:
         return "--pin needs workers the bench starts itself (no --nats-url)"
     if opts.pin:
-        cores = len(os.sched_getaffinity(0))
-        per_worker = opts.cores_per_worker or cores // opts.workers
-        if per_worker < 1 or per_worker * opts.workers > cores:
-            return f"--pin: {opts.workers} worker(s) x {per_worker} core(s) do not fit in the {cores} cores available"
+        available = os.sched_getaffinity(0)
+        cores = physical_cores(available, read_topology(available))
+        if problem := pin_problem(cores, opts.workers, opts.cores_per_worker):
+            return f"--pin: {problem}"
     return None
 
 

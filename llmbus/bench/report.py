@@ -37,7 +37,13 @@ def build_report(
     return {
         "config": config,
         "machine": {**machine_info(opts), "load_average_after": os.getloadavg()},
-        "workload": {"prompts": prompts, "temperature": 0.0, "stream": True, "max_tokens": opts.max_tokens},
+        "workload": {
+            "prompts": prompts,
+            "temperature": 0.0,
+            "stream": True,
+            "max_tokens": opts.max_tokens,
+            "model": sweep.served_model,  # named in every NATS and HTTP request (None: the bus default)
+        },
         "workers": {
             "count": opts.workers if not opts.nats_url else sweep.workers_seen,
             "threads": sweep.worker_processes[0]["threads"] if sweep.worker_processes else None,
@@ -75,6 +81,7 @@ def build_report(
         "nats_over_peer": pairwise(sweep.points, sweep.peer_points),
         "ratios": [asdict(r) for r in ratios],
         "notes": notes,
+        "stopped": sweep.stopped,  # why the sweep stopped early (a worker or the bridge died); None when it did not
     }
 
 

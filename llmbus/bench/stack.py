@@ -1,9 +1,10 @@
-"""The processes under test: an embedded nats-server, `--workers N` `llmbus worker` processes (each pinned to
-its own cores with `--pin`), and with `--http` an `llmbus gateway` process (the HTTP bridge in a process of its
-own, so that its Python work never competes with a worker's engine for the GIL). With `--nats-url` the bench
-uses that server and the workers on it instead. The bridge logs in to NATS with the bench's own settings, given
-in its environment (`gateway_env`). `stop()` stops them all, nats-server last and even when stopping another
-raised; the workers and the bridge also get SIGTERM from the kernel should the bench die first."""
+"""The processes under test: an embedded nats-server, `--workers N` `llmbus worker` processes (with `--pin`, each
+pinned to whole physical cores of its own: every hyper-thread of them, none shared with another worker), and with
+`--http` an `llmbus gateway` process (the HTTP bridge in a process of its own, so that its Python work never
+competes with a worker's engine for the GIL). With `--nats-url` the bench uses that server and the workers on it
+instead. The bridge logs in to NATS with the bench's own settings, given in its environment (`gateway_env`).
+`stop()` stops them all, nats-server last and even when stopping another raised; the workers and the bridge also
+get SIGTERM from the kernel should the bench die first."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmbus.bench.cores import Topology, group_cores, physical_cores, pin_problem, read_topology
 from llmbus.bench.options import BenchError, BenchOptions, progress
 from llmbus.config import CONNECTION_FIELDS, ENV_PREFIX, Config
 from llmbus.nats_server import NatsServer, dies_with_this_process, free_port
@@ -25,13 +27,17 @@ from llmbus.nats_server import NatsServer, dies_with_this_process, free_port
 BRIDGE_ENV_DROPPED = ("LLMBUS_API_KEYS", "LLMBUS_API_KEY_FILE")  # the bench's own bridge is open, on loopback
 
 
-def assign_cores(available: Sequence[int], workers: int, per_worker: int = 0) -> list[list[int]]:
-    """Disjoint groups of `per_worker` cores (0: an equal share of `available`), one per worker, in core order."""
-    cores = sorted(available)
-    per_worker = per_worker or len(cores) // workers
-    if per_worker < 1 or per_worker * workers > len(cores):
-        raise BenchError(f"{workers} worker(s) x {per_worker} core(s) do not fit in the cores {cores}")
-    return [cores[i * per_worker : (i + 1) * per_worker] for i in range(workers)]
+def assign_cores(
+    available: Iterable[int], workers: int, per_worker: int = 0, topology: Topology | None = None
+) -> list[list[int]]:
+    """One group of logical CPUs per worker, made of `per_worker` whole physical cores (0: an equal share of the
+    cores in `available`), disjoint, in core order; `topology` maps each CPU to its physical core (None: each CPU
+    is a core of its own). BenchError when the whole cores do not go round."""
+    cores = physical_cores(available, topology)
+    problem = pin_problem(cores, workers, per_worker)
+    if problem is not None:
+        raise BenchError(problem)
+    return group_cores(cores, workers, per_worker)
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -125,7 +131,9 @@ class Stack:
     def start_workers(self) -> None:
         groups: list[list[int] | None] = [None] * self.opts.workers
         if self.opts.pin:
-            groups = list(assign_cores(os.sched_getaffinity(0), self.opts.workers, self.opts.cores_per_worker))
+            available = os.sched_getaffinity(0)
+            topology = read_topology(available)
+            groups = list(assign_cores(available, self.opts.workers, self.opts.cores_per_worker, topology))
         for index, cores in enumerate(groups):
             threads = self.threads_for(cores)
             command = self.worker_command(threads)
@@ -143,6 +151,8 @@ class Stack:
             progress(f"worker {index} started (pid {proc.pid}, {threads} threads{where}, log {log_path})")
 
     def threads_for(self, cores: list[int] | None) -> int:
+        """--worker-threads, else one torch thread per logical CPU of the worker's pinned cores (as an unpinned
+        worker takes one per CPU of its affinity), else an equal share of the bench's CPUs."""
         if self.opts.worker_threads > 0:
             return self.opts.worker_threads
         if cores is not None:

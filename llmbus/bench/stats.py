@@ -74,6 +74,7 @@ class PointResult:
     nats_server_cpu_s: float | None = None
     bridge_cpu_s: float | None = None
     load_average_1m: float = math.nan
+    stack_failure: str | None = None  # a worker or the bridge was found dead after this point: its figures are suspect
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -150,6 +151,8 @@ def describe_point(p: PointResult) -> str:
     text += f"; cores used: {cores_used(p)}; load {p.load_average_1m:.2f}"
     if p.error_samples:
         text += f"; first error: {p.error_samples[0]}"
+    if p.stack_failure:
+        text += f"; FAILED: {p.stack_failure}"
     return text + (" [time cap reached]" if p.time_capped else "")
 
 

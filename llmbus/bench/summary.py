@@ -16,7 +16,7 @@ def point_row(p: PointResult) -> str:
         f"{p.ttft_p50_s * 1000:>7.0f}/{p.ttft_p95_s * 1000:<7.0f}  "
         f"{p.itl_p50_s * 1000:>6.0f}/{p.itl_p95_s * 1000:<7.0f}  "
         f"{p.e2e_p50_s:>6.2f}/{p.e2e_p95_s:<6.2f}  {p.errors:>6}  {cores_used(p)}"
-    )
+    ) + ("  STACK FAILED" if p.stack_failure else "")
 
 
 def summary_lines(sweep: Sweep, baselines: Baselines | None, ratios: list[Ratio], notes: list[str]) -> list[str]:
@@ -31,7 +31,7 @@ def summary_lines(sweep: Sweep, baselines: Baselines | None, ratios: list[Ratio]
         ("llmbus NATS / peer", pairwise(sweep.points, sweep.peer_points)),
     ):
         if rows:
-            cells = ", ".join(f"{r['concurrency']}: {_fmt(r['tokens_per_s'])}" for r in rows)
+            cells = ", ".join(f"{r['concurrency']}: {_fmt(r['tokens_per_s'])}{_flawed(r)}" for r in rows)
             lines.append(f"{label} throughput by concurrency: {cells}")
     if baselines is not None:
         ceiling = ", ".join(f"{c.batch}: {c.ceiling_tokens_per_s:.1f}" for c in baselines.ceiling)
@@ -44,6 +44,12 @@ def summary_lines(sweep: Sweep, baselines: Baselines | None, ratios: list[Ratio]
         lines.append(f"{r.status:4}  {r.description} = {_fmt(r.value)} (target {r.op} {r.target}{aim}{flawed})")
     lines += [f"note: {note}" for note in notes]
     return lines
+
+
+def _flawed(row: dict) -> str:
+    """The mark of a pairwise row one of whose points had failed requests (its ratio is not like for like)."""
+    flawed = row["inputs_with_errors"]
+    return f" (ERRORS at {', '.join(flawed)})" if flawed else ""
 
 
 def _fmt(value: float | None) -> str:

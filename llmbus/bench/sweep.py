@@ -1,7 +1,9 @@
 """The sweep: wait for the workers (and the bridge), warm every target up, then at each concurrency measure the
 targets back to back: NATS, then the HTTP bridge (`--http`), then the peer (`--peer-url`). Measuring them one
 after the other at the same concurrency, against the same workers, keeps their ratio free of the drift that
-separate runs on a shared machine would add."""
+separate runs on a shared machine would add. Every NATS and HTTP request names the same model (`measured_model`).
+A worker or the bridge found dead after a point ends the sweep there, keeping the points before it
+(`measure_points`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +21,7 @@ from bus_gateway.client import BusClient
 from llmbus.bench.bus_load import (
     counters_during,
     engine_counters,
+    measured_model,
     stream_over_bus,
     wait_for_compiled,
     wait_for_workers,
@@ -50,6 +54,7 @@ class Sweep:
     worker_options: list[dict[str, Any]] = field(default_factory=list)
     served_model: str | None = None
     compile_wait_s: float = 0.0
+    stopped: str | None = None  # why the sweep stopped before its last point (a worker or the bridge died)
 
 
 async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Sweep:
@@ -65,11 +70,11 @@ async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Swe
         options = await worker_options(bus)
         progress(f"{seen} worker(s) ready: {describe_workers(options)}")
         sweep = Sweep(seen, 0.0, [], worker_processes=[w.describe() for w in stack.workers], worker_options=options)
-        models = sorted({str(o["model"]) for o in options if o.get("model")})
-        sweep.served_model = models[0] if models else None
+        sweep.served_model = measured_model(options, opts.served_model)
+        progress(f"requests over NATS and HTTP name the model {sweep.served_model or '(none: the bus default)'}")
         sweep.compile_wait_s = compile_wait_s
         async with contextlib.AsyncExitStack() as exits:
-            targets = [Target("nats", bus_sender(bus, opts.request_timeout), True)]
+            targets = [Target("nats", bus_sender(bus, opts.request_timeout, sweep.served_model), True)]
             top = max(opts.concurrency)
             if stack.http_url:
                 await wait_until_ready(stack.http_url, stack.check_alive, opts.ready_timeout)
@@ -86,23 +91,46 @@ async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Swe
                 count = max(opts.warmup_requests, 2 * opts.workers) if target.via == "nats" else opts.warmup_requests
                 sweep.warmups_s[target.via] = await warm_up(target.send, prompts, count, target.via)
             sweep.warmup_s = sweep.warmups_s["nats"]
-            by_via: dict[str, list[PointResult]] = {"nats": sweep.points, "http": sweep.http_points}
-            by_via["peer"] = sweep.peer_points
-            for concurrency in opts.concurrency:
-                per_client = requests_per_client(opts.requests_per_client, opts.min_requests, concurrency)
-                progress(f"concurrency {concurrency}: {concurrency * per_client} requests per target")
-                for target in targets:
-                    expect = None if opts.nats_url else seen  # a given server may carry other prefixes' workers
-                    point = await measure_point(bus, stack, target, prompts, concurrency, per_client, opts, expect)
-                    by_via[target.via].append(point)
+            expect = None if opts.nats_url else seen  # a given server may carry other prefixes' workers
+
+            async def measure(target: Target, concurrency: int, per_client: int) -> PointResult:
+                return await measure_point(bus, stack, target, prompts, concurrency, per_client, opts, expect)
+
+            await measure_points(sweep, targets, opts, measure, stack.check_alive)
         return sweep
     finally:
         await bus.close()
 
 
-def bus_sender(bus: BusClient, timeout: float) -> Send:
+async def measure_points(
+    sweep: Sweep,
+    targets: list[Target],
+    opts: BenchOptions,
+    measure: Callable[[Target, int, int], Awaitable[PointResult]],
+    check_alive: Callable[[], None],
+) -> None:
+    """Every target at every concurrency, into the sweep's lists. After each point `check_alive` looks at the
+    stack's processes: a worker or the bridge found dead marks that point failed (`stack_failure`, so it shows
+    ERRORS), stops the sweep and sets `sweep.stopped`; the points measured before it are kept for the report."""
+    by_via = {"nats": sweep.points, "http": sweep.http_points, "peer": sweep.peer_points}
+    for concurrency in opts.concurrency:
+        per_client = requests_per_client(opts.requests_per_client, opts.min_requests, concurrency)
+        progress(f"concurrency {concurrency}: {concurrency * per_client} requests per target")
+        for target in targets:
+            point = await measure(target, concurrency, per_client)
+            by_via[target.via].append(point)
+            try:
+                check_alive()
+            except BenchError as exc:
+                point.stack_failure = str(exc)
+                sweep.stopped = f"{exc} (found after {target.via}@{concurrency}); the sweep stopped there"
+                progress(f"error: {sweep.stopped}")
+                return
+
+
+def bus_sender(bus: BusClient, timeout: float, model: str | None) -> Send:
     async def send(prompt: str, max_tokens: int) -> RequestRecord:
-        return await stream_over_bus(bus, prompt, max_tokens, timeout)
+        return await stream_over_bus(bus, prompt, max_tokens, timeout, model)
 
     return send
 
@@ -151,7 +179,6 @@ async def measure_point(
         point.engine_decode_s = during.decode_s
         point.engine_prefill_s = during.prefill_s
         point.engine_compile_failed = during.compile_failed
-    stack.check_alive()
     progress(describe_point(point))
     return point
 

@@ -99,8 +99,9 @@ def compute_ratios(
 
 
 def has_errors(p: PointResult) -> bool:
-    """A point whose figures leave requests out: some failed, or none was answered."""
-    return p.errors > 0 or p.requests == 0
+    """A point whose figures leave requests out or cannot be trusted: some failed, none was answered, or a process
+    of the stack died during it (`stack_failure`)."""
+    return p.errors > 0 or p.requests == 0 or p.stack_failure is not None
 
 
 def label(p: PointResult) -> str:
@@ -108,7 +109,10 @@ def label(p: PointResult) -> str:
 
 
 def pairwise(numerators: list[PointResult], denominators: list[PointResult]) -> list[dict[str, Any]]:
-    """Throughput and TTFT of one target over another at each concurrency both measured."""
+    """Throughput and TTFT of one target over another at each concurrency both measured. Each row also carries
+    `errors`, the failed request counts of its two points by target (`{"http": 2, "nats": 0}`), and
+    `inputs_with_errors`, the points whose figures leave requests out (`has_errors`: failed requests, none
+    answered, or the stack died), as a ratio does: a row with any is not a like-for-like comparison."""
     rows = []
     for top in numerators:
         bottom = at(denominators, top.concurrency)
@@ -120,6 +124,8 @@ def pairwise(numerators: list[PointResult], denominators: list[PointResult]) -> 
                 "tokens_per_s": _div(top.tokens_per_s, bottom.tokens_per_s),
                 "ttft_p50": _div(top.ttft_p50_s, bottom.ttft_p50_s),
                 "itl_p50": _div(top.itl_p50_s, bottom.itl_p50_s),
+                "errors": {top.via: top.errors, bottom.via: bottom.errors},
+                "inputs_with_errors": [label(p) for p in (top, bottom) if has_errors(p)],
             }
         )
     return rows
@@ -192,10 +198,16 @@ def diagnostics(
 
 
 def point_notes(points: list[PointResult]) -> list[str]:
-    """Each point with failed requests, and each whose engine counters miss a worker."""
+    """Each point after which a process of the stack was found dead, each with failed requests (or none
+    answered), and each whose engine counters miss a worker."""
     notes = []
     for p in points:
-        if has_errors(p):
+        if p.stack_failure:
+            notes.append(
+                f"{label(p)}: {p.stack_failure}: found after this point, which may have run without it, so no ratio "
+                "using this point can PASS; the sweep stopped there"
+            )
+        if p.errors > 0 or p.requests == 0:
             first = f" (first: {p.error_samples[0]})" if p.error_samples else ""
             notes.append(
                 f"{label(p)}: {p.errors} of {p.errors + p.requests} requests failed{first}: its figures count only "
