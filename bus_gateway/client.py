@@ -33,7 +33,7 @@ from bus_gateway.bus_errors import (
     too_large,
 )
 from bus_gateway.discovery import Discovery
-from bus_gateway.inbox import ReplyInbox
+from bus_gateway.inbox import ReplyInbox, in_flight
 from bus_gateway.streaming import Streaming
 from llmbus import tracing
 from llmbus.config import Config
@@ -260,7 +260,7 @@ class BusClient(Streaming, Discovery):
         if not valid_request_id(request_id):
             raise BusError(400, f"invalid request id {request_id!r}: use 1-128 of A-Z a-z 0-9 _-", name="bad_request")
         if self.inbox.is_open(request_id):
-            raise BusError(409, f"request id {request_id!r} is already in flight", name="duplicate_request")
+            raise in_flight(request_id)
         return request_id
 
     def backoff_delay(self, attempt: int) -> float:
