@@ -58,13 +58,14 @@ class WorkerRow(msgspec.Struct, kw_only=True):
 
 
 class BusTotals(msgspec.Struct, kw_only=True):
-    """The sums over the workers that answered STATS (`stats_answers` of them); a figure no worker gave is None.
-    `other_prefixes`: the subject prefixes of workers left out of the view (another bus on the same server)."""
+    """The sums over the workers that answered STATS (`stats_answers` of them); a figure no worker gave is None,
+    `draining` and `compile_failed` included (no STATS answer: unknown, never 0). `other_prefixes`: the subject
+    prefixes of workers left out of the view (another bus on the same server)."""
 
     workers: int = 0
     stats_answers: int = 0
-    draining: int = 0
-    compile_failed: int = 0
+    draining: int | None = None
+    compile_failed: int | None = None
     models: list[str] = []
     running: int | None = None
     waiting: int | None = None
@@ -179,12 +180,18 @@ def known_sum(values: Iterable[Number | None]) -> Number | None:
     return sum(known[1:], known[0]) if known else None
 
 
+def known_count(flags: Iterable[bool | None]) -> int | None:
+    """How many of the known flags are set; None when none is known (a worker without a STATS answer)."""
+    known = [flag for flag in flags if flag is not None]
+    return sum(known) if known else None
+
+
 def bus_totals(rows: Sequence[WorkerRow], other_prefixes: Iterable[str] = ()) -> BusTotals:
     return BusTotals(
         workers=len(rows),
         stats_answers=sum(row.stats for row in rows),
-        draining=sum(row.draining is True for row in rows),
-        compile_failed=sum(row.compile == "failed" for row in rows),
+        draining=known_count(row.draining if row.stats else None for row in rows),
+        compile_failed=known_count(row.compile == "failed" if row.stats else None for row in rows),
         models=sorted({row.model for row in rows if row.model}),
         running=known_sum(row.running for row in rows),
         waiting=known_sum(row.waiting for row in rows),

@@ -164,6 +164,24 @@ def test_totals_add_up_the_workers() -> None:
     assert totals.models == ["Other", "SmolLM2-135M-Instruct"]
 
 
+def test_draining_and_degraded_totals_are_unknown_without_a_stats_answer() -> None:
+    """No STATS answer (a login without the permission): draining and degraded are unknown, as running is, never
+    0; the workers that did answer are counted, a known 0 included."""
+    infos = [info_reply("w1"), info_reply("w2")]
+    unanswered, _ = bus_view(infos, [], NOW, 1.0, None)
+    totals = unanswered.totals
+    assert (totals.workers, totals.stats_answers) == (2, 0)
+    assert (totals.draining, totals.compile_failed, totals.running) == (None, None, None)
+    encoded = msgspec.json.decode(msgspec.json.encode(totals))
+    assert (encoded["draining"], encoded["compile_failed"]) == (None, None)  # /bus.json sends null: the page shows -
+    flagged = [stats_reply("w1", engine_data(draining=True, compile="failed"))]
+    one, _ = bus_view(infos, flagged, NOW, 1.0, None)
+    assert (one.totals.draining, one.totals.compile_failed, one.totals.stats_answers) == (1, 1, 1)
+    calm, _ = bus_view(infos, [stats_reply("w1", engine_data())], NOW, 1.0, None)
+    assert (calm.totals.draining, calm.totals.compile_failed) == (0, 0)
+    assert type(one.totals.draining) is int  # a count, not a bool, in the JSON
+
+
 def test_the_view_is_json_for_the_web_page() -> None:
     view, _ = bus_view([info_reply("w1")], [stats_reply("w1", engine_data())], NOW, 1.0, None)
     decoded = msgspec.json.decode(msgspec.json.encode(view), type=BusView)

@@ -107,6 +107,7 @@ async def test_bus_json_with_no_worker_is_an_empty_bus(lonely_http: httpx.AsyncC
     body = response.json()
     assert body["workers"] == []
     assert body["totals"]["workers"] == 0
+    assert body["totals"]["draining"] is None and body["totals"]["compile_failed"] is None  # unknown, never 0
     assert body["chat_subject"] == "llm.chat"
 
 

@@ -8,6 +8,20 @@ const POLL_MS = 1500;
 // ---- API calls ----
 
 let pendingKey = null; // one dialog for every call that got a 401 at the same time
+const forgetListeners = new Set();
+
+// A key travels in a header, which carries ISO-8859-1 only (anything else makes fetch throw before it sends), and
+// API keys are printable ASCII: so a key is 0x21-0x7E, which also catches a pasted zero-width or non-breaking space.
+const KEY_CHARACTERS = /^[\x21-\x7E]+$/;
+
+// Why a (non-empty) key cannot be used, or "" when it can. The key itself is never shown.
+function keyProblem(key) {
+  const chars = [...key];
+  const index = chars.findIndex((char) => !KEY_CHARACTERS.test(char));
+  if (index < 0) return "";
+  const code = `U+${chars[index].codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
+  return `An API key is printable ASCII without spaces; this one has ${code} at character ${index + 1}. Enter it without that character.`;
+}
 
 export class KeyRequired extends Error {
   constructor() {
@@ -16,17 +30,32 @@ export class KeyRequired extends Error {
   }
 }
 
-export async function apiFetch(path, init = {}) {
+// fetch with the stored API key; on a 401 (or a stored key no header can carry) the key is forgotten and asked
+// for, and the call is made again. `onSend` is called just before each try: the last call before a response this
+// returns is the request that answered (the time spent in the key dialog is not part of it).
+export async function apiFetch(path, init = {}, { onSend = () => {} } = {}) {
   for (;;) {
     const headers = new Headers(init.headers || {});
     const key = sessionStorage.getItem(KEY_STORAGE);
+    const problem = key === null ? "" : keyProblem(key);
+    if (problem) {
+      forgetKey(); // as a 401 would: the bridge could never have accepted it
+      if (!(await askForKey(`The stored API key cannot be sent. ${problem}`))) throw new KeyRequired();
+      continue;
+    }
     if (key) headers.set("Authorization", `Bearer ${key}`);
+    onSend();
     const response = await fetch(path, { ...init, headers });
     if (response.status !== 401) return response;
-    if (key) sessionStorage.removeItem(KEY_STORAGE);
-    const entered = await askForKey(await errorMessage(response));
+    if (key) forgetKey();
+    const entered = await askForKey(`The bridge answered 401: ${await errorMessage(response)}`);
     if (!entered) throw new KeyRequired();
   }
+}
+
+// `listener()` is called when the key is forgotten (Forget API key): the calls it made may need a new one.
+export function onKeyForgotten(listener) {
+  forgetListeners.add(listener);
 }
 
 export async function errorMessage(response) {
@@ -42,12 +71,19 @@ export async function errorMessage(response) {
   return `${response.status} ${response.statusText || "error"}`.trim();
 }
 
+function showKeyError(message) {
+  const box = document.getElementById("key-error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
 function askForKey(reason) {
   if (pendingKey) return pendingKey;
   const dialog = document.getElementById("key-dialog");
   const input = document.getElementById("key-input");
-  document.getElementById("key-reason").textContent = `The bridge answered 401: ${reason}`;
+  document.getElementById("key-reason").textContent = reason;
   input.value = "";
+  showKeyError("");
   pendingKey = new Promise((resolve) => {
     dialog.addEventListener(
       "close",
@@ -73,8 +109,22 @@ function askForKey(reason) {
   return pendingKey;
 }
 
+// "Use key" keeps the dialog open, saying why, while the key has a character no header can carry.
+document.getElementById("key-form").addEventListener("submit", (event) => {
+  if (event.submitter?.value !== "save") return;
+  const problem = keyProblem(document.getElementById("key-input").value.trim());
+  showKeyError(problem);
+  if (problem) event.preventDefault();
+});
+document.getElementById("key-input").addEventListener("input", () => showKeyError(""));
+
 function showForgetKey() {
   document.getElementById("forget-key").hidden = !sessionStorage.getItem(KEY_STORAGE);
+}
+
+function forgetKey() {
+  sessionStorage.removeItem(KEY_STORAGE);
+  showForgetKey();
 }
 
 // ---- views ----
@@ -188,7 +238,7 @@ function renderBus(view) {
 
 let pollTimer = null;
 let polling = false;
-let pollStopped = false; // the key dialog was cancelled: polling waits for a key (entered from Send)
+let pollStopped = false; // no key (the dialog was cancelled, or Forget API key): polling waits for one
 
 function schedulePoll(ms) {
   clearTimeout(pollTimer);
@@ -196,27 +246,34 @@ function schedulePoll(ms) {
 }
 
 async function pollBus() {
-  if (polling) return;
+  if (polling || pollStopped) return;
   polling = true;
-  let again = true;
-  const status = document.getElementById("bus-status");
   try {
     const response = await apiFetch("/bus.json");
     if (!response.ok) throw new Error(await errorMessage(response));
     const view = await response.json();
-    bus.view = view;
-    bus.chatSubject = view.chat_subject || bus.chatSubject;
-    renderBus(view);
-    for (const listener of listeners) listener(view);
+    if (!pollStopped) {
+      // not forgotten while this poll was on its way
+      bus.view = view;
+      bus.chatSubject = view.chat_subject || bus.chatSubject;
+      renderBus(view);
+      for (const listener of listeners) listener(view);
+    }
   } catch (error) {
-    again = !(error instanceof KeyRequired);
-    const retry = again ? "" : document.body.dataset.view === "bus" ? " (reload to enter one)" : " (Send asks for it)";
-    status.textContent = `Bus view unavailable: ${error.message}${retry}`;
-    pollStopped = !again;
+    if (error instanceof KeyRequired) pausePolling(error.message);
+    else document.getElementById("bus-status").textContent = `Bus view unavailable: ${error.message}`;
   } finally {
     polling = false;
   }
-  if (again && !document.hidden) schedulePoll(POLL_MS);
+  if (!pollStopped && !document.hidden) schedulePoll(POLL_MS);
+}
+
+// Polling waits for a key: without one, the next poll's 401 would open the key dialog at once.
+function pausePolling(reason) {
+  pollStopped = true;
+  clearTimeout(pollTimer);
+  const retry = document.body.dataset.view === "bus" ? " (reload to enter one)" : " (Send asks for it)";
+  document.getElementById("bus-status").textContent = `Bus view unavailable: ${reason}${retry}`;
 }
 
 function resumePolling() {
@@ -230,8 +287,9 @@ document.addEventListener("visibilitychange", () => {
 });
 
 document.getElementById("forget-key").addEventListener("click", () => {
-  sessionStorage.removeItem(KEY_STORAGE);
-  showForgetKey();
+  forgetKey();
+  pausePolling("API key forgotten");
+  for (const listener of forgetListeners) listener();
 });
 
 setView();

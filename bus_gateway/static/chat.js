@@ -2,7 +2,7 @@
 // POST), sends the whole conversation as `messages`, and stops a generation by aborting the fetch (the bridge
 // then cancels it on the worker). Model and user text only ever reaches the page through textContent.
 
-import { apiFetch, errorMessage, KeyRequired, onBus } from "./app.js";
+import { apiFetch, errorMessage, KeyRequired, onBus, onKeyForgotten } from "./app.js";
 import { curlCommand, natsRequest, pythonCode } from "./request.js";
 
 const $ = (id) => document.getElementById(id);
@@ -63,6 +63,13 @@ onBus((view) => {
   if (modelsLoad || (names === busModels && !retry)) return;
   busModels = names;
   loadModels();
+});
+
+// Forget API key: as after a cancelled key dialog, the list says why it is empty and Send asks for a key.
+onKeyForgotten(() => {
+  keyNeeded = true;
+  showModels([], "API key needed");
+  renderRequest();
 });
 
 // ---- the conversation ----
@@ -176,23 +183,31 @@ async function send(text) {
   }
   lastRequest = body;
   renderRequest();
-  addTurn("user", text);
+  const question = addTurn("user", text);
   const answer = addTurn("assistant", "");
   const output = answer.querySelector(".text");
   controller = new AbortController();
   setBusy(true);
-  const started = performance.now();
+  let started = null; // when the request that answered was sent: not before a key dialog it waited for
   let first = null;
   let reply = "";
   let usage = null;
   let finish = "incomplete";
   try {
-    const response = await apiFetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-      signal: controller.signal,
-    });
+    const response = await apiFetch(
+      "/v1/chat/completions",
+      {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+        signal: controller.signal,
+      },
+      {
+        onSend: () => {
+          started = performance.now();
+        },
+      },
+    );
     if (!response.ok) throw new Error(await errorMessage(response));
     for await (const data of sseData(response.body)) {
       if (data === "[DONE]") break;
@@ -229,10 +244,12 @@ async function send(text) {
     tokensPerS: tokens !== null && tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null,
   });
   if (reply) history.push({ role: "assistant", content: reply });
-  else if (finish === "failed") {
-    history.pop(); // the turn was not answered: give it back to edit and resend
+  else if (finish === "failed" || finish === "stopped") {
+    // Not answered (failed, or stopped before its first token): the turn leaves the conversation and the screen
+    // and goes back to the prompt box, so the next request never carries two user messages in a row.
+    history.pop();
+    question.remove();
     answer.remove();
-    answer.previousElementSibling?.remove();
     return false;
   }
   return true;
