@@ -2,10 +2,11 @@
 
 Routes: `POST /chat`, `POST /chat/batched` (chat_api), `POST /v1/chat/completions`, `GET /v1/models` (openai_api),
 `GET /healthz` (bridge up and NATS connected), `GET /readyz` (a worker on the bridge's subject prefix answers
-`$SRV.PING`; another prefix is another bus that shares the NATS server), `GET /openapi.json`
+`$SRV.PING`; readiness.py), `GET /openapi.json`
 (and an offline viewer at `/docs`), `GET /metrics` (Prometheus; metrics.py, which also carries each request's trace
 context onto the bus), and the web page (web.py: `/`, `/bus`, `/bus.json`, `/static/`).
-With API keys configured, `/chat*`, `/v1/*` and `/bus.json` need `Authorization: Bearer <key>`.
+With API keys configured, `/chat*`, `/v1/*` and `/bus.json` need `Authorization: Bearer <key>` (`/readyz` stays
+open for probes, without the model list).
 Optional: HTTPS (`http_tls_cert`/`http_tls_key`), a requests-per-minute limit per API key on `/chat*` and `/v1/*`
 (429 with `Retry-After`), and CORS for the configured origins only (off by default).
 With `durable`, non-streaming chats go through the JetStream work queue (`JobClient`); streams stay core.
@@ -30,14 +31,15 @@ from bus_gateway.auth import ApiKeyError, RateLimited, api_key_guard, rate_limit
 from bus_gateway.batch_api import chat_batched
 from bus_gateway.chat_api import chat
 from bus_gateway.client import BusClient
-from bus_gateway.discovery import on_prefix, prefix_of
 from bus_gateway.http_errors import error_response, retry_headers
 from bus_gateway.jobs import JobClient
 from bus_gateway.metrics import BridgeMetrics, CountingErrors, metrics_endpoint, observe_http
-from bus_gateway.openai_api import ModelCatalog, openai_router
+from bus_gateway.model_catalog import ModelCatalog
+from bus_gateway.openai_api import openai_router
 from bus_gateway.openai_translate import ApiFailure
 from bus_gateway.openai_types import ChatCompletionRequest
 from bus_gateway.openapi_doc import WireJsonRenderPlugin, with_request_bodies
+from bus_gateway.readiness import Readiness, readyz
 from bus_gateway.web import OfflineDocsPlugin, docs_router, web_routes
 from llmbus.config import Config
 from llmbus.connection import connected_to
@@ -47,7 +49,7 @@ from schemas.errors import ERRORS
 log = logging.getLogger("llmbus.gateway")
 
 ClientFactory = Callable[[], Awaitable[BusClient]]
-READY_PING_WINDOW = 0.5
+EXPOSED_HEADERS = ["Retry-After"]  # what a browser app may read of an answer, beyond the CORS-safelisted headers
 
 REQUEST_BODIES = {
     ("/chat", "post"): ChatRequest,
@@ -62,13 +64,6 @@ class HealthBody(msgspec.Struct, kw_only=True, omit_defaults=True):
     server: str | None = None
 
 
-class ReadyBody(msgspec.Struct, kw_only=True, omit_defaults=True):
-    status: str
-    workers: int
-    models: list[str] = []
-    error: str | None = None
-
-
 @get("/healthz", summary="The bridge is up and connected to NATS", sync_to_thread=False, tags=["health"])
 def healthz(state: State) -> Response[HealthBody]:
     bus: BusClient = state["bus"]
@@ -81,28 +76,6 @@ def healthz(state: State) -> Response[HealthBody]:
         status_code=503,
         headers=retry_headers(ERRORS["not_connected"]),
     )
-
-
-@get("/readyz", summary="At least one inference worker on this subject prefix answers $SRV.PING", tags=["health"])
-async def readyz(state: State) -> Response[ReadyBody]:
-    bus: BusClient = state["bus"]
-    if not bus.connected:
-        body = ReadyBody(status="not ready", workers=0, error="not connected to NATS")
-        return Response(body, status_code=503, headers=retry_headers(ERRORS["not_connected"]))
-    answers = await bus.ping(READY_PING_WINDOW)
-    replies = [reply for reply in answers if on_prefix(prefix_of(reply), bus.subjects.prefix)]
-    if not replies:
-        error = f"no inference worker answers $SRV.PING.{bus.service_name}"
-        if answers:
-            error = f"no inference worker on subject prefix {bus.subjects.prefix} answers $SRV.PING.{bus.service_name}"
-        return Response(
-            ReadyBody(status="not ready", workers=0, error=error),
-            status_code=503,
-            headers=retry_headers(ERRORS["not_connected"]),
-        )
-    names = {metadata.get("model") for reply in replies if isinstance(metadata := reply.get("metadata"), dict)}
-    models = sorted(name for name in names if isinstance(name, str) and name)
-    return Response(ReadyBody(status="ready", workers=len(replies), models=models))
 
 
 @get("/openapi.json", include_in_schema=False, sync_to_thread=False, media_type="application/vnd.oai.openapi+json")
@@ -136,14 +109,18 @@ def rate_limited_response(request: Request, exc: RateLimited) -> Response[Any]:
 
 
 def cors_config(origins: Sequence[str]) -> CORSConfig | None:
-    """CORS only for the configured origins (none: off, so browsers on other sites cannot read the answers)."""
+    """CORS only for the configured origins (none: off, so browsers on other sites cannot read the answers). Those
+    origins may send any request header (a preflight gets the headers it asked for back): SDKs add their own, as
+    the OpenAI JS SDK's `x-stainless-*`, and the origin is what CORS trusts, not the header names. No credentials
+    (cookies): the API key is a header. `Retry-After` is exposed, so an app can read when to retry a 429 or 503."""
     if not origins:
         return None
     return CORSConfig(
         allow_origins=list(origins),
         allow_methods=["GET", "POST"],
-        allow_headers=["Authorization", "Content-Type"],
+        allow_headers=["*"],
         allow_credentials=False,
+        expose_headers=EXPOSED_HEADERS,
         max_age=600,
     )
 
@@ -165,6 +142,7 @@ def create_app(
     """The bridge app. `client` is a connected BusClient (the caller closes it) or a factory run at startup
     (whose client the app closes at shutdown). `on_startup` hooks run once the client is in place."""
     metrics = BridgeMetrics()
+    keys = config.all_api_keys()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -176,6 +154,7 @@ def create_app(
         app.state["jobs"] = CountingErrors(jobs, metrics) if jobs is not None else None
         app.state["config"] = config
         app.state["models"] = ModelCatalog(app.state["bus"])
+        app.state["readiness"] = Readiness(app.state["bus"], show_models=not keys)
         try:
             yield
         finally:
@@ -184,7 +163,6 @@ def create_app(
             if owned:
                 await bus.close()
 
-    keys = config.all_api_keys()
     key_guards = api_key_guard(keys)
     guards = key_guards + rate_limit_guard(config.rate_limit_per_minute, keyed=bool(keys))
     app = Litestar(

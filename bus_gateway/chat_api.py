@@ -20,6 +20,7 @@ from bus_gateway.bus_errors import BusError, model_not_found, no_durable_worker
 from bus_gateway.client import BusClient
 from bus_gateway.disconnect import ClientGone, unless_disconnected
 from bus_gateway.http_errors import bus_error_response, client_gone
+from bus_gateway.model_catalog import ModelCatalog
 from bus_gateway.sse import open_stream, sse_event, sse_response
 from llmbus.config import Config
 from schemas import (
@@ -58,11 +59,13 @@ async def not_served(state: State, model: str) -> BusError | None:
     """For a durable job naming `model`: a 404 when workers are on the bus and none serves it with `--durable`
     (its `$SRV.INFO` metadata `durable`). Its queue would keep the job unread until it expires, and the caller would
     wait out its timeout (core request-reply gets the same 404 from no-responders). With no worker on the bus at
-    all, the job is queued for the next one to start."""
-    catalog = state["models"]
+    all, the job is queued for the next one to start. A model not in the catalog's view is refused only after a
+    thorough look that ended after this call began (`ModelCatalog.looked_since`): a slow worker is not missed."""
+    catalog: ModelCatalog = state["models"]
+    since = catalog.now()
     if model in (await catalog.models()).durable:
         return None
-    models = await catalog.models(fresh=True)
+    models = await catalog.looked_since(since)
     if not models.workers or model in models.durable:
         return None
     if model not in models.workers:
@@ -112,7 +115,10 @@ async def chat(request: Request, state: State) -> Response[ChatResponse]:
         return bus_error_response(parsed)
     timeout = config_of(state).request_timeout
     if parsed.stream:  # streams always use core request-reply (durable jobs do not stream)
-        opened = await open_stream(bus_of(state), parsed, timeout, tenant_headers(request))
+        try:
+            opened = await open_stream(request, bus_of(state), parsed, timeout, tenant_headers(request))
+        except ClientGone:
+            return client_gone()
         if isinstance(opened, BusError):
             return bus_error_response(opened)
         return sse_response(opened, render_chunk, render_stream_error)

@@ -1,4 +1,5 @@
-"""Pure functions between the OpenAI Chat Completions format and the bus messages. Failures are `ApiFailure` values."""
+"""Pure functions from an OpenAI Chat Completions request to the bus request, and bus errors as OpenAI errors.
+Failures are `ApiFailure` values. The way back (bus answers as OpenAI answers) is `openai_answers`."""
 
 from __future__ import annotations
 
@@ -10,20 +11,8 @@ from typing import Any
 import msgspec
 
 from bus_gateway.client import BusError
-from bus_gateway.openai_types import (
-    AssistantMessage,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    Choice,
-    ChunkChoice,
-    ChunkDelta,
-    CompletionUsage,
-    OpenAIErrorBody,
-    OpenAIErrorDetail,
-    OpenAIMessage,
-)
-from schemas import ChatChunk, ChatRequest, ChatResponse, Usage, check_chat_request
+from bus_gateway.openai_types import ChatCompletionRequest, OpenAIErrorBody, OpenAIErrorDetail, OpenAIMessage
+from schemas import ChatRequest, check_chat_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +100,8 @@ def param_of(message: str) -> str | None:
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest | ApiFailure:
-    """Decode and check a request body: unsupported parameters, unknown fields and bad types are 400s."""
+    """Decode and check a request body: unsupported parameters, unknown fields and bad types are 400s, and so is
+    `stream_options` (null aside) without `stream: true`."""
     if not body:
         return invalid("empty request body: expected a JSON object")
     try:
@@ -132,13 +122,16 @@ def parse_request(body: bytes) -> ChatCompletionRequest | ApiFailure:
             return invalid(rule.why, param=name, code="unsupported_parameter")
         del raw[name]
     try:
-        return msgspec.convert(raw, ChatCompletionRequest)
+        request = msgspec.convert(raw, ChatCompletionRequest)
     except msgspec.ValidationError as exc:
         text = str(exc)
         if text.startswith("Object contains unknown field"):
             name = text.split("`")[1] if "`" in text else None
             return invalid(f"unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
         return invalid(f"invalid request: {text}", param=param_of(text))
+    if request.stream_options is not None and not request.stream:  # as OpenAI and vLLM: a 400, not ignored
+        return invalid("`stream_options` is only allowed when `stream` is true", param="stream_options")
+    return request
 
 
 def message_text(message: OpenAIMessage, index: int) -> str | ApiFailure:
@@ -220,50 +213,3 @@ def from_bus_error(exc: BusError) -> ApiFailure:
     that does not fit is a 400 `context_length_exceeded`."""
     spec = exc.spec
     return ApiFailure(spec.openai_status, exc.message, spec.openai_type, None, spec.openai_code)
-
-
-def openai_finish_reason(reason: str | None) -> str:
-    """OpenAI's values only. A generation is cancelled only when its caller went away or the bridge is stopping;
-    what it produced up to then ended for no reason OpenAI names, so it reports `stop` rather than inventing one."""
-    return "length" if reason == "length" else "stop"
-
-
-def usage_of(usage: Usage) -> CompletionUsage:
-    return CompletionUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
-
-
-def to_completion(reply: ChatResponse, completion_id: str, created: int) -> ChatCompletion:
-    choice = Choice(0, AssistantMessage(reply.response), openai_finish_reason(reply.finish_reason))
-    return ChatCompletion(
-        id=completion_id, created=created, model=reply.model, choices=[choice], usage=usage_of(reply.usage)
-    )
-
-
-class ChunkRenderer:
-    """Bus chunks as OpenAI `chat.completion.chunk`s: a role chunk first, content deltas, a finish chunk,
-    then (with `stream_options.include_usage`) a usage chunk with no choices."""
-
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
-        self.completion_id = completion_id
-        self.created = created
-        self.model = model
-        self.include_usage = include_usage
-        self.started = False
-
-    def chunk(self, choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.completion_id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
-
-    def render(self, chunk: ChatChunk) -> list[ChatCompletionChunk]:
-        out = []
-        if not self.started:
-            self.started = True
-            out.append(self.chunk([ChunkChoice(0, ChunkDelta(role="assistant", content=""))]))
-        if chunk.delta:
-            out.append(self.chunk([ChunkChoice(0, ChunkDelta(content=chunk.delta))]))
-        if chunk.done:
-            out.append(self.chunk([ChunkChoice(0, ChunkDelta(), openai_finish_reason(chunk.finish_reason))]))
-            if self.include_usage and chunk.usage is not None:
-                out.append(self.chunk([], usage_of(chunk.usage)))
-        return out

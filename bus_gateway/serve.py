@@ -89,7 +89,8 @@ async def _serve(
     app: Litestar, sock: socket.socket, bus: BusClient, stop: asyncio.Event, tls: dict[str, Any] | None = None
 ) -> None:
     """Serve until `stop`; then stop accepting, let requests finish for STREAM_GRACE seconds, end the streams
-    still open (cancelled on the workers; their clients get the last chunk), and wait for uvicorn to finish."""
+    still open (cancelled on the workers; a `/chat` client gets the last chunk, `finish_reason: "cancelled"`, an
+    OpenAI client an error event and no `[DONE]`: `app.state["stopping"]` is set first), and wait for uvicorn."""
     uv_config = uvicorn.Config(
         app,
         lifespan="on",
@@ -106,8 +107,10 @@ async def _serve(
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
         await asyncio.wait({serving}, timeout=STREAM_GRACE)
-        if not serving.done() and await bus.cancel_streams():
-            log.info("bridge stopping: ended the streams still open")
+        if not serving.done():
+            app.state["stopping"] = True  # the streams cut off now say so (the OpenAI ones end with an error)
+            if await bus.cancel_streams():
+                log.info("bridge stopping: ended the streams still open")
     finally:
         server.should_exit = True
         stopping.cancel()

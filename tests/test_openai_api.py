@@ -14,15 +14,9 @@ from nats.aio.client import Client as NATS
 
 from bus_gateway.bus_errors import BusError
 from bus_gateway.client import BusClient
+from bus_gateway.openai_answers import ChunkRenderer, is_cut_off, openai_finish_reason, to_completion
 from bus_gateway.openai_api import ModelCatalog
-from bus_gateway.openai_translate import (
-    ApiFailure,
-    ChunkRenderer,
-    from_bus_error,
-    openai_finish_reason,
-    to_chat_request,
-    to_completion,
-)
+from bus_gateway.openai_translate import ApiFailure, from_bus_error, to_chat_request
 from bus_gateway.openai_types import ChatCompletionRequest, OpenAIMessage
 from helpers.bridge import API_KEY, Bridge, running_bridge, sse_data, sse_json, watching_cancels
 from helpers.workers import start_worker
@@ -286,14 +280,18 @@ async def test_stream_disconnect_cancels_the_generation(bridge: Bridge, model_na
 # --- OpenAI behaviour that clients rely on ------------------------------------------------------------------------
 
 
-def test_finish_reason_takes_only_openai_values() -> None:
-    renderer = ChunkRenderer("chatcmpl-x", 0, "m", include_usage=False)
-    cancelled = ChatChunk(chat_id="x", delta="", index=3, done=True, finish_reason="cancelled", usage=Usage(1, 2, 3))
-    [_, finish] = renderer.render(cancelled)  # the role chunk, then the finish chunk
-    assert finish.choices[0].finish_reason == "stop"
-    reply = ChatResponse(chat_id="x", response="", finish_reason="cancelled", usage=Usage(1, 0, 1), model="m")
-    assert to_completion(reply, "chatcmpl-x", 0).choices[0].finish_reason == "stop"
-    assert {openai_finish_reason(r) for r in ("stop", "length", "cancelled", None)} == {"stop", "length"}
+def test_finish_reason_takes_only_openai_values_and_an_answer_cut_off_has_none() -> None:
+    """A `cancelled` answer was cut off: it gets no finish reason (the API layer ends it with an error instead,
+    tests/test_bridge_hardening.py), so it never passes for a complete one."""
+    renderer = ChunkRenderer("chatcmpl-x", 0, "m", include_usage=True)
+    cancelled = ChatChunk(chat_id="x", delta="ab", index=3, done=True, finish_reason="cancelled", usage=Usage(1, 2, 3))
+    [role, text] = renderer.render(cancelled)  # the role chunk and the text: no finish chunk, no usage chunk
+    assert role.choices[0].delta.role == "assistant" and text.choices[0].delta.content == "ab"
+    assert [chunk.choices[0].finish_reason for chunk in (role, text)] == [None, None]
+    assert is_cut_off("cancelled") and not any(is_cut_off(r) for r in ("stop", "length", None))
+    reply = ChatResponse(chat_id="x", response="", finish_reason="length", usage=Usage(1, 0, 1), model="m")
+    assert to_completion(reply, "chatcmpl-x", 0).choices[0].finish_reason == "length"
+    assert {openai_finish_reason(r) for r in ("stop", "length", None)} == {"stop", "length"}
 
 
 def test_shutting_down_stays_a_503_and_overload_is_a_429() -> None:
@@ -350,8 +348,9 @@ async def test_sse_headers_and_the_role_chunk_come_before_any_token(
 async def test_a_catalog_gathering_in_flight_delays_no_completion_and_is_shared(
     fresh_nats_server: NatsServer, fresh_nc: NATS
 ) -> None:
-    """`GET /v1/models` and unknown model names gather `$SRV.INFO` afresh (a settle window each). A served model
-    resolves from the catalog while such a gathering runs, and callers that need one share the one in flight.
+    """A fresh look and unknown model names gather `$SRV.INFO` afresh (a thorough look: the whole discovery window).
+    A served model resolves from the catalog while such a gathering runs, and callers that need one share the one in
+    flight.
     Here a scripted `$SRV.INFO` responder holds its second reply until the test has checked both."""
     asked: list[int] = []
     first_asked, release = asyncio.Event(), asyncio.Event()
