@@ -28,6 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from bus_gateway.bus_errors import too_large
+from inference_worker.held import Outcome
 from schemas import ErrorBody, WireError, content_type, encode
 from schemas.errors import error_headers
 from schemas.subjects import JOB_ATTEMPTS, JOB_PUBLISHED, MSG_ID, REQUEST_ID, message_size
@@ -71,6 +72,7 @@ class Job:
         self.outcome = ""  # answered, failed, requeued, forwarded, given_up or abandoned once settled
         self.queries = 0  # a batch job running here: its number of queries (`JobConsumer.batch_queries`)
         self.requeue_to = msg.subject  # where a clean shutdown stores it: its queue, or its model's once routed
+        self.answer_outcome: Outcome | None = None  # what the last `respond` / `respond_error` did (`held.Outcome`)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -117,17 +119,29 @@ class Job:
         """A redelivery of this job while this worker still runs it: ack the newest delivery when done."""
         self.msg = msg
 
-    async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True) -> None:
+    async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True) -> Outcome:
+        """The job's answer: `published` (then acked), or `settled` when it was answered before (nothing sent)."""
         if self.settled:
-            return
+            return self._answered("settled")
         await self._final(data, {**(headers or {}), REQUEST_ID: self.request_id}, "answered", self.msg.ack)
+        return self._answered("published")
 
-    async def respond_error(self, error: WireError, data: bytes = b"", headers: dict[str, str] | None = None) -> None:
+    async def respond_error(
+        self, error: WireError, data: bytes = b"", headers: dict[str, str] | None = None
+    ) -> Outcome:
         """A retryable failure (an internal error, a worker that stopped) goes back to the queue, after a delay that
-        grows with each delivery, while attempts remain; a clean shutdown's job is stored again, not charged; any
-        other error is the job's final answer."""
+        grows with each delivery, while attempts remain (`redelivered`); a clean shutdown's job is stored again, not
+        charged (`requeued`); any other error is the job's final answer (`published`). Neither put-back publishes
+        anything: the client's answer comes from the worker that takes the job next."""
+        return self._answered(await self._error(error, data, headers))
+
+    def _answered(self, outcome: Outcome) -> Outcome:
+        self.answer_outcome = outcome
+        return outcome
+
+    async def _error(self, error: WireError, data: bytes, headers: dict[str, str] | None) -> Outcome:
         if self.settled:
-            return
+            return "settled"
         if error.name == "shutting_down":
             return await self.requeue(self.requeue_to)
         code = str(error.code)
@@ -135,7 +149,7 @@ class Job:
             delay = redelivery_delay(self.attempt)
             log.info("job %s: %s; redelivering in %.1fs (attempt %d)", self.request_id, code, delay, self.attempt)
             await self._settle("requeued", lambda: self.msg.nak(delay=delay))
-            return
+            return "redelivered"
         if code in RETRYABLE_CODES:
             error = WireError(
                 error.code, f"{error.message} (giving up after {self.attempt} deliveries: max deliveries)", error.name
@@ -144,6 +158,7 @@ class Job:
         answer_headers = {**(headers or {}), **error_headers(error.code, error.message, error.name or None)}
         settle = self.msg.ack if code not in RETRYABLE_CODES else self.msg.term
         await self._final(data, {**answer_headers, REQUEST_ID: self.request_id}, "failed", settle)
+        return "published"
 
     async def give_up(self) -> None:
         """This delivery is past the attempts: answer the client with an error and stop redelivery."""
@@ -162,18 +177,19 @@ class Job:
         the worker that takes it answers the same reply subject."""
         await self._store_again(subject, "forwarded", self.attempt - 1)
 
-    async def requeue(self, subject: str) -> None:
+    async def requeue(self, subject: str) -> Outcome:
         """A clean shutdown interrupted this job: store it again on `subject` (its model's queue, or for a job not
         routed yet and a model-less batch the queue it came from), where another worker takes it at once. This
         delivery is not charged: a nak would count it, and rolling restarts could use up every attempt."""
         log.info("job %s: worker stopping; stored again on %s", self.request_id, subject)
-        await self._store_again(subject, "requeued", self.attempt - 1)
+        return await self._store_again(subject, "requeued", self.attempt - 1)
 
-    async def _store_again(self, subject: str, outcome: str, charged: int) -> None:
+    async def _store_again(self, subject: str, outcome: str, charged: int) -> Outcome:
         """Its `Nats-Msg-Id` gets this message's stream sequence as a suffix, so the store does not take it for a
-        duplicate of itself, while a second try for the same message (a worker that died before its ack) is."""
+        duplicate of itself, while a second try for the same message (a worker that died before its ack) is.
+        Returns `requeued`, or `published` when the job could not be stored again and its client got a 413."""
         if self.settled:
-            return
+            return "settled"
         headers = {**(self.headers or {}), PUBLISHED: f"{self.published:.6f}", ATTEMPTS: str(max(0, charged))}
         headers[MSG_ID] = f"{headers.get(MSG_ID, self.request_id)}>{self.msg.metadata.sequence.stream}"
         if (size := message_size(self.data, headers)) > self.nc.max_payload:  # its longer id pushed it over
@@ -182,6 +198,7 @@ class Job:
             return await self.respond_error(WireError.of("too_large", message), encode(ErrorBody(message, 413)))
         await self.nc.jetstream().publish(subject, self.data, headers=headers)
         await self._settle(outcome, self.msg.ack)
+        return "requeued"
 
     async def keep_alive(self) -> None:
         if not self.settled:

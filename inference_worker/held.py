@@ -16,18 +16,30 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from schemas import WireError
 
 Key = tuple[str, str]  # (reply subject, request id)
+
+# What became of an answer (`Replier.respond` / `respond_error`): only `published` reached the client. A durable job
+# may instead be `requeued` (stored again by a stopping worker) or `redelivered` (nak'd for another delivery): another
+# worker answers it. `abandoned`: its publish failed; `settled`: a durable job answered before, nothing sent now.
+Outcome = Literal["published", "requeued", "redelivered", "abandoned", "settled"]
+PUBLISHED: Outcome = "published"
+REQUEUED: Outcome = "requeued"
+REDELIVERED: Outcome = "redelivered"
+ABANDONED: Outcome = "abandoned"
+SETTLED: Outcome = "settled"
 
 TOMBSTONE_TTL_S = 60.0
 MAX_TOMBSTONES = 10_000
 
 
 class Replier(Protocol):
-    """A request and where its answers go: a micro `Request` (core request-reply) or a durable `Job`."""
+    """A request and where its answers go: a micro `Request` (core request-reply) or a durable `Job`. `respond` and
+    `respond_error` return the answer's `Outcome`; None (a micro `Request`) means published, and a failed publish
+    raises."""
 
     @property
     def data(self) -> bytes: ...
@@ -40,11 +52,11 @@ class Replier(Protocol):
 
     async def respond(
         self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True
-    ) -> None: ...
+    ) -> Outcome | None: ...
 
     async def respond_error(
         self, error: WireError, data: bytes = b"", headers: dict[str, str] | None = None
-    ) -> None: ...
+    ) -> Outcome | None: ...
 
     async def forward(self, subject: str) -> None: ...
 

@@ -7,6 +7,10 @@ Handlers only validate, route, hold and enqueue, then return (nats.py runs one h
 - a batch is scattered over the queue group and gathered by a task (`batches`);
 - a cancel names its request by reply subject and id (`held`).
 
+Each handler notes when its message arrived (`received`): a request's times (queue, first token, end to end, its
+span) count from then, a look at the bus included. A request refused here is answered through `Outbox.refuse`, which
+counts its code and writes its log line and span, as for a request the engine answered.
+
 `Intake` is the request side of `Worker` (worker.py), which owns the state these methods use.
 """
 
@@ -16,12 +20,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
 from bus_gateway.bus_errors import no_durable_worker
-from inference_worker import replies
 from inference_worker.batches import Headers
 from inference_worker.durable import Job
 from inference_worker.engine import Failed
@@ -53,73 +57,77 @@ log = logging.getLogger("llmbus.worker")
 class Intake:
     async def route_chat(self: Worker, req: Replier) -> None:
         """`llm.chat` (and `llm.jobs.chat`): any model, or the default one."""
+        received = time.monotonic()
         if not req.reply:
             return  # published without a reply subject: nobody would read the answer
         kind = content_type(req.headers)
         request = parse_chat(req.data, kind, durable=isinstance(req, Job))
         if isinstance(request, WireError):
-            return await self.outbox.send(req, replies.error(kind, request))
+            return await self.outbox.refuse(req, kind, request, received)
         if (where := self.directory.known_route(request.model)) is not None:
-            return await self._dispatch_chat(req, kind, request, where)
-        self._route_in_a_task(req, kind, request)
+            return await self._dispatch_chat(req, kind, request, where, received, False)
+        self._route_in_a_task(req, kind, request, received)
 
-    def _route_in_a_task(self: Worker, req: Replier, kind: str, request: ChatRequest) -> None:
+    def _route_in_a_task(self: Worker, req: Replier, kind: str, request: ChatRequest, received: float) -> None:
         """A request that needs a look at the bus before it can be routed takes it in a task of its own: the look
         can last the whole discovery window, and every request behind this one would wait for it (on `llm.chat`,
         in the subscription's callback; a durable job, in the pull loop that every job queue shares). Until it is
         routed it counts as held (`jobs_wanted`). A request delivered while this worker still accepted requests is
         served even when a drain began during its look (`drain` serves what was already delivered)."""
-        task = asyncio.create_task(self._route_then_dispatch(req, kind, request, delivered=self.accepting))
+        task = asyncio.create_task(self._route_then_dispatch(req, kind, request, received, self.accepting))
         self.routing.add(task)
         self._idle.clear()
         task.add_done_callback(self._routed)
 
     async def _route_then_dispatch(
-        self: Worker, req: Replier, kind: str, request: ChatRequest, delivered: bool
+        self: Worker, req: Replier, kind: str, request: ChatRequest, received: float, delivered: bool
     ) -> None:
         try:
             where = await self.directory.route(request.model)
-            await self._dispatch_chat(req, kind, request, where, delivered)
+            await self._dispatch_chat(req, kind, request, where, received, delivered)
         except asyncio.CancelledError:
             failure = WireError.of("shutting_down", "worker stopped before routing this request; retry")
             with contextlib.suppress(Exception):
-                await self.outbox.send(req, replies.error(kind, failure, stream=request.stream))
+                await self.outbox.refuse(req, kind, failure, received, stream=request.stream)
         except Exception as exc:  # as micro does for a handler: a 500 answer, not a lost request
             log.exception("routing a request failed")
             with contextlib.suppress(Exception):
                 failure = WireError.of("internal", f"internal error: {exc!r}")
-                await self.outbox.send(req, replies.error(kind, failure, stream=request.stream))
+                await self.outbox.refuse(req, kind, failure, received, stream=request.stream)
 
     def _routed(self: Worker, task: asyncio.Task[None]) -> None:
         self.routing.discard(task)
         self._released()
 
     async def _dispatch_chat(
-        self: Worker, req: Replier, kind: str, request: ChatRequest, where: Route, delivered: bool = False
+        self: Worker, req: Replier, kind: str, request: ChatRequest, where: Route, received: float, delivered: bool
     ) -> None:
         if isinstance(where, WireError):
-            return await self.outbox.send(req, replies.error(kind, where, stream=request.stream))
+            return await self.outbox.refuse(req, kind, where, received, stream=request.stream)
         if isinstance(where, Forward):
-            return await self._forward(req, where.model, batched=False)
-        await self._serve_chat(req, kind, request, delivered)
+            return await self._forward(req, where.model, received)
+        await self._serve_chat(req, kind, request, received, delivered)
 
     async def serve_chat(self: Worker, req: Replier) -> None:
         """`llm.model.<token>.chat` (and its durable subject): this worker's model only."""
+        received = time.monotonic()
         if not req.reply:
             return
         kind = content_type(req.headers)
         request = parse_chat(req.data, kind, durable=isinstance(req, Job))
         if isinstance(request, WireError):
-            return await self.outbox.send(req, replies.error(kind, request))
+            return await self.outbox.refuse(req, kind, request, received)
         if request.model not in (None, self.model_name):
             wrong = WireError.of(
                 "bad_request",
                 f"this subject serves `{self.model_name}`, not `{request.model}`: use llm.chat or that model's subject",
             )
-            return await self.outbox.send(req, replies.error(kind, wrong, stream=request.stream))
-        await self._serve_chat(req, kind, request)
+            return await self.outbox.refuse(req, kind, wrong, received, stream=request.stream)
+        await self._serve_chat(req, kind, request, received)
 
-    async def _serve_chat(self: Worker, req: Replier, kind: str, request: ChatRequest, delivered: bool = False) -> None:
+    async def _serve_chat(
+        self: Worker, req: Replier, kind: str, request: ChatRequest, received: float, delivered: bool = False
+    ) -> None:
         """Hold `request` and hand it to the engine. `delivered`: it reached this worker while it accepted requests
         (it waited for a look at the bus since), so a drain that began meanwhile does not refuse it."""
         durable = isinstance(req, Job)
@@ -129,14 +137,13 @@ class Intake:
         tenant = tenant_of(req.headers)
         for problem in (request_id, tenant):
             if isinstance(problem, WireError):
-                return await self.outbox.send(req, replies.error(kind, problem, stream=request.stream))
-        held = Held(req, (req.reply, request_id), self.held.new_engine_id(), kind, request.chat_id, request.stream)
-        if self.held.was_cancelled(held.key):
-            return await self.outbox.send(req, self._cancelled_earlier(kind, request_id, request.stream))
-        refusal = self._refusal(held.key, 1, not durable, delivered) or check_max_tokens(request, self.limits)
+                return await self.outbox.refuse(req, kind, problem, received, stream=request.stream)
+        key, engine_id = (req.reply, request_id), self.held.new_engine_id()
+        held = Held(req, key, engine_id, kind, request.chat_id, request.stream, received=received)
+        refusal = self._cancelled_earlier(key) if self.held.was_cancelled(key) else None
+        refusal = refusal or self._refusal(key, 1, not durable, delivered) or check_max_tokens(request, self.limits)
         if refusal is not None:
-            answer = replies.error(kind, refusal, stream=request.stream, request_id=request_id)
-            return await self.outbox.send(req, answer)
+            return await self.outbox.refuse(req, kind, refusal, received, stream=request.stream, request_id=request_id)
         deadline = deadline_of(request, req.age if durable else 0.0)
         if self.config.log_prompts:
             logs.prompt(request_id, conversation(request))
@@ -155,17 +162,15 @@ class Intake:
             log.exception("preparing request %s failed", engine_id)
             return Failed(engine_id, 500, f"internal error while preparing the request: {exc!r}", name="internal")
 
-    async def _forward(self: Worker, req: Replier, model: str, batched: bool) -> None:
-        """Hand a request to `model`'s workers with the client's reply subject: they answer the client directly."""
+    async def _forward(self: Worker, req: Replier, model: str, received: float) -> None:
+        """Hand a chat to `model`'s workers with the client's reply subject: they answer the client directly."""
         log.debug("forwarding a request for %s to its workers", model)
         if isinstance(req, Job):
             if self.jobs is not None and not await self.jobs.takes_jobs_for(model):
                 unserved = WireError.of("model_not_found", no_durable_worker(model).message)
-                return await self.outbox.send(req, replies.error(content_type(req.headers), unserved))
-            jobs = self.subjects.model_jobs_chat_batched if batched else self.subjects.model_jobs_chat
-            return await req.forward(jobs(model))
-        subject = self.subjects.model_chat_batched(model) if batched else self.subjects.model_chat(model)
-        await req.forward(subject)
+                return await self.outbox.refuse(req, content_type(req.headers), unserved, received)
+            return await req.forward(self.subjects.model_jobs_chat(model))
+        await req.forward(self.subjects.model_chat(model))
 
     async def route_batch(self: Worker, req: Replier) -> None:
         """`llm.chat.batched`: each query goes to the model it names, or to the default model."""
@@ -176,12 +181,13 @@ class Intake:
         await self._batch(req, model=self.model_name)
 
     async def _batch(self: Worker, req: Replier, model: str | None) -> None:
+        received = time.monotonic()
         if not req.reply:
             return
         kind = content_type(req.headers)
         batch = parse_batch(req.data, kind, model)
         if isinstance(batch, WireError):
-            return await self.outbox.send(req, replies.error(kind, batch))
+            return await self.outbox.refuse(req, kind, batch, received)
         durable = isinstance(req, Job)
         if isinstance(req, Job) and model is not None:
             req.requeue_to = self.subjects.model_jobs_chat_batched(model)
@@ -189,39 +195,41 @@ class Intake:
         problem = batch_id if isinstance(batch_id, WireError) else check_batch(batch, self.limits, durable)
         if problem is not None:
             stream = batch.stream and not durable  # a stream's error ends it: the end marker and the sentinel
-            return await self.outbox.send(req, replies.error(kind, problem, stream=stream))
+            return await self.outbox.refuse(req, kind, problem, received, stream=stream)
         key = (req.reply, batch_id)
         if self.held.was_cancelled(key):
             cancelled = WireError.of("cancelled", "the batch was cancelled before it ran")
-            return await self.outbox.send(req, replies.error(kind, cancelled, stream=batch.stream, request_id=batch_id))
+            return await self.outbox.refuse(req, kind, cancelled, received, stream=batch.stream, request_id=batch_id)
         if (refusal := self._refusal(key, 0, check_load=False)) is not None:
-            return await self.outbox.send(req, replies.error(kind, refusal, stream=batch.stream, request_id=batch_id))
+            return await self.outbox.refuse(req, kind, refusal, received, stream=batch.stream, request_id=batch_id)
         headers = propagated(req.headers)
         if isinstance(headers, WireError):
-            return await self.outbox.send(req, replies.error(kind, headers, stream=batch.stream and not durable))
+            return await self.outbox.refuse(req, kind, headers, received, stream=batch.stream and not durable)
         self._idle.clear()
         if isinstance(req, Job):
             req.queries = len(batch.items)  # counted by `jobs_wanted` while the batch runs
         age = req.age if isinstance(req, Job) else 0.0  # each query's timeout counts from the job's publication
-        task = asyncio.create_task(self._run_batch(req, kind, batch, batch_id, headers, age))
+        task = asyncio.create_task(self._run_batch(req, kind, batch, batch_id, headers, age, received))
         self.batches[key] = task
         task.add_done_callback(lambda _: self._batch_done(key))
 
     async def _run_batch(
-        self: Worker, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers, age: float
+        self: Worker, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers, age: float, at: float
     ) -> None:
+        """Gather the batch's answers and answer it (`at`: when it arrived, for a failure's log line)."""
         try:
             if (code := await self.coordinator.answer(req, kind, batch, batch_id, headers, age)) is not None:
-                self.outbox.count(code)
+                self.outbox.batch_failed(req, code)
         except asyncio.CancelledError:
             reason = "shutting_down" if not self.accepting else "cancelled"
             failure = WireError.of(reason, "the batch was cancelled before it finished")
             with contextlib.suppress(Exception):
-                await self.outbox.send(req, replies.error(kind, failure, stream=batch.stream, request_id=batch_id))
+                await self.outbox.refuse(req, kind, failure, at, stream=batch.stream, request_id=batch_id)
         except Exception as exc:  # one batch that cannot be answered must not take the worker down
             log.exception("batch %s failed", batch_id)
             with contextlib.suppress(Exception):
-                await self.outbox.send(req, replies.error(kind, WireError.of("internal", f"internal error: {exc!r}")))
+                internal = WireError.of("internal", f"internal error: {exc!r}")
+                await self.outbox.refuse(req, kind, internal, at, request_id=batch_id)
 
     def _batch_done(self: Worker, key: Key) -> None:
         self.batches.pop(key, None)
@@ -255,14 +263,14 @@ class Intake:
             )
         return None
 
-    def _cancelled_earlier(self: Worker, kind: str, request_id: str, stream: bool) -> list[replies.Outgoing]:
+    def _cancelled_earlier(self: Worker, key: Key) -> WireError:
         """A request whose key was cancelled in the last `tombstone_ttl` seconds: its cancel came first (they travel
         on different subscriptions), or a client re-sent a cancelled request with its id (a retry after a timeout,
         whose cancel every worker remembered). Either way it does not run, and an error says why, not an empty
         answer that looks like a success."""
         ttl = round(self.held.tombstone_ttl)
-        message = f"request id {request_id!r} was cancelled in the last {ttl} s: send it again with a new request id"
-        return replies.error(kind, WireError.of("cancelled", message), stream=stream, request_id=request_id)
+        message = f"request id {key[1]!r} was cancelled in the last {ttl} s: send it again with a new request id"
+        return WireError.of("cancelled", message)
 
     def _draining_serves(self: Worker) -> bool:
         """A drain still serves what was delivered before it: the engine runs, and the worker is not closing."""
@@ -283,7 +291,7 @@ class Intake:
             await self._capacity.wait()
 
     async def run_job(self: Worker, job: Job) -> None:
-        subjects, own = self.subjects, self.model_name
+        received, subjects, own = time.monotonic(), self.subjects, self.model_name
         handlers = {
             subjects.jobs_chat: self.route_chat,
             subjects.jobs_chat_batched: self.route_batch,
@@ -293,8 +301,8 @@ class Intake:
         try:
             if (handler := handlers.get(job.subject)) is None:
                 unknown = WireError.of("not_found", f"no durable job type {job.subject}")
-                return await self.outbox.send(job, replies.error(JSON, unknown))
+                return await self.outbox.refuse(job, JSON, unknown, received)
             await handler(job)
         except Exception as exc:  # as micro does for a handler: a 500 answer (here: a redelivery)
             log.exception("durable job %s failed", job.request_id)
-            await self.outbox.send(job, replies.error(JSON, WireError.of("internal", f"internal error: {exc!r}")))
+            await self.outbox.refuse(job, JSON, WireError.of("internal", f"internal error: {exc!r}"), received)

@@ -7,7 +7,10 @@ Three sources, each recorded once:
   and the inter-token gaps of the rows that got a token;
 - each request, at its final answer (`answered`): prompt and generation tokens, success by finish reason, time to
   first token, end-to-end, queue time. Times count from when the worker received the message. The same call
-  writes the request's log line and its spans. Failures by code count every error answer (`failed`).
+  writes the request's log line and its spans. Failures by code count every error answer published (`failed`); a
+  request refused before the engine held it gets its log line and span too (`refused`). A durable job put back on
+  its queue, or an answer whose publish failed, is no answer: it counts in `unanswered` by outcome only, a figure of
+  `$SRV.STATS` (`request_unanswered_total`), not of the Prometheus endpoint.
 
 `summary()` gives the same figures for `$SRV.STATS` data, so `nats micro stats` shows them; `serve()` exposes them
 in the Prometheus text format on their own port.
@@ -47,6 +50,7 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 QUANTILES = (0.5, 0.9, 0.99)
 COMPILE_STATES = ("off", "compiling", "ready", "failed")
+UNANSWERED = ("requeued", "redelivered", "abandoned")  # `held.Outcome`s that leave a request to another worker, or none
 BY_LABEL = {"request_success": "finished_reason", "request_failure": "code"}  # the counters with one more label
 
 
@@ -123,6 +127,7 @@ class WorkerMetrics:
         self._failure = Counter(
             PREFIX + "request_failure", "Error answers, by code.", [*LABELS, "code"], registry=self.registry
         )
+        self.unanswered_by_outcome = dict.fromkeys(UNANSWERED, 0)  # `unanswered`, for `summary` only
         self.ttft = self._histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = self._histogram("inter_token_latency_seconds", "Time between two tokens of a request.", ITL_BUCKETS)
         self.e2e = self._histogram("e2e_request_latency_seconds", "Time from arrival to final answer.", E2E_BUCKETS)
@@ -161,9 +166,15 @@ class WorkerMetrics:
     # --- answers (event loop) ---------------------------------------------------------------------------------
 
     def failed(self, code: int) -> None:
-        """One error answer (any: refused, invalid, failed in the engine)."""
+        """One error answer published (any: refused, invalid, failed in the engine)."""
         label = str(code) if str(code) in KNOWN_CODES else "other"
         self._failure.labels(**self.labels, code=label).inc()
+
+    def unanswered(self, outcome: str) -> None:
+        """A request this worker let go without an answer (`UNANSWERED`): a durable job requeued or redelivered (the
+        worker that takes it next answers it) or an answer abandoned (its publish failed). No figures, log line or
+        span of its own."""
+        self.unanswered_by_outcome[outcome if outcome in UNANSWERED else "abandoned"] += 1
 
     def answered(self, held: Held, event: Finished | Failed, now: float | None = None) -> None:
         """A held request got its final answer: its figures, its log line, and its spans."""
@@ -195,18 +206,33 @@ class WorkerMetrics:
             logs.completion(held.request_id, event.text)
         tracing.request_spans(held.replier.headers, *request_phases(arrived, timings, now), line.span_attributes())
 
+    def refused(
+        self, headers: dict[str, str] | None, request_id: str, code: int, received: float, now: float | None = None
+    ) -> None:
+        """A request answered `code` before the engine held it: its log line and its span (the request, from when
+        the message arrived to its answer), as an answered request's but without tokens or phases. Its code is
+        counted by `failed`; the latency histograms are for the requests the engine held."""
+        now = time.monotonic() if now is None else now
+        total, trace_id = max(0.0, now - received), tracing.trace_id_of(headers)
+        line = logs.RequestLine(request_id, self.model, None, None, None, total, None, code, trace_id)
+        logs.request_finished(line)
+        tracing.request_spans(headers, tracing.Phase("worker request", received, now), [], line.span_attributes())
+
     # --- exposition ---------------------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
         """The `llmbus_` figures for `$SRV.STATS` data, named without the prefix: counters and gauges as numbers (by
-        label where they have one more than model and worker), histograms as count, sum and estimated quantiles."""
-        out: dict[str, Any] = {}
+        label where they have one more than model and worker), histograms as count, sum and estimated quantiles, the
+        compile state by name; and the requests let go unanswered, by outcome (`unanswered`)."""
+        out: dict[str, Any] = {"request_unanswered_total": {k: n for k, n in self.unanswered_by_outcome.items() if n}}
         for family in self.registry.collect():
             if not family.name.startswith(PREFIX):
                 continue
             name = family.name.removeprefix(PREFIX)
             if family.type == "histogram":
                 out[name] = histogram_summary(family)
+            elif name == "decode_compile_state":
+                out[name] = current_state(family)
             elif name in BY_LABEL:
                 out[name + "_total"] = by_label(family, BY_LABEL[name])
             else:
@@ -241,6 +267,11 @@ def request_phases(arrived: float, timings: Timings, answered: float) -> tuple[t
         tracing.Phase("decode", timings.first_token_at, timings.finished_at),
         tracing.Phase("reply", timings.finished_at, answered),
     ]
+
+
+def current_state(family: Metric) -> str | None:
+    """The state whose series is 1 in a state-as-label gauge (`decode_compile_state`); None before it has one."""
+    return next((s.labels["state"] for s in family.samples if s.value == 1), None)
 
 
 def by_label(family: Metric, label: str) -> dict[str, float]:

@@ -2,22 +2,41 @@
 
 The engine thread hands each step's events to `put` (thread-safe); one task (`run`) publishes them. `close` lets
 that task publish everything already queued before it stops, so a stopping worker never drops finished work.
-Each final answer is recorded in `metrics` once it is out (with its log line and spans), and every error answer
-is counted by code.
+
+Only an answer published to its client counts as answered (`held.Outcome`): then its error code is counted, and a
+held request's final answer is recorded in `metrics` (figures, log line and spans), as is a request refused before
+the engine held it (`refuse`: log line and span). A durable job put back on its queue instead (`requeued` by a
+stopping worker, `redelivered` after an internal error) or an answer whose publish failed (`abandoned`) counts in
+`WorkerMetrics.unanswered` only (`request_unanswered_total` in `$SRV.STATS`): the worker that takes the job next
+answers it, and logs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 
 from inference_worker import replies
+from inference_worker.durable import Job
 from inference_worker.engine import Accepted, Event, Failed, Finished, TokenDelta
-from inference_worker.held import HeldRequests, Replier
+from inference_worker.held import (
+    ABANDONED,
+    PUBLISHED,
+    REDELIVERED,
+    REQUEUED,
+    SETTLED,
+    Held,
+    HeldRequests,
+    Outcome,
+    Replier,
+)
 from inference_worker.metrics import WorkerMetrics
+from inference_worker.requests import request_id_of
 from schemas import WireError
+from schemas.subjects import REQUEST_ID
 
 log = logging.getLogger("llmbus.worker")
 
@@ -64,24 +83,84 @@ class Outbox:
             return
         self.on_release()
         try:
-            if isinstance(event, Finished):
-                await self.send(held.replier, replies.finished(held, event, self.model))
-            elif isinstance(event, Failed):
-                failure = WireError(event.code, event.message, event.name)
-                await self.send(
-                    held.replier, replies.error(held.kind, failure, stream=held.stream, request_id=held.request_id)
-                )
-        finally:  # answered or not (a publish that raised), the request is done: its figures and its log line
+            messages = self._final(held, event)
+        except Exception:  # an answer that cannot even be built is no answer either
+            self.metrics.unanswered(ABANDONED)
+            raise
+        if await self.answer(held.replier, messages) == PUBLISHED:
             self.metrics.answered(held, event)
 
-    async def send(self, replier: Replier, messages: list[replies.Outgoing]) -> None:
-        for message in messages:
-            if message.error is not None:
-                self.count(message.error.code)
-                await replier.respond_error(message.error, message.data, message.headers)
-            else:
-                await replier.respond(message.data, message.headers, final=message.final)
+    def _final(self, held: Held, event: Finished | Failed) -> list[replies.Outgoing]:
+        if isinstance(event, Finished):
+            return replies.finished(held, event, self.model)
+        failure = WireError(event.code, event.message, event.name)
+        return replies.error(held.kind, failure, stream=held.stream, request_id=held.request_id)
+
+    async def answer(self, replier: Replier, messages: list[replies.Outgoing]) -> Outcome:
+        """`send` a request's final answer; one that did not reach its client counts as unanswered, by outcome (a
+        job answered before counts nowhere)."""
+        outcome = await self.send(replier, messages)
+        if outcome not in (PUBLISHED, SETTLED):
+            self.metrics.unanswered(outcome)
+        return outcome
+
+    async def send(self, replier: Replier, messages: list[replies.Outgoing]) -> Outcome:
+        """Publish `messages` in order; returns their outcome. An error answer counts by code once published. A
+        durable job put back, or a publish that failed (logged here, not raised), ends the messages at once."""
+        try:
+            for message in messages:
+                if message.error is not None:
+                    outcome = await replier.respond_error(message.error, message.data, message.headers) or PUBLISHED
+                    if outcome == PUBLISHED:
+                        self.count(message.error.code)
+                else:
+                    outcome = await replier.respond(message.data, message.headers, final=message.final) or PUBLISHED
+                if outcome != PUBLISHED:
+                    return outcome
+        except Exception:
+            log.exception("failed to publish an answer to %s", replier.reply)
+            return ABANDONED
+        return PUBLISHED
+
+    async def refuse(
+        self,
+        req: Replier,
+        kind: str,
+        failure: WireError,
+        received: float,
+        *,
+        stream: bool = False,
+        request_id: str | None = None,
+    ) -> None:
+        """Answer a request refused before the engine held it (invalid, unroutable, a duplicate, cancelled earlier,
+        overloaded, a worker shutting down...) with `failure`. Once published it is counted by code and leaves the
+        request log line and span that an answered request leaves (`WorkerMetrics.refused`), timed from `received`
+        (when the message arrived); never its prompt. A stream's end message carries the request id: `request_id`,
+        else the one the request sent when it is valid."""
+        request_id = given_id(req, request_id)
+        answer = replies.error(kind, failure, stream=stream, request_id=request_id)
+        if await self.answer(req, answer) == PUBLISHED:
+            self.metrics.refused(req.headers, request_id or "-", failure.code, received, time.monotonic())
+
+    def batch_failed(self, req: Replier, code: int) -> None:
+        """A batch whose every query failed was answered with `code` by the coordinator itself (`batches`)."""
+        outcome = req.answer_outcome if isinstance(req, Job) else PUBLISHED
+        if outcome == PUBLISHED:
+            self.count(code)
+        elif outcome in (REQUEUED, REDELIVERED, ABANDONED):
+            self.metrics.unanswered(outcome)
 
     def count(self, code: int) -> None:
         self.errors_by_code[str(code)] += 1
         self.metrics.failed(code)
+
+
+def given_id(req: Replier, request_id: str | None) -> str | None:
+    """The request id a refusal carries and logs: the one given, a job's, or the client's header when it is valid;
+    None otherwise (an invalid id is user text, never logged or echoed)."""
+    if request_id is not None:
+        return request_id
+    if isinstance(req, Job):
+        return req.request_id
+    given = request_id_of(req.headers) if REQUEST_ID in (req.headers or {}) else None
+    return given if isinstance(given, str) else None

@@ -2,7 +2,9 @@
 
 The worker writes one INFO line per request it answered, on the `llmbus.requests` logger: request id, model, prompt
 and completion tokens, time to first token, total time, finish reason and code (and the trace id when the request
-carried a `traceparent`). Never the prompt:
+carried a `traceparent`). A request refused before it ran (invalid, a duplicate, overloaded...) gets one too, with
+its error code and no tokens; a durable job put back on its queue gets none (the worker that answers it writes it).
+Never the prompt:
 
     2026-11-26 01:30:00,123 INFO llmbus.requests: request id=my-req-1 model=SmolLM2-135M-Instruct prompt_tokens=37
         completion_tokens=8 ttft_s=0.056 total_s=0.312 finish_reason=stop code=200
@@ -33,7 +35,7 @@ prompts_log.setLevel(logging.CRITICAL + 1)  # off until allow_prompts(True), eve
 
 @dataclass(frozen=True, slots=True)
 class RequestLine:
-    """One answered request, as logged."""
+    """One answered request (or one refused before it ran: no tokens, no finish reason), as logged."""
 
     request_id: str
     model: str

@@ -10,16 +10,21 @@ exactly as they came. Trace headers are user input: only a well-formed `tracepar
 Spans: install the `[otel]` extra and point the standard OpenTelemetry variables at a collector, e.g.
 `OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317` (or `OTEL_TRACES_EXPORTER=otlp`). `setup_from_env` then exports
 over OTLP (`OTEL_EXPORTER_OTLP_PROTOCOL`: grpc, the default, or http/protobuf), batched, with the service name from
-`OTEL_SERVICE_NAME` (default: the part's). `OTEL_SDK_DISABLED=true` turns it off. The bridge's span is the parent
-of the message it publishes; the worker emits its spans (the request, queue wait, prefill, decode, reply) when it
-answers, with their real start and end times (`request_spans`).
+`OTEL_SERVICE_NAME` (default: the part's). `OTEL_TRACES_EXPORTER` takes `otlp`, `console` (the SDK's JSON spans on
+stdout, for a look without a collector), both (`otlp,console`) or `none`; any other value stops the start with an
+error that names it. `OTEL_SDK_DISABLED=true` turns it off. The bridge's span is the parent of the message it
+publishes; the worker emits its spans (the request, queue wait, prefill, decode, reply) when it answers, with their
+real start and end times (`request_spans`). At exit `shutdown` exports what is still buffered, waiting at most
+`SHUTDOWN_TIMEOUT_S`: a collector that accepts but never answers cannot hold up the process's exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -41,6 +46,10 @@ _TRACESTATE_MEMBER = re.compile(rf"[a-z0-9][a-z0-9_\-*/@]{{0,255}}=[{_VALUE_CHAR
 MAX_TRACESTATE = 512
 MAX_TRACESTATE_MEMBERS = 32
 WALL_OFFSET = time.time() - time.monotonic()  # monotonic + this = wall-clock seconds, measured once
+SHUTDOWN_TIMEOUT_S = 2.0  # how long `shutdown` waits for the last export (the SDK's own wait is 30 s)
+EXPORTERS = ("otlp", "console")  # the OTEL_TRACES_EXPORTER values that export; `none` turns traces off
+
+log = logging.getLogger("llmbus.tracing")
 
 TraceHeaders = dict[str, str]
 
@@ -178,22 +187,39 @@ def configure(provider: Any) -> None:
     _tracer = None if provider is None else provider.get_tracer("llmbus")
 
 
-def requested(env: Mapping[str, str] | None = None) -> bool:
-    """Whether the standard OTEL_* variables ask for trace export."""
+def exporters_wanted(env: Mapping[str, str] | None = None) -> list[str]:
+    """The trace exporters the standard OTEL_* variables ask for (`EXPORTERS`), none when traces stay off: those
+    `OTEL_TRACES_EXPORTER` names (comma-separated), else OTLP when an OTLP endpoint is set. Raises RuntimeError for
+    a value it does not support, rather than exporting somewhere the operator did not ask for."""
     env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if exporter:
-        return exporter != "none"
-    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        return []
+    value = env.get("OTEL_TRACES_EXPORTER", "").strip()
+    if not value:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        return ["otlp"] if endpoint else []
+    names = [name.strip().lower() for name in value.split(",")]
+    if names == ["none"]:
+        return []
+    if any(name not in EXPORTERS for name in names):
+        raise RuntimeError(
+            f"unsupported OTEL_TRACES_EXPORTER {value!r}: use otlp, console, both (otlp,console) or none"
+        )
+    return list(dict.fromkeys(names))
+
+
+def requested(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard OTEL_* variables ask for trace export (raises as `exporters_wanted` does)."""
+    return bool(exporters_wanted(env))
 
 
 def setup_from_env(service: str) -> str | None:
-    """Turn spans on when the OTEL_* variables ask for them: OTLP export, batched. Returns what it set up (for the
-    log), or None when spans stay off. Raises RuntimeError when they are asked for but OpenTelemetry is missing."""
+    """Turn spans on when the OTEL_* variables ask for them: OTLP and/or console export, batched. Returns what it set
+    up (for the log), or None when spans stay off. Raises RuntimeError when they are asked for but OpenTelemetry is
+    missing, or for an OTEL_TRACES_EXPORTER or OTLP protocol it does not support."""
     global _provider
-    if not requested() or _tracer is not None:
+    wanted = exporters_wanted()
+    if not wanted or _tracer is not None:
         return None
     try:
         from opentelemetry.sdk.resources import Resource
@@ -201,15 +227,25 @@ def setup_from_env(service: str) -> str | None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         raise RuntimeError("OTEL_* asks for traces, but OpenTelemetry is missing: pip install 'llmbus[otel]'") from None
-    variable = next((v for v in _PROTOCOL_VARIABLES if os.environ.get(v)), _PROTOCOL_VARIABLES[-1])
-    protocol = os.environ.get(variable, "grpc")
-    exporter = _otlp_exporter(variable, protocol)
+    exporters = [_exporter(name) for name in wanted]
     named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     _provider = TracerProvider(resource=Resource.create({} if named else {"service.name": service}))
-    _provider.add_span_processor(BatchSpanProcessor(exporter))
+    for exporter, _ in exporters:
+        _provider.add_span_processor(BatchSpanProcessor(exporter))
     otel_trace.set_tracer_provider(_provider)
     configure(_provider)
-    return f"OTLP ({protocol})"
+    return " and ".join(described for _, described in exporters)
+
+
+def _exporter(name: str) -> tuple[Any, str]:
+    """The exporter called `name` in OTEL_TRACES_EXPORTER, and how the start's log line describes it."""
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter(), "the console (stdout)"
+    variable = next((v for v in _PROTOCOL_VARIABLES if os.environ.get(v)), _PROTOCOL_VARIABLES[-1])
+    protocol = os.environ.get(variable, "grpc")
+    return _otlp_exporter(variable, protocol), f"OTLP ({protocol})"
 
 
 _PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")  # the first set wins
@@ -228,10 +264,16 @@ def _otlp_exporter(variable: str, protocol: str) -> Any:
     return OTLPSpanExporter()  # endpoint, headers, timeout... from the OTEL_EXPORTER_OTLP_* variables
 
 
-def shutdown() -> None:
-    """Export the spans still buffered (at exit)."""
+def shutdown(timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """Export the spans still buffered (at exit), waiting at most `timeout` seconds. The SDK's shutdown waits for an
+    export in flight (up to the exporter's timeout, or its own 30 s), so it runs in a daemon thread: a collector
+    that accepts but never answers costs the spans still buffered, not a stuck exit."""
     global _provider
     if _provider is not None:
-        _provider.shutdown()
+        closing = threading.Thread(target=_provider.shutdown, name="llmbus-trace-shutdown", daemon=True)
+        closing.start()
+        closing.join(timeout)
+        if closing.is_alive():
+            log.warning("tracing: spans not exported within %.0f s of the shutdown are lost", timeout)
         _provider = None
     configure(None)
