@@ -5,6 +5,7 @@ and TTFT that does not count the time spent in the key dialog."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -268,3 +269,33 @@ async def test_forget_api_key_pauses_polling_until_a_key_is_entered(keyed_bridge
     await expect(page.locator("#chat-error")).to_contain_text("No model to ask")
     await expect(page.locator("#prompt")).to_have_value("Hello")
     tab.assert_clean(keyed_bridge.url)
+
+
+async def test_an_empty_answer_stays_in_the_conversation_so_turns_alternate(
+    fresh_nats_server: NatsServer, open_tab: OpenTab
+) -> None:
+    """A worker whose every token is an end of sequence answers with no text (finish_reason stop). That turn was
+    left out of the history, so the next request carried two user messages in a row; it is kept, empty."""
+    url = fresh_nats_server.url
+    silent = tiny_model()
+    silent = dataclasses.replace(silent, eos_token_ids=frozenset(range(len(silent.tokenizer))))
+    worker = Worker(Config(nats_url=url, threads=1, compile=False), await nats.connect(url), silent)
+    await worker.start()
+    try:
+        async with running_bridge(Config(nats_url=url, request_timeout=60.0)) as bridge:
+            tab = await open_tab(bridge.url + "/")
+            page = tab.page
+            await expect(page.locator("#model")).to_have_value(TINY)
+            assert await send(page, "Hello") == [{"role": "user", "content": "Hello"}]
+            await expect(page.locator("#send")).to_be_enabled()
+            await expect(page.locator("#log .turn")).to_have_count(2)
+            second = await send(page, "Again")
+            assert second == [
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": ""},
+                {"role": "user", "content": "Again"},
+            ]
+            tab.assert_clean(bridge.url)
+    finally:
+        await worker.close()
+        await worker.nc.close()

@@ -243,8 +243,9 @@ async function send(text) {
     ttftMs: first === null ? null : first - started,
     tokensPerS: tokens !== null && tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : null,
   });
-  if (reply) history.push({ role: "assistant", content: reply });
-  else if (finish === "failed" || finish === "stopped") {
+  // An answer with no text (an end of sequence first) stays as an empty turn, so roles keep alternating.
+  if (reply || (finish !== "failed" && finish !== "stopped")) history.push({ role: "assistant", content: reply });
+  else {
     // Not answered (failed, or stopped before its first token): the turn leaves the conversation and the screen
     // and goes back to the prompt box, so the next request never carries two user messages in a row.
     history.pop();
