@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every worker on the bus (host, pid, model, load, tokens/s, uptime) and the bus totals",
         description="A table of every worker on the bus, from $SRV.INFO and $SRV.STATS, and the bus totals.",
     )
-    add_arguments(status, ("nats_url", *CONNECTION_FIELDS))
+    add_arguments(status, ("nats_url", "subject_prefix", *CONNECTION_FIELDS))
     status.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws with --watch (>= 0.5)")
 

@@ -136,7 +136,7 @@ def empty_note(t: BusTotals, subject_prefix: str) -> str:
     if not t.other_prefixes:
         return f"no worker answers $SRV.STATS.{SERVICE_NAME} on this bus"
     others = ", ".join(printable(prefix) for prefix in t.other_prefixes)
-    return f"no worker on subject prefix {subject_prefix} (workers on {others}: set LLMBUS_SUBJECT_PREFIX)"
+    return f"no worker on subject prefix {subject_prefix} (workers on {others}: choose with --subject-prefix)"
 
 
 def render(view: BusView, where: str, width: int = 80, subject_prefix: str = "llm") -> RenderableType:

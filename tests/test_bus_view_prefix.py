@@ -4,6 +4,7 @@ responders (helpers.fake_srv) on a real nats-server, and the bridge is the real 
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from bus_gateway import web
 from bus_gateway.bus_view import bus_view
 from helpers.bridge import running_bridge
 from helpers.fake_srv import FakeWorker, FakeWorkers
+from llmbus.cli import main
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 from llmbus.status import run_status
@@ -86,7 +88,7 @@ async def test_status_shows_only_the_workers_on_its_prefix(two_buses: tuple[Nats
     server, fakes = two_buses
     code, text = await status_on(server, "multi")
     assert code == 1, text
-    assert "no worker on subject prefix multi (workers on llm: set LLMBUS_SUBJECT_PREFIX)" in text
+    assert "no worker on subject prefix multi (workers on llm: choose with --subject-prefix)" in text
     assert "alpha" not in text
 
     fakes.workers.append(BETA_ON_MULTI)
@@ -94,3 +96,14 @@ async def test_status_shows_only_the_workers_on_its_prefix(two_buses: tuple[Nats
     assert code == 0, text
     assert "1 worker · 5 running" in text and "models: beta\n" in text
     assert "alpha" not in text and "h:1 " not in text
+
+
+async def test_the_status_command_takes_a_subject_prefix_flag(
+    two_buses: tuple[NatsServer, FakeWorkers], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, fakes = two_buses
+    fakes.workers.append(BETA_ON_MULTI)
+    code = await asyncio.to_thread(main, ["status", "--nats-url", server.url, "--subject-prefix", "multi"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "models: beta" in text and "alpha" not in text
