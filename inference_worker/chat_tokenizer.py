@@ -5,6 +5,13 @@ It offers the part of transformers' tokenizer API the worker calls: `apply_chat_
 add_generation_prompt=True, tokenize=False)`, `tokenizer(text, add_special_tokens=False)["input_ids"]`,
 `eos_token_id`, `decode` and `backend_tokenizer`. Tools, documents and assistant masks are not part of llmbus's
 wire contract, so they are not rendered. `tests/test_checkpoint.py` checks it gives transformers' ids.
+
+The special tokens (`bos_token`, `eos_token`, ...) are read as transformers 5 reads them: from tokenizer_config.json,
+and from the legacy special_tokens_map.json where tokenizer_config.json has no `added_tokens_decoder` (its values
+then replace tokenizer_config.json's). Where no end token is found, or the template uses a special token that
+neither file defines (a transformers tokenizer class may have a default for it), `load` raises `Unsupported`, so
+that transformers' tokenizer decides. A damaged tokenizer file raises `Unreadable`, naming it. A model without any
+chat template is refused where it is loaded (`require_chat_template`): llmbus serves chat only.
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 from tokenizers import Tokenizer
 
-from inference_worker.checkpoint import Unsupported
+from inference_worker.checkpoint import Unreadable, Unsupported, read_json
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -35,14 +43,21 @@ class ChatTokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> ChatTokenizer:
-        """Raises `Unsupported` where transformers' tokenizer classes are needed (no tokenizer.json, no template)."""
-        if not (directory / "tokenizer.json").is_file():
+        """Raises `Unsupported` where transformers' tokenizer classes are needed (no tokenizer.json, no template, no
+        end token, a special token the template uses that no file defines), `Unreadable` for a damaged file."""
+        file = directory / "tokenizer.json"
+        if not file.is_file():
             raise Unsupported("no tokenizer.json")
         config_file = directory / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config = read_json(config_file) if config_file.is_file() else {}
         template = _template(directory, config)
-        special = {name: _content(config[name]) for name in SPECIAL_TOKENS if config.get(name) is not None}
-        return cls(Tokenizer.from_file(str(directory / "tokenizer.json")), template, special)
+        special = _special_tokens(directory, config)
+        if undefined := sorted(_used_tokens(template) - special.keys()):
+            raise Unsupported(f"the chat template uses {', '.join(undefined)}, which no tokenizer file defines")
+        tokenizer = cls(_backend(file), template, special)
+        if tokenizer.eos_token_id is None:
+            raise Unsupported(f"no end token in the vocabulary (eos_token {special.get('eos_token')!r})")
+        return tokenizer
 
     def apply_chat_template(
         self, turns: list[dict[str, Any]], add_generation_prompt: bool = False, tokenize: bool = False
@@ -64,10 +79,53 @@ class ChatTokenizer:
         return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
 
 
+class NoChatTemplate(RuntimeError):
+    """A model directory without a chat template: llmbus serves chat only, so such a model is refused at load."""
+
+
+def require_chat_template(directory: Path, template: str | dict[str, str] | None) -> None:
+    """Raises `NoChatTemplate`, naming `directory`, unless `template` (a transformers tokenizer's `chat_template`:
+    one template, or named ones) gives a default template."""
+    if (isinstance(template, str) and template) or (isinstance(template, dict) and template.get("default")):
+        return
+    raise NoChatTemplate(
+        f"{directory} has no chat template: a chat model needs `chat_template` in tokenizer_config.json or a"
+        " chat_template.jinja file"
+    )
+
+
+def _backend(file: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise Unreadable(f"{file} is not a readable tokenizer file, damaged or cut short ({exc})") from exc
+
+
+def _special_tokens(directory: Path, config: dict[str, Any]) -> dict[str, str]:
+    """The named special tokens, as transformers 5 reads them (`_from_pretrained`): tokenizer_config.json's, then,
+    where it has no `added_tokens_decoder`, special_tokens_map.json's over them (a null there removes one)."""
+    found = {name: config[name] for name in SPECIAL_TOKENS if config.get(name) is not None}
+    legacy = directory / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and legacy.is_file():
+        mapped = read_json(legacy)
+        for name in SPECIAL_TOKENS:
+            if name in mapped:
+                found[name] = mapped[name]
+    return {name: _content(value) for name, value in found.items() if value is not None}
+
+
+def _used_tokens(template: str) -> set[str]:
+    """The special-token variables the template reads."""
+    return meta.find_undeclared_variables(_environment().parse(template)) & set(SPECIAL_TOKENS)
+
+
 def _template(directory: Path, config: dict[str, Any]) -> str:
     """The chat template: `chat_template.jinja` (transformers 5 saves it there) or tokenizer_config.json's."""
     if (file := directory / "chat_template.jinja").is_file():
-        return file.read_text()
+        try:
+            return file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise Unreadable(f"{file} is not UTF-8 text, damaged ({exc})") from exc
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)

@@ -7,6 +7,8 @@ default, linear or Llama 3 RoPE, SiLU and safetensors weights. The tree has the 
 reads from an HF model (`model.layers[i].self_attn.q_proj`, `lm_head`, `config`, ...) and nothing else: no
 `generate`, no HF forward. For anything else (other families, other RoPE types, a missing field, `.bin` weights)
 `load_llama` raises `Unsupported` with the reason, and `model_loader` loads it through transformers, as before.
+A checkpoint without one of the tensors the model needs is refused (`Unreadable`, naming the tensor and the
+directory), whichever loader reads it: transformers would fill the tensor with random values and serve garbage.
 
 The weights are the checkpoint's, cast to the asked dtype as transformers casts them (`Tensor.to`), and the RoPE
 tables come from the same arithmetic as transformers' `LlamaRotaryEmbedding`; `tests/test_checkpoint.py` checks
@@ -161,9 +163,11 @@ class RotaryEmbedding(nn.Module):
 
 def load_llama(directory: Path, config: CheckpointConfig, dtype: torch.dtype) -> nn.Module:
     """The checkpoint (its `read_config`) as a module tree with transformers' names, weights in `dtype`. Raises
-    `Unsupported`."""
+    `Unsupported`, or `Unreadable` for a tensor the model needs that the checkpoint lacks."""
     weights = read_weights(directory)  # emptied as the tree takes its tensors: no tensor is held twice
-    take = _Taker(weights, dtype)
+    if weights and not any(name.startswith("model.") for name in weights):
+        raise Unsupported("tensor names without the `model.` prefix (transformers maps them)")
+    take = _Taker(weights, dtype, directory)
     inner = nn.Module()
     inner.embed_tokens = _holder(take("model.embed_tokens.weight"))
     inner.layers = nn.ModuleList(_layer(take, f"model.layers.{i}.", config) for i in range(config.num_hidden_layers))
@@ -183,15 +187,28 @@ def load_llama(directory: Path, config: CheckpointConfig, dtype: torch.dtype) ->
     return model.eval()
 
 
-class _Taker:
-    """Takes tensors out of the checkpoint's dict (which then no longer holds them), cast to `dtype`."""
+def missing_tensors(directory: Path, names: list[str]) -> Unreadable:
+    """The refusal of a checkpoint in `directory` that lacks the tensors `names` (a few named, then a count)."""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    hint = ""
+    if "lm_head.weight" in names:
+        hint = " (an output head tied to the embeddings needs `tie_word_embeddings: true` in config.json)"
+    return Unreadable(
+        f"{directory} is an incomplete checkpoint: its weights have no {shown}{hint}; refusing to serve a model"
+        " with missing weights filled with random values"
+    )
 
-    def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        self.weights, self.dtype = weights, dtype
+
+class _Taker:
+    """Takes tensors out of the checkpoint's dict (which then no longer holds them), cast to `dtype`. A missing
+    one is `Unreadable` (`missing_tensors`), not `Unsupported`: transformers would fill it with random values."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype, directory: Path) -> None:
+        self.weights, self.dtype, self.directory = weights, dtype, directory
 
     def __call__(self, name: str) -> nn.Parameter:
         if name not in self.weights:
-            raise Unsupported(f"the checkpoint has no {name}")
+            raise missing_tensors(self.directory, [name])
         return nn.Parameter(self.weights.pop(name).to(self.dtype), requires_grad=False)
 
 

@@ -4,8 +4,9 @@
 A Llama, Mistral or Qwen2 checkpoint with safetensors weights and the default, linear or Llama 3 RoPE is read
 without importing transformers (`checkpoint.py`, `chat_tokenizer.py`): importing it costs about 2 s of a warm
 start. Every other model, and `load_model(..., backend="transformers")` (the bench's eager ceiling, tests that
-call `generate`), loads through transformers' Auto classes. A damaged config.json or safetensors file raises
-`Unreadable`, naming the file.
+call `generate`), loads through transformers' Auto classes. A damaged config.json, tokenizer or safetensors file,
+or a checkpoint without a weight the model needs (transformers would fill it with random values), raises
+`Unreadable`, naming it; a model without a chat template is refused (`NoChatTemplate`): llmbus serves chat only.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from inference_worker import file_lock
-from inference_worker.chat_tokenizer import ChatTokenizer
-from inference_worker.checkpoint import Unreadable, Unsupported, load_llama, read_config
+from inference_worker.chat_tokenizer import ChatTokenizer, require_chat_template
+from inference_worker.checkpoint import Unreadable, Unsupported, load_llama, missing_tensors, read_config
 from inference_worker.hardware import pick_device, pick_dtype
 
 if TYPE_CHECKING:
@@ -111,10 +112,12 @@ def converted_smollm2() -> Path:
 def cached_conversion(source: Path, version: str, name: str, convert: Callable[[Path, Path], None]) -> Path:
     """The directory `convert(source, staging)` makes, in `cache_root()/models`, made once. Its key is the source's
     name, version, size, a digest of its first and last MiB (`_sampled_digest`) and `CONVERSION_FORMAT`. Workers
-    that start together take turns on a lock file, and the later ones find the first one's result; a conversion is
-    written to a `.convert-*` directory and renamed into place, readable by others as the umask allows (a killed
-    one's is removed a day later). Each use marks the directory used; conversions of `name` that no worker has used
-    for `UNUSED_CONVERSION_S` (a week: an older wheel's) are removed."""
+    that start together take turns on the target's lock file, and the later ones find the first one's result; a
+    conversion is written to a `.convert-<target>.*` directory and renamed into place, readable by others as the
+    umask allows. One killed midway (Ctrl-C, SIGTERM: its thread never cleans up) leaves that directory behind: the
+    next conversion of the target removes it (`remove_dead_staging`), others go once a day old. Each use marks the
+    directory used; conversions of `name` that no worker has used for `UNUSED_CONVERSION_S` (a week: an older
+    wheel's) are removed."""
     key = f"{source.name}:{version}:{source.stat().st_size}:{_sampled_digest(source)}:{CONVERSION_FORMAT}"
     models = cache_root() / "models"
     target = models / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -123,11 +126,13 @@ def cached_conversion(source: Path, version: str, name: str, convert: Callable[[
     remove_unused_conversions(models, name, keep=target)
     if (target / "config.json").is_file():
         return _marked_used(target)
-    with file_lock.exclusive(models / f".{target.name}.lock"):
+    with file_lock.exclusive(models / f".{target.name}.lock") as locked:
         if (target / "config.json").is_file():  # converted while this worker waited
             return _marked_used(target)
+        if locked:
+            remove_dead_staging(models, target)
         log.info("converting %s to %s (once)", source, target)
-        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=models))
+        staging = Path(tempfile.mkdtemp(prefix=f".convert-{target.name}.", dir=models))
         try:
             convert(source, staging)
             staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the cache from other users
@@ -168,8 +173,16 @@ def remove_unused_conversions(models: Path, name: str, keep: Path) -> None:
                 file_lock.remove_if_free(models / f".{conversion.name}.lock")
 
 
+def remove_dead_staging(models: Path, target: Path) -> None:
+    """Removes the staging directories of `target`'s conversions: the caller holds `target`'s lock, which every
+    conversion of it holds while it runs, so these are conversions killed midway. (`mkdtemp`'s suffix has no dot.)"""
+    for staging in models.glob(".convert-*"):
+        if staging.name.rpartition(".")[0] == f".convert-{target.name}":
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def remove_stale_staging(models: Path) -> None:
-    """Removes the `.convert-*` directories of conversions killed midway: those untouched for `STALE_AFTER_S`."""
+    """Removes the `.convert-*` directories untouched for `STALE_AFTER_S`: killed conversions not retried since."""
     now = time.time()
     for staging in models.glob(".convert-*"):
         try:
@@ -250,10 +263,15 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        require_chat_template(directory, tokenizer.chat_template)  # before the weights: a refusal costs no load
         try:
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, attn_implementation="sdpa")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True
+            )
         except SafetensorError as exc:
             raise _unreadable_safetensors(directory, exc) from exc
+        if missing := sorted(info.get("missing_keys") or ()):
+            raise missing_tensors(directory, missing)
     model.to(torch_device).eval()
     eos_ids = _eos_token_ids(directory, model)
     if tokenizer.eos_token_id is not None:

@@ -16,21 +16,30 @@ sh or bash sets exactly those values, whatever the directory's name (spaces, `$`
 The seeds and the CA are kept between runs, so a client's credentials stay valid across restarts; delete the
 directory to rotate everything. Only the `client` login is for people: the worker and the bridge of `llmbus up`
 use their own.
+
+Keys, seeds, certificates and env files are written atomically (a temp file in the directory, fsynced, renamed over
+the old one), so a crash leaves the old file or the new one, never an empty or partial one. A file that cannot be
+read or used anyway (damaged by hand, another user's directory) raises `SecureDirError`, naming the file and saying
+to delete it, or the directory, so that the next run makes a new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import ipaddress
 import os
 import secrets
 import shlex
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nkeys
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -41,6 +50,12 @@ from llmbus.permissions import ROLES, Role, default_inbox_prefix, grants, server
 
 CA_DAYS = 3650
 SERVER_CERT_DAYS = 365
+# what reading, parsing or writing a file of the directory raises when the file (or the directory) is unusable
+FILE_ERRORS = (OSError, ValueError, TypeError, UnsupportedAlgorithm, nkeys.NkeysError)
+
+
+class SecureDirError(RuntimeError):
+    """A file of the secure directory (or the directory) that cannot be used; the message names it and the fix."""
 
 
 def secure_root() -> Path:
@@ -95,31 +110,66 @@ class SecureSetup:
 
 def prepare(config: Config, host: str, port: int) -> SecureSetup:
     """Make (or reuse) the CA and the seeds, issue the server certificate, and write the server config and the
-    per-role env files for a server on `host:port`."""
+    per-role env files for a server on `host:port`. Raises `SecureDirError` for a file (or directory) it cannot use."""
     directory = absolute(config.secure_dir) if config.secure_dir else secure_root()
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
+    with blamed(directory, "it must be a directory of yours: delete it, or pick another with --secure-dir"):
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
     setup = SecureSetup(directory, f"tls://{host}:{port}", config.subject_prefix)
     ca_key, ca_cert = ensure_ca(directory)
-    issue_server_cert(directory, ca_key, ca_cert, host)
+    with blamed(directory / "server.key", regenerate(directory)):
+        issue_server_cert(directory, ca_key, ca_cert, host)
     users = []
     for role in ROLES:
-        public_key = ensure_seed(setup.seed(role))
+        with blamed(setup.seed(role), regenerate(directory, f" (the {role} login changes)")):
+            public_key = ensure_seed(setup.seed(role))
         role_grants = grants(
             role, config.subject_prefix, default_inbox_prefix(role), config.durable, config.queue_group
         )
         users.append({"nkey": public_key, "permissions": server_permissions(role_grants)})
-        write_env(setup.env_file(role), setup.settings(role))
+        with blamed(setup.env_file(role), regenerate(directory)):
+            write_env(setup.env_file(role), setup.settings(role))
     server_tls = tls_config(str(directory / "server.pem"), str(directory / "server.key"))
-    write_config(setup.server_config, {"tls": server_tls, "authorization": {"timeout": 5, "users": users}})
+    with blamed(setup.server_config, regenerate(directory)):
+        write_config(setup.server_config, {"tls": server_tls, "authorization": {"timeout": 5, "users": users}})
     return setup
 
 
-def write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+def regenerate(directory: Path, consequence: str = "") -> str:
+    """The remedy for an unusable file of `directory`: the next run makes whatever file is missing."""
+    return f"delete it{consequence}, or the directory {directory}, and run again to make a new one"
+
+
+@contextlib.contextmanager
+def blamed(path: Path, remedy: str) -> Iterator[None]:
+    """Turns `FILE_ERRORS` raised within the block into a `SecureDirError` naming `path`, the error and `remedy`."""
+    try:
+        yield
+    except FILE_ERRORS as exc:
+        raise SecureDirError(f"cannot use {path} ({type(exc).__name__}: {exc}): {remedy}") from exc
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to `path` with `mode`, atomically: a temp file in the same directory (made 0600), fsynced,
+    renamed over `path`; a crash leaves the old file or the new one, never an empty or partial one."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, durable (not every file system can fsync a directory)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def ensure_seed(path: Path) -> str:
@@ -152,10 +202,16 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def ensure_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA's key and certificate: ca.key and ca.pem, made (both) where either is missing, not an EC key, or
+    expires within a day. Raises `SecureDirError` for one that cannot be read (delete it: clients must then trust
+    the new ca.pem)."""
     key_path, cert_path = directory / "ca.key", directory / "ca.pem"
+    remedy = regenerate(directory, " (clients must then trust the new ca.pem)")
     if key_path.exists() and cert_path.exists():
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        with blamed(key_path, remedy):
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        with blamed(cert_path, remedy):
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         if isinstance(key, ec.EllipticCurvePrivateKey) and cert.not_valid_after_utc > _now() + datetime.timedelta(1):
             return key, cert
     key = ec.generate_private_key(ec.SECP256R1())
@@ -167,8 +223,10 @@ def ensure_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifi
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    write_private(key_path, _pem_key(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    with blamed(key_path, remedy):
+        write_private(key_path, _pem_key(key))
+    with blamed(cert_path, remedy):
+        write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return key, cert
 
 
@@ -194,7 +252,7 @@ def issue_server_cert(
         .sign(ca_key, hashes.SHA256())
     )
     write_private(directory / "server.key", _pem_key(key))
-    (directory / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(directory / "server.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _key_usage(**allowed: bool) -> x509.KeyUsage:

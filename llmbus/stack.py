@@ -132,10 +132,13 @@ async def start_embedded_nats(
         server.start()
         announce(f"NATS  {server.url}")
         return server, {part: dataclasses.replace(config, nats_url=server.url) for part in parts}
-    from llmbus.secure_stack import prepare
+    from llmbus.secure_stack import SecureDirError, prepare
 
     port = config.nats_port or free_port()
-    setup = await asyncio.to_thread(prepare, config, "127.0.0.1", port)
+    try:
+        setup = await asyncio.to_thread(prepare, config, "127.0.0.1", port)
+    except SecureDirError as exc:  # a damaged or foreign file of the secure directory: named, with the fix
+        raise StackError(str(exc)) from exc
     server = NatsServer(port=port, store_dir=store_dir, config_file=str(setup.server_config), tls=True)
     server.start()
     announce(f"NATS  {server.url} (TLS, a login per role; CA {setup.ca})")

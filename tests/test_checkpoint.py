@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
+from helpers.checkpoint_files import add_missing_biases
 from helpers.tiny_model import save_model_directory, tiny_model
 from inference_worker import checkpoint, model_loader, step_packages
 from inference_worker.attention import reduction_attention
@@ -168,6 +169,7 @@ def test_a_checkpoint_the_reader_does_not_cover_loads_through_transformers(
     directory = save_model_directory(tiny_model(), tmp_path / "tiny")
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, **change}))
+    add_missing_biases(directory)  # the biases these configs ask for: a checkpoint without them is refused
     with caplog.at_level(logging.INFO, logger="llmbus.model"):
         loaded = load_model(str(directory), dtype="float32")
     assert isinstance(loaded.model, PreTrainedModel)
