@@ -335,9 +335,11 @@ def test_a_batch_passes_on_only_a_valid_trace_context_and_a_checked_tenant() -> 
     assert "\n" not in endpoint.last_error and endpoint.last_error.startswith("400:")
 
 
-async def test_a_final_answer_that_cannot_be_published_still_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
-    """The publish raised (a closed connection): the request is done all the same, so its figures and its log
-    line are kept, and the error is logged without stranding the answers after it."""
+async def test_a_final_answer_that_cannot_be_published_is_logged_and_strands_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The publish raised (a closed connection): the error is logged without stranding the answers after it. Only
+    an answer that reached its client counts as answered (its tokens too); the other counts as abandoned."""
 
     class FailingReplier(RecordingReplier):
         async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True):
@@ -349,6 +351,7 @@ async def test_a_final_answer_that_cannot_be_published_still_counts_and_logs(cap
     outbox = Outbox(requests, "tiny-model", lambda: None, metrics)
     with caplog.at_level("INFO"):
         await outbox.publish([Finished("r1", "Hi", "stop", 3, 1), Finished("r2", "Yo", "stop", 3, 1)])
-    assert metrics.generation_tokens._value.get() == 2  # both counted
-    assert "failed to publish the answer to r1" in caplog.text
+    assert metrics.generation_tokens._value.get() == 1  # r2's: r1's answer never reached its client
+    assert metrics.unanswered_by_outcome["abandoned"] == 1
+    assert "failed to publish an answer to _INBOX.test" in caplog.text
     assert len(cast(RecordingReplier, held_two.replier).sent) == 1
