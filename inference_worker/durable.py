@@ -44,7 +44,7 @@ ATTEMPTS = JOB_ATTEMPTS
 
 
 class Clock(Protocol):
-    """The NATS server's time (`job_consumer.ServerClock`): what a job's JetStream timestamp is compared with."""
+    """The NATS server's time (`server_clock.ServerClock`): what a job's JetStream timestamp is compared with."""
 
     def now(self) -> float: ...
 
@@ -161,7 +161,10 @@ class Job:
         return "published"
 
     async def give_up(self) -> None:
-        """This delivery is past the attempts: answer the client with an error and stop redelivery."""
+        """This delivery is past the attempts: answer the client with an error and stop redelivery. JetStream
+        delivers the job no more (max_deliver), so it is terminated even when the answer cannot be published (logged
+        as an error: its client gets no answer and waits out its timeout); nothing is left that looks as if it will
+        run again. A term that fails too is logged: the job stays in the stream until max_age."""
         attempts = self.attempt - 1
         description = (
             f"durable job {self.request_id} failed: no worker finished it in {attempts} "
@@ -169,8 +172,16 @@ class Job:
             f"giving up (max deliveries: {attempts})"
         )
         headers = {**error_headers(500, description), REQUEST_ID: self.request_id}
-        await self._publish(encode(ErrorBody(description, 500)), headers)
-        await self._settle("given_up", self.msg.term)
+        try:
+            await self.nc.publish(self.reply_to, encode(ErrorBody(description, 500)), headers=headers)
+        except Exception as exc:
+            log.error(
+                "job %s: its give-up answer could not be published (%r); terminating it anyway", self.request_id, exc
+            )
+        try:
+            await self._settle("given_up", self.msg.term)
+        except Exception as exc:
+            log.error("job %s: terminating it failed (%r); it stays in the stream until max_age", self.request_id, exc)
 
     async def forward(self, subject: str) -> None:
         """Store this job again on `subject` (another model's job queue), then ack it here: it is never lost, and

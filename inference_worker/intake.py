@@ -11,7 +11,8 @@ Each handler notes when its message arrived (`received`): a request's times (que
 span) count from then, a look at the bus included. A request refused here is answered through `Outbox.refuse`, which
 counts its code and writes its log line and span, as for a request the engine answered.
 
-`Intake` is the request side of `Worker` (worker.py), which owns the state these methods use.
+`Intake` is the request side of `Worker` (worker.py), which owns the state these methods use; `JobIntake`
+(job_intake.py) is its durable-job part.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from inference_worker.batches import Headers
 from inference_worker.durable import Job
 from inference_worker.engine import Failed
 from inference_worker.held import Held, Key, Replier
-from inference_worker.job_consumer import jobs_to_fetch
+from inference_worker.job_intake import JobIntake
 from inference_worker.requests import (
     check_batch,
     check_max_tokens,
@@ -46,7 +47,7 @@ from inference_worker.routing import Forward, Route
 from inference_worker.sequence import Sequence
 from llmbus import logs
 from schemas import Batch, ChatRequest, WireError, content_type, conversation
-from schemas.subjects import JSON, REPLY_TO
+from schemas.subjects import REPLY_TO
 
 if TYPE_CHECKING:
     from inference_worker.worker import Worker
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmbus.worker")
 
 
-class Intake:
+class Intake(JobIntake):
     async def route_chat(self: Worker, req: Replier) -> None:
         """`llm.chat` (and `llm.jobs.chat`): any model, or the default one."""
         received = time.monotonic()
@@ -64,7 +65,8 @@ class Intake:
         request = parse_chat(req.data, kind, durable=isinstance(req, Job))
         if isinstance(request, WireError):
             return await self.outbox.refuse(req, kind, request, received)
-        if (where := self.directory.known_route(request.model)) is not None:
+        where = self.directory.known_route(request.model)
+        if where is not None and not self._waits_for_its_default(req, request.model):
             return await self._dispatch_chat(req, kind, request, where, received, False)
         self._route_in_a_task(req, kind, request, received)
 
@@ -83,10 +85,10 @@ class Intake:
         self: Worker, req: Replier, kind: str, request: ChatRequest, received: float, delivered: bool
     ) -> None:
         try:
-            where = await self.directory.route(request.model)
+            where = await self._job_route(req, request.model, await self.directory.route(request.model))
             await self._dispatch_chat(req, kind, request, where, received, delivered)
         except asyncio.CancelledError:
-            failure = WireError.of("shutting_down", "worker stopped before routing this request; retry")
+            failure = self._cut_short("routing this request")
             with contextlib.suppress(Exception):
                 await self.outbox.refuse(req, kind, failure, received, stream=request.stream)
         except Exception as exc:  # as micro does for a handler: a 500 answer, not a lost request
@@ -221,8 +223,8 @@ class Intake:
             if (code := await self.coordinator.answer(req, kind, batch, batch_id, headers, age)) is not None:
                 self.outbox.batch_failed(req, code)
         except asyncio.CancelledError:
-            reason = "shutting_down" if not self.accepting else "cancelled"
-            failure = WireError.of(reason, "the batch was cancelled before it finished")
+            cancelled = WireError.of("cancelled", "the batch was cancelled before it finished")
+            failure = cancelled if self.accepting else self._cut_short("the batch finished")
             with contextlib.suppress(Exception):
                 await self.outbox.refuse(req, kind, failure, at, stream=batch.stream, request_id=batch_id)
         except Exception as exc:  # one batch that cannot be answered must not take the worker down
@@ -230,6 +232,15 @@ class Intake:
             with contextlib.suppress(Exception):
                 internal = WireError.of("internal", f"internal error: {exc!r}")
                 await self.outbox.refuse(req, kind, internal, at, request_id=batch_id)
+
+    def _cut_short(self: Worker, what: str) -> WireError:
+        """Why a batch or a request being routed that `close` cancelled fails. A worker that stops cleanly answers
+        503 shutting_down (a durable job is stored again at once, not charged). A worker whose engine died answers a
+        retryable 500, as for the requests its engine held: a durable job is charged a delivery and comes back after
+        its delay, so a batch whose query kills every engine it reaches stops after its attempts, not at max_age."""
+        if self.dead is None:
+            return WireError.of("shutting_down", f"worker stopped before {what}; retry")
+        return WireError.of("internal", f"the engine died before {what}; retry")
 
     def _batch_done(self: Worker, key: Key) -> None:
         self.batches.pop(key, None)
@@ -275,34 +286,3 @@ class Intake:
     def _draining_serves(self: Worker) -> bool:
         """A drain still serves what was delivered before it: the engine runs, and the worker is not closing."""
         return self.draining and self.dead is None and self._thread is not None
-
-    # --- durable jobs ----------------------------------------------------------------------------------------
-
-    def jobs_wanted(self: Worker) -> int:
-        if not self.accepting:
-            return 0
-        batch_queries = self.jobs.batch_queries() if self.jobs is not None else 0
-        held = len(self.held) + len(self.routing) + batch_queries
-        return jobs_to_fetch(held, self.nothing_in_flight(), self.config)
-
-    async def wait_for_capacity(self: Worker) -> None:
-        while self.jobs_wanted() <= 0:  # check and clear together, so capacity freed meanwhile is not missed
-            self._capacity.clear()
-            await self._capacity.wait()
-
-    async def run_job(self: Worker, job: Job) -> None:
-        received, subjects, own = time.monotonic(), self.subjects, self.model_name
-        handlers = {
-            subjects.jobs_chat: self.route_chat,
-            subjects.jobs_chat_batched: self.route_batch,
-            subjects.model_jobs_chat(own): self.serve_chat,
-            subjects.model_jobs_chat_batched(own): self.serve_batch,
-        }
-        try:
-            if (handler := handlers.get(job.subject)) is None:
-                unknown = WireError.of("not_found", f"no durable job type {job.subject}")
-                return await self.outbox.refuse(job, JSON, unknown, received)
-            await handler(job)
-        except Exception as exc:  # as micro does for a handler: a 500 answer (here: a redelivery)
-            log.exception("durable job %s failed", job.request_id)
-            await self.outbox.refuse(job, JSON, WireError.of("internal", f"internal error: {exc!r}"), received)

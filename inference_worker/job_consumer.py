@@ -5,18 +5,16 @@ no job is ever refused, nak'd or counted as a failed delivery for capacity reaso
 request id), so another client's job with the same request id is a different job, never adopted into this one.
 A job's answer goes only to a reply subject under one of the worker's reply prefixes (`micro.reply_allowed`, as for
 core requests): server permissions cannot enforce this, because a durable worker legitimately holds JetStream API
-and ack rights.
+and ack rights. A stream or consumer deleted under a running worker is made again at its next fetch (`_recover`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
 import nats.errors
@@ -26,9 +24,10 @@ from nats.aio.msg import Msg
 
 from inference_worker import replies
 from inference_worker.durable import FETCH_TIMEOUT, Job
-from inference_worker.job_stream import JobLimits, ensure_jobs_stream
+from inference_worker.job_stream import JobLimits, consumer_terms, ensure_jobs_stream
 from inference_worker.micro import ReplyGate
 from inference_worker.requests import request_id_of
+from inference_worker.server_clock import ServerClock
 from schemas import WireError, content_type
 from schemas.subjects import JOBS_CONSUMER, REPLY_TO, REQUEST_ID, model_token
 
@@ -39,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmbus.jobs")
 
+MAX_RECOVERY_DELAY = 10.0  # seconds: the longest wait between fetches while the job queue cannot be reached
+
 
 def jobs_to_fetch(held: int, idle: bool, config: Config) -> int:
     """How many jobs to fetch now, `held` counting the requests held and the queries of the batch jobs running: none
@@ -48,46 +49,6 @@ def jobs_to_fetch(held: int, idle: bool, config: Config) -> int:
         return 0
     fits = (config.max_pending - held) // config.max_batch_queries
     return min(config.max_batch_size - held, fits) if fits else int(idle)
-
-
-class ServerClock:
-    """The NATS server's time, estimated from this host's clock plus a measured offset.
-
-    JetStream stamps each job with the server's time. A worker whose clock runs ahead of the server's would find
-    every job old (and answer 504 to all of them), so the worker measures the offset from the `ts` field of a
-    JetStream API reply (the server's time when it answered), at start and every `REFRESH_S` seconds."""
-
-    REFRESH_S = 60.0
-
-    def __init__(self, local: Callable[[], float] = time.time) -> None:
-        self.local = local
-        self.offset = 0.0
-
-    def now(self) -> float:
-        return self.local() + self.offset
-
-    async def measure(self, nc: NATS, stream: str) -> None:
-        sent = self.local()
-        try:
-            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)
-        except nats.errors.Error as exc:
-            log.warning("could not read the NATS server's clock: %r", exc)
-            return
-        received = self.local()
-        stamp = server_time(reply.data)
-        if stamp is not None:
-            self.offset = stamp - (sent + received) / 2
-
-
-def server_time(data: bytes) -> float | None:
-    """The `ts` of a JetStream API reply as a POSIX time (nanoseconds cut to microseconds)."""
-    try:
-        text = json.loads(data).get("ts")
-        head, _, rest = str(text).rstrip("Z").partition(".")
-        stamp = datetime.fromisoformat(f"{head}.{(rest + '000000')[:6]}+00:00")
-    except (ValueError, AttributeError, TypeError):
-        return None
-    return stamp.timestamp()
 
 
 class JobHost(Protocol):
@@ -126,49 +87,69 @@ class JobConsumer:
         self.held: dict[tuple[str, str], Job] = {}
         outcomes = ("answered", "failed", "requeued", "given_up", "abandoned", "refused", "forwarded")
         self.counts = dict.fromkeys(("received", "redelivered", *outcomes), 0)
-        self._subs: list[JetStreamContext.PullSubscription] = []
+        self._subs: dict[str, JetStreamContext.PullSubscription] = {}  # by consumer name
         self._fetching = asyncio.Lock()  # one fetch at a time, so the consumers share one capacity
         self._stop_pulling = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        self._pulls: list[asyncio.Task] = []
+        self._progress: asyncio.Task | None = None
         self._consumed: set[str] = set()  # models whose job queue has its durable consumer
+        self._backoff = FETCH_TIMEOUT  # before the next fetch after a failed one (`_recover`)
 
     async def start(self) -> None:
-        self.terms = await ensure_jobs_stream(self.js, self.limits, self.consumers)
+        await self._make_queues()
         await self.clock.measure(self.nc, self.limits.stream)
-        for name in self.consumers:
-            self._subs.append(await self.js.pull_subscribe_bind(durable=name, stream=self.limits.stream))
-        pulls = zip(self.consumers, self._subs, strict=True)
-        self._tasks = [asyncio.create_task(self._pull(name, sub), name="llmbus-jobs-pull") for name, sub in pulls]
-        self._tasks.append(asyncio.create_task(self._keep_alive(), name="llmbus-jobs-progress"))
+        self._pulls = [asyncio.create_task(self._pull(name), name="llmbus-jobs-pull") for name in self.consumers]
+        self._progress = asyncio.create_task(self._keep_alive(), name="llmbus-jobs-progress")
+
+    async def _make_queues(self) -> None:
+        """Make the stream and consumers where missing (`ensure_jobs_stream`), follow their terms, and bind one pull
+        subscription to each consumer (in place of any bound before)."""
+        self.terms = await ensure_jobs_stream(self.js, self.limits, self.consumers)
+        bound = {
+            name: await self.js.pull_subscribe_bind(durable=name, stream=self.limits.stream) for name in self.consumers
+        }
+        old, self._subs = self._subs, bound
+        for sub in old.values():
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     async def stop_pulling(self) -> None:
         """Take no more jobs (the last fetch ends within FETCH_TIMEOUT); the jobs held keep running."""
         self._stop_pulling.set()
-        if self._tasks:
-            await asyncio.wait(self._tasks[: len(self._subs)])
+        if self._pulls:
+            await asyncio.wait(self._pulls)
 
     async def close(self) -> None:
         self._stop_pulling.set()
-        for task in self._tasks:
+        tasks = [*self._pulls, *([self._progress] if self._progress is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        for sub in self._subs:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pulls, self._progress = [], None
+        for sub in self._subs.values():
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-        self._subs = []
+        self._subs = {}
 
     async def takes_jobs_for(self, model: str) -> bool:
         """Whether `model`'s job queue has its durable consumer (some worker of it ran with --durable); a job
-        forwarded to a queue without one would wait unread until it expires. Once seen, a consumer stays known."""
+        forwarded to a queue without one would wait unread until it expires. Once seen, a consumer stays known (until
+        `queue_exists` finds it gone)."""
         if model in self._consumed:
             return True
         try:
-            await self.js.consumer_info(self.limits.stream, f"{JOBS_CONSUMER}-{model_token(model)}")
-        except nats.js.errors.NotFoundError:
-            return False
+            return await self.queue_exists(model)
         except nats.errors.Error:
             return True  # unknown (a timeout): forward, as before this check
+
+    async def queue_exists(self, model: str) -> bool:
+        """Whether `model`'s durable consumer exists now, asked of the server (a model no worker serves at the moment:
+        its queue may have been deleted since it was seen). Raises `nats.errors.Error` when the server cannot tell."""
+        try:
+            await self.js.consumer_info(self.limits.stream, f"{JOBS_CONSUMER}-{model_token(model)}")
+        except nats.js.errors.NotFoundError:
+            self._consumed.discard(model)
+            return False
         self._consumed.add(model)
         return True
 
@@ -179,7 +160,7 @@ class JobConsumer:
     def snapshot(self) -> dict:
         return {"held": len(self.held), "clock_offset_s": round(self.clock.offset, 3), **self.counts}
 
-    async def _pull(self, consumer: str, sub: JetStreamContext.PullSubscription) -> None:
+    async def _pull(self, consumer: str) -> None:
         while not self._stop_pulling.is_set():
             if self.host.jobs_wanted() <= 0:
                 await first_of(self.host.wait_for_capacity(), self._stop_pulling.wait())
@@ -187,20 +168,42 @@ class JobConsumer:
             async with self._fetching:
                 wanted = self.host.jobs_wanted()
                 try:
-                    msgs = await sub.fetch(batch=wanted, timeout=FETCH_TIMEOUT) if wanted > 0 else []
+                    msgs = await self._subs[consumer].fetch(batch=wanted, timeout=FETCH_TIMEOUT) if wanted > 0 else []
                 except (TimeoutError, nats.errors.TimeoutError):
+                    self._backoff = FETCH_TIMEOUT
                     continue
                 except nats.errors.ConnectionClosedError:
                     return
-                except Exception as exc:  # a reconnect or a JetStream hiccup: try again shortly
-                    log.warning("fetching jobs failed: %r", exc)
-                    await first_of(asyncio.sleep(FETCH_TIMEOUT), self._stop_pulling.wait())
+                except Exception as exc:  # a reconnect, a JetStream hiccup, or the queue deleted under this worker
+                    await self._recover(consumer, exc)
                     continue
+                self._backoff = FETCH_TIMEOUT
                 for msg in msgs:
                     try:
                         await self._take(msg, self.terms[consumer].max_attempts)
                     except Exception:  # one job that cannot be taken (or answered) must not stop the pulling
                         log.exception("taking a durable job failed; it will be redelivered")
+
+    async def _recover(self, consumer: str, exc: Exception) -> None:
+        """A fetch from `consumer` failed. When the server says that consumer or the stream is gone (an operator
+        deleted it, a server lost its JetStream store), make the stream and the consumers again and bind new pull
+        subscriptions (`_make_queues`), as at start. Jobs published while the stream was gone were refused to their
+        clients; the jobs held here are answered as usual (a new consumer on the old stream may deliver them once
+        more, and the client keeps the first answer). Otherwise (a reconnect, a timeout), or when making them fails,
+        fetch again after a backoff that doubles from `FETCH_TIMEOUT` up to `MAX_RECOVERY_DELAY`."""
+        log.warning("fetching jobs from %s failed: %r", consumer, exc)
+        try:
+            await self.js.consumer_info(self.limits.stream, consumer)
+        except nats.js.errors.NotFoundError:
+            log.warning("the job stream %s or its consumer %s is gone; making them again", self.limits.stream, consumer)
+            try:
+                return await self._make_queues()
+            except Exception as failed:  # JetStreamUnavailable, a timeout: the pull loop must go on
+                log.warning("making the job stream %s again failed: %r", self.limits.stream, failed)
+        except Exception:
+            pass  # the server cannot tell now: fetch again after the backoff
+        await first_of(asyncio.sleep(self._backoff), self._stop_pulling.wait())
+        self._backoff = min(MAX_RECOVERY_DELAY, self._backoff * 2)
 
     async def _take(self, msg: Msg, max_attempts: int) -> None:
         headers = msg.headers or {}
@@ -235,16 +238,46 @@ class JobConsumer:
         self.counts[job.outcome] += 1
 
     async def _keep_alive(self) -> None:
-        interval = max(0.2, min(terms.ack_wait for terms in self.terms.values()) / 3)
-        next_clock = time.monotonic() + ServerClock.REFRESH_S
-        while True:
-            await asyncio.sleep(interval)
-            for job in list(self.held.values()):
-                with contextlib.suppress(nats.errors.Error):
-                    await job.keep_alive()
-            if time.monotonic() >= next_clock:
-                next_clock = time.monotonic() + ServerClock.REFRESH_S
-                await self.clock.measure(self.nc, self.limits.stream)
+        """In-progress acks for the jobs held, every third of the shortest ack_wait the server has for the consumers;
+        every `ServerClock.REFRESH_S` seconds, those terms and the server's clock are read again, in a task of their
+        own (`_refresh`): a slow JetStream API reply must not hold up the in-progress acks."""
+        next_refresh, refreshing = time.monotonic() + ServerClock.REFRESH_S, None
+        try:
+            while True:
+                interval = max(0.2, min(terms.ack_wait for terms in self.terms.values()) / 3)
+                await asyncio.sleep(max(0.0, min(interval, next_refresh - time.monotonic())))
+                for job in list(self.held.values()):
+                    with contextlib.suppress(nats.errors.Error):
+                        await job.keep_alive()
+                if time.monotonic() >= next_refresh and (refreshing is None or refreshing.done()):
+                    next_refresh = time.monotonic() + ServerClock.REFRESH_S
+                    refreshing = asyncio.create_task(self._refresh(), name="llmbus-jobs-refresh")
+        finally:
+            if refreshing is not None:
+                refreshing.cancel()
+
+    async def _refresh(self) -> None:
+        await self._follow_terms()
+        await self.clock.measure(self.nc, self.limits.stream)
+
+    async def _follow_terms(self) -> None:
+        """Read each consumer's ack_wait and attempts from the server again and follow them. Workers that start
+        together with other `--jobs-*` flags may each make a consumer, and the last one's settings hold on the server:
+        a worker that kept its own would send in-progress acks too seldom for the server's shorter ack_wait, and its
+        jobs would be redelivered to another worker while still running. A change is logged as a warning."""
+        for name in self.consumers:
+            try:
+                terms = await consumer_terms(self.js, self.limits, name)
+            except Exception:  # gone (the pull loop makes it again) or no answer: keep what is known
+                continue
+            held = self.terms[name]
+            if (terms.ack_wait, terms.max_attempts) != (held.ack_wait, held.max_attempts):
+                log.warning(
+                    "the JetStream consumer %s now has ack_wait %s and max_deliver %d (this worker's flags: %s and %d);"
+                    " following it",
+                    *(name, terms.ack_wait, terms.max_deliver, self.limits.ack_wait, self.limits.max_deliver),
+                )
+                self.terms = {**self.terms, name: terms}
 
 
 async def first_of(*waits: Awaitable[object]) -> None:

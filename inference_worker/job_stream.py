@@ -1,6 +1,7 @@
 """The JetStream side of durable jobs (`--durable`): the `LLM_JOBS` work-queue stream and its durable consumers,
 created when missing, and followed when they exist. A worker's `--jobs-*` flags make them; a worker that finds them
-made by another (other flags, an older llmbus) follows their `ack_wait` and attempts, and logs what differs. A
+made by another (other flags, an older llmbus) follows their `ack_wait` and attempts, logs what differs, and reads
+them again every minute (`JobConsumer`): workers that start together may each make a consumer, the last one wins. A
 stream made under another subject prefix stops the worker at start (`JobStreamMismatch`). `durable.py` is the jobs
 themselves."""
 
@@ -102,7 +103,9 @@ async def ensure_jobs_stream(
     """Create the work-queue stream and the durable consumers if they do not exist; a consumer whose filter is not
     `consumers`' (an older llmbus's `llm.jobs.>`, which would overlap the per-model consumers) is updated. Returns
     each consumer's `ack_wait` and attempts as the server has them, which the worker follows (its in-progress acks,
-    when it gives up); settings that differ from this worker's flags are logged."""
+    when it gives up); settings that differ from this worker's flags are logged. A consumer this worker made is read
+    back from the server: another worker that found none at the same moment may have made it with its own flags
+    after this one (the last write holds), and the worker re-reads the terms later too (`JobConsumer`)."""
     try:
         info = await js.stream_info(limits.stream)
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
@@ -122,9 +125,16 @@ async def ensure_jobs_stream(
             consumer = None
         config = None if consumer is None else consumer.config
         if config is None or sorted(config.filter_subjects or [config.filter_subject]) != sorted(filters):
-            config = (await js.add_consumer(limits.stream, limits.consumer_config(name, filters))).config
+            await js.add_consumer(limits.stream, limits.consumer_config(name, filters))
+            config = (await js.consumer_info(limits.stream, name)).config
         terms[name] = terms_of(name, config, limits)
     return terms
+
+
+async def consumer_terms(js: JetStreamContext, limits: JobLimits, name: str) -> JobLimits:
+    """Consumer `name`'s `ack_wait` and attempts as the server has them now (`limits` where it does not say).
+    Raises `nats.js.errors.NotFoundError` when the consumer or the stream is gone."""
+    return terms_of(name, (await js.consumer_info(limits.stream, name)).config, limits, quiet=True)
 
 
 def check_stream(config: StreamConfig, limits: JobLimits) -> None:
@@ -139,11 +149,14 @@ def check_stream(config: StreamConfig, limits: JobLimits) -> None:
     warn_differences(f"stream {limits.stream}", stream)
 
 
-def terms_of(name: str, config: ConsumerConfig, limits: JobLimits) -> JobLimits:
+def terms_of(name: str, config: ConsumerConfig, limits: JobLimits, quiet: bool = False) -> JobLimits:
+    """The terms a consumer's `config` sets; those that differ from `limits` (this worker's flags) are logged unless
+    `quiet`."""
     ack_wait = config.ack_wait or limits.ack_wait
     attempts = config.max_deliver - 1 if config.max_deliver and config.max_deliver > 0 else limits.max_attempts
     settings = (("ack_wait", ack_wait, limits.ack_wait), ("max_deliver", attempts + 1, limits.max_deliver))
-    warn_differences(f"consumer {name}", settings)
+    if not quiet:
+        warn_differences(f"consumer {name}", settings)
     return dataclasses.replace(limits, ack_wait=ack_wait, max_attempts=attempts)
 
 

@@ -15,6 +15,9 @@ again thoroughly (the whole discovery window) before it is acted on:
 - a request that cannot be routed (a model not seen, no default) is refused only after a thorough look;
 - a request that names no model is served here as "the only model on the bus" only when a thorough look saw no
   other model and no default (the default's reply may be the late one), never on a quick look alone.
+A durable job outlives a restart of its model's workers, so routing remembers the last default model seen whose
+workers take durable jobs (`durable_default`): while no default is on the bus, a model-less durable job waits in that
+model's job queue rather than going to "the only model" left (`job_intake`).
 Requests that wait for a thorough look share it: a thorough look that ended after a request began waiting for its
 route (it was running, or waited for, meanwhile) answers for that request too, so N unknown names (a batch's, asked
 about at once, or N requests waiting together) cost one look, not N one after another.
@@ -99,6 +102,7 @@ class ModelDirectory:
         self._last_thorough: tuple[float, BusModels] | None = None  # when the last whole-window look ended, what it saw
         self._departures = 0  # workers heard leaving (`forget`): a look begun before the last one is stale at once
         self._lock = asyncio.Lock()
+        self.durable_default: str | None = None  # the last default seen whose workers take durable jobs
 
     async def current(self, wanted: str | None = None) -> BusModels:
         """The models on the bus; refreshed when stale, or when `wanted` is not among them."""
@@ -120,11 +124,24 @@ class ModelDirectory:
             if thorough or time.monotonic() - self._fetched_at > self.min_refresh:
                 departures = self._departures
                 self.models, self._fetched_at = self._with_own(await self.gather(thorough)), time.monotonic()
+                self._remember_default(self.models)
                 if thorough:
                     self._last_thorough = (self._fetched_at, self.models)
                 if departures != self._departures:  # it may have seen a worker that has left since
                     self._fetched_at = float("-inf")
         return self.models
+
+    def _remember_default(self, models: BusModels) -> None:
+        """Remember the one default on the bus when its workers take durable jobs; forget it once a look sees its
+        workers serve it as a default no more (the operator moved the default elsewhere)."""
+        if len(models.defaults) == 1 and (default := next(iter(models.defaults))) in models.durable:
+            self.durable_default = default
+        elif self.durable_default in models.workers and self.durable_default not in models.defaults:
+            self.durable_default = None
+
+    def absent_default(self) -> str | None:
+        """The durable default remembered, while the view held has no default at all (its workers restart)."""
+        return None if self.models.defaults else self.durable_default
 
     def forget(self, model: str) -> None:
         """A worker of `model` left the bus (`departures`): the view held may list a model nobody serves any more,

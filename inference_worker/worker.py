@@ -199,8 +199,10 @@ class Worker(Intake, WorkerFacts):
         log.info("drained")
 
     async def close(self, failure: WireError | None = None) -> None:
-        """Stop the engine, publish every event it already produced, then fail what is still held (by default with
-        a 503: another worker may answer a retry)."""
+        """Stop the engine, publish every event it already produced, then fail what is still held: by default with a
+        503 (another worker may answer a retry; a durable job is stored again, not charged), or, when the engine
+        died (during a drain too), with a retryable 500 that charges a durable job a delivery (`Intake._cut_short`
+        for the batches and requests being routed)."""
         self.accepting = False
         if self.service is not None:
             await self.service.stop()
@@ -212,6 +214,8 @@ class Worker(Intake, WorkerFacts):
         self.outbox.close()  # after every event the engine thread queued
         if self._tasks:
             await asyncio.gather(self._tasks[0], return_exceptions=True)
+        if failure is None and self.dead is not None:
+            failure = WireError.of("internal", "the engine died before finishing this request")
         failure = failure or WireError.of("shutting_down", "worker stopped before finishing this request")
         leftovers = [Failed(h.engine_id, failure.code, failure.message, name=failure.name) for h in self.held]
         await self.outbox.publish(leftovers)

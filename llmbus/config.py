@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import types
@@ -37,6 +38,9 @@ REPLY_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # an inbox p
 DEFAULT_REPLY_PREFIXES = ("_INBOX.",)  # nats-py's inboxes, and every `_INBOX.<name>` private inbox prefix
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+# A held job's in-progress ack goes out every third of --jobs-ack-wait (at most every 0.2 s): under 1 s it would come
+# too close to JetStream's deadline, or after it, and the job would be redelivered while it still runs.
+MIN_JOBS_ACK_WAIT_S = 1.0
 
 log = logging.getLogger("llmbus.config")
 
@@ -189,6 +193,18 @@ class Config:
         if self.durable_reply_prefixes is not None and list(self.reply_prefixes) == list(DEFAULT_REPLY_PREFIXES):
             self.reply_prefixes = list(self.durable_reply_prefixes)  # the deprecated alias, where it is all that is set
         self._check_reply_prefixes()
+        self._check_job_limits()
+
+    def _check_job_limits(self) -> None:
+        """The durable-job flags, which JetStream takes as given: 0 deliveries gave every job up at once."""
+        wait, age, least = self.jobs_ack_wait, self.jobs_max_age, MIN_JOBS_ACK_WAIT_S
+        for flag, value, valid, rule in (
+            ("--jobs-max-deliver", self.jobs_max_deliver, self.jobs_max_deliver >= 1, ">= 1"),
+            ("--jobs-ack-wait", wait, math.isfinite(wait) and wait >= least, f">= {least:g} s"),
+            ("--jobs-max-age", age, math.isfinite(age) and age > 0, "> 0 s"),
+        ):
+            if not valid:
+                raise ValueError(f"{flag} must be {rule}, got {value}")
 
     def _check_reply_prefixes(self) -> None:
         """Each reply prefix names inboxes only: never a `$` subject (`$JS.API...`), a wildcard, or the workers' own
