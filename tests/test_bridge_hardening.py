@@ -24,7 +24,8 @@ from bus_gateway.discovery import DISCOVERY_SETTLE, DISCOVERY_WINDOW
 from bus_gateway.model_catalog import ModelCatalog
 from helpers.bridge import API_KEY, running_bridge, sse_data, sse_json, start_bridge, watching_cancels
 from helpers.fake_srv import FakeWorker, FakeWorkers
-from helpers.late_info import Asked, LateInfo, tiny_worker
+from helpers.late_info import Asked, LateInfo
+from helpers.workers import tiny_worker
 from inference_worker.held import Held
 from inference_worker.worker import Worker
 from llmbus.config import Config
@@ -49,7 +50,10 @@ def server() -> Iterator[NatsServer]:
 @pytest.fixture(scope="module")
 async def late_bus(server: NatsServer) -> AsyncIterator[NatsServer]:
     """`alpha`'s worker answers `$SRV.INFO` at once, `beta`'s `LATE` s later (both durable: they take jobs too)."""
-    async with tiny_worker(server, "alpha", durable=True), tiny_worker(server, "beta", durable=True) as beta:
+    async with (
+        tiny_worker(server.url, served_model_name="alpha", durable=True),
+        tiny_worker(server.url, served_model_name="beta", durable=True) as beta,
+    ):
         await LateInfo(beta, LATE).start()
         yield server
 
@@ -140,7 +144,7 @@ async def test_streams_cut_off_as_the_bridge_stops_end_with_an_error_on_the_open
     OpenAI ones end with a `shutting_down` error and no `[DONE]` (the SDK raises); the native one ends `cancelled`."""
     monkeypatch.setattr(serve_module, "STREAM_GRACE", 0.0)
     options = {"subject_prefix": "stopping", "max_batch_size": 4, "max_wait_ms": 600_000}
-    async with tiny_worker(server, "held", **options) as worker:  # type: ignore[arg-type]
+    async with tiny_worker(server.url, served_model_name="held", **options) as worker:
         held = holds(worker)
         bridge = await start_bridge(Config(nats_url=server.url, subject_prefix="stopping", request_timeout=60))
         try:
@@ -184,7 +188,9 @@ async def test_a_completion_cancelled_on_the_bus_by_someone_else_is_a_503(server
     """The engine holds the request (it waits for a second one); a cancel that is not the client's ends it. The
     OpenAI answer is a 503 `shutting_down` the SDK raises (and retries), never a complete-looking `stop`."""
     subjects = Subjects("cutoff")
-    async with tiny_worker(server, "held", subject_prefix="cutoff", max_batch_size=2, max_wait_ms=600_000) as worker:
+    async with tiny_worker(
+        server.url, served_model_name="held", subject_prefix="cutoff", max_batch_size=2, max_wait_ms=600_000
+    ) as worker:
         held = holds(worker)
         async with running_bridge(Config(nats_url=server.url, subject_prefix="cutoff")) as bridge:
             sdk = openai.AsyncOpenAI(base_url=f"{bridge.url}/v1", api_key="x", max_retries=0)

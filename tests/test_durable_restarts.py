@@ -21,10 +21,9 @@ from helpers.durable_restarts import (
     LogCount,
     counted,
     failing_publishes,
-    poisoned_engines,
     recorded_workers,
 )
-from helpers.faults import HeldLook, chat
+from helpers.faults import HeldLook, chat, poisoned_engines
 from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
 from inference_worker.durable import ATTEMPTS

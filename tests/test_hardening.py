@@ -8,20 +8,16 @@ import asyncio
 import dataclasses
 import json
 import threading
-from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from torch import nn
 
 from bus_gateway.client import BusClient
-from helpers.faults import HeldLook
+from helpers.faults import HeldLook, poisoned_engines
 from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
-from inference_worker import model_runner
 from inference_worker.model_loader import LoadedModel
-from inference_worker.model_runner import family_decoder
 from inference_worker.thread_share import fair_threads, workers_on_host
 from inference_worker.worker import EngineDied, Worker, run_worker
 from llmbus.config import Config
@@ -111,35 +107,12 @@ async def test_templating_and_tokenizing_run_off_the_event_loop(nats_server: Nat
     assert threads == {"llmbus-engine"}
 
 
-class Poison(Exception):
-    """An error that even fails to describe itself, so the engine's own recovery (fail_all) fails too."""
-
-    def __repr__(self) -> str:
-        raise RuntimeError("poisoned repr")
-
-    __str__ = __repr__
-
-
 async def test_a_dead_engine_fails_its_requests_leaves_the_bus_and_stops_the_worker(
     nats_server: NatsServer, nc: NATS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = Config(nats_url=nats_server.url, subject_prefix="doomed", threads=1, compile=False)
     stop, ready = asyncio.Event(), asyncio.Event()
-    armed = threading.Event()
-
-    def poisoned_decoder(*args: Any, **kwargs: Any) -> nn.Module:
-        decoder = family_decoder(*args, **kwargs)
-        forward = decoder.forward
-
-        def poisoned(*args: Any, **kwargs: Any) -> Any:
-            if armed.is_set():
-                raise Poison()
-            return forward(*args, **kwargs)
-
-        decoder.forward = poisoned  # type: ignore[method-assign]
-        return decoder
-
-    monkeypatch.setattr(model_runner, "family_decoder", poisoned_decoder)
+    armed = poisoned_engines(monkeypatch)
     task = asyncio.create_task(run_worker(config, stop, ready, loaded=tiny_model()))
     await asyncio.wait_for(ready.wait(), 120)
     ok = await nc.request("doomed.chat", b'{"chat_id": "ok", "user_prompt": "hi", "max_tokens": 2}', timeout=120)

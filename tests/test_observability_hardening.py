@@ -15,15 +15,14 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bus_gateway.client import BusClient
 from bus_gateway.jobs import JobClient
 from helpers.durable_jobs import durable_worker, stop
 from helpers.faults import HeldLook, chat
-from helpers.observability import HoldWatch, at_info, lines_of, request_lines
+from helpers.observability import HoldWatch, at_info, lines_of, request_lines, spans_in_memory
 from helpers.tiny_model import tiny_model
 from inference_worker.engine import EngineConfig, LLMEngine
 from inference_worker.metrics import WorkerMetrics
@@ -52,15 +51,8 @@ def never_ends() -> LoadedModel:
 @pytest.fixture
 def exporter() -> Iterator[InMemorySpanExporter]:
     """Spans on, into memory, for this test only."""
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracing.configure(provider)
-    try:
+    with spans_in_memory() as memory:
         yield memory
-    finally:
-        tracing.configure(None)
-        provider.shutdown()
 
 
 def request_spans(memory: InMemorySpanExporter, request_id: str) -> list[ReadableSpan]:

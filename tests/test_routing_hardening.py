@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import msgspec
 import nats
@@ -18,11 +17,10 @@ from nats.aio.msg import Msg
 from bus_gateway.client import BusClient
 from bus_gateway.discovery import DISCOVERY_SETTLE, DISCOVERY_WINDOW, BusModels
 from helpers.faults import HeldLook
-from helpers.tiny_model import tiny_model
+from helpers.workers import tiny_worker
 from inference_worker import routing
 from inference_worker.routing import Forward, Local, ModelDirectory
 from inference_worker.worker import Worker
-from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 from schemas import SERVICE_NAME, ChatRequest
 from schemas.subjects import ERROR_CODE, MODEL_TOKEN_PATTERN, model_token
@@ -35,17 +33,9 @@ def ask(chat_id: str, model: str | None = None) -> bytes:
     return msgspec.json.encode(ChatRequest(chat_id=chat_id, user_prompt="hi", max_tokens=2, model=model))
 
 
-@asynccontextmanager
-async def worker_on(server: NatsServer, **options: object) -> AsyncIterator[Worker]:
+def worker_on(server: NatsServer, **options: object) -> AbstractAsyncContextManager[Worker]:
     """An in-process worker of the tiny model (the test reaches its directory and its drain)."""
-    config = Config(nats_url=server.url, max_tokens_cap=8, threads=1, compile=False, **options)  # type: ignore[arg-type]
-    worker = Worker(config, await nats.connect(server.url), tiny_model())
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.close()
-        await worker.nc.close()
+    return tiny_worker(server.url, max_tokens_cap=8, **options)
 
 
 class CountedLooks:

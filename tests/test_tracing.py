@@ -15,11 +15,11 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from helpers.bridge import Bridge, running_bridge
+from helpers.observability import spans_in_memory
 from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
 from llmbus import tracing
@@ -36,15 +36,8 @@ WORKER_PHASES = ("queue wait", "prefill", "decode", "reply")
 @pytest.fixture
 def exporter() -> Iterator[InMemorySpanExporter]:
     """Spans on, into memory, for this test only."""
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracing.configure(provider)
-    try:
+    with spans_in_memory() as memory:
         yield memory
-    finally:
-        tracing.configure(None)
-        provider.shutdown()
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,6 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,6 +22,7 @@ import pytest
 
 from bus_gateway.client import BusClient
 from helpers.bridge import API_KEY, Bridge
+from helpers.browser_guard import require_browser
 from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
 from inference_worker.compiled_decode import CompiledDecode
@@ -31,17 +31,12 @@ from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 from schemas import ChatRequest
 
-playwright_api = pytest.importorskip(
-    "playwright.async_api", reason="playwright is not installed (pip install 'llmbus[test]')"
-)
-CHROMIUM = Path(os.environ.get("LLMBUS_CHROMIUM", "/usr/bin/chromium"))
-if not CHROMIUM.exists():
-    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+require_browser()
 
 from playwright.async_api import Page, expect  # noqa: E402
 
 pytest.register_assert_rewrite("helpers.browser")
-from helpers.browser import FakeBus, OpenTab, screenshot  # noqa: E402
+from helpers.browser import FakeBus, OpenTab, screenshot, send_asking_for_the_key  # noqa: E402
 
 pytest_plugins = ["helpers.browser"]  # the browser and open_tab fixtures
 pytestmark = pytest.mark.timeout(180)
@@ -315,12 +310,7 @@ async def test_after_cancel_send_asks_for_the_key_again(keyed_bridge: Bridge, op
     await expect(page.locator("#model option")).to_have_text(["API key needed"])
     await expect(page.locator("#bus-status")).to_contain_text("API key needed")
     assert await page.evaluate("sessionStorage.getItem('llmbus-api-key')") is None
-    await page.fill("#prompt", "Hello")
-    await page.click("#send")
-    await expect(dialog).to_be_visible()
-    await page.fill("#key-input", API_KEY)
-    await page.click("#key-save")
-    await expect(dialog).to_be_hidden()
+    await send_asking_for_the_key(page, "Hello", API_KEY)
     await expect(page.locator("#bus-status")).to_contain_text("Updated")
     await expect(page.locator("#model option")).to_have_text(["no model on the bus"])
     await expect(page.locator("#chat-error")).to_contain_text("No model to ask")

@@ -7,33 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import nats
 import pytest
 
 from helpers.bridge import API_KEY, Bridge, running_bridge
+from helpers.browser_guard import require_browser
 from helpers.tiny_model import tiny_model
+from helpers.workers import tiny_worker
 from inference_worker.worker import Worker
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 
-playwright_api = pytest.importorskip(
-    "playwright.async_api", reason="playwright is not installed (pip install 'llmbus[test]')"
-)
-CHROMIUM = Path(os.environ.get("LLMBUS_CHROMIUM", "/usr/bin/chromium"))
-if not CHROMIUM.exists():
-    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+require_browser()
 
 from playwright.async_api import Page, expect  # noqa: E402
 
 pytest.register_assert_rewrite("helpers.browser")
-from helpers.browser import FakeBus, OpenTab  # noqa: E402
+from helpers.browser import FakeBus, OpenTab, send_asking_for_the_key  # noqa: E402
 
 pytest_plugins = ["helpers.browser"]  # the browser and open_tab fixtures
 pytestmark = pytest.mark.timeout(180)
@@ -44,20 +37,9 @@ ZERO_WIDTH_SPACE = "\u200b"
 expect.set_options(timeout=20_000)
 
 
-@asynccontextmanager
-async def tiny_worker(url: str, **config: Any) -> AsyncIterator[Worker]:
+def endless_worker(url: str, **config: Any) -> AbstractAsyncContextManager[Worker]:
     """A real worker serving the tiny model (its answers run to max_tokens: no EOS)."""
-    worker = Worker(
-        Config(nats_url=url, threads=1, compile=False, **config),
-        await nats.connect(url),
-        tiny_model(eos_token_ids=frozenset()),
-    )
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.close()
-        await worker.nc.close()
+    return tiny_worker(url, tiny_model(eos_token_ids=frozenset()), **config)
 
 
 async def fake_bus(bridge: Bridge, model: str) -> FakeBus:
@@ -120,7 +102,7 @@ async def test_stop_before_the_first_token_gives_the_turn_back(
     a row (which Mistral's and Llama 2's templates reject)."""
     held = {"max_batch_size": 2, "max_wait_ms": 600_000}
     async with (
-        tiny_worker(fresh_nats_server.url, **held),
+        endless_worker(fresh_nats_server.url, **held),
         running_bridge(Config(nats_url=fresh_nats_server.url, request_timeout=60.0)) as bridge,
     ):
         tab = await open_tab(bridge.url + "/")
@@ -145,7 +127,7 @@ async def test_ttft_counts_from_the_request_sent_after_the_key_dialog(
     """The chat gets a 401 and waits for the key dialog; TTFT is measured from the request sent with the key, so it
     is at most the time from "Use key" to the first text on screen."""
     config = Config(nats_url=fresh_nats_server.url, request_timeout=60.0, api_keys=[API_KEY])
-    async with tiny_worker(fresh_nats_server.url), running_bridge(config) as bridge:
+    async with endless_worker(fresh_nats_server.url), running_bridge(config) as bridge:
         tab = await open_tab(bridge.url + "/", routes=(await fake_bus(bridge, TINY)).routes)
         page = tab.page
         await expect(page.locator("#model")).to_have_value(TINY)
@@ -257,12 +239,7 @@ async def test_forget_api_key_pauses_polling_until_a_key_is_entered(keyed_bridge
     await expect(dialog).to_be_hidden()
     assert await page.evaluate("sessionStorage.getItem('llmbus-api-key')") is None
 
-    await page.fill("#prompt", "Hello")
-    await page.click("#send")
-    await expect(dialog).to_be_visible()
-    await page.fill("#key-input", API_KEY)
-    await page.click("#key-save")
-    await expect(dialog).to_be_hidden()
+    await send_asking_for_the_key(page, "Hello", API_KEY)
     await expect(status).to_contain_text("Updated")
     assert await page.evaluate("window.busPolls") > polls
     await expect(page.locator("#model option")).to_have_text(["no model on the bus"])
@@ -279,23 +256,17 @@ async def test_an_empty_answer_stays_in_the_conversation_so_turns_alternate(
     url = fresh_nats_server.url
     silent = tiny_model()
     silent = dataclasses.replace(silent, eos_token_ids=frozenset(range(len(silent.tokenizer))))
-    worker = Worker(Config(nats_url=url, threads=1, compile=False), await nats.connect(url), silent)
-    await worker.start()
-    try:
-        async with running_bridge(Config(nats_url=url, request_timeout=60.0)) as bridge:
-            tab = await open_tab(bridge.url + "/")
-            page = tab.page
-            await expect(page.locator("#model")).to_have_value(TINY)
-            assert await send(page, "Hello") == [{"role": "user", "content": "Hello"}]
-            await expect(page.locator("#send")).to_be_enabled()
-            await expect(page.locator("#log .turn")).to_have_count(2)
-            second = await send(page, "Again")
-            assert second == [
-                {"role": "user", "content": "Hello"},
-                {"role": "assistant", "content": ""},
-                {"role": "user", "content": "Again"},
-            ]
-            tab.assert_clean(bridge.url)
-    finally:
-        await worker.close()
-        await worker.nc.close()
+    async with tiny_worker(url, silent), running_bridge(Config(nats_url=url, request_timeout=60.0)) as bridge:
+        tab = await open_tab(bridge.url + "/")
+        page = tab.page
+        await expect(page.locator("#model")).to_have_value(TINY)
+        assert await send(page, "Hello") == [{"role": "user", "content": "Hello"}]
+        await expect(page.locator("#send")).to_be_enabled()
+        await expect(page.locator("#log .turn")).to_have_count(2)
+        second = await send(page, "Again")
+        assert second == [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "Again"},
+        ]
+        tab.assert_clean(bridge.url)

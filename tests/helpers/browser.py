@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, Request, Route, async_playwright
+from playwright.async_api import Browser, Page, Request, Route, async_playwright, expect
 
 CHROMIUM = Path(os.environ.get("LLMBUS_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -115,3 +115,14 @@ class FakeBus:
             await route.fulfill(status=503, json={"error": {"message": "not connected to NATS"}})
             return
         await route.fulfill(json={"object": "list", "data": [{"id": name, "object": "model"} for name in self.models]})
+
+
+async def send_asking_for_the_key(page: Page, text: str, key: str) -> None:
+    """Type `text` and Send on a page with no key yet: the key dialog opens; enter `key` and close it."""
+    dialog = page.locator("#key-dialog")
+    await page.fill("#prompt", text)
+    await page.click("#send")
+    await expect(dialog).to_be_visible()
+    await page.fill("#key-input", key)
+    await page.click("#key-save")
+    await expect(dialog).to_be_hidden()

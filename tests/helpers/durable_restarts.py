@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from typing import Any
 
 import nats.errors
@@ -17,9 +16,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, ConsumerInfo
 from nats.js.client import JetStreamContext
-from torch import nn
 
-from inference_worker import model_runner
 from inference_worker import worker as worker_module
 from inference_worker.job_stream import STREAM_NAME
 from inference_worker.worker import Worker
@@ -161,37 +158,6 @@ class AckWatch:
             if kind != b"+WPI":
                 kinds.append(kind)
         return kinds
-
-
-class Poison(Exception):
-    """An error that even fails to describe itself, so the engine's own recovery (fail_all) fails too and the engine
-    thread dies."""
-
-    def __repr__(self) -> str:
-        raise RuntimeError("poisoned repr")
-
-    __str__ = __repr__
-
-
-def poisoned_engines(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Engines built from now on die at their next forward once the returned event is set."""
-    armed = threading.Event()
-    family_decoder = model_runner.family_decoder
-
-    def poisoned_decoder(*args: Any, **kwargs: Any) -> nn.Module:
-        decoder = family_decoder(*args, **kwargs)
-        forward = decoder.forward
-
-        def poisoned(*args: Any, **kwargs: Any) -> Any:
-            if armed.is_set():
-                raise Poison()
-            return forward(*args, **kwargs)
-
-        decoder.forward = poisoned  # type: ignore[method-assign]
-        return decoder
-
-    monkeypatch.setattr(model_runner, "family_decoder", poisoned_decoder)
-    return armed
 
 
 def recorded_workers(monkeypatch: pytest.MonkeyPatch) -> list[Worker]:

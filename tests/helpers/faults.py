@@ -11,6 +11,7 @@ import contextlib
 import json
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -19,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
+import pytest
 from nats.aio.client import Client as NATS
+from torch import nn
 
 from bus_gateway.client import BusClient, BusError
 from bus_gateway.discovery import BusModels
+from inference_worker import model_runner
 from llmbus.nats_server import env_without_proxy
 from schemas import ChatRequest
 
@@ -300,3 +304,34 @@ class HeldLook:
             self.looking.set()
             await self.release.wait()
         return await self._look(thorough)
+
+
+class Poison(Exception):
+    """An error that even fails to describe itself, so the engine's own recovery (fail_all) fails too and the engine
+    thread dies."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("poisoned repr")
+
+    __str__ = __repr__
+
+
+def poisoned_engines(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Engines built from now on die at their next forward once the returned event is set."""
+    armed = threading.Event()
+    family_decoder = model_runner.family_decoder
+
+    def poisoned_decoder(*args: Any, **kwargs: Any) -> nn.Module:
+        decoder = family_decoder(*args, **kwargs)
+        forward = decoder.forward
+
+        def poisoned(*args: Any, **kwargs: Any) -> Any:
+            if armed.is_set():
+                raise Poison()
+            return forward(*args, **kwargs)
+
+        decoder.forward = poisoned  # type: ignore[method-assign]
+        return decoder
+
+    monkeypatch.setattr(model_runner, "family_decoder", poisoned_decoder)
+    return armed

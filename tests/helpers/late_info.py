@@ -5,32 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from helpers.tiny_model import tiny_model
 from inference_worker.worker import Worker
-from llmbus.config import Config
-from llmbus.nats_server import NatsServer
 from schemas import SERVICE_NAME
-
-
-@asynccontextmanager
-async def tiny_worker(server: NatsServer, model: str, **options: object) -> AsyncIterator[Worker]:
-    """A started worker of the tiny model serving `model` (one thread, so it never pings its peers to share cores)."""
-    config = Config(nats_url=server.url, served_model_name=model, threads=1, compile=False, **options)  # type: ignore[arg-type]
-    worker = Worker(config, await nats.connect(server.url), tiny_model())
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.close()
-        await worker.nc.close()
 
 
 class LateInfo:

@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from inference_worker.held import Held
+from llmbus import tracing
 
 if TYPE_CHECKING:
     from inference_worker.worker import Worker
@@ -80,3 +85,17 @@ def lines_of(caplog: pytest.LogCaptureFixture, request_id: str) -> list[dict[str
 def at_info(caplog: pytest.LogCaptureFixture) -> None:
     """Catch the request lines (INFO) and everything above."""
     caplog.set_level(logging.INFO)
+
+
+@contextlib.contextmanager
+def spans_in_memory() -> Iterator[InMemorySpanExporter]:
+    """Spans on, into memory, until the block ends (then tracing is off again)."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing.configure(provider)
+    try:
+        yield memory
+    finally:
+        tracing.configure(None)
+        provider.shutdown()

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import nats
+
+from helpers.tiny_model import tiny_model
 from inference_worker.hardware import pick_threads
 from inference_worker.model_loader import LoadedModel
-from inference_worker.worker import run_worker
+from inference_worker.worker import Worker, run_worker
 from llmbus.config import Config
 
 
@@ -48,3 +54,19 @@ async def start_worker(
     if ready_wait not in done:
         raise TimeoutError("worker did not become ready")
     return RunningWorker(config, stop, task)
+
+
+@asynccontextmanager
+async def tiny_worker(url: str, loaded: LoadedModel | None = None, **options: Any) -> AsyncIterator[Worker]:
+    """A started in-process `Worker` (the tiny model unless `loaded`; one thread, so it never pings its peers to
+    share cores; eager), for tests that reach its parts: its directory, its drain, its service. `options` are
+    `Config` fields. Closed, with its own NATS connection, on exit (unless the test drained it)."""
+    options = {"threads": 1, "compile": False, **options}
+    worker = Worker(Config(nats_url=url, **options), await nats.connect(url), loaded or tiny_model())
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        if not worker.draining:
+            await worker.close()
+        await worker.nc.close()
