@@ -105,7 +105,7 @@ async def test_a_worker_follows_an_ack_wait_set_on_the_server_after_it_started(
         await watch.refreshes.later(2).wait()  # a whole read of the terms after the write
         assert {t.ack_wait for t in worker.jobs.terms.values()} == {2.0}
         monkeypatch.setattr(ServerClock, "REFRESH_S", 60.0)
-        await watch.refreshes.later(2).wait()  # from now on only the ack wait sets the in-progress acks' pace
+        await watch.launches.later(1).wait()  # the next refresh is a minute away: only the ack wait sets the pace
         acks = await AckWatch.on(fresh_nc)
         async with JobClient(fresh_nc) as jobs:
             typo = msgspec.json.encode(chat("typo", max_tokens=2, model="not-seen-yet"))

@@ -76,15 +76,21 @@ class Counter:
 
 
 class ConsumerWatch:
-    """What a worker's job consumer does: `refreshes` counts its reads of the server's clock (each right after it
-    read the consumers' terms again, `ServerClock.REFRESH_S`), `taken` the jobs it finished taking, and
-    `redelivered` is set when a delivery after the first reaches it."""
+    """What a worker's job consumer does: `launches` counts the refreshes it began (the next one is due
+    `ServerClock.REFRESH_S` after each), `refreshes` its reads of the server's clock (each right after it read the
+    consumers' terms again), `taken` the jobs it finished taking, and `redelivered` is set when a delivery after the
+    first reaches it."""
 
     def __init__(self, worker: Worker) -> None:
         assert worker.jobs is not None
-        self.refreshes, self.taken, self.redelivered = Counter(), Counter(), asyncio.Event()
+        self.launches, self.refreshes, self.taken = Counter(), Counter(), Counter()
+        self.redelivered = asyncio.Event()
         jobs, clock = worker.jobs, worker.jobs.clock
-        measure, take = clock.measure, jobs._take
+        measure, take, follow = clock.measure, jobs._take, jobs._follow_terms
+
+        async def following() -> None:
+            self.launches.add()
+            await follow()
 
         async def measured(*args: Any) -> None:
             await measure(*args)
@@ -100,6 +106,7 @@ class ConsumerWatch:
 
         clock.measure = measured  # type: ignore[method-assign]
         jobs._take = taking  # type: ignore[method-assign]
+        jobs._follow_terms = following  # type: ignore[method-assign]
 
 
 async def counted(nc: NATS, subject: str, starting: bytes = b"") -> Counter:
