@@ -459,7 +459,19 @@ def test_fast_engine_tests_never_load_the_smollm2_weights() -> None:
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_engine.py", "-m", "not model", "-k", "lifecycle", "--setup-show"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-n",
+            "0",
+            "tests/test_engine.py",
+            "-m",
+            "not model",
+            "-k",
+            "lifecycle",
+            "--setup-show",
+        ],
         cwd=root,
         capture_output=True,
         text=True,
