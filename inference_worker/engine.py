@@ -132,6 +132,17 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    @property
+    def max_rows(self) -> int:
+        """The rows the scheduler can run together: those the memory plan bought, at most `max_batch_size`."""
+        return self.scheduler.max_batch_size
+
+    def count_failed(self, failed: Failed) -> Failed:
+        """Count a request that failed before `add_request` took it (its preparation refused it, or building it or
+        `add_request` raised), so that `requests_failed` counts every request the engine answered with a failure."""
+        self.stats.requests_failed += 1
+        return failed
+
     def step(self, emit: Callable[[list[Event]], None] | None = None) -> list[Event]:
         """One engine step: expire, prefill, decode. With `emit`, each phase's events go out as soon as that phase
         ends (first tokens right after prefill) and nothing is returned. A phase that raises fails everything in

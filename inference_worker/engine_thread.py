@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from inference_worker.events import Accepted, Event, Failed, Finished
+from inference_worker.events import Accepted, Event, Failed, Finished, TokenDelta
 from inference_worker.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class EngineThread:
                 return
             if idle and engine.has_work() and engine.config.max_wait_ms > 0:
                 deadline = time.monotonic() + engine.config.max_wait_ms / 1000
-                while engine.num_waiting < engine.config.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                while engine.num_waiting < engine.max_rows and (left := deadline - time.monotonic()) > 0:
                     if events:  # `Accepted` goes out at once, not after the wait
                         self._emit(events)
                         events = []
@@ -183,15 +183,16 @@ class EngineThread:
             seq = command.request() if callable(command.request) else command.request
         except Exception as exc:
             log.exception("building request %s failed", command.request_id)
-            return [Failed(command.request_id, 500, f"internal error while preparing the request: {exc!r}")]
+            message = f"internal error while preparing the request: {exc!r}"
+            return [engine.count_failed(Failed(command.request_id, 500, message))]
         if isinstance(seq, Failed):
-            return [seq]
+            return [engine.count_failed(seq)]
         try:
             failed = engine.add_request(seq)
         except Exception as exc:
             log.exception("add_request(%s) failed", seq.request_id)
-            return [Failed.of(seq, 500, f"internal engine error: {exc!r}")]
-        if failed is not None:
+            return [engine.count_failed(Failed.of(seq, 500, f"internal engine error: {exc!r}"))]
+        if failed is not None:  # add_request counted it
             return [failed]
         self._held.add(seq.request_id)
         return [Accepted(seq.request_id)] if seq.stream else []
@@ -202,7 +203,11 @@ class EngineThread:
         except Exception as exc:
             log.exception("cancel(%s) failed; failing every request in flight", request_id)
             return engine.fail_all(500, f"internal engine error: {exc!r}")
-        return [] if seq is None else [Finished.of(seq)]
+        if seq is None:
+            return []
+        # a stream's last delta: the tail `take_delta` held back while it could still start a stop string
+        delta = seq.take_delta() if seq.stream else ""
+        return [TokenDelta(request_id, delta), Finished.of(seq)] if delta else [Finished.of(seq)]
 
     def _die(self, exc: BaseException) -> None:
         log.critical("the engine thread cannot go on; failing what it holds", exc_info=exc)
