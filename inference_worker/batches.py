@@ -11,6 +11,7 @@ index, in completion order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -29,9 +30,11 @@ from schemas import (
     WireError,
     encode,
 )
+from schemas.errors import ERRORS, error_spec
 from schemas.subjects import REQUEST_ID, STREAM, STREAM_CHUNK, STREAM_END
 
 Item = ChatRequest | BatchItemError
+Named = tuple[int, BatchResult, str]  # a query's index, its result, and (when it failed) its error's name
 Headers = Mapping[str, str] | None
 Knows = Callable[[str], Awaitable[bool]]
 
@@ -49,9 +52,10 @@ class BatchCoordinator:
         then the end message and the sentinel. Returns the error code it answered when every query failed. `age`:
         seconds since the batch was sent (a durable job's wait in the queue), taken off each query's timeout."""
         if not batch.stream:
-            answer = await self.gather(batch.items, headers, age)
+            answer, names = await self._gather_named(batch.items, headers, age)
             if all(r.error is not None for r in answer.responses):
-                failure = WireError(common_code(answer.responses), answer.message or "every query failed")
+                code = common_code(answer.responses)
+                failure = WireError(code, answer.message or "every query failed", common_name(names, code))
                 await req.respond_error(failure, encode(answer, kind), headers_for(kind))
                 return failure.code
             await req.respond(encode(answer, kind), headers_for(kind))
@@ -69,17 +73,30 @@ class BatchCoordinator:
 
     async def gather(self, items: list[Item], headers: Headers = None, age: float = 0.0) -> BatchResponse:
         """Every query's result in input order."""
+        return (await self._gather_named(items, headers, age))[0]
+
+    async def _gather_named(self, items: list[Item], headers: Headers, age: float) -> tuple[BatchResponse, list[str]]:
+        """Every query's result in input order, and the name of each query's error ("" for an answered one)."""
         results: list[BatchResult | None] = [None] * len(items)
-        async for index, result in self.as_completed(items, headers, age):
-            results[index] = result
-        return BatchResponse.of([r for r in results if r is not None])
+        names = [""] * len(items)
+        async with contextlib.aclosing(self._completed(items, headers, age)) as completed:
+            async for index, result, name in completed:
+                results[index], names[index] = result, name
+        return BatchResponse.of([r for r in results if r is not None]), names
 
     async def as_completed(
         self, items: list[Item], headers: Headers = None, age: float = 0.0
     ) -> AsyncIterator[tuple[int, BatchResult]]:
         """(index, result) of each query as it finishes; the invalid ones first. Closing the iterator early (or
         cancelling the task that reads it) cancels the queries still running, on their workers too."""
-        items = await self._unknown_models_failed(items)
+        async with contextlib.aclosing(self._completed(items, headers, age)) as completed:
+            async for index, result, _ in completed:
+                yield index, result
+
+    async def _completed(self, items: list[Item], headers: Headers, age: float) -> AsyncIterator[Named]:
+        """`as_completed`, with each failed query's error name (a `BatchResult` carries only its code), so that a
+        batch whose every query failed is answered with their error, not the default one for its code."""
+        sent, items = items, await self._unknown_models_failed(items)
         tasks = {
             asyncio.ensure_future(self._one(index, item, headers, age))
             for index, item in enumerate(items)
@@ -88,7 +105,9 @@ class BatchCoordinator:
         try:
             for index, item in enumerate(items):
                 if isinstance(item, BatchItemError):
-                    yield index, BatchResult.failed(item)
+                    # one that was a query named a model nobody serves; the others could not be read
+                    name = "model_not_found" if isinstance(sent[index], ChatRequest) else error_spec(item.code).name
+                    yield index, BatchResult.failed(item), name
             for next_done in asyncio.as_completed(tasks):
                 yield await next_done
         finally:
@@ -110,7 +129,7 @@ class BatchCoordinator:
             unknown_model(item) if isinstance(item, ChatRequest) and item.model in unknown else item for item in items
         ]
 
-    async def _one(self, index: int, query: ChatRequest, headers: Headers, age: float) -> tuple[int, BatchResult]:
+    async def _one(self, index: int, query: ChatRequest, headers: Headers, age: float) -> Named:
         """One query, retried with backoff while its model's workers are busy or restarting (within its timeout);
         when no worker answers at all, it is retried only while its model is still on the bus. A query whose
         timeout passed before it started (`age`: it waited that long) is a 504 at once, as a chat job is."""
@@ -118,7 +137,7 @@ class BatchCoordinator:
         timeout = query.timeout - age if query.timeout else self.default_timeout
         if timeout <= 0:
             expired = "deadline exceeded before generation started"
-            return index, BatchResult.failed(BatchItemError(chat_id=query.chat_id, error=expired, code=504))
+            return index, BatchResult.failed(BatchItemError(chat_id=query.chat_id, error=expired, code=504)), "timeout"
         deadline = loop.time() + timeout
         for attempt in itertools.count():
             try:
@@ -127,14 +146,13 @@ class BatchCoordinator:
                 delay = self.client.backoff_delay(attempt)
                 gone = exc.name == "no_responders" and query.model is not None and not await self.knows(query.model)
                 if gone:
-                    return index, BatchResult.failed(unknown_model(query))
+                    return index, BatchResult.failed(unknown_model(query)), "model_not_found"
                 if not exc.come_back_later or loop.time() + delay >= deadline:
-                    return index, BatchResult.failed(
-                        BatchItemError(chat_id=query.chat_id, error=exc.message, code=exc.code)
-                    )
+                    failed = BatchItemError(chat_id=query.chat_id, error=exc.message, code=exc.code)
+                    return index, BatchResult.failed(failed), exc.name
                 await asyncio.sleep(delay)
                 continue
-            return index, BatchResult.ok(answer)
+            return index, BatchResult.ok(answer), ""
         raise AssertionError("unreachable")
 
 
@@ -146,3 +164,15 @@ def common_code(results: list[BatchResult]) -> int:
     """The code of a batch whose every query failed: theirs when they share one, else 400."""
     codes = {r.code for r in results}
     return (codes.pop() or 400) if len(codes) == 1 else 400
+
+
+def common_name(names: list[str], code: int) -> str:
+    """The error name of a batch whose every query failed with `code` (`common_code`): theirs when they share one
+    that has that code, else "" (the default name for the code, `schemas.errors.BY_CODE`). A shared `shutting_down`
+    is a stopping worker's, not this one's: it stays "" (the same header), so that a durable batch is charged a
+    delivery rather than stored again as if its coordinator stopped (`durable.Job.respond_error`)."""
+    shared = set(names)
+    name = shared.pop() if len(shared) == 1 else ""
+    if name == "shutting_down" or (spec := ERRORS.get(name)) is None or spec.code != code:
+        return ""
+    return name

@@ -211,20 +211,22 @@ class Intake(JobIntake):
         if isinstance(req, Job):
             req.queries = len(batch.items)  # counted by `jobs_wanted` while the batch runs
         age = req.age if isinstance(req, Job) else 0.0  # each query's timeout counts from the job's publication
-        task = asyncio.create_task(self._run_batch(req, kind, batch, batch_id, headers, age, received))
+        task = asyncio.create_task(self._run_batch(req, kind, batch, key, headers, age, received))
         self.batches[key] = task
         task.add_done_callback(lambda _: self._batch_done(key))
 
     async def _run_batch(
-        self: Worker, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers, age: float, at: float
+        self: Worker, req: Replier, kind: str, batch: Batch, key: Key, headers: Headers, age: float, at: float
     ) -> None:
-        """Gather the batch's answers and answer it (`at`: when it arrived, for a failure's log line)."""
+        """Gather the batch's answers and answer it (`at`: when it arrived, for a failure's log line). Cancelled, it
+        answers 499 when its client cancelled it (`handle_cancel`), during a drain too; else `close` stopped it."""
+        batch_id = key[1]
         try:
             if (code := await self.coordinator.answer(req, kind, batch, batch_id, headers, age)) is not None:
                 self.outbox.batch_failed(req, code)
         except asyncio.CancelledError:
             cancelled = WireError.of("cancelled", "the batch was cancelled before it finished")
-            failure = cancelled if self.accepting else self._cut_short("the batch finished")
+            failure = cancelled if key in self.cancelled_batches else self._cut_short("the batch finished")
             with contextlib.suppress(Exception):
                 await self.outbox.refuse(req, kind, failure, at, stream=batch.stream, request_id=batch_id)
         except Exception as exc:  # one batch that cannot be answered must not take the worker down
@@ -242,8 +244,15 @@ class Intake(JobIntake):
             return WireError.of("shutting_down", f"worker stopped before {what}; retry")
         return WireError.of("internal", f"the engine died before {what}; retry")
 
+    @functools.cached_property
+    def cancelled_batches(self) -> set[Key]:
+        """The running batches a client cancelled (`handle_cancel`), each until it ends (`_batch_done`): a batch task
+        that was cancelled answers 499 for these, whether or not a drain began meanwhile."""
+        return set()
+
     def _batch_done(self: Worker, key: Key) -> None:
         self.batches.pop(key, None)
+        self.cancelled_batches.discard(key)
         self._released()
 
     async def handle_cancel(self: Worker, msg: Msg) -> None:
@@ -254,6 +263,7 @@ class Intake(JobIntake):
         if (held := self.held.find(key)) is not None:
             self._thread.cancel(held.engine_id)
         elif (task := self.batches.get(key)) is not None:
+            self.cancelled_batches.add(key)  # dropped when the batch ends (`_batch_done`)
             task.cancel()
         else:
             self.held.bury(key)
