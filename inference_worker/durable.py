@@ -14,7 +14,8 @@ clear answer. A job that a clean shutdown interrupts is stored again at once, th
 (`requeue`): on its model's queue once it was routed, else on the queue it came from. A job stored again
 (`requeue`, `forward`) carries its first publication time and the attempts charged so far in headers, so neither
 its age nor its attempts restart. An answer can reach a client twice when a worker dies between publishing it and
-acking; the client keeps the first per request id (bus_gateway.jobs).
+acking; the client keeps the first per request id (bus_gateway.jobs). An error answer's body is encoded as its
+`Content-Type` header says: MessagePack for a MessagePack job, as its other answers.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from nats.aio.msg import Msg
 from bus_gateway.bus_errors import too_large
 from inference_worker.held import Outcome
 from schemas import ErrorBody, WireError, content_type, encode
-from schemas.errors import error_headers
-from schemas.subjects import JOB_ATTEMPTS, JOB_PUBLISHED, MSG_ID, REQUEST_ID, message_size
+from schemas.errors import MAX_BODY_MESSAGE, clean_text, error_headers
+from schemas.subjects import CONTENT_TYPE, JOB_ATTEMPTS, JOB_PUBLISHED, MSG_ID, MSGPACK, REQUEST_ID, message_size
 
 log = logging.getLogger("llmbus.jobs")
 
@@ -73,6 +74,7 @@ class Job:
         self.queries = 0  # a batch job running here: its number of queries (`JobConsumer.batch_queries`)
         self.requeue_to = msg.subject  # where a clean shutdown stores it: its queue, or its model's once routed
         self.answer_outcome: Outcome | None = None  # what the last `respond` / `respond_error` did (`held.Outcome`)
+        self.copy_id: str | None = None  # the `Nats-Msg-Id` of its copy once it is being stored again (`_store_again`)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -99,6 +101,11 @@ class Job:
         return self.reply_to
 
     @property
+    def sequence(self) -> int:
+        """The job's stream sequence: the same for each delivery of one stored message, another for each message."""
+        return self.msg.metadata.sequence.stream
+
+    @property
     def attempt(self) -> int:
         """This delivery's number: JetStream's count, plus the deliveries charged before the job was stored again."""
         return self.msg.metadata.num_delivered + int(header_number(self.headers, ATTEMPTS) or 0)
@@ -116,8 +123,13 @@ class Job:
         return max(0.0, self.clock.now() - self.published)
 
     def adopt(self, msg: Msg) -> None:
-        """A redelivery of this job while this worker still runs it: ack the newest delivery when done."""
+        """A redelivery of this job (the same stored message: its `sequence`) while this worker still runs it: ack
+        the newest delivery when done. Another message with the same key is another job (`JobConsumer._take`)."""
         self.msg = msg
+
+    def is_copy(self, msg: Msg) -> bool:
+        """Whether `msg` is this job's own copy, being stored again (`requeue`, `forward`) while it settles."""
+        return self.copy_id is not None and (msg.headers or {}).get(MSG_ID) == self.copy_id
 
     async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True) -> Outcome:
         """The job's answer: `published` (then acked), or `settled` when it was answered before (nothing sent)."""
@@ -154,27 +166,32 @@ class Job:
             error = WireError(
                 error.code, f"{error.message} (giving up after {self.attempt} deliveries: max deliveries)", error.name
             )
-            data = encode(ErrorBody(error.message, error.code))
+            body = ErrorBody(clean_text(error.message, MAX_BODY_MESSAGE), error.code)
+            data = encode(body, content_type(headers))  # as the answer's headers say: JSON, or MessagePack
         answer_headers = {**(headers or {}), **error_headers(error.code, error.message, error.name or None)}
         settle = self.msg.ack if code not in RETRYABLE_CODES else self.msg.term
         await self._final(data, {**answer_headers, REQUEST_ID: self.request_id}, "failed", settle)
         return "published"
 
-    async def give_up(self) -> None:
-        """This delivery is past the attempts: answer the client with an error and stop redelivery. JetStream
-        delivers the job no more (max_deliver), so it is terminated even when the answer cannot be published (logged
-        as an error: its client gets no answer and waits out its timeout); nothing is left that looks as if it will
-        run again. A term that fails too is logged: the job stays in the stream until max_age."""
+    async def give_up(self) -> bool:
+        """This delivery is past the attempts: answer the client with an error (encoded as the job was) and stop
+        redelivery; returns whether the answer was published. JetStream delivers the job no more (max_deliver), so
+        it is terminated even when the answer cannot be published (logged as an error: its client gets no answer and
+        waits out its timeout); nothing is left that looks as if it will run again. A term that fails too is logged:
+        the job stays in the stream until max_age."""
         attempts = self.attempt - 1
         description = (
             f"durable job {self.request_id} failed: no worker finished it in {attempts} "
             f"deliver{'y' if attempts == 1 else 'ies'} (each attempt failed or its worker died); "
             f"giving up (max deliveries: {attempts})"
         )
-        headers = {**error_headers(500, description), REQUEST_ID: self.request_id}
+        kind, typed = self._encoding()
+        headers = {**typed, **error_headers(500, description), REQUEST_ID: self.request_id}
+        published = True
         try:
-            await self.nc.publish(self.reply_to, encode(ErrorBody(description, 500)), headers=headers)
+            await self.nc.publish(self.reply_to, encode(ErrorBody(description, 500), kind), headers=headers)
         except Exception as exc:
+            published = False
             log.error(
                 "job %s: its give-up answer could not be published (%r); terminating it anyway", self.request_id, exc
             )
@@ -182,6 +199,7 @@ class Job:
             await self._settle("given_up", self.msg.term)
         except Exception as exc:
             log.error("job %s: terminating it failed (%r); it stays in the stream until max_age", self.request_id, exc)
+        return published
 
     async def forward(self, subject: str) -> None:
         """Store this job again on `subject` (another model's job queue), then ack it here: it is never lost, and
@@ -197,8 +215,10 @@ class Job:
 
     async def _store_again(self, subject: str, outcome: str, charged: int) -> Outcome:
         """Its `Nats-Msg-Id` gets this message's stream sequence as a suffix, so the store does not take it for a
-        duplicate of itself, while a second try for the same message (a worker that died before its ack) is.
-        Returns `requeued`, or `published` when the job could not be stored again and its client got a 413."""
+        duplicate of itself, while a second try for the same message (a worker that died before its ack) is. Until
+        this job is settled, a fetch may bring the copy back to this worker: `copy_id` tells it from another job with
+        the same key (`is_copy`). Returns `requeued`, or `published` when the job could not be stored again and its
+        client got a 413."""
         if self.settled:
             return "settled"
         headers = {**(self.headers or {}), PUBLISHED: f"{self.published:.6f}", ATTEMPTS: str(max(0, charged))}
@@ -207,9 +227,15 @@ class Job:
             limit = self.nc.max_payload
             message = f"job of {size} bytes (with its forwarding headers) exceeds the NATS max payload of {limit}"
             return await self.respond_error(WireError.of("too_large", message), encode(ErrorBody(message, 413)))
+        self.copy_id = headers[MSG_ID]
         await self.nc.jetstream().publish(subject, self.data, headers=headers)
         await self._settle(outcome, self.msg.ack)
         return "requeued"
+
+    def _encoding(self) -> tuple[str, dict[str, str]]:
+        """The job's encoding (JSON or MessagePack), and the headers that say it on an answer of the worker's own."""
+        kind = content_type(self.headers)
+        return kind, {CONTENT_TYPE: MSGPACK} if kind == MSGPACK else {}
 
     async def keep_alive(self) -> None:
         if not self.settled:

@@ -2,7 +2,11 @@
 
 All workers share one durable pull consumer. A worker fetches a job only when it surely fits (`jobs_to_fetch`), so
 no job is ever refused, nak'd or counted as a failed delivery for capacity reasons. Jobs are keyed by (reply subject,
-request id), so another client's job with the same request id is a different job, never adopted into this one.
+request id), so another client's job with the same request id is a different job, never adopted into this one. A
+redelivery of the job running here (the same stored message: its stream sequence) is adopted; another message with
+the key of a job running here (the client stored it again after JetStream's de-duplication window) is answered 409
+`duplicate_request` and acked, so it neither runs nor comes back. A job answered without running (an invalid request
+id, a duplicate, a delivery past its attempts) leaves the log line, span and failure count of a refused request.
 A job's answer goes only to a reply subject under one of the worker's reply prefixes (`micro.reply_allowed`, as for
 core requests): server permissions cannot enforce this, because a durable worker legitimately holds JetStream API
 and ack rights. A stream or consumer deleted under a running worker is made again at its next fetch (`_recover`).
@@ -22,13 +26,12 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from inference_worker import replies
 from inference_worker.durable import FETCH_TIMEOUT, Job
 from inference_worker.job_stream import JobLimits, consumer_terms, ensure_jobs_stream
 from inference_worker.micro import ReplyGate
 from inference_worker.requests import request_id_of
 from inference_worker.server_clock import ServerClock
-from schemas import WireError, content_type
+from schemas import WireError
 from schemas.subjects import JOBS_CONSUMER, REPLY_TO, REQUEST_ID, model_token
 
 if TYPE_CHECKING:
@@ -59,6 +62,14 @@ class JobHost(Protocol):
     async def wait_for_capacity(self) -> None: ...
 
     async def run_job(self, job: Job) -> None: ...
+
+    async def refuse_job(self, job: Job, failure: WireError, received: float) -> None:
+        """Answer `job` with `failure` before it runs, as a core request refused at intake is answered."""
+        ...
+
+    def job_refused(self, job: Job, code: int, received: float) -> None:
+        """`job` was answered `code` before it ran (by `Job.give_up`): its failure count, log line and span."""
+        ...
 
 
 class JobConsumer:
@@ -206,31 +217,51 @@ class JobConsumer:
         self._backoff = min(MAX_RECOVERY_DELAY, self._backoff * 2)
 
     async def _take(self, msg: Msg, max_attempts: int) -> None:
+        received = time.monotonic()
         headers = msg.headers or {}
         metadata = msg.metadata
-        checked = request_id_of(headers) if REQUEST_ID in headers else f"job-{metadata.sequence.stream}"
-        request_id = checked if isinstance(checked, str) else f"job-{metadata.sequence.stream}"
+        sequence = metadata.sequence.stream
+        checked = request_id_of(headers) if REQUEST_ID in headers else f"job-{sequence}"
+        request_id = checked if isinstance(checked, str) else f"job-{sequence}"
         reply_to = headers.get(REPLY_TO, "")
         self.counts["received"] += 1
         if metadata.num_delivered > 1:
             self.counts["redelivered"] += 1
         if (running := self.held.get((reply_to, request_id))) is not None:
-            running.adopt(msg)
-            return
+            if running.sequence == sequence:  # a redelivery of the job running here (an in-progress ack came late)
+                running.adopt(msg)
+                return
+            if not running.is_copy(msg):  # its own copy, stored again as it stops, is the job from now on
+                await self._refuse_duplicate(running, msg, received)
+                return
         if not self.replies.allows(reply_to, f"durable job {request_id} (its {REPLY_TO})"):
             await msg.term()
             self.counts["refused"] += 1
             return
         job = Job(self.nc, msg, request_id, reply_to, max_attempts, self.clock, on_settled=self._settled)
         if isinstance(checked, WireError):  # an id that is no subject token: a 400, as in core mode
-            [answer] = replies.error(content_type(headers), checked)
-            await job.respond_error(checked, answer.data, answer.headers)
+            await self.host.refuse_job(job, checked, received)
             return
         if job.attempt > max_attempts:
-            await job.give_up()
+            if await job.give_up():
+                self.host.job_refused(job, 500, received)
             return
         self.held[job.key] = job
         await self.host.run_job(job)
+
+    async def _refuse_duplicate(self, running: Job, msg: Msg, received: float) -> None:
+        """Another stored message with the key of the job running here: a client stored it again (after JetStream's
+        de-duplication window) while the first runs. Adopting it would ack one message for the other's answer and
+        leave the first to run again or be given up; it gets a 409 instead, and is acked, so it does not come back."""
+        duplicate = Job(self.nc, msg, running.request_id, running.reply_to, running.max_attempts, self.clock)
+        message = (
+            f"durable job {running.request_id} is already running (stream sequence {running.sequence}); this copy "
+            f"(stream sequence {duplicate.sequence}) is not run: use a new request id for a new job"
+        )
+        log.warning("job %s: %s", running.request_id, message)
+        await self.host.refuse_job(duplicate, WireError.of("duplicate_request", message), received)
+        if duplicate.outcome == "failed":  # answered and acked (not `abandoned`: then it comes back after ack_wait)
+            self.counts["refused"] += 1
 
     def _settled(self, job: Job) -> None:
         if self.held.get(job.key) is job:

@@ -23,7 +23,7 @@ from inference_worker.durable import Job
 from inference_worker.held import Replier
 from inference_worker.job_consumer import jobs_to_fetch
 from inference_worker.routing import Forward, Route
-from schemas import WireError
+from schemas import WireError, content_type
 from schemas.subjects import JSON
 
 if TYPE_CHECKING:
@@ -61,6 +61,17 @@ class JobIntake:
         except Exception as exc:  # as micro does for a handler: a 500 answer (here: a redelivery)
             log.exception("durable job %s failed", job.request_id)
             await self.outbox.refuse(job, JSON, WireError.of("internal", f"internal error: {exc!r}"), received)
+
+    async def refuse_job(self: Worker, job: Job, failure: WireError, received: float) -> None:
+        """A job the consumer answers `failure` before it runs (an invalid request id, a duplicate): answered in its
+        encoding, counted, logged and traced as a core request refused at intake (`Outbox.refuse`)."""
+        await self.outbox.refuse(job, content_type(job.headers), failure, received)
+
+    def job_refused(self: Worker, job: Job, code: int, received: float) -> None:
+        """A job the consumer answered `code` itself (`Job.give_up`, past its attempts): the failure count, log line
+        and span of a refused request (`WorkerMetrics.refused`), never its prompt."""
+        self.outbox.count(code)
+        self.metrics.refused(job.headers, job.request_id, code, received)
 
     def _waits_for_its_default(self: Worker, req: Replier, requested: str | None) -> bool:
         """A durable job that names no model while the default it would go to is away: `_job_route` decides."""
