@@ -5,8 +5,11 @@ A request on `llm.chat` for another model is forwarded to that model's subject w
 status goes only to a publisher that holds the reply subscription itself, which a forwarding worker does not. So a
 request forwarded on a view of the bus that still lists a model whose last worker just left would wait out its
 timeout. A worker that drains (or whose engine died) publishes a `WorkerLeft` once it has left its queue groups; a
-peer that hears it looks at the bus again before it routes the next request (`ModelDirectory.forget`): a model with
-workers left is forwarded as before, one with none is a 404 that lists the models still served.
+peer that hears it looks at the bus again before it routes the next request for that model (`ModelDirectory.forget`):
+a model with workers left is forwarded as before, one with none is a 404 that lists the models still served. Requests
+for other models are routed as before, without a look. A departure of a model the peer's view does not list is
+ignored, and departures never make looks more frequent than `routing.MIN_REFRESH_S`: whoever may publish on
+`llm.worker.left` cannot make every request wait for a look at the bus.
 
 A worker that dies without a word (killed, its host lost) cannot say so: its peers stop forwarding to it when their
 view of the bus expires (`routing.TTL_S`), and a request forwarded before that waits for its timeout, as a request

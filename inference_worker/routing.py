@@ -21,6 +21,13 @@ model's job queue rather than going to "the only model" left (`job_intake`).
 Requests that wait for a thorough look share it: a thorough look that ended after a request began waiting for its
 route (it was running, or waited for, meanwhile) answers for that request too, so N unknown names (a batch's, asked
 about at once, or N requests waiting together) cost one look, not N one after another.
+
+A worker heard leaving (`departures`, `ModelDirectory.forget`) makes its model suspect: the view may list it while
+nobody serves it any more, so a request routed to it waits for a look at the bus first; a request for any other model
+is routed on the view held, as before. A departure of a model the view does not list changes nothing it knows and is
+ignored (unless a look is under way, which may find it). Anyone who may publish on `llm.worker.left` could claim
+departures, so they never make looks more frequent than `min_refresh`: a request for a suspect model waits out what is
+left of it since the last look ended (at most `min_refresh`), then takes the look.
 """
 
 from __future__ import annotations
@@ -100,15 +107,40 @@ class ModelDirectory:
         self.models = self._with_own(BusModels())
         self._fetched_at = float("-inf")  # when the look that gave `models` ended
         self._last_thorough: tuple[float, BusModels] | None = None  # when the last whole-window look ended, what it saw
-        self._departures = 0  # workers heard leaving (`forget`): a look begun before the last one is stale at once
+        self._departures = 0  # departures heard (`forget`), numbered in order
+        self._suspects: dict[str, int] = {}  # model -> the departure that made it suspect (a later look clears it)
+        self._looking = False  # a look is under way: it may find a model the view held does not list
+        self._unseen = 0  # the last departure of such a model heard during the look under way (0: none)
         self._lock = asyncio.Lock()
         self.durable_default: str | None = None  # the last default seen whose workers take durable jobs
 
     async def current(self, wanted: str | None = None) -> BusModels:
-        """The models on the bus; refreshed when stale, or when `wanted` is not among them."""
-        if self._stale() or (wanted is not None and wanted not in self.models.workers):
+        """The models on the bus; refreshed when stale, or when `wanted` is not among them, or (after what is left of
+        `min_refresh`) when `wanted` (None: the default) is suspect: a worker of it was heard leaving since the last
+        look began."""
+        if self._suspect(wanted):
+            await self._look_again(wanted)
+        elif self._stale() or (wanted is not None and wanted not in self.models.workers):
             await self.refresh()
         return self.models
+
+    def _suspect(self, wanted: str | None) -> bool:
+        """Whether a request for `wanted` (None: the default) goes to a model a worker of which was heard leaving."""
+        if wanted is None:
+            chosen = default_model(self.models)
+            wanted = chosen if isinstance(chosen, str) else None
+        return wanted in self._suspects
+
+    async def _look_again(self, wanted: str | None) -> None:
+        """A look at the bus for a suspect model, no sooner than `min_refresh` after the last one ended (departures
+        may be claimed by anyone who may publish them: they never make looks more frequent). Requests waiting
+        together share it; one that ended meanwhile and cleared `wanted` answers for it."""
+        async with self._lock:
+            if not self._suspect(wanted):
+                return
+            await asyncio.sleep(self._fetched_at + self.min_refresh - time.monotonic())
+            if self._suspect(wanted):
+                await self._look(thorough=False)
 
     def _stale(self) -> bool:
         return time.monotonic() - self._fetched_at > self.ttl
@@ -122,14 +154,26 @@ class ModelDirectory:
             if thorough and self._thorough() and self._fetched_at >= asked:
                 return self.models
             if thorough or time.monotonic() - self._fetched_at > self.min_refresh:
-                departures = self._departures
-                self.models, self._fetched_at = self._with_own(await self.gather(thorough)), time.monotonic()
-                self._remember_default(self.models)
-                if thorough:
-                    self._last_thorough = (self._fetched_at, self.models)
-                if departures != self._departures:  # it may have seen a worker that has left since
-                    self._fetched_at = float("-inf")
+                await self._look(thorough)
         return self.models
+
+    async def _look(self, thorough: bool) -> None:
+        """Ask the bus (under `_lock`). It clears the suspicions heard before it began; a departure heard while it
+        ran keeps its model suspect, the look may have seen the worker that left. A departure heard meanwhile of a
+        model the view did not list makes the models this look found for the first time suspect (not remembered by
+        name: anyone may claim any number of names)."""
+        began, before = self._departures, set(self.models.workers)
+        self._looking = True
+        try:
+            models = self._with_own(await self.gather(thorough))
+        finally:
+            self._looking, unseen, self._unseen = False, self._unseen, 0
+        heard = self._suspects | (dict.fromkeys(models.workers.keys() - before, unseen) if unseen else {})
+        self.models, self._fetched_at = models, time.monotonic()
+        self._suspects = {m: n for m, n in heard.items() if n > began and m in models.workers and m != self.own}
+        self._remember_default(self.models)
+        if thorough:
+            self._last_thorough = (self._fetched_at, self.models)
 
     def _remember_default(self, models: BusModels) -> None:
         """Remember the one default on the bus when its workers take durable jobs; forget it once a look sees its
@@ -145,10 +189,17 @@ class ModelDirectory:
 
     def forget(self, model: str) -> None:
         """A worker of `model` left the bus (`departures`): the view held may list a model nobody serves any more,
-        so the next request looks at the bus again before it is routed."""
-        if model != self.own:
+        so the next request for it looks at the bus again before it is routed (`current`). A model the view does
+        not list is none of its business, unless a look is under way (it may find a worker that has left since);
+        this worker's own model is served here whatever its peers do."""
+        if model == self.own:
+            return
+        if model in self.models.workers:
             self._departures += 1
-            self._fetched_at = float("-inf")
+            self._suspects[model] = self._departures
+        elif self._looking:
+            self._departures += 1
+            self._unseen = self._departures
 
     def _thorough(self) -> bool:
         """Whether the view held came from a whole-window look."""
@@ -163,12 +214,14 @@ class ModelDirectory:
 
     def known_route(self, requested: str | None) -> Route | None:
         """`route` on the view this worker holds, when it is fresh and routes the request for sure; None when the
-        request needs a look at the bus first (a model not seen yet, a stale view, no route yet, or "the only model
-        on the bus" seen by a quick look only)."""
+        request needs a look at the bus first (a model not seen yet, a stale view, no route yet, a model a worker of
+        which was heard leaving, or "the only model on the bus" seen by a quick look only)."""
         if self._stale() or not self._sure(requested):
             return None
         where = route(requested, self.own, self.models)
-        return None if isinstance(where, WireError) else where
+        if isinstance(where, WireError) or (isinstance(where, Forward) and where.model in self._suspects):
+            return None
+        return where
 
     async def route(self, requested: str | None) -> Route:
         """`route` on what the bus looks like now; a request that cannot be routed is looked at again after a
