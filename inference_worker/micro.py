@@ -14,6 +14,11 @@ ls/info/stats` read them as they read any NATS service.
 A request is answered only on a reply subject under one of the service's reply prefixes (`ReplyGate`, default
 `_INBOX.`); any other (`$JS.API.STREAM.DELETE.<stream>`, `llm.chat`...) is dropped unanswered. The server cannot
 enforce this: a worker's `allow_responses` lets it publish to whatever reply subject a request names.
+
+An answer must fit the server's max payload, its headers counted (`schemas.subjects.message_size`): nats-py checks
+the payload alone, and a message that is over only with its headers makes the server drop the worker's connection.
+A message that would not fit goes out as a 413 (`too_large`) in its place, as a durable job's does
+(`durable.Job._final`), and ends the answer: on a stream it is the end message, followed by the sentinel.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from nats.aio.subscription import Subscription
 from nats.micro.service import EndpointInfo, EndpointStats, ServiceInfo, ServicePing, ServiceStats
 from nats.nuid import NUID
 
-from schemas import WireError
+from bus_gateway.bus_errors import too_large
+from schemas import ErrorBody, WireError, content_type, encode
 from schemas.errors import clean_text, error_headers
+from schemas.subjects import STREAM, STREAM_END, message_size
 
 log = logging.getLogger("llmbus.micro")
 
@@ -134,6 +141,7 @@ class Request:
         self.endpoint = endpoint
         self.received_ns = time.monotonic_ns()
         self.done = False
+        self.too_large: WireError | None = None  # the 413 published in place of a message over the max payload
 
     @property
     def subject(self) -> str:
@@ -152,6 +160,8 @@ class Request:
         return self.msg.reply or ""
 
     async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True) -> None:
+        if not await self._fits(data, headers):
+            return
         if final:
             self._finish(None)
         if self.reply:
@@ -159,9 +169,34 @@ class Request:
 
     async def respond_error(self, error: WireError, data: bytes = b"", headers: dict[str, str] | None = None) -> None:
         """An ADR-32 error answer: the sanitized error headers, plus `headers`. Always final."""
+        headers = {**(headers or {}), **error_headers_of(error)}
+        if not await self._fits(data, headers):
+            return
         self._finish(error)
         if self.reply:
-            await self.nc.publish(self.reply, data, headers={**(headers or {}), **error_headers_of(error)})
+            await self.nc.publish(self.reply, data, headers=headers)
+
+    async def _fits(self, data: bytes, headers: dict[str, str] | None) -> bool:
+        """Whether this message may go out as it is. Not once a 413 ended the answer (`too_large`: nothing more is
+        published), nor when the message would not fit the server's max payload (`answer_too_large`): then the 413
+        goes in its place, counted as this request's final answer, and on a stream as its end message, followed by
+        the sentinel. A 413 that does not fit either (a max payload of a few hundred bytes) is never published."""
+        if self.too_large is not None:
+            return False
+        if not self.reply or (error := answer_too_large(self.nc, data, headers)) is None:
+            return True
+        log.warning("the answer to a request on %s: %s; answering 413", self.subject, error.message)
+        stream = STREAM in (headers or {})
+        headers = {**(headers or {}), **error_headers_of(error)} | ({STREAM: STREAM_END} if stream else {})
+        data = encode(ErrorBody(error.message, error.code), content_type(headers))
+        self._finish(error)
+        if answer_too_large(self.nc, data, headers) is not None:
+            raise nats.errors.MaxPayloadError
+        await self.nc.publish(self.reply, data, headers=headers)
+        self.too_large = error
+        if stream:
+            await self.nc.publish(self.reply, b"")  # the sentinel (`replies.SENTINEL`)
+        return False
 
     async def forward(self, subject: str) -> None:
         """Hand this request to the service on `subject`, which answers the original reply subject directly."""
@@ -176,6 +211,14 @@ class Request:
 
 def error_headers_of(error: WireError) -> dict[str, str]:
     return error_headers(error.code, error.message, error.name or None)
+
+
+def answer_too_large(nc: NATS, data: bytes, headers: dict[str, str] | None) -> WireError | None:
+    """The 413 to answer in place of a message over the server's max payload, its headers counted; None if it fits."""
+    if (size := message_size(data, headers)) <= nc.max_payload:
+        return None
+    error = too_large(size, nc.max_payload, "answer")
+    return WireError(error.code, error.message, error.name)
 
 
 class MicroService:

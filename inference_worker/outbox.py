@@ -8,7 +8,8 @@ held request's final answer is recorded in `metrics` (figures, log line and span
 the engine held it (`refuse`: log line and span). A durable job put back on its queue instead (`requeued` by a
 stopping worker, `redelivered` after an internal error) or an answer whose publish failed (`abandoned`) counts in
 `WorkerMetrics.unanswered` only (`request_unanswered_total` in `$SRV.STATS`): the worker that takes the job next
-answers it, and logs it.
+answers it, and logs it. A core request whose answer would not fit the server's max payload got a 413 in its place
+(`micro.Request`): it counts as that 413, never as a success.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from inference_worker.held import (
     Replier,
 )
 from inference_worker.metrics import WorkerMetrics
+from inference_worker.micro import Request
 from inference_worker.requests import request_id_of
 from schemas import WireError
 from schemas.subjects import REQUEST_ID
@@ -88,7 +90,7 @@ class Outbox:
             self.metrics.unanswered(ABANDONED)
             raise
         if await self.answer(held.replier, messages) == PUBLISHED:
-            self.metrics.answered(held, event)
+            self.metrics.answered(held, answered_as(held.replier, event))
 
     def _final(self, held: Held, event: Finished | Failed) -> list[replies.Outgoing]:
         if isinstance(event, Finished):
@@ -106,17 +108,24 @@ class Outbox:
 
     async def send(self, replier: Replier, messages: list[replies.Outgoing]) -> Outcome:
         """Publish `messages` in order; returns their outcome. An error answer counts by code once published. A
-        durable job put back, or a publish that failed (logged here, not raised), ends the messages at once."""
+        durable job put back, or a publish that failed (logged here, not raised), ends the messages at once; so does
+        the 413 a core request answered in place of a message over the max payload (counted as a 413): after it,
+        nothing more goes out."""
+        if too_large_of(replier) is not None:
+            return PUBLISHED  # its answer already ended with that 413
         try:
             for message in messages:
                 if message.error is not None:
                     outcome = await replier.respond_error(message.error, message.data, message.headers) or PUBLISHED
-                    if outcome == PUBLISHED:
-                        self.count(message.error.code)
                 else:
                     outcome = await replier.respond(message.data, message.headers, final=message.final) or PUBLISHED
                 if outcome != PUBLISHED:
                     return outcome
+                if (too_large := too_large_of(replier)) is not None:
+                    self.count(too_large.code)
+                    return PUBLISHED
+                if message.error is not None:
+                    self.count(message.error.code)
         except Exception:
             log.exception("failed to publish an answer to %s", replier.reply)
             return ABANDONED
@@ -140,19 +149,36 @@ class Outbox:
         request_id = given_id(req, request_id)
         answer = replies.error(kind, failure, stream=stream, request_id=request_id)
         if await self.answer(req, answer) == PUBLISHED:
-            self.metrics.refused(req.headers, request_id or "-", failure.code, received, time.monotonic())
+            code = (too_large_of(req) or failure).code
+            self.metrics.refused(req.headers, request_id or "-", code, received, time.monotonic())
 
     def batch_failed(self, req: Replier, code: int) -> None:
-        """A batch whose every query failed was answered with `code` by the coordinator itself (`batches`)."""
+        """A batch whose every query failed was answered with `code` by the coordinator itself (`batches`), or with
+        the 413 that went in its place (`too_large_of`)."""
         outcome = req.answer_outcome if isinstance(req, Job) else PUBLISHED
         if outcome == PUBLISHED:
-            self.count(code)
+            too_large = too_large_of(req)
+            self.count(too_large.code if too_large is not None else code)
         elif outcome in (REQUEUED, REDELIVERED, ABANDONED):
             self.metrics.unanswered(outcome)
 
     def count(self, code: int) -> None:
         self.errors_by_code[str(code)] += 1
         self.metrics.failed(code)
+
+
+def too_large_of(replier: Replier) -> WireError | None:
+    """The 413 a core request answered in place of a message over the server's max payload (`micro.Request`): its
+    answer ended there. None for a durable job (`Job._final` answers its own 413) and for every other request."""
+    return replier.too_large if isinstance(replier, Request) else None
+
+
+def answered_as(replier: Replier, event: Finished | Failed) -> Finished | Failed:
+    """The final answer its client got: `event`, or the 413 in its place (`too_large_of`), so that an answer too large
+    to publish never counts as a success."""
+    if (error := too_large_of(replier)) is None:
+        return event
+    return Failed(event.request_id, error.code, error.message, event.timings, error.name)
 
 
 def given_id(req: Replier, request_id: str | None) -> str | None:
