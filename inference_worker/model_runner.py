@@ -16,13 +16,14 @@ eager decode for good.
 A bf16 Llama-family model on CPU prefills in float32, on a float32 copy of its weights, which writes the same bf16
 KV cache: a prompt's keys and values serve every token after it, and with bf16 prefills SmolLM2 answered "What is
 the capital of France?" with "L'Étoile, la Marseillaise" (`compiled_decode.on_wide_copy`). The copy costs 4 bytes a
-parameter. On CPUs whose float32 matmuls also beat bf16 ones at many rows (`hardware.py`), decode steps of
-`WIDE_FROM` rows or more run on the copy too (`uses_wide_copy`), and a 344-token SmolLM2 prefill took 377 ms there
-instead of 600 ms. Elsewhere `--prefill-matmuls bf16` trades some of that exactness for speed: a prefill's
-activations, norms, RoPE, attention and LM head stay float32, and only its projections' matmuls are bf16, over the
-bf16 decoder's own weights (`float32_activations`; no copy but the head's). SmolLM2's 176 prompt tokens in 8 rows
-took 125 ms compiled there, against 255 ms on the copy; its prompt logits erred by half of bf16's, but it too
-answered "L'Étoile" to the question above (README, The engine).
+parameter, and a tied embedding and LM head are two tensors in it (`float32_copy_bytes`). On CPUs whose float32
+matmuls also beat bf16 ones at many rows (`hardware.py`), decode steps of `WIDE_FROM` rows or more run on the copy
+too (`uses_wide_copy`), and a 344-token SmolLM2 prefill took 377 ms there instead of 600 ms. Elsewhere
+`--prefill-matmuls bf16` trades some of that exactness for speed: a prefill's activations, norms, RoPE, attention
+and LM head stay float32, and only its projections' matmuls are bf16, over the bf16 decoder's own weights
+(`float32_activations`; no copy but the head's). SmolLM2's 176 prompt tokens in 8 rows took 125 ms compiled there,
+against 255 ms on the copy; its prompt logits erred by half of bf16's, but it too answered "L'Étoile" to the
+question above (README, The engine).
 
 In a quantized mode (`--quantize int8|int4`) on CPU the same place, prefills and decode steps of `WIDE_FROM` rows or
 more, goes to the model's own dense weights, which the HF model keeps anyway: the quantized kernels win only at a few
@@ -41,12 +42,13 @@ from torch import nn
 
 from inference_worker import attention, llama
 from inference_worker.compiled_decode import WIDE_FROM, CompiledDecode, on_wide_copy
+from inference_worker.disk_cache import cache_root
 from inference_worker.hardware import float32_wins_wide_matmuls
 from inference_worker.hf_decoder import HFDecoder
 from inference_worker.jit_step import use_compile_cache
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.memory import MemoryPlan, MemoryPlanError, quantized_bytes, weight_bytes
-from inference_worker.model_loader import LoadedModel, cache_root
+from inference_worker.model_loader import LoadedModel
 from inference_worker.quantize import head_for, linear_for
 
 log = logging.getLogger("llmbus.engine")
@@ -130,21 +132,31 @@ def added_bytes(
     loaded: LoadedModel, compile: bool, quantize: str, freeze_wide: bool = False, prefill_matmuls: str = "float32"
 ) -> int:
     """Memory a runner adds beside the loaded weights, for the memory plan: a quantized mode's quantized weights
-    (`quantized_bytes`); the float32 copy (4 bytes a parameter) or, prefilling without one, the float32 LM head (4
+    (`quantized_bytes`); the float32 copy (`float32_copy_bytes`) or, prefilling without one, the float32 LM head (4
     bytes a head parameter); on CPU the frozen compiled steps' packed weights (the general step's and the one-row
-    step's, each about the size of the loaded ones) and, with `freeze_wide`, the wide step's packed ones (4 bytes a
-    parameter more for the float32 copy's, the size of the loaded ones for a quantized mode's dense step)."""
-    parameters = sum(p.numel() for p in loaded.model.parameters())
+    step's, each about the size of the loaded ones) and, with `freeze_wide`, the wide step's packed ones (the float32
+    copy's size again, the size of the loaded ones for a quantized mode's dense step)."""
     frozen = compile and loaded.device.type == "cpu" and llama.supports(loaded.model.config)
     if uses_float32_copy(loaded, quantize, prefill_matmuls):
-        copies = 4 * parameters
+        copies = float32_copy_bytes(loaded.model)
     else:
         copies = 4 * loaded.model.lm_head.weight.numel() if prefills_in_float32(loaded, quantize) else 0
     copies += quantized_bytes(loaded.model, quantize)
     copies += 2 * weight_bytes(loaded.model) if frozen else 0
     if not (frozen and freeze_wide and uses_wide_copy(loaded, quantize)):
         return copies
-    return copies + (weight_bytes(loaded.model) if uses_dense_wide(loaded, quantize) else 4 * parameters)
+    wide = weight_bytes(loaded.model) if uses_dense_wide(loaded, quantize) else float32_copy_bytes(loaded.model)
+    return copies + wide
+
+
+def float32_copy_bytes(model: nn.Module) -> int:
+    """The bytes of a Llama-family model's float32 copy (`family_decoder(..., torch.float32)`): 4 a parameter, and
+    4 more a head parameter where the LM head is tied to the embedding. The model's parameters count a tied pair
+    once, but the copy casts the embedding and the head apart (`llama.LlamaFamilyModel`), two tensors: SmolLM2's
+    head (tied) is 113 MB of float32 that the plan left out, Llama-3.2-1B's 1.05 GB."""
+    parameters = sum(p.numel() for p in model.parameters())
+    head = model.lm_head.weight
+    return 4 * (parameters + (head.numel() if head is model.model.embed_tokens.weight else 0))
 
 
 def fit_runner(

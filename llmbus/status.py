@@ -30,8 +30,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from bus_gateway.bus_view import BusSampler, BusTotals, BusView, WorkerRow, format_duration
+from bus_gateway.bus_view import BusSampler, BusTotals, BusView, format_duration
 from bus_gateway.client import BusClient
+from bus_gateway.worker_rows import WorkerRow
 from llmbus.config import Config
 from llmbus.urls import redact_urls
 from schemas import SERVICE_NAME

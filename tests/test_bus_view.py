@@ -8,15 +8,8 @@ from typing import Any
 
 import msgspec
 
-from bus_gateway.bus_view import (
-    BusSampler,
-    BusView,
-    Sample,
-    bus_view,
-    format_duration,
-    uptime_seconds,
-    worker_rows,
-)
+from bus_gateway.bus_view import BusSampler, BusView, Sample, bus_view, format_duration
+from bus_gateway.worker_rows import uptime_seconds, worker_rows
 
 NOW = datetime(2026, 11, 26, 1, 30, 0, tzinfo=UTC)
 METADATA = {

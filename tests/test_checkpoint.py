@@ -23,12 +23,13 @@ from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel, Qwe
 
 from helpers.checkpoint_files import add_missing_biases
 from helpers.tiny_model import save_model_directory, tiny_model
-from inference_worker import checkpoint, model_loader, step_packages
+from inference_worker import checkpoint, disk_cache, step_packages
 from inference_worker.attention import reduction_attention
 from inference_worker.chat_tokenizer import ChatTokenizer
 from inference_worker.checkpoint import CheckpointConfig, Unsupported, read_config
+from inference_worker.disk_cache import cached_conversion
 from inference_worker.llama import LlamaFamilyModel
-from inference_worker.model_loader import LoadedModel, Unreadable, cached_conversion, load_model, load_tokenizer
+from inference_worker.model_loader import LoadedModel, Unreadable, load_model, load_tokenizer
 from inference_worker.model_runner import ModelRunner
 
 CONVERSATIONS = [
@@ -295,11 +296,11 @@ def test_the_conversion_is_cached_by_the_sources_content_and_the_format(
     assert fake.run() == targets[0] and len(fake.calls) == 1
     fake.source.write_bytes(b"FUGG")  # the same size: a key of name, version and size alone missed it
     targets.append(fake.run())
-    monkeypatch.setattr(model_loader, "CONVERSION_FORMAT", model_loader.CONVERSION_FORMAT + 1)
+    monkeypatch.setattr(disk_cache, "CONVERSION_FORMAT", disk_cache.CONVERSION_FORMAT + 1)
     targets.append(fake.run())
     assert len(set(targets)) == 3 and len(fake.calls) == 3
     assert all((target / "config.json").is_file() for target in targets)
-    week_and_a_day_ago = time.time() - model_loader.UNUSED_CONVERSION_S - 86400
+    week_and_a_day_ago = time.time() - disk_cache.UNUSED_CONVERSION_S - 86400
     os.utime(targets[0], (week_and_a_day_ago, week_and_a_day_ago))  # an older wheel's, unused since
     assert fake.run() == targets[-1] and len(fake.calls) == 3
     assert not (fake.models / f".{targets[0].name}.lock").exists()  # with its lock

@@ -23,7 +23,7 @@ from helpers.durable_jobs import JobWatch, durable_worker, stop
 from helpers.faults import HeldLook, chat
 from helpers.tiny_model import tiny_model
 from inference_worker.durable import ATTEMPTS, PUBLISHED
-from inference_worker.job_consumer import first_of
+from inference_worker.job_queues import first_of
 from inference_worker.job_stream import STREAM_NAME
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer, write_config

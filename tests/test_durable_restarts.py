@@ -27,7 +27,7 @@ from helpers.faults import HeldLook, chat, poisoned_engines
 from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
 from inference_worker.durable import ATTEMPTS
-from inference_worker.job_consumer import first_of
+from inference_worker.job_queues import first_of
 from inference_worker.job_stream import CONSUMER_NAME, STREAM_NAME, JobLimits, ensure_jobs_stream, job_consumers
 from inference_worker.server_clock import ServerClock
 from inference_worker.worker import EngineDied
@@ -103,7 +103,7 @@ async def test_a_worker_follows_an_ack_wait_set_on_the_server_after_it_started(
         for name, filters in job_consumers(Subjects(), "tiny").items():
             await js.add_consumer(STREAM_NAME, JobLimits(ack_wait=2.0).consumer_config(name, filters))
         await watch.refreshes.later(2).wait()  # a whole read of the terms after the write
-        assert {t.ack_wait for t in worker.jobs.terms.values()} == {2.0}
+        assert {t.ack_wait for t in worker.jobs.queues.terms.values()} == {2.0}
         monkeypatch.setattr(ServerClock, "REFRESH_S", 60.0)
         await watch.launches.later(1).wait()  # the next refresh is a minute away: only the ack wait sets the pace
         acks = await AckWatch.on(fresh_nc)

@@ -22,7 +22,8 @@ from helpers.scrape import Scrape, compile_states, scrape
 from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
 from inference_worker.engine import EngineConfig, LLMEngine
-from inference_worker.metrics import WorkerMetrics, bucket_quantile, kv_cache_usage
+from inference_worker.metrics import WorkerMetrics, kv_cache_usage
+from inference_worker.metrics_summary import bucket_quantile
 from inference_worker.model_loader import LoadedModel
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence

@@ -17,7 +17,8 @@ from helpers.checkpoint_files import change_json, drop_tensors
 from helpers.tiny_model import save_model_directory, tiny_model
 from inference_worker.chat_tokenizer import ChatTokenizer, NoChatTemplate
 from inference_worker.checkpoint import Unreadable, Unsupported
-from inference_worker.model_loader import cached_conversion, load_model
+from inference_worker.disk_cache import cached_conversion
+from inference_worker.model_loader import load_model
 
 TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -122,7 +123,7 @@ def test_a_cut_short_tokenizer_file_is_named_in_the_error(directory: Path, name:
 KILLED_CONVERSION = """
     import os, signal, sys
     from pathlib import Path
-    from inference_worker.model_loader import cached_conversion
+    from inference_worker.disk_cache import cached_conversion
 
     def convert(source: Path, staging: Path) -> None:
         (staging / "model.safetensors").write_bytes(b"half of the weights")

@@ -180,7 +180,7 @@ function cell(row, text, column, className = "") {
   return td;
 }
 
-// A worker's state as /bus.json derives it (bus_view.worker_state), with its look and explanation.
+// A worker's state as /bus.json derives it (worker_rows.worker_state), with its look and explanation.
 const STATES = {
   draining: ["warn", "finishing its requests before it stops; it takes no new ones"],
   degraded: ["warn", "its compiled decode step failed: it decodes eagerly, several times slower on a GPU (see its log)"],

@@ -86,7 +86,7 @@ class ConsumerWatch:
         self.launches, self.refreshes, self.taken = Counter(), Counter(), Counter()
         self.redelivered = asyncio.Event()
         jobs, clock = worker.jobs, worker.jobs.clock
-        measure, take, follow = clock.measure, jobs._take, jobs._follow_terms
+        measure, take, follow = clock.measure, jobs._take, jobs.queues.follow_terms
 
         async def following() -> None:
             self.launches.add()
@@ -106,7 +106,7 @@ class ConsumerWatch:
 
         clock.measure = measured  # type: ignore[method-assign]
         jobs._take = taking  # type: ignore[method-assign]
-        jobs._follow_terms = following  # type: ignore[method-assign]
+        jobs.queues.follow_terms = following  # type: ignore[method-assign]
 
 
 async def counted(nc: NATS, subject: str, starting: bytes = b"") -> Counter:
