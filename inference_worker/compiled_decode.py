@@ -44,6 +44,7 @@ SINGLE = 1  # the warm-up size of the CPU package of one token (a decode step of
 MIN_CPU_ROWS = 2
 WIDE_FROM = 16
 WARM_UP_COLUMNS = 64
+MIN_WARM_UP_COLUMNS = 2  # a step attends to 2 columns or more in its package (`aot_step.build`)
 PREFILL_SCORES = 32768  # a prefill runs compiled up to this many tokens x attended columns (see `takes`)
 _aot_steps: weakref.WeakKeyDictionary[nn.Module, dict[bool, aot_step.DecodeFn]] = weakref.WeakKeyDictionary()
 
@@ -234,6 +235,7 @@ class CompiledDecode:
         how = dict.fromkeys(sizes, "compiled")
         if self.package_dir is not None:  # every package before any step: see the docstring of warm_up.py
             with step_packages.weights_hashed_once():
+                self._mark_packages_used(sizes)
                 for size in sizes:
                     how[size] = self._load_or_build_package(size)
                     if how[size] == "stopped":
@@ -276,16 +278,39 @@ class CompiledDecode:
         _aot_steps.setdefault(decoder, {})[single] = self.packaged[size] = packaged
         return "compiled ahead of time" if built else "loaded from its package"
 
+    def _mark_packages_used(self, sizes: tuple[int, ...]) -> None:
+        """Mark used, before any of them loads, the packages of every size this warm-up loads: each load tidies the
+        directory (`step_packages.tidy`) and keeps only its own package, so after a week without a start the first
+        load removed the others, and each was built again (minutes)."""
+        assert self.package_dir is not None
+        packages = []
+        for size in sizes:
+            if self._loaded_here(size) is None:
+                try:
+                    packages.append(self.package_dir / f"decode-{self._package_name(size)}.pt2")
+                except Exception:  # its load fails the same way, and says so
+                    log.debug("no package name for the decode step of batch %d", size, exc_info=True)
+        step_packages.mark_used(packages)
+
+    def _package_name(self, size: int) -> str:
+        """The name of graph `size`'s package, as `aot_step.load_or_build` names it."""
+        frozen = self.freeze_wide or size != self.wide_from
+        decoder, dtype = self.decoders[size], self.cache.keys[0].dtype
+        return step_packages.package_name(decoder, self.attention, frozen, size == SINGLE, cache_dtype=dtype)
+
     def _loaded_here(self, size: int) -> aot_step.DecodeFn | None:
         """The package of graph `size` that an engine of this process already loaded, if any."""
         return _aot_steps.get(self.decoders[size], {}).get(size == SINGLE)
 
     def _warm_up_columns(self) -> tuple[int, ...]:
-        """CPU: one length (it is symbolic). CUDA: every block of 256 columns, each its own CUDA graph."""
+        """CPU: one length (it is symbolic), within the cache's rows (with `--max-seq-len 32` a warm-up of 64 columns
+        ran past the cache's, and the step failed) and at least 2 (the least a package is exported for). CUDA: every
+        block of 256 columns, each its own CUDA graph."""
+        row_len = self.cache.row_len
         if self.on_cuda:
-            row_len, block = self.cache.row_len, self.column_block
+            block = self.column_block
             return tuple(sorted({min(c, row_len) for c in range(block, row_len + block, block)}))
-        return (WARM_UP_COLUMNS,)
+        return (max(MIN_WARM_UP_COLUMNS, min(WARM_UP_COLUMNS, row_len)),)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the background warm-up; True once every size is compiled."""

@@ -11,6 +11,7 @@ another process then also locked.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 POLL_S = 0.5
+UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # no lock file can be made: `exclusive` yields False
 
 
 class Stopped(Exception):
@@ -28,14 +30,19 @@ class Stopped(Exception):
 def exclusive(
     path: Path, stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None
 ) -> Iterator[bool]:
-    """Hold the lock of `path` within the block; yields True, or False where no lock file can be made (a
-    read-only directory: then nothing can be written there either). Waits while another holder has it, calling
-    `on_wait` once; with `stop`, polls, and raises `Stopped` once it is set."""
+    """Hold the lock of `path` within the block; yields True, or False where no lock file can be made for want of
+    permission (a read-only directory or file system: then nothing can be written there either). Any other error
+    is raised: a directory that does not exist, above all, would let every worker go ahead unlocked. Waits while
+    another holder has it, calling `on_wait` once; with `stop`, polls, and raises `Stopped` once it is set."""
     waited = False
     while True:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in UNWRITABLE:
+                raise
+            fd = None
+        if fd is None:
             yield False
             return
         try:

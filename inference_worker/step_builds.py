@@ -51,13 +51,17 @@ def build_lock(
     package: Path, stop: threading.Event | None = None, on_wait: Callable[[], None] | None = None
 ) -> Iterator[None]:
     """Held while this worker builds `package` (`file_lock.exclusive` on `decode-<name>.lock`). Waits while another
-    worker holds it, calling `on_wait` once, and raises `BuildStopped` if `stop` is set meanwhile."""
+    worker holds it, calling `on_wait` once, and raises `BuildStopped` if `stop` is set meanwhile. Makes the
+    package's directory first: in a new cache directory no lock file could be made, and two workers starting
+    together on a fresh host both built the same package."""
 
     def waiting() -> None:
         log.info("waiting for another worker's build of %s", package.name)
         if on_wait is not None:
             on_wait()
 
+    with contextlib.suppress(OSError):  # a read-only cache: the lock says so below
+        package.parent.mkdir(parents=True, exist_ok=True)
     try:
         with file_lock.exclusive(package.with_suffix(".lock"), stop, waiting) as locked:
             if not locked:

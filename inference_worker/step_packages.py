@@ -8,7 +8,8 @@ so workers that share the cache directory never load a half-written one; one tha
 
 Packages do not pile up: every package a worker loads or builds is marked used (its modification time), again
 every day while it runs, and each start (`tidy`) removes the packages of its directory that no worker has used for
-`UNUSED_PACKAGE_S` (a week). A package
+`UNUSED_PACKAGE_S` (a week). A warm-up marks all the packages it is about to load before its first load
+(`mark_used`): that load's `tidy` keeps only its own, and removed the others after a week without a start. A package
 name changes with every llmbus or torch upgrade, so the old ones went unused; a worker that needs one again
 rebuilds it.
 """
@@ -24,7 +25,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -102,6 +103,14 @@ def _weights_digest(decoder: nn.Module) -> bytes:
     if digests is not None:
         digests[decoder] = digest.digest()
     return digest.digest()
+
+
+def mark_used(packages: Iterable[Path]) -> None:
+    """Mark these packages used now (those that exist), so that `tidy` keeps them for another week: a warm-up
+    marks all of its packages before its first load, whose `tidy` keeps only the package it loads."""
+    for package in packages:
+        with contextlib.suppress(OSError):  # not built yet, or a read-only cache: its owner prunes it
+            os.utime(package)
 
 
 def tidy(directory: Path, keep: Path) -> None:
