@@ -28,7 +28,7 @@ from typing import Protocol
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bus_gateway.bus_errors import too_large
+from inference_worker.answer_size import answer_too_large, in_its_place
 from inference_worker.held import Outcome
 from schemas import ErrorBody, WireError, content_type, encode
 from schemas.errors import MAX_BODY_MESSAGE, clean_text, error_headers
@@ -75,6 +75,7 @@ class Job:
         self.requeue_to = msg.subject  # where a clean shutdown stores it: its queue, or its model's once routed
         self.answer_outcome: Outcome | None = None  # what the last `respond` / `respond_error` did (`held.Outcome`)
         self.copy_id: str | None = None  # the `Nats-Msg-Id` of its copy once it is being stored again (`_store_again`)
+        self.too_large: WireError | None = None  # the 413 published in place of an answer over the max payload
 
     @property
     def key(self) -> tuple[str, str]:
@@ -132,7 +133,8 @@ class Job:
         return self.copy_id is not None and (msg.headers or {}).get(MSG_ID) == self.copy_id
 
     async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None, *, final: bool = True) -> Outcome:
-        """The job's answer: `published` (then acked), or `settled` when it was answered before (nothing sent)."""
+        """The job's answer: `published` (then acked; `too_large` says when a 413 went in its place), or `settled`
+        when it was answered before (nothing sent)."""
         if self.settled:
             return self._answered("settled")
         await self._final(data, {**(headers or {}), REQUEST_ID: self.request_id}, "answered", self.msg.ack)
@@ -245,14 +247,14 @@ class Job:
         self, data: bytes, headers: dict[str, str], outcome: str, settle: Callable[[], Awaitable[None]]
     ) -> None:
         """A final answer, then its ack or term. An answer over the server's max payload could never be published
-        (and the job would run again after each ack_wait): the client gets a 413 instead, and the job is acked."""
-        if (size := message_size(data, headers)) > self.nc.max_payload:
-            error = too_large(size, self.nc.max_payload, "answer")
+        (and the job would run again after each ack_wait): the client gets a 413 in its place (`answer_size`), the
+        job is acked, and it keeps that 413 (`too_large`), so that it counts as one, not as what it replaced."""
+        if (error := answer_too_large(self.nc, data, headers)) is not None:
             log.warning("job %s: %s; answering 413", self.request_id, error.message)
-            data = encode(ErrorBody(error.message, error.code), content_type(headers))
-            headers = {**headers, **error_headers(error.code, error.message, error.name)}
+            data, headers = in_its_place(error, headers)
             outcome, settle = "failed", self.msg.ack
         await self._publish(data, headers)
+        self.too_large = error
         await self._settle(outcome, settle)
 
     async def _publish(self, data: bytes, headers: dict[str, str]) -> None:

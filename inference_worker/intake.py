@@ -222,8 +222,8 @@ class Intake(JobIntake):
         answers 499 when its client cancelled it (`handle_cancel`), during a drain too; else `close` stopped it."""
         batch_id = key[1]
         try:
-            if (code := await self.coordinator.answer(req, kind, batch, batch_id, headers, age)) is not None:
-                self.outbox.batch_failed(req, code)
+            code = await self.coordinator.answer(req, kind, batch, batch_id, headers, age)
+            self.outbox.batch_answered(req, code)  # counted when every query failed, or a 413 replaced the answer
         except asyncio.CancelledError:
             cancelled = WireError.of("cancelled", "the batch was cancelled before it finished")
             failure = cancelled if key in self.cancelled_batches else self._cut_short("the batch finished")

@@ -15,10 +15,8 @@ A request is answered only on a reply subject under one of the service's reply p
 `_INBOX.`); any other (`$JS.API.STREAM.DELETE.<stream>`, `llm.chat`...) is dropped unanswered. The server cannot
 enforce this: a worker's `allow_responses` lets it publish to whatever reply subject a request names.
 
-An answer must fit the server's max payload, its headers counted (`schemas.subjects.message_size`): nats-py checks
-the payload alone, and a message that is over only with its headers makes the server drop the worker's connection.
-A message that would not fit goes out as a 413 (`too_large`) in its place, as a durable job's does
-(`durable.Job._final`), and ends the answer: on a stream it is the end message, followed by the sentinel.
+An answer must fit the server's max payload, its headers counted: one that would not fit goes out as a 413 in its
+place and ends the answer (on a stream, as its end message), a `$SRV` answer's too (`answer_size`).
 """
 
 from __future__ import annotations
@@ -41,10 +39,9 @@ from nats.aio.subscription import Subscription
 from nats.micro.service import EndpointInfo, EndpointStats, ServiceInfo, ServicePing, ServiceStats
 from nats.nuid import NUID
 
-from bus_gateway.bus_errors import too_large
-from schemas import ErrorBody, WireError, content_type, encode
+from inference_worker.answer_size import DiscoveryAnswers, answer_too_large, publish_in_its_place
+from schemas import WireError
 from schemas.errors import clean_text, error_headers
-from schemas.subjects import STREAM, STREAM_END, message_size
 
 log = logging.getLogger("llmbus.micro")
 
@@ -177,26 +174,14 @@ class Request:
             await self.nc.publish(self.reply, data, headers=headers)
 
     async def _fits(self, data: bytes, headers: dict[str, str] | None) -> bool:
-        """Whether this message may go out as it is. Not once a 413 ended the answer (`too_large`: nothing more is
-        published), nor when the message would not fit the server's max payload (`answer_too_large`): then the 413
-        goes in its place, counted as this request's final answer, and on a stream as its end message, followed by
-        the sentinel. A 413 that does not fit either (a max payload of a few hundred bytes) is never published."""
-        if self.too_large is not None:
-            return False
-        if not self.reply or (error := answer_too_large(self.nc, data, headers)) is None:
-            return True
-        log.warning("the answer to a request on %s: %s; answering 413", self.subject, error.message)
-        stream = STREAM in (headers or {})
-        headers = {**(headers or {}), **error_headers_of(error)} | ({STREAM: STREAM_END} if stream else {})
-        data = encode(ErrorBody(error.message, error.code), content_type(headers))
-        self._finish(error)
-        if answer_too_large(self.nc, data, headers) is not None:
-            raise nats.errors.MaxPayloadError
-        await self.nc.publish(self.reply, data, headers=headers)
-        self.too_large = error
-        if stream:
-            await self.nc.publish(self.reply, b"")  # the sentinel (`replies.SENTINEL`)
-        return False
+        """Whether this message may go out as it is: not after the 413 that ended the answer (`too_large`), nor when
+        it would not fit the max payload; then that 413 goes in its place as the final answer (`answer_size`)."""
+        if self.too_large is None and self.reply and (error := answer_too_large(self.nc, data, headers)) is not None:
+            log.warning("the answer to a request on %s: %s; answering 413", self.subject, error.message)
+            self._finish(error)
+            await publish_in_its_place(self.nc, self.reply, error, headers)
+            self.too_large = error
+        return self.too_large is None
 
     async def forward(self, subject: str) -> None:
         """Hand this request to the service on `subject`, which answers the original reply subject directly."""
@@ -211,14 +196,6 @@ class Request:
 
 def error_headers_of(error: WireError) -> dict[str, str]:
     return error_headers(error.code, error.message, error.name or None)
-
-
-def answer_too_large(nc: NATS, data: bytes, headers: dict[str, str] | None) -> WireError | None:
-    """The 413 to answer in place of a message over the server's max payload, its headers counted; None if it fits."""
-    if (size := message_size(data, headers)) <= nc.max_payload:
-        return None
-    error = too_large(size, nc.max_payload, "answer")
-    return WireError(error.code, error.message, error.name)
 
 
 class MicroService:
@@ -245,6 +222,7 @@ class MicroService:
         self.endpoints: list[Endpoint] = []
         self.replies = ReplyGate(reply_prefixes)
         self._discovery: dict[str, list[Subscription]] = {verb: [] for verb in VERBS}
+        self.answers = DiscoveryAnswers(nc)  # within the max payload, else a 413
 
     async def start(self) -> None:
         replies = {"PING": self._ping, "INFO": self._info, "STATS": self._stats}
@@ -254,7 +232,7 @@ class MicroService:
                 f"{DISCOVERY}.{verb}.{self.name}",
                 f"{DISCOVERY}.{verb}.{self.name}.{self.id}",
             ):
-                self._discovery[verb].append(await self.nc.subscribe(subject, cb=self._answer_with(build)))
+                self._discovery[verb].append(await self.nc.subscribe(subject, cb=self._answer_with(verb, build)))
 
     async def add_endpoint(
         self, name: str, subject: str, queue_group: str, handler: Handler, metadata: dict[str, str] | None = None
@@ -328,10 +306,10 @@ class MicroService:
             metadata=self.metadata,
         ).to_dict()
 
-    def _answer_with(self, build: Callable[[], dict[str, Any]]) -> Callable[[Msg], Awaitable[None]]:
+    def _answer_with(self, verb: str, build: Callable[[], dict[str, Any]]) -> Callable[[Msg], Awaitable[None]]:
         async def answer(msg: Msg) -> None:
             if msg.reply and self.replies.allows(msg.reply, f"a request on {msg.subject}"):
                 with contextlib.suppress(nats.errors.Error):
-                    await msg.respond(json.dumps(build()).encode())
+                    await self.answers.publish(verb, msg.reply, json.dumps(build()).encode())
 
         return answer

@@ -8,8 +8,8 @@ held request's final answer is recorded in `metrics` (figures, log line and span
 the engine held it (`refuse`: log line and span). A durable job put back on its queue instead (`requeued` by a
 stopping worker, `redelivered` after an internal error) or an answer whose publish failed (`abandoned`) counts in
 `WorkerMetrics.unanswered` only (`request_unanswered_total` in `$SRV.STATS`): the worker that takes the job next
-answers it, and logs it. A core request whose answer would not fit the server's max payload got a 413 in its place
-(`micro.Request`): it counts as that 413, never as a success.
+answers it, and logs it. A request or durable job whose answer would not fit the server's max payload got a 413 in
+its place (`answer_size`): it counts as that 413, never as a success, a batch whose queries succeeded too.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ class Outbox:
     async def send(self, replier: Replier, messages: list[replies.Outgoing]) -> Outcome:
         """Publish `messages` in order; returns their outcome. An error answer counts by code once published. A
         durable job put back, or a publish that failed (logged here, not raised), ends the messages at once; so does
-        the 413 a core request answered in place of a message over the max payload (counted as a 413): after it,
-        nothing more goes out."""
-        if too_large_of(replier) is not None:
+        the 413 answered in place of a message over the max payload (counted as a 413): after it, nothing more goes
+        out (a job answered before says `settled` itself)."""
+        if isinstance(replier, Request) and replier.too_large is not None:
             return PUBLISHED  # its answer already ended with that 413
         try:
             for message in messages:
@@ -152,12 +152,14 @@ class Outbox:
             code = (too_large_of(req) or failure).code
             self.metrics.refused(req.headers, request_id or "-", code, received, time.monotonic())
 
-    def batch_failed(self, req: Replier, code: int) -> None:
-        """A batch whose every query failed was answered with `code` by the coordinator itself (`batches`), or with
-        the 413 that went in its place (`too_large_of`)."""
+    def batch_answered(self, req: Replier, code: int | None) -> None:
+        """The coordinator itself answered a batch (`batches`): with `code` when every query failed, else with their
+        results (None); either, or the 413 that went in its place (`too_large_of`), counts once. A batch answered
+        with its results counts nowhere (each query counted as a request), unless that 413 replaced them."""
+        if (too_large := too_large_of(req)) is None and code is None:
+            return
         outcome = req.answer_outcome if isinstance(req, Job) else PUBLISHED
         if outcome == PUBLISHED:
-            too_large = too_large_of(req)
             self.count(too_large.code if too_large is not None else code)
         elif outcome in (REQUEUED, REDELIVERED, ABANDONED):
             self.metrics.unanswered(outcome)
@@ -168,9 +170,9 @@ class Outbox:
 
 
 def too_large_of(replier: Replier) -> WireError | None:
-    """The 413 a core request answered in place of a message over the server's max payload (`micro.Request`): its
-    answer ended there. None for a durable job (`Job._final` answers its own 413) and for every other request."""
-    return replier.too_large if isinstance(replier, Request) else None
+    """The 413 a request (`micro.Request`) or durable job (`durable.Job._final`) answered in place of a message over
+    the server's max payload: its answer ended there. None for every other."""
+    return replier.too_large if isinstance(replier, Request | Job) else None
 
 
 def answered_as(replier: Replier, event: Finished | Failed) -> Finished | Failed:

@@ -5,12 +5,20 @@ whose headers pushed it over (a msgpack answer's Content-Type, a stream chunk's 
 worker's connection. Now each gets a 413 that names the size and the limit (on a stream: the end message, then the
 sentinel), counted as a 413, and the worker stays connected.
 
+A follow-up review: a batch whose answer became that 413 while some queries succeeded, and a durable job whose answer
+became a 413, were not counted as a 413 (the job counted as a success); and a worker's `$SRV.STATS` answer (several KB)
+over the max payload was dropped silently (nats-py refused it), its asker waiting out its timeout. Now both count as
+a 413, and STATS is answered with an ADR-32 413 error and a warning, once.
+
 Real tiny-model workers on a real nats-server with `max_payload: 4096`."""
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from bus_gateway.client import BusError
+from bus_gateway.jobs import JobClient
+from helpers.durable_jobs import durable_worker
 from helpers.faults import chat
 from helpers.tiny_model import tiny_model
 from helpers.workers import tiny_worker
@@ -45,6 +56,7 @@ pytestmark = pytest.mark.timeout(300)
 LIMIT = 4096  # the server's max payload
 WAIT = 60  # seconds: an answer comes at once; without one, a request waits this long and the test fails
 TOO_LARGE = re.compile(rf"answer of (\d+) bytes exceeds the NATS max payload of {LIMIT} bytes")
+STATS_TOO_LARGE = re.compile(rf"\$SRV\.STATS {TOO_LARGE.pattern}")
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +93,26 @@ def invalid(chat_id: str) -> dict[str, Any]:
 
 
 async def counted(worker: Worker) -> tuple[dict[str, int], dict[str, Any], list[str]]:
-    """Once the worker drained (its outbox published and counted every answer): its errors by code, its successes,
-    and each endpoint error of `$SRV.STATS` (`last_error`, once per error)."""
+    """Once the worker drained (its outbox published and counted every answer): its errors by code (the same in
+    `errors_by_code` and `llmbus_request_failure_total`), its successes, and each endpoint error of `$SRV.STATS`
+    (`last_error`, once per error)."""
     await worker.drain(WAIT)
     errors = [e.last_error for e in worker.service.endpoints for _ in range(e.num_errors)]
-    return dict(worker.outbox.errors_by_code), worker.metrics.summary()["request_success_total"], errors
+    summary = worker.metrics.summary()
+    assert summary["request_failure_total"] == worker.outbox.errors_by_code
+    return dict(worker.outbox.errors_by_code), summary["request_success_total"], errors
+
+
+@asynccontextmanager
+async def durable_tiny(server: NatsServer, loaded: LoadedModel, **options: Any) -> AsyncIterator[Worker]:
+    """A started in-process `--durable` worker (one thread), closed with its connection on exit unless drained."""
+    worker = await durable_worker(server, loaded, threads=1, **options)
+    try:
+        yield worker
+    finally:
+        if not worker.draining:
+            await worker.close()
+        await worker.nc.close()
 
 
 async def test_a_chat_whose_answer_is_over_the_max_payload_gets_a_413_at_once(
@@ -106,7 +133,8 @@ async def test_a_batch_whose_answer_is_over_the_max_payload_gets_a_413_not_a_500
     server: NatsServer, client: NATS, partial: bool
 ) -> None:
     """60 queries that fail alone (about 100 bytes of answer each), with one answered or not: the coordinator's
-    publish raised, and the client got a retryable 500 internal error."""
+    publish raised, and the client got a retryable 500 internal error. Then, with one answered, the 413 counted in
+    the endpoint's errors but not by code (`errors_by_code`, `llmbus_request_failure_total`): now once, either way."""
     queries: list[Any] = [invalid(f"q{i}") for i in range(60)]
     if partial:
         queries.append(chat("ok", max_tokens=1))
@@ -116,8 +144,7 @@ async def test_a_batch_whose_answer_is_over_the_max_payload_gets_a_413_not_a_500
         assert answered_size(reply) > LIMIT
         errors, _, endpoint_errors = await counted(worker)
     assert [e.split(":")[0] for e in endpoint_errors] == ["413"]
-    if not partial:
-        assert errors == {"413": 1}  # not the 400 that every query failed with
+    assert errors == {"413": 1}  # not the 400 that every query failed with, nor nothing when one succeeded
 
 
 async def test_an_answer_over_the_max_payload_only_with_its_headers_leaves_the_worker_connected(
@@ -148,8 +175,9 @@ async def test_an_answer_over_the_max_payload_only_with_its_headers_leaves_the_w
         assert worker.nc.is_connected
         again = await ask(short)
         assert again.data == first.data
-        _, _, endpoint_errors = await counted(worker)
+        errors, _, endpoint_errors = await counted(worker)
     assert [e.split(":")[0] for e in endpoint_errors] == ["413"]
+    assert errors == {"413": 1}  # its other queries succeeded: it was not counted by code
 
 
 async def test_a_stream_chunk_over_the_max_payload_ends_the_stream_with_a_413(
@@ -187,8 +215,55 @@ async def test_a_stream_chunk_over_the_max_payload_ends_the_stream_with_a_413(
         assert sentinel.data == b"" and not sentinel.headers
 
         assert worker.nc.is_connected
-        _, _, endpoint_errors = await counted(worker)
+        errors, _, endpoint_errors = await counted(worker)
         await worker.nc.close()  # what it published is on the server
     await client.flush()  # and would be here by now
     assert answers.pending_msgs == 0
     assert [e.split(":")[0] for e in endpoint_errors] == ["413"]
+    assert errors == {"413": 1}  # not counted by code before: the coordinator's answer was no failure
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["chat", "batch"])
+async def test_a_durable_job_whose_answer_is_over_the_max_payload_counts_as_a_413_not_a_success(
+    server: NatsServer, client: NATS, never_ends: LoadedModel, batch: bool
+) -> None:
+    """`Job._final` answered the 413 in place of the answer, and the outbox counted what it replaced: a success (the
+    chat), or nothing (a batch whose queries succeeded). Now a 413, once."""
+    async with durable_tiny(server, never_ends, max_tokens_cap=700) as worker, JobClient(client) as jobs:
+        with pytest.raises(BusError) as too_large:
+            if batch:  # 12 answers of about 500 bytes: each query is a core chat, and fits
+                await jobs.chat_batched([chat(f"q{i}", max_tokens=100) for i in range(12)], timeout=WAIT)
+            else:
+                await jobs.chat(chat("long", max_tokens=700), timeout=WAIT)  # about 4.8 KB of text
+        assert too_large.value.code == 413 and TOO_LARGE.fullmatch(too_large.value.message)
+        errors, successes, _ = await counted(worker)
+    assert errors == {"413": 1}
+    if batch:
+        assert sum(successes.values()) == 12  # its queries, each answered on its own
+    else:
+        assert successes == {}  # not a success
+    assert worker.jobs.snapshot()["failed"] == 1
+
+
+async def test_stats_over_the_max_payload_is_answered_413_and_ping_and_info_still_answer(
+    server: NatsServer, client: NATS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's `$SRV.STATS` answer is several KB: nats-py refused to publish it, the error was swallowed, and the
+    asker waited out its timeout with nothing logged. Now an ADR-32 413 error names the size and the limit (a warning
+    too, once however often it is asked), PING and INFO answer as before, and the worker stays connected."""
+    caplog.set_level(logging.WARNING, logger="llmbus.micro")
+    async with tiny_worker(server.url) as worker:
+        service = f"{worker.service.name}.{worker.service.id}"
+        for _ in range(2):
+            stats = await client.request(f"$SRV.STATS.{service}", b"", timeout=WAIT)
+            headers = stats.headers or {}
+            assert headers.get(ERROR_CODE) == "413" and headers.get(ERROR_NAME) == "too_large", headers
+            named = STATS_TOO_LARGE.fullmatch(headers[ERROR])
+            assert named is not None and int(named[1]) > LIMIT, headers[ERROR]
+            assert stats.data == b""
+        for verb in ("PING", "INFO"):
+            answer = await client.request(f"$SRV.{verb}.{service}", b"", timeout=WAIT)
+            assert not answer.headers and json.loads(answer.data)["id"] == worker.service.id
+        assert worker.nc.is_connected
+    warnings = [r.getMessage() for r in caplog.records if r.name == "llmbus.micro" and "$SRV.STATS" in r.getMessage()]
+    assert len(warnings) == 1 and named[0] in warnings[0], warnings
