@@ -15,9 +15,8 @@ from nats.aio.client import Client as NATS
 from bus_gateway.bus_errors import BusError
 from helpers.observability import HoldWatch
 from helpers.tiny_model import tiny_model
-from helpers.workers import tiny_worker
+from helpers.workers import endpoints_drained, tiny_worker
 from inference_worker.batches import BatchCoordinator
-from inference_worker.worker import Worker
 from llmbus.nats_server import NatsServer
 from schemas import Batch, ChatRequest, WireError
 from schemas.errors import error_headers, error_spec
@@ -26,18 +25,6 @@ from schemas.subjects import ERROR_CODE, ERROR_NAME, REPLY_TO, REQUEST_ID
 pytestmark = pytest.mark.timeout(300)
 
 LONG = 4000  # tokens: the tiny model (no end of sequence) is still generating when the test cancels
-
-
-def endpoints_drained(worker: Worker) -> asyncio.Event:
-    """Set once the worker left its queue groups in a drain: it stops accepting then, in the same step."""
-    drained, drain_endpoints = asyncio.Event(), worker.service.drain_endpoints
-
-    async def drain() -> None:
-        await drain_endpoints()
-        drained.set()
-
-    worker.service.drain_endpoints = drain  # type: ignore[method-assign]
-    return drained
 
 
 async def test_a_batch_cancelled_during_a_drain_is_answered_499(fresh_nats_server: NatsServer, fresh_nc: NATS) -> None:

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from bus_gateway.client import BusClient
 from bus_gateway.discovery import DISCOVERY_SETTLE, DISCOVERY_WINDOW, BusModels
 from helpers.faults import HeldLook
-from helpers.workers import tiny_worker
+from helpers.workers import endpoints_drained, tiny_worker
 from inference_worker import routing
 from inference_worker.routing import Forward, Local, ModelDirectory
 from inference_worker.worker import Worker
@@ -161,18 +161,6 @@ async def test_two_workers_whose_names_once_shared_a_token_each_answer_their_own
 
 
 # --- a drain, and a request waiting for its route ----------------------------------------------------------------
-
-
-def endpoints_drained(worker: Worker) -> asyncio.Event:
-    """Set once the worker left its queue groups in a drain: it stops accepting then, in the same step."""
-    drained, drain_endpoints = asyncio.Event(), worker.service.drain_endpoints
-
-    async def drain() -> None:
-        await drain_endpoints()
-        drained.set()
-
-    worker.service.drain_endpoints = drain  # type: ignore[method-assign]
-    return drained
 
 
 async def test_a_drain_serves_a_request_that_was_waiting_for_its_route(

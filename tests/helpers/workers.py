@@ -70,3 +70,15 @@ async def tiny_worker(url: str, loaded: LoadedModel | None = None, **options: An
         if not worker.draining:
             await worker.close()
         await worker.nc.close()
+
+
+def endpoints_drained(worker: Worker) -> asyncio.Event:
+    """Set once the worker left its queue groups in a drain: it stops accepting then, in the same step."""
+    drained, drain_endpoints = asyncio.Event(), worker.service.drain_endpoints
+
+    async def drain() -> None:
+        await drain_endpoints()
+        drained.set()
+
+    worker.service.drain_endpoints = drain  # type: ignore[method-assign]
+    return drained
