@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from helpers.observability import HoldWatch
 from helpers.tiny_model import tiny_model
 from helpers.workers import endpoints_drained, tiny_worker
 from inference_worker.batches import BatchCoordinator
+from inference_worker.worker import Worker
 from llmbus.nats_server import NatsServer
 from schemas import Batch, ChatRequest, WireError
 from schemas.errors import error_headers, error_spec
@@ -24,7 +26,7 @@ from schemas.subjects import ERROR_CODE, ERROR_NAME, REPLY_TO, REQUEST_ID
 
 pytestmark = pytest.mark.timeout(300)
 
-LONG = 4000  # tokens: the tiny model (no end of sequence) is still generating when the test cancels
+LONG = 2000  # tokens, within the context window (2048): the engine pauses after a step (`paused_after_a_step`)
 
 
 async def test_a_batch_cancelled_during_a_drain_is_answered_499(fresh_nats_server: NatsServer, fresh_nc: NATS) -> None:
@@ -32,7 +34,7 @@ async def test_a_batch_cancelled_during_a_drain_is_answered_499(fresh_nats_serve
     then its client cancels it. It was answered 503 shutting_down ("retry"), as if the worker had stopped it."""
     never_ends = tiny_model(eos_token_ids=frozenset(), max_context=LONG + 512)
     async with tiny_worker(fresh_nats_server.url, never_ends, max_tokens_cap=LONG, drain_timeout=60) as worker:
-        holds, drained = HoldWatch(worker), endpoints_drained(worker)
+        holds, drained, go_on = HoldWatch(worker), endpoints_drained(worker), paused_after_a_step(worker)
         inbox = fresh_nc.new_inbox()
         answers = await fresh_nc.subscribe(inbox)
         body = json.dumps({"queries": [{"chat_id": "long", "user_prompt": "Tell a story.", "max_tokens": LONG}]})
@@ -43,9 +45,27 @@ async def test_a_batch_cancelled_during_a_drain_is_answered_499(fresh_nats_serve
         assert not worker.accepting and worker.batches
         await fresh_nc.publish("llm.cancel.batch-1", b"", headers={REPLY_TO: inbox})
         answer = await answers.next_msg(timeout=60)
+        go_on.set()
         await draining
     assert answer.headers[ERROR_CODE] == "499" and answer.headers[ERROR_NAME] == "cancelled", answer.headers
     assert not worker.cancelled_batches  # the record of its cancel went with the batch
+
+
+def paused_after_a_step(worker: Worker) -> threading.Event:
+    """The worker's engine stops after its first step with a sequence running, until the event is set: the batch's
+    query cannot finish before the test cancels it, however fast the tiny model generates (it once did, after other
+    tests in the same process). The cancel's 499 comes from the batch's task, on the event loop, engine or not."""
+    go_on, engine = threading.Event(), worker._thread.engine
+    step = engine.step
+
+    def paused_step(*args: Any, **kwargs: Any) -> Any:
+        result = step(*args, **kwargs)
+        if engine.num_running:
+            go_on.wait(timeout=120)
+        return result
+
+    engine.step = paused_step  # type: ignore[method-assign]
+    return go_on
 
 
 async def test_a_batch_of_unknown_models_fails_model_not_found(fresh_nats_server: NatsServer, fresh_nc: NATS) -> None:
