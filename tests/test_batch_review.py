@@ -35,17 +35,19 @@ async def test_a_batch_cancelled_during_a_drain_is_answered_499(fresh_nats_serve
     never_ends = tiny_model(eos_token_ids=frozenset(), max_context=LONG + 512)
     async with tiny_worker(fresh_nats_server.url, never_ends, max_tokens_cap=LONG, drain_timeout=60) as worker:
         holds, drained, go_on = HoldWatch(worker), endpoints_drained(worker), paused_after_a_step(worker)
-        inbox = fresh_nc.new_inbox()
-        answers = await fresh_nc.subscribe(inbox)
-        body = json.dumps({"queries": [{"chat_id": "long", "user_prompt": "Tell a story.", "max_tokens": LONG}]})
-        await fresh_nc.publish("llm.chat.batched", body.encode(), reply=inbox, headers={REQUEST_ID: "batch-1"})
-        await holds.holding.wait()  # its query is in the engine
-        draining = asyncio.create_task(worker.drain(60))
-        await drained.wait()
-        assert not worker.accepting and worker.batches
-        await fresh_nc.publish("llm.cancel.batch-1", b"", headers={REPLY_TO: inbox})
-        answer = await answers.next_msg(timeout=60)
-        go_on.set()
+        try:
+            inbox = fresh_nc.new_inbox()
+            answers = await fresh_nc.subscribe(inbox)
+            body = json.dumps({"queries": [{"chat_id": "long", "user_prompt": "Tell a story.", "max_tokens": LONG}]})
+            await fresh_nc.publish("llm.chat.batched", body.encode(), reply=inbox, headers={REQUEST_ID: "batch-1"})
+            await holds.holding.wait()  # its query is in the engine
+            draining = asyncio.create_task(worker.drain(60))
+            await drained.wait()
+            assert not worker.accepting and worker.batches
+            await fresh_nc.publish("llm.cancel.batch-1", b"", headers={REPLY_TO: inbox})
+            answer = await answers.next_msg(timeout=60)
+        finally:
+            go_on.set()  # the engine goes on, so that the worker can stop whatever happened
         await draining
     assert answer.headers[ERROR_CODE] == "499" and answer.headers[ERROR_NAME] == "cancelled", answer.headers
     assert not worker.cancelled_batches  # the record of its cancel went with the batch
