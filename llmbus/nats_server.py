@@ -28,22 +28,34 @@ class NatsServerError(RuntimeError):
     pass
 
 
+PORT_TRIES = 5
+READY_LINE = "Server is ready"  # nats-server's last start-up line, once it listens for clients
+
+
 class LogTail:
-    """Reads a process's stderr in a thread so its pipe never fills, keeping the last lines for error messages."""
+    """Reads a process's stderr in a thread so its pipe never fills, keeping the last lines for error messages.
+    `ready` is set once nats-server says it listens: its own line, so a port some other process holds (a server of
+    another test run that took the port between `free_port` and this bind) is never taken for this server's."""
 
     def __init__(self, max_lines: int = 20) -> None:
         self.lines: deque[str] = deque(maxlen=max_lines)
+        self.ready = threading.Event()
+        self.follower = threading.Thread()  # the reading thread, once `follow` started one
 
     @classmethod
     def follow(cls, stream: IO[bytes] | None) -> LogTail:
         tail = cls()
         if stream is not None:
-            threading.Thread(target=tail._read, args=(stream,), name="nats-server-log", daemon=True).start()
+            tail.follower = threading.Thread(target=tail._read, args=(stream,), name="nats-server-log", daemon=True)
+            tail.follower.start()
         return tail
 
     def _read(self, stream: IO[bytes]) -> None:
         for raw in iter(stream.readline, b""):
-            self.lines.append(raw.decode(errors="replace").rstrip())
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            if line.endswith(READY_LINE):
+                self.ready.set()
 
     def describe(self) -> str:
         return ":\n  " + "\n  ".join(self.lines) if self.lines else ""
@@ -79,19 +91,22 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def wait_for_port(
-    port: int, host: str = "127.0.0.1", timeout: float = 10.0, proc: subprocess.Popen | None = None
-) -> None:
+class PortTaken(NatsServerError):
+    """The port was free when picked and taken before nats-server could bind it."""
+
+
+def wait_until_ready(proc: subprocess.Popen, log: LogTail, port: int, timeout: float) -> None:
+    """Until this server's own log says it listens (`LogTail.ready`); an exit before that is an error that quotes
+    the log. Polling the port instead would take another process's server on it for this one."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise NatsServerError(f"nats-server exited with code {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise NatsServerError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+    while not log.ready.wait(0.02):
+        code = proc.poll()
+        if code is not None:
+            log.follower.join(1.0)  # the last lines, the reason included, are read by then
+            kind = PortTaken if any("address already in use" in line for line in log.lines) else NatsServerError
+            raise kind(f"nats-server exited with code {code} before listening on {port}")
+        if time.monotonic() > deadline:
+            raise NatsServerError(f"nats-server did not listen on {port} within {timeout:.0f}s")
 
 
 @dataclass
@@ -117,13 +132,25 @@ class NatsServer:
         return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> NatsServer:
-        if self.port == 0:
-            self.port = free_port(self.host)
-        elif not port_is_free(self.port, self.host):
-            raise NatsServerError(
-                f"port {self.port} on {self.host} is already in use: pick another with --nats-port, "
-                "or use the server that runs there with --nats-url"
-            )
+        """Start it and wait until it listens. A port this server picked itself (`port=0`) that another process
+        takes before the bind is picked again, up to `PORT_TRIES` times; a port asked for is an error instead."""
+        picked = self.port == 0
+        for _ in range(PORT_TRIES if picked else 1):
+            if picked:
+                self.port = free_port(self.host)
+            elif not port_is_free(self.port, self.host):
+                raise NatsServerError(
+                    f"port {self.port} on {self.host} is already in use: pick another with --nats-port, "
+                    "or use the server that runs there with --nats-url"
+                )
+            try:
+                return self._launch(timeout)
+            except PortTaken:
+                if not picked:
+                    raise
+        raise NatsServerError(f"no free port for nats-server on {self.host} after {PORT_TRIES} tries")
+
+    def _launch(self, timeout: float) -> NatsServer:
         args = [nats_server_binary()]
         if self.config_file is not None:
             args += ["-c", self.config_file]
@@ -148,10 +175,10 @@ class NatsServer:
         )
         self.log_tail = LogTail.follow(self.proc.stderr)
         try:
-            wait_for_port(self.port, self.host, timeout, self.proc)
+            wait_until_ready(self.proc, self.log_tail, self.port, timeout)
         except NatsServerError as exc:
             self.halt(kill=True)
-            raise NatsServerError(f"{exc}{self.log_tail.describe()}") from None
+            raise type(exc)(f"{exc}{self.log_tail.describe()}") from None
         return self
 
     def stop(self) -> None:
