@@ -138,8 +138,8 @@ class EngineThread:
             if not self._take(engine, events, block=idle):
                 return
             if idle and engine.has_work() and engine.config.max_wait_ms > 0:
-                deadline = time.monotonic() + engine.config.max_wait_ms / 1000
-                while engine.num_waiting < engine.max_rows and (left := deadline - time.monotonic()) > 0:
+                hold_until = time.monotonic() + engine.config.max_wait_ms / 1000
+                while engine.num_waiting < engine.max_rows and (left := self._hold_left(engine, hold_until)) > 0:
                     if events:  # `Accepted` goes out at once, not after the wait
                         self._emit(events)
                         events = []
@@ -148,6 +148,12 @@ class EngineThread:
             if events:
                 self._emit(events)
             engine.step(emit=self._emit)
+
+    @staticmethod
+    def _hold_left(engine: LLMEngine, hold_until: float) -> float:
+        """Seconds the `max_wait_ms` hold may still wait: it ends early at a waiting request's deadline, which the
+        next step then answers with a 504 (a hold is not a way past a client's timeout)."""
+        return min(hold_until, engine.scheduler.first_deadline()) - time.monotonic()
 
     def _emit(self, events: list[Event]) -> None:
         self.sink(events)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import time
 
 from inference_worker.admission import WaitingQueue
@@ -108,3 +109,7 @@ class Scheduler:
 
     def drop_waiting(self, seq: Sequence) -> None:
         self.waiting.remove(seq)
+
+    def first_deadline(self) -> float:
+        """The earliest deadline of a waiting sequence (`inf`: none has one): a hold for more requests ends there."""
+        return min((seq.deadline for seq in self.waiting if seq.deadline is not None), default=math.inf)

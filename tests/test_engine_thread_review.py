@@ -1,10 +1,11 @@
 """EngineThread, from a review: a cancelled stream gets the tail held back for its stop strings, the max_wait_ms
-hold ends once the rows the memory plan bought are waiting, and `requests_failed` counts the requests that fail in
-the thread's intake."""
+hold ends once the rows the memory plan bought are waiting or a waiting request's deadline passes, and
+`requests_failed` counts the requests that fail in the thread's intake."""
 
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 
 import pytest
@@ -93,6 +94,18 @@ def test_the_hold_ends_when_the_rows_the_memory_plan_bought_are_waiting(tiny: Lo
     harness.thread.submit(Sequence("b", chat_prompt(tiny, "b"), SHORT))
     finals = harness.finals({"a", "b"})
     assert all(isinstance(e, Finished) for e in finals.values())
+    harness.thread.stop(WAIT_S)
+
+
+def test_a_request_whose_deadline_passes_during_the_hold_is_answered_504(tiny: LoadedModel) -> None:
+    """max_wait_ms holds a lone request 600 s for company; its 0.5 s deadline ends the hold, and the step answers 504
+    (the hold used to run its course first)."""
+    harness = Harness(tiny, EngineConfig(max_batch_size=4, max_seq_len=256, max_wait_ms=600_000))
+    hurried = Sequence("hurried", chat_prompt(tiny, "a"), SHORT)
+    hurried.deadline = time.monotonic() + 0.5
+    harness.thread.submit(hurried)
+    (final,) = harness.finals({"hurried"}).values()
+    assert isinstance(final, Failed) and final.code == 504, final
     harness.thread.stop(WAIT_S)
 
 
