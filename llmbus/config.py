@@ -84,7 +84,9 @@ class Config:
     dtype: str = _opt("auto", "auto, bfloat16, float16 or float32")
     threads: int = _opt(0, "torch CPU threads (0: one per core)")
     max_batch_size: int = _opt(64, "most sequences decoded together")
-    max_wait_ms: float = _opt(0.0, "when idle, wait up to this long for a full batch before the first prefill")
+    max_wait_ms: float = _opt(
+        0.0, "when idle, wait up to this long for a full batch before the first prefill (or to a request's deadline)"
+    )
     prefill_chunk_tokens: int = _opt(512, "padded prompt tokens prefilled per engine step (bounds the stall)")
     max_seq_len: int = _opt(2048, "tokens per sequence (prompt + completion) the KV cache holds; capped by the model")
     max_tokens_cap: int = _opt(
