@@ -81,6 +81,16 @@ def with_metrics_port(config: Config, default: int | None) -> Config:
     return dataclasses.replace(config, metrics_port=port)
 
 
+def with_zero_ports_picked(config: Config) -> Config:
+    """Port 0 (HTTP, metrics) asks for any free port: it is picked here, so the ready lines name the one used."""
+    picked = {
+        name: free_port(getattr(config, host))
+        for name, host in (("http_port", "http_host"), ("metrics_port", "metrics_host"))
+        if getattr(config, name) == 0
+    }
+    return dataclasses.replace(config, **picked) if picked else config
+
+
 async def run_stack(
     config: Config,
     parts: Sequence[Part],
@@ -95,6 +105,7 @@ async def run_stack(
     Returns the process exit code: 0 after a clean stop, 1 when something failed to start or stopped on its own.
     """
     config = with_metrics_port(config, default_metrics_port) if "worker" in parts else config
+    config = with_zero_ports_picked(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled_signals = install_signal_handlers(loop, stop)

@@ -211,6 +211,17 @@ async def test_up_joins_an_existing_server_with_nats_url(tmp_path: Path) -> None
         assert server.proc is not None and server.proc.poll() is None, "llmbus stopped a server it does not own"
 
 
+async def test_a_bridge_on_http_port_0_names_the_port_it_serves_on(tmp_path: Path) -> None:
+    """Port 0 asks for any free port; the ready line used to say `:0`, which names no port at all."""
+    with NatsServer(jetstream=False) as server:
+        async with running_llmbus("gateway", "--nats-url", server.url, "--http-port", "0", tmp_path=tmp_path) as bridge:
+            await bridge.wait_for_line("llmbus: ready", READY_TIMEOUT_S)
+            (url,) = [line.split()[-1] for line in bridge.stdout_lines if line.startswith("llmbus: HTTP")]
+            assert not url.endswith(":0"), bridge.stdout_lines
+            assert (await http_get(f"{url}/healthz")).status_code == 200
+            assert await bridge.stop(signal.SIGTERM) == 0, bridge.output()
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
