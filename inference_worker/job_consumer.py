@@ -7,7 +7,7 @@ redelivery of the job running here (the same stored message: its stream sequence
 the key of a job running here (the client stored it again after JetStream's de-duplication window) is answered 409
 `duplicate_request` and acked, so it neither runs nor comes back. A job answered without running (an invalid request
 id, a duplicate, a delivery past its attempts) leaves the log line, span and failure count of a refused request.
-A job's answer goes only to a reply subject under one of the worker's reply prefixes (`micro.reply_allowed`, as for
+A job's answer goes only to a reply subject under one of the worker's reply prefixes (`reply_gate.reply_allowed`, as for
 core requests): server permissions cannot enforce this, because a durable worker legitimately holds JetStream API
 and ack rights. A stream or consumer deleted under a running worker is made again at its next fetch (`job_queues`).
 """
@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from inference_worker.durable import Job
 from inference_worker.job_queues import JobQueues, first_of
 from inference_worker.job_stream import JobLimits
-from inference_worker.micro import ReplyGate
+from inference_worker.reply_gate import ReplyGate
 from inference_worker.requests import request_id_of
 from inference_worker.server_clock import ServerClock
 from schemas import WireError

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from nats.micro.service import EndpointInfo, EndpointStats, ServiceInfo, Service
 from nats.nuid import NUID
 
 from inference_worker.answer_size import DiscoveryAnswers, answer_too_large, publish_in_its_place
+from inference_worker.reply_gate import ReplyGate
 from schemas import WireError
 from schemas.errors import clean_text, error_headers
 
@@ -50,48 +49,6 @@ StatsData = Callable[[], dict[str, Any]]
 
 DISCOVERY = "$SRV"
 VERBS = ("PING", "INFO", "STATS")
-REPLY_SUBJECT = re.compile(r"[^\s.*>\x00-\x1f\x7f]+(\.[^\s.*>\x00-\x1f\x7f]+)*")  # literal: no wildcard, no space
-MAX_REPLY_SUBJECT = 255
-
-
-def reply_allowed(reply: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether an answer may go to `reply`: a literal subject (no wildcard, whitespace or empty token) under one of
-    `prefixes`, never `$JS.API...`, `llm.chat` or another service's subject."""
-    return len(reply) <= MAX_REPLY_SUBJECT and bool(REPLY_SUBJECT.fullmatch(reply)) and reply.startswith(prefixes)
-
-
-class ReplyGate:
-    """The reply subjects a worker answers (`reply_allowed`), and what it refused: counted in `refused`, and logged
-    (sanitized) at most once per `LOG_EVERY_S`, with the number refused since, so that a flood of them cannot flood
-    the log."""
-
-    LOG_EVERY_S = 10.0
-
-    def __init__(self, prefixes: tuple[str, ...], clock: Callable[[], float] = time.monotonic) -> None:
-        self.prefixes = tuple(prefixes)
-        self.clock = clock
-        self.refused = 0
-        self._unlogged = 0
-        self._next_log = -math.inf
-
-    def allows(self, reply: str, what: str) -> bool:
-        """Whether to answer on `reply`; `what` names the request for the log (it is sanitized here)."""
-        if reply_allowed(reply, self.prefixes):
-            return True
-        self.refused += 1
-        if (now := self.clock()) < self._next_log:
-            self._unlogged += 1
-            return False
-        since = f" ({self._unlogged} more refused since the last warning)" if self._unlogged else ""
-        log.warning(
-            "dropped %s: its reply subject '%s' is not under a reply prefix (%s); nothing was published%s",
-            clean_text(what, 160),
-            clean_text(reply, 160),
-            ", ".join(self.prefixes),
-            since,
-        )
-        self._next_log, self._unlogged = now + self.LOG_EVERY_S, 0
-        return False
 
 
 @dataclass(eq=False)

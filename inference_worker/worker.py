@@ -40,10 +40,11 @@ from inference_worker.intake import Intake
 from inference_worker.job_consumer import JobConsumer, ServerClock
 from inference_worker.job_stream import JobLimits, job_consumers
 from inference_worker.metrics import WorkerMetrics
-from inference_worker.micro import MicroService, reply_allowed
+from inference_worker.micro import MicroService
 from inference_worker.model_loader import LoadedModel, load_model
 from inference_worker.outbox import Outbox
 from inference_worker.own_thread import in_a_thread_of_its_own
+from inference_worker.reply_gate import reply_allowed
 from inference_worker.requests import Limits
 from inference_worker.routing import ModelDirectory
 from inference_worker.thread_share import share_threads

@@ -25,7 +25,7 @@ from bus_gateway.client import BusClient
 from helpers.nats_auth import RoleUser, SecureServer, TlsFiles, users_server
 from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
-from inference_worker.micro import ReplyGate, reply_allowed
+from inference_worker.reply_gate import ReplyGate, reply_allowed
 from inference_worker.worker import check_own_inbox
 from llmbus.config import Config
 from llmbus.connection import connect
