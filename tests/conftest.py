@@ -23,7 +23,7 @@ from inference_worker.model_loader import LoadedModel, load_model
 from llmbus.config import Config
 from llmbus.nats_server import NatsServer
 
-pytest_plugins = ["helpers.gateway_fixtures", "helpers.security_fixtures"]
+pytest_plugins = ["helpers.gateway_fixtures", "helpers.security_fixtures", "helpers.built_steps"]
 
 
 @pytest.fixture(scope="session")

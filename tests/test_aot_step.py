@@ -1,8 +1,14 @@
 """The decode step compiled ahead of time and kept as a package: built once, loaded by the next start, rebuilt when
-the package is bad, and named by everything that shapes its code (tiny model; a build takes about 15-25 s)."""
+the package is bad, and named by everything that shapes its code (tiny model; a build takes about 25-45 s here).
+
+Every package is built once: the float32 ones for the session (`helpers.built_steps.tiny_steps`, which
+test_engine_compiled.py's engines load too), the bf16 and quantized ones for this module (`side_builds`), side by
+side. A test that asserts what a build did reads it from the build's record; a test that loads a package loads a copy.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -10,14 +16,27 @@ import shutil
 import threading
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import pytest
 import torch
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
+from helpers.built_steps import (
+    ROW_LEN,
+    TORN,
+    Build,
+    TinySteps,
+    build,
+    copy_build,
+    copy_packages,
+    queue,
+    results,
+    slot_cache,
+    warm_compiler_cache,
+)
 from helpers.tiny_model import chat_prompt, tiny_model
 from inference_worker import aot_step, step_builds, step_packages
 from inference_worker.attention import matmul_attention, reduction_attention, sdpa_attention
@@ -30,20 +49,12 @@ from inference_worker.model_runner import family_decoder
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.step_inputs import StepInputs
 
-ROW_LEN = 1024  # the tiny model's decoder length in an engine, so that an engine loads the packages built here
+BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
     return tiny_model()
-
-
-def slot_cache(loaded: LoadedModel, rows: int = 4, row_len: int = 64) -> SlotKVCache:
-    config = loaded.model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    return SlotKVCache(
-        config.num_hidden_layers, rows, config.num_key_value_heads, head_dim, row_len, loaded.dtype, loaded.device
-    )
 
 
 def decode_inputs(cache: SlotKVCache) -> tuple[torch.Tensor, ...]:
@@ -66,28 +77,37 @@ def extraction_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return directory
 
 
-class FloatBuild(NamedTuple):
-    directory: Path
-    package: Path
-    step: Any
-    was_built: bool
+@pytest.fixture(scope="session", autouse=True)
+def side_build_queue(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future]:
+    """The packages one test each looks into, queued on the session's `build_pool` at this module's first test,
+    behind the float32 builds (`tiny_steps`) that the first tests wait for: they build while those tests run
+    (session-scoped and autouse, so that it is set up before `tiny_steps` blocks). The frozen bf16 step (`bf16`)
+    and the int8 and int4 steps, general and one-row (`int8-single`, ...): 25-35 s each here, and the tests built
+    them one or two at a time. Each build's model is its own, made here (the seed is global, and no decoder is
+    pickled by two threads). Nothing is queued when no test run here needs them."""
+    here = [item for item in request.session.items if item.path == Path(__file__)]
+    needed = {name for item in here for name in item.fixturenames}
+    if "side_builds" not in needed:
+        return {}
+    if "tiny_steps" in needed:
+        request.getfixturevalue("tiny_step_builds")  # queued first
+    root = tmp_path_factory.mktemp("side-builds")
+    builds = {}
+    for mode, single in itertools.product(("int8", "int4"), (False, True)):
+        loaded = tiny_model()
+        directory = root / f"{mode}{'-single' if single else ''}"
+        builds[directory.name] = partial(
+            build, family_decoder(loaded, ROW_LEN, mode), slot_cache(loaded), directory, single=single
+        )
+    if BF16:
+        loaded = tiny_model(torch.bfloat16)
+        builds["bf16"] = partial(build, family_decoder(loaded, 64), slot_cache(loaded), root / "bf16")
+    return queue(request.getfixturevalue("build_pool"), builds)
 
 
 @pytest.fixture(scope="module")
-def float_build(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> FloatBuild:
-    """The tiny decoder's frozen float32 package, built once for the module (a build takes 20-30 s here). Built by
-    a worker of one row (--max-batch-size 1), it is loaded by workers of four: the rows are symbolic (the export
-    once took a one-row cache as its example, specialized the rows to 1, and the build failed). Tests that need a
-    built package copy it from there."""
-    directory = tmp_path_factory.mktemp("float-build")
-    step, was_built = package_step(family_decoder(tiny, ROW_LEN), slot_cache(tiny, rows=1), directory)
-    (package,) = directory.glob("*.pt2")
-    return FloatBuild(directory, package, step, was_built)
-
-
-def copy_of_float_build(float_build: FloatBuild, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy(float_build.package, directory / float_build.package.name))
+def side_builds(side_build_queue: dict[str, Future[Build]]) -> dict[str, Build]:
+    return results(side_build_queue)
 
 
 def package_step(decoder, cache: SlotKVCache, directory: Path, frozen: bool = True, single: bool = False) -> tuple:
@@ -107,12 +127,14 @@ def run(step, cache: SlotKVCache, inputs: tuple[torch.Tensor, ...]) -> torch.Ten
 
 
 def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_step(
-    tiny: LoadedModel, float_build: FloatBuild, tmp_path: Path, extraction_dir: Path
+    tiny: LoadedModel, tiny_steps: TinySteps, tmp_path: Path, extraction_dir: Path
 ) -> None:
     decoder = family_decoder(tiny, ROW_LEN)
     cache = slot_cache(tiny)
-    built_in, _, built, was_built = float_build  # by a worker of one row; loaded below by one of four
-    assert was_built
+    built, was_built = tiny_steps.general.step, tiny_steps.general.was_built  # by a worker of one row
+    assert was_built  # and loaded below by one of four, from a copy of the build's directory as the build left it
+    built_in = tmp_path / "built"
+    copy_build(tiny_steps.general, built_in)
     lock, package, library = sorted(built_in.iterdir())  # no temporary file left behind
     assert lock == package.with_suffix(".lock") and lock.stat().st_size == 0  # the build's, removed in a day
     assert package.suffix == ".pt2" and library == step_packages.library_of(package)  # extracted by the load
@@ -194,22 +216,29 @@ def test_a_built_package_is_loaded_by_the_next_start_and_decodes_as_the_eager_st
         torch.testing.assert_close(ragged_key[1:4, :, :7], key[1:4, :, :7], rtol=1e-5, atol=1e-5)
 
 
-def test_a_build_leaves_no_copy_of_its_package_in_the_compilers_cache(float_build: FloatBuild) -> None:
+def test_a_build_leaves_no_copy_of_its_package_in_the_compilers_cache(tiny_steps: TinySteps) -> None:
     """AOTInductor compiles a package's files in inductor's cache and copies them into the package; the build's
-    child removes them there (each SmolLM2 build left its 330 MB library behind)."""
-    with zipfile.ZipFile(float_build.package) as archive:
-        names = {Path(name).name for name in archive.namelist() if "/aotinductor/" in name}
-    assert any(name.endswith(".so") for name in names)
-    assert not [path for path in Path(cache_dir()).rglob("*") if path.name in names]
+    child removes them there (each SmolLM2 build left its 330 MB library behind). Three builds, side by side."""
+    names: dict[Path, set[str]] = {}
+    for built in tiny_steps:
+        with zipfile.ZipFile(built.package) as archive:
+            files = {Path(name).name for name in archive.namelist() if "/aotinductor/" in name}
+        assert any(name.endswith(".so") for name in files)
+        names.setdefault(built.compiler_cache, set()).update(files)
+    for compiler_cache, files in names.items():
+        assert not [path for path in compiler_cache.rglob("*") if path.name in files]
 
 
 def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(
-    tiny: LoadedModel, tmp_path: Path, extraction_dir: Path
+    tiny: LoadedModel, tiny_steps: TinySteps, tmp_path: Path, extraction_dir: Path
 ) -> None:
-    """The float32 `wide` step's package: the decoder's tensors are handed to it at load, not copied into it."""
-    decoder = family_decoder(tiny_model(), 64)  # a model of its own, whose weights this test edits
+    """The float32 `wide` step's package: the decoder's tensors are handed to it at load, not copied into it. Built
+    by `tiny_steps` from a decoder of its own: the one loading it here is another, whose weights this test edits."""
+    decoder = family_decoder(tiny_model(), 64)  # a model of its own
     cache = slot_cache(tiny)
-    step, _ = package_step(decoder, cache, tmp_path, frozen=False)
+    copy_packages([tiny_steps.unfrozen], tmp_path)
+    step, was_built = package_step(decoder, cache, tmp_path, frozen=False)
+    assert not was_built
     weight_bytes = sum(t.numel() * t.element_size() for t in decoder.parameters())
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) < weight_bytes / 4
     inputs = decode_inputs(cache)
@@ -224,31 +253,31 @@ def test_an_unfrozen_package_holds_no_weights_and_reads_the_decoders_own(
     assert not list(extraction_dir.glob("aotinductor_*"))  # its extracted copy is gone; it reads the decoder's
 
 
-def test_a_package_that_does_not_load_is_built_again(
-    tiny: LoadedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_package_that_does_not_load_is_built_again(tiny: LoadedModel, tiny_steps: TinySteps, tmp_path: Path) -> None:
+    """`tiny_steps` built the general package where a torn one of its name lay (`TORN`, written before the build):
+    its load failed, said so, and the package was built again, in place; the next start loads that build."""
     decoder = family_decoder(tiny, ROW_LEN)
     cache = slot_cache(tiny)
     name = step_packages.package_name(decoder, reduction_attention, True, cache_dtype=cache.keys[0].dtype)
-    package = tmp_path / f"decode-{name}.pt2"
-    package.write_bytes(b"half a package")
-    with caplog.at_level(logging.WARNING, logger="llmbus.engine"):
-        step, was_built = package_step(decoder, cache, tmp_path)
-    assert was_built and f"{package} did not load" in caplog.text
-    assert run(step, cache, decode_inputs(cache)).shape == (3, tiny.model.config.vocab_size)
-    assert not package_step(decoder, cache, tmp_path)[1]
+    general = tiny_steps.general
+    assert general.package.name == f"decode-{name}.pt2"  # this decoder's package, `TORN` before the build
+    assert general.was_built and f"{general.package} did not load" in general.log
+    assert general.package.read_bytes() != TORN and zipfile.is_zipfile(general.package)
+    assert run(general.step, cache, decode_inputs(cache)).shape == (3, tiny.model.config.vocab_size)
+    copy_build(general, tmp_path / "next")
+    assert not package_step(decoder, cache, tmp_path / "next")[1]
 
 
 def test_a_library_that_does_not_load_is_extracted_again_and_a_read_only_cache_loads_a_copy_of_its_own(
     tiny: LoadedModel,
-    float_build: FloatBuild,
+    tiny_steps: TinySteps,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     decoder = family_decoder(tiny, ROW_LEN)
     cache = slot_cache(tiny)
-    built_package = copy_of_float_build(float_build, tmp_path / "built")
+    (built_package,) = copy_packages([tiny_steps.general], tmp_path / "built")
     built, _ = package_step(decoder, cache, tmp_path / "built")
     expected = run(built, cache, decode_inputs(cache))
     # another cache directory with the same package: a library path this process has not loaded (a second
@@ -321,17 +350,17 @@ def test_a_warm_up_hashes_a_decoders_weights_once_and_a_name_outside_it_hashes_t
 
 def test_an_engine_loads_the_step_its_predecessor_built_and_runs_one_row_unpadded(
     tiny: LoadedModel,
-    float_build: FloatBuild,
+    tiny_steps: TinySteps,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Both packages of the narrow step, the general one and the one-row one (`SINGLE`), are loaded before the
-    engine starts; a lone row's decode steps run on the one-row package and decode as the eager step does."""
+    engine starts; a lone row's decode steps run on the one-row package and decode as the eager step does. The
+    predecessor is `tiny_steps`' builds, by a worker of one row: the rows and length are symbolic in the packages."""
     monkeypatch.setenv("LLMBUS_CACHE_DIR", str(tmp_path))
-    cache = slot_cache(tiny)  # its rows and length differ from the engine's: they are symbolic in the package
-    copy_of_float_build(float_build, tmp_path / "compiled")  # built by a worker of one row
-    package_step(family_decoder(tiny, ROW_LEN), cache, tmp_path / "compiled", single=True)
+    warm_compiler_cache(monkeypatch)
+    copy_packages([tiny_steps.general, tiny_steps.single], tmp_path / "compiled")
     with caplog.at_level(logging.INFO, logger="llmbus.engine"):
         engine = LLMEngine(tiny, EngineConfig(max_batch_size=4, compile=True))
         assert engine.runner.compiled.packaged.keys() == {2, SINGLE}  # loaded before the engine started
@@ -347,68 +376,58 @@ def test_an_engine_loads_the_step_its_predecessor_built_and_runs_one_row_unpadde
     assert engine.stats.decode_batch_sizes.keys() == {1}
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
-def test_a_frozen_bf16_package_calls_onednn_on_packed_weights_and_has_parallel_loops(tmp_path: Path) -> None:
+@pytest.mark.skipif(not BF16, reason="no oneDNN bf16 on this CPU")
+def test_a_frozen_bf16_package_calls_onednn_on_packed_weights_and_has_parallel_loops(
+    side_builds: dict[str, Build],
+) -> None:
     """Freezing is what makes the narrow bf16 step fast (packed oneDNN matmuls): its package's code calls the
     packed linear for the qkv, o, gate_up and down projections of every layer. The child that builds it uses the
     worker's threads: built on one, the kernels had no parallel loops (SmolLM2: 24 ms a step instead of 17)."""
-    loaded = tiny_model(torch.bfloat16)
-    decoder = family_decoder(loaded, 64)
-    cache = slot_cache(loaded)
-    package_step(decoder, cache, tmp_path)
-    (package,) = tmp_path.glob("*.pt2")
-    with zipfile.ZipFile(package) as archive:
+    built = side_builds["bf16"]
+    assert built.was_built and next(built.decoder.parameters()).dtype == torch.bfloat16
+    with zipfile.ZipFile(built.package) as archive:
         code = {n.rsplit(".", 2)[-2]: archive.read(n).decode() for n in archive.namelist() if n.endswith(".cpp")}
     calls = re.findall(r"aoti_torch_cpu__linear_pointwise(?:_binary)?\(", code["wrapper"])  # _binary: + residual
-    assert len(calls) >= 4 * len(decoder.layers)
+    assert len(calls) >= 4 * len(built.decoder.layers)
     assert ("#pragma omp parallel" in code["kernel"]) == (torch.get_num_threads() > 1)
 
 
 def test_quantized_packages_keep_their_weights_quantized_and_decode_as_the_eager_quantized_steps(
-    tiny: LoadedModel, float_build: FloatBuild, tmp_path: Path
+    tiny: LoadedModel, tiny_steps: TinySteps, side_builds: dict[str, Build], tmp_path: Path
 ) -> None:
     """`--quantize int8|int4` on CPU runs a packaged step too: it computes what the eager quantized step does, and
     its package holds the projections in 8 or 4 bits, not as dequantized copies: each saves at least 3 of float32's
-    4 bytes a weight. (One test for both modes, built side by side: each package takes about 20 s to build here,
-    mostly in one compiler process at a time.)"""
+    4 bytes a weight. (Both modes built side by side, in `side_builds`.)"""
     cache = slot_cache(tiny)
     float_decoder = family_decoder(tiny, ROW_LEN)
-    copy_of_float_build(float_build, tmp_path / "none")  # with its library, once loaded, for a like-for-like size
+    copy_packages([tiny_steps.general], tmp_path / "none")  # with its library, once loaded, for a like-for-like size
     package_step(float_decoder, cache, tmp_path / "none")
-    decoders = {mode: family_decoder(tiny, ROW_LEN, mode) for mode in ("int8", "int4")}
-    with ThreadPoolExecutor(2) as pool:
-        builds = {mode: pool.submit(package_step, dec, cache, tmp_path / mode) for mode, dec in decoders.items()}
-        packaged = {mode: build.result() for mode, build in builds.items()}
-    for mode, decoder in decoders.items():
-        step, was_built = packaged[mode]
-        assert was_built
-        eager = run(aot_step.DecodeStep(decoder, reduction_attention), cache, decode_inputs(cache))
-        torch.testing.assert_close(run(step, cache, decode_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
+    directories = {"none": tmp_path / "none"}
+    for mode in ("int8", "int4"):
+        built = side_builds[mode]
+        assert built.was_built
+        eager = run(aot_step.DecodeStep(built.decoder, reduction_attention), cache, decode_inputs(cache))
+        torch.testing.assert_close(run(built.step, cache, decode_inputs(cache)), eager, rtol=1e-4, atol=1e-4)
+        directories[mode] = built.directory  # its lock, package and library, as the build left them
     projections = sum(
         m.weight.numel() for layer in float_decoder.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
     )
-    size = {mode: sum(p.stat().st_size for p in (tmp_path / mode).iterdir()) for mode in ("none", "int8", "int4")}
+    size = {mode: sum(p.stat().st_size for p in directory.iterdir()) for mode, directory in directories.items()}
     for mode in ("int8", "int4"):  # dequantized copies would have saved nothing
         assert size["none"] - size[mode] > 0.9 * 3 * projections
 
 
 def test_the_one_row_quantized_packages_are_autotuned_and_decode_as_the_eager_quantized_steps(
-    tiny: LoadedModel, tmp_path: Path
+    tiny: LoadedModel, side_builds: dict[str, Build]
 ) -> None:
     """The one-row package of a quantized decoder is built with `max_autotune` (inductor's C++ GEMM template
     competes with aten's int8 or int4 kernel for each projection); whichever wins, it computes the eager quantized
     step's logits, and the row's key and value land in the cache as they do there. (int8 and int4 built side by
-    side.)"""
-    cache = slot_cache(tiny)
-    decoders = {mode: family_decoder(tiny, ROW_LEN, mode) for mode in ("int8", "int4")}
+    side, in `side_builds`.)"""
+    decoders = {mode: side_builds[f"{mode}-single"].decoder for mode in ("int8", "int4")}
     assert all(map(aot_step.quantized, decoders.values())) and not aot_step.quantized(family_decoder(tiny, ROW_LEN))
-    with ThreadPoolExecutor(2) as pool:
-        builds = {
-            mode: pool.submit(package_step, dec, cache, tmp_path / mode, single=True) for mode, dec in decoders.items()
-        }
-        packaged = {mode: build.result() for mode, build in builds.items()}
     for mode, decoder in decoders.items():
-        step, was_built = packaged[mode]
+        step, was_built = side_builds[f"{mode}-single"].step, side_builds[f"{mode}-single"].was_built
         assert was_built
         cache, expected_cache = slot_cache(tiny), slot_cache(tiny)
         decode_inputs(cache), decode_inputs(expected_cache)  # the same random keys and values in both

@@ -1,7 +1,8 @@
 """The compiled decode step against the eager one, int8 weights, and masked cache columns.
 
 Compiling is slow (tens of seconds for the tiny model, minutes for SmolLM2 on a cold cache), so each model is
-compiled once per module and shared; inductor's on-disk cache makes later runs faster.
+compiled once per module and shared; inductor's on-disk cache makes later runs faster. The tiny model's packages are
+built once per session (`helpers.built_steps.tiny_steps`, shared with test_aot_step.py): the engines here load copies.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+from pathlib import Path
 
 import nats
 import pytest
@@ -16,6 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from bus_gateway.client import BusClient
+from helpers.built_steps import TinySteps, copy_packages, warm_compiler_cache
 from helpers.scrape import compile_states
 from helpers.tiny_model import chat_prompt, tiny_model
 from helpers.workers import start_worker
@@ -42,9 +45,30 @@ def tiny() -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def compiled(tiny: LoadedModel) -> LLMEngine:
-    engine = LLMEngine(tiny, EngineConfig(max_batch_size=16, compile=True))
-    assert engine.runner.compiled.wait(COMPILE_WAIT_S), "the decode step did not compile"
+def llmbus_cache(tiny_steps: TinySteps, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An `LLMBUS_CACHE_DIR` for the engines here that compile: its `compiled/` holds copies of the session's general
+    and one-row packages, which a tiny float32 engine of 16 rows loads. They used the user's cache before, and built
+    both there (about a minute) where it did not have them yet."""
+    directory = tmp_path_factory.mktemp("llmbus-cache")
+    copy_packages([tiny_steps.general, tiny_steps.single], directory / "compiled")
+    return directory
+
+
+@pytest.fixture
+def in_llmbus_cache(llmbus_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's engines use `llmbus_cache`, and leave inductor's cache where it was (`warm_compiler_cache`)."""
+    monkeypatch.setenv("LLMBUS_CACHE_DIR", str(llmbus_cache))
+    warm_compiler_cache(monkeypatch)
+    return llmbus_cache
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny: LoadedModel, llmbus_cache: Path) -> LLMEngine:
+    with pytest.MonkeyPatch.context() as patch:  # as `in_llmbus_cache`, for the module
+        patch.setenv("LLMBUS_CACHE_DIR", str(llmbus_cache))
+        warm_compiler_cache(patch)
+        engine = LLMEngine(tiny, EngineConfig(max_batch_size=16, compile=True))
+        assert engine.runner.compiled.wait(COMPILE_WAIT_S), "the decode step did not compile"
     return engine
 
 
@@ -74,7 +98,11 @@ def test_a_compiled_step_that_raises_turns_the_engine_eager_without_failing_a_re
 
 
 async def test_a_worker_serves_eagerly_while_its_decode_step_compiles(
-    tiny: LoadedModel, compiled: LLMEngine, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+    tiny: LoadedModel,
+    compiled: LLMEngine,
+    nats_server: NatsServer,
+    in_llmbus_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     compiling = threading.Event()
     warm_up = CompiledDecode._warm_up
@@ -186,18 +214,21 @@ def test_rows_joining_and_leaving_a_compiled_batch_match_their_solo_runs(tiny: L
     ids=["packaged-frozen", "packaged-reading-the-copy", "just-in-time"],
 )
 def test_large_batches_run_on_the_wide_decoder_and_still_equal_eager(
-    tiny: LoadedModel, ahead_of_time: bool, freeze_wide: bool, tmp_path
+    tiny: LoadedModel, tiny_steps: TinySteps, ahead_of_time: bool, freeze_wide: bool, tmp_path: Path
 ) -> None:
     """The second graph (a float32 copy of the weights, for CPUs whose bf16 matmuls lose at large batches) takes
     batches of 16 rows and more; here the copy of a float32 model computes exactly what the eager decoder does.
     Both graphs compiled ahead of time into packages (the wide one frozen with its own packed weights, or reading
-    the copy's), and both under `torch.compile` (the fallback)."""
+    the copy's), and both under `torch.compile` (the fallback). The packages are copies of the session's builds
+    (`tiny_steps`): the frozen wide step of a float32 model is the general one, the other the unfrozen one."""
     prompts = [chat_prompt(tiny, "row " * (i % 7 + 1)) for i in range(18)]
     expected = [r.text for r in LLMEngine(tiny, EngineConfig(max_batch_size=20)).generate(prompts, GREEDY)]
     engine = LLMEngine(tiny, EngineConfig(max_batch_size=20))
     runner = engine.runner
     wide = LlamaFamilyModel(tiny.model, runner.cache.row_len, dtype=torch.float32).eval()  # its own packaged step
     packages = tmp_path if ahead_of_time else None
+    if ahead_of_time:
+        copy_packages(tiny_steps, tmp_path)
     runner.compiled = CompiledDecode(
         runner.decoder, runner.cache, reduction_attention, 20, wide, packages, freeze_wide=freeze_wide
     )
