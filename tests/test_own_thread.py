@@ -14,17 +14,20 @@ import torch
 from inference_worker.own_thread import in_a_thread_of_its_own
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def os_threads() -> set[str]:
+    """The process's OS threads, by id: sets, not counts, so that another test's thread ending meanwhile (a
+    nats-server's log reader, a pool's idle thread) is not taken for one of these (CI once saw 22 for 21 + 2)."""
+    return set(os.listdir("/proc/self/task"))
 
 
-async def threads_settle_at(count: int) -> int:
-    """The process's OS thread count once exiting threads are gone (polled: the OS gives no event for it)."""
+async def threads_settle_at(threads: set[str]) -> set[str]:
+    """The OS threads started since `threads` was taken that are still alive once exiting ones are gone (polled:
+    the OS gives no event for it)."""
     for _ in range(500):
-        if os_threads() == count:
+        if not os_threads() - threads:
             break
         await asyncio.sleep(0.01)
-    return os_threads()
+    return os_threads() - threads
 
 
 def parallel_cast() -> threading.Thread:
@@ -39,13 +42,13 @@ async def test_torch_work_in_its_own_thread_leaves_no_openmp_pool_behind_unlike_
     ran_in = await in_a_thread_of_its_own(parallel_cast)
     assert ran_in is not threading.main_thread()
     ran_in.join()
-    assert await threads_settle_at(before) == before
+    assert await threads_settle_at(before) == set()
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(1) as executor:
         await loop.run_in_executor(executor, parallel_cast)
         # the executor's idle thread, and the OpenMP pool its cast started, which lives as long as that thread
-        assert os_threads() >= before + 2
-    assert await threads_settle_at(before) == before
+        assert len(os_threads() - before) >= 2
+    assert await threads_settle_at(before) == set()
 
 
 async def test_an_exception_in_its_own_thread_reaches_the_awaiting_task() -> None:
