@@ -18,7 +18,6 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from nats.aio.msg import Msg
 
 from bus_gateway.client import BusError
 from bus_gateway.jobs import JobClient
-from helpers.durable_jobs import durable_worker
 from helpers.faults import chat
 from helpers.tiny_model import tiny_model
 from helpers.workers import tiny_worker
@@ -101,18 +99,6 @@ async def counted(worker: Worker) -> tuple[dict[str, int], dict[str, Any], list[
     summary = worker.metrics.summary()
     assert summary["request_failure_total"] == worker.outbox.errors_by_code
     return dict(worker.outbox.errors_by_code), summary["request_success_total"], errors
-
-
-@asynccontextmanager
-async def durable_tiny(server: NatsServer, loaded: LoadedModel, **options: Any) -> AsyncIterator[Worker]:
-    """A started in-process `--durable` worker (one thread), closed with its connection on exit unless drained."""
-    worker = await durable_worker(server, loaded, threads=1, **options)
-    try:
-        yield worker
-    finally:
-        if not worker.draining:
-            await worker.close()
-        await worker.nc.close()
 
 
 async def test_a_chat_whose_answer_is_over_the_max_payload_gets_a_413_at_once(
@@ -229,7 +215,8 @@ async def test_a_durable_job_whose_answer_is_over_the_max_payload_counts_as_a_41
 ) -> None:
     """`Job._final` answered the 413 in place of the answer, and the outbox counted what it replaced: a success (the
     chat), or nothing (a batch whose queries succeeded). Now a 413, once."""
-    async with durable_tiny(server, never_ends, max_tokens_cap=700) as worker, JobClient(client) as jobs:
+    durable = tiny_worker(server.url, never_ends, durable=True, max_tokens_cap=700)
+    async with durable as worker, JobClient(client) as jobs:
         with pytest.raises(BusError) as too_large:
             if batch:  # 12 answers of about 500 bytes: each query is a core chat, and fits
                 await jobs.chat_batched([chat(f"q{i}", max_tokens=100) for i in range(12)], timeout=WAIT)

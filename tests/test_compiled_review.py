@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers.tiny_model import tiny_model
+from helpers.tiny_model import TINY_SHAPE, tiny_model
 from inference_worker import file_lock, step_builds, step_packages
 from inference_worker.attention import reduction_attention
 from inference_worker.compiled_decode import SINGLE, WARM_UP_COLUMNS, CompiledDecode
@@ -33,15 +33,7 @@ def tied_bf16_llama() -> LoadedModel:
     """A tiny bf16 Llama whose LM head is its embedding (as SmolLM2's and Llama-3.2's are), with SmolLM2's vocabulary
     size, so that the embedding is most of its weights; no tokenizer (nothing here encodes)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, **TINY_SHAPE)
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     return LoadedModel(model, None, "tied", torch.device("cpu"), torch.bfloat16, frozenset({2}), 1024)
 

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from bus_gateway.discovery import BusModels
 from helpers.security_fixtures import SecureServer
 from helpers.tiny_model import tiny_model
+from helpers.workers import serving
 from inference_worker.routing import Forward, Local
 from inference_worker.worker import Worker
 from llmbus.config import Config
@@ -41,13 +42,8 @@ async def worker(config: Config, name: str) -> AsyncIterator[Worker]:
     config = replace(config, served_model_name=name, max_tokens_cap=8, threads=1)
     running = Worker(config, await connect(config, f"test-{name}"), tiny_model())
     running.directory.ttl = NEVER_STALE
-    await running.start()
-    try:
+    async with serving(running):
         yield running
-    finally:
-        if not running.draining:
-            await running.close()
-        await running.nc.close()
 
 
 def departures_heard(worker: Worker, count: int = 1) -> tuple[list[str], asyncio.Event]:

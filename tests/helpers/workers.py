@@ -63,6 +63,14 @@ async def tiny_worker(url: str, loaded: LoadedModel | None = None, **options: An
     `Config` fields. Closed, with its own NATS connection, on exit (unless the test drained it)."""
     options = {"threads": 1, "compile": False, **options}
     worker = Worker(Config(nats_url=url, **options), await nats.connect(url), loaded or tiny_model())
+    async with serving(worker):
+        yield worker
+
+
+@asynccontextmanager
+async def serving(worker: Worker) -> AsyncIterator[Worker]:
+    """Start `worker` (made by the caller, with its own NATS connection); on exit close it, unless the test drained
+    it, and its connection."""
     await worker.start()
     try:
         yield worker
