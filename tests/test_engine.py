@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.tiny_model import tiny_model
+from helpers.tiny_model import TINY_SHAPE, tiny_model
 from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
 from inference_worker.hardware import cpu_flags, flags_in, float32_wins_wide_matmuls
@@ -485,16 +485,7 @@ def test_an_architecture_outside_the_llama_family_runs_on_the_hf_modules(tiny: L
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tiny.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-    )
+    config = Qwen3Config(vocab_size=len(tiny.tokenizer), head_dim=16, max_position_embeddings=1024, **TINY_SHAPE)
     model = Qwen3ForCausalLM(config).eval()
     qwen3 = LoadedModel(model, tiny.tokenizer, "tiny-qwen3", torch.device("cpu"), torch.float32, frozenset({2}), 1024)
     engine = LLMEngine(qwen3, EngineConfig(max_batch_size=4))
