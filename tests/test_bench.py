@@ -253,6 +253,7 @@ def test_killing_the_bench_stops_the_processes_it_started(
             select.select([bridge], [], [], 60)  # the kernel's SIGTERM, then the bridge's own stop
         else:
             assert bench_proc.returncode == 128 + kill, "".join(seen) + rest
+            assert "did not end within" not in rest, rest  # the cleanup itself ended, not its watchdog
         assert select.select([bridge], [], [], 0)[0], "the bench left its bridge running"
     finally:
         bench_proc.kill()
@@ -260,3 +261,39 @@ def test_killing_the_bench_stops_the_processes_it_started(
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(bridge, signal.SIGKILL)
         os.close(bridge)
+
+
+HANGING_CLEANUP = """
+import threading
+from llmbus.bench import signals
+
+signals.EXIT_GRACE_S = 0.5
+
+def cleanup_that_never_ends():
+    threading.Event().wait()
+
+with signals.exit_on_signals():
+    try:
+        print("ready", flush=True)
+        threading.Event().wait()
+    finally:
+        cleanup_that_never_ends()
+"""
+
+
+def test_a_bench_whose_cleanup_hangs_after_sigterm_exits_and_says_where_it_waited() -> None:
+    """A cleanup that never ends is cut short `EXIT_GRACE_S` after the signal: the bench exits with the signal's
+    status and prints every thread's stack, the frame it waited in among them."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", HANGING_CLEANUP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert "the cleanup after SIGTERM did not end within 0.5 s; exiting now" in stderr
+    assert "cleanup_that_never_ends" in stderr

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from llmbus.bench.baselines import measure_baselines
 from llmbus.bench.options import BenchOptions, parse_options, progress
 from llmbus.bench.plot import plot
-from llmbus.bench.preflight import FAILURES, check_bridge, check_bus, check_peer, describe, exit_on_signals
+from llmbus.bench.preflight import FAILURES, check_bridge, check_bus, check_peer, describe
 from llmbus.bench.report import build_report, write_json
+from llmbus.bench.signals import exit_on_signals
 from llmbus.bench.stack import Stack
 from llmbus.bench.summary import print_summary
 from llmbus.bench.sweep import run_sweep

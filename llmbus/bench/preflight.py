@@ -1,17 +1,12 @@
 """Checks before the long phases (the baselines take minutes), so that a wrong URL, model, key or login fails in
 seconds with one line: the peer answers a first request, `--nats-url` accepts a connection with the bench's
-settings, and `--http-url` answers `GET /readyz`. Also how main names a failure, and the signals it exits on."""
+settings, and `--http-url` answers `GET /readyz`. Also how main names a failure."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import signal
 import ssl
-import threading
-from collections.abc import Iterator
-from types import FrameType
 
 import aiohttp
 import nats.errors
@@ -33,7 +28,6 @@ FAILURES = (
 )  # what ends a run with one line, not a traceback
 PROBE_TIMEOUT_S = 10.0
 READY_STATUSES = (200, 503)  # 503: the bridge is up but no worker answers yet (the sweep waits for them)
-EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def describe(exc: BaseException) -> str:
@@ -93,26 +87,3 @@ async def _readyz(url: str) -> str | None:
             return f"the HTTP bridge at {url} answered GET /readyz with HTTP {response.status}"
     except (aiohttp.ClientError, TimeoutError) as exc:
         return f"the HTTP bridge at {url} did not answer GET /readyz: {type(exc).__name__} {exc}".rstrip()
-
-
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    for sig in EXIT_SIGNALS:  # the cleanup that follows is not cut short by another signal
-        signal.signal(sig, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def exit_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP (`kill`, a closed terminal) raise SystemExit, so the `finally` that stops the stack runs
-    as it does on Ctrl-C. A signal ignored already stays ignored (`nohup llmbus bench`). Python lets only the main
-    thread set handlers: elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    wanted = [sig for sig in EXIT_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN]
-    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in wanted}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
