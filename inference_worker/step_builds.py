@@ -10,7 +10,8 @@ package at a time among the workers that share the cache directory, stoppable, a
   lock and then loads the package built, rather than building it a second time beside the first.
 - **No copy left behind.** AOTInductor compiles a package's files in inductor's cache, then copies them into the
   package, and compiles afresh at every build: the child removes its files from the cache once the package is
-  written. Each SmolLM2 build left its library there before, 330 MB.
+  written. Each SmolLM2 build left its library there before, 330 MB. Builds of one package that share inductor's
+  cache take turns there (`compiler_cache_lock`), so that one's removal cannot delete the other's files.
 - **No process left behind.** The child leads a process group of its own, which holds the compilers it runs (g++):
   a stopped build kills the whole group. If the worker dies, the child gets SIGTERM (`PR_SET_PDEATHSIG`) and kills
   its group. Killing the child alone, as before, left its g++ running.
@@ -87,6 +88,7 @@ def build_in_child(
     with tempfile.TemporaryDirectory(prefix="build-", dir=path.parent) as scratch:
         job, output, built = (Path(scratch) / name for name in ("job.pt", "output.txt", "package.pt2"))
         job_spec = {"step": step, "keys": examples[0], "values": examples[1], "frozen": frozen, "single": single}
+        job_spec["name"] = path.stem
         torch.save(job_spec, job)
         threads = str(torch.get_num_threads())
         command = [sys.executable, "-m", __name__, str(job), str(built), str(os.getpid()), threads]
@@ -152,8 +154,27 @@ def main(job: str, package: str, parent: str, threads: str) -> None:
     torch.set_num_threads(int(threads))
     spec = torch.load(job, weights_only=False)  # our own pickle, written a moment ago into a private directory
     Path(job).unlink()  # the weights' bytes, not needed any more
-    aot_step.build(spec["step"], spec["keys"], spec["values"], Path(package), spec["frozen"], spec["single"])
-    remove_compiler_copies(Path(package))
+    with compiler_cache_lock(spec["name"]):
+        aot_step.build(spec["step"], spec["keys"], spec["values"], Path(package), spec["frozen"], spec["single"])
+        remove_compiler_copies(Path(package))
+
+
+@contextlib.contextmanager
+def compiler_cache_lock(name: str) -> Iterator[None]:
+    """Held by a child while it builds package `name` and removes its files from inductor's cache. Two builds of one
+    package for two cache directories (two `LLMBUS_CACHE_DIR`s, so two build locks) that share one inductor cache
+    (`TORCHINDUCTOR_CACHE_DIR`) compile the same files, named by their hash: one build's removal deleted the
+    other's sources mid-compile (`cc1plus: ... wrapper.cpp: No such file`)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    directory = Path(cache_dir())
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def waiting() -> None:
+        print(f"waiting for another build of {name} in the compiler cache {directory}", flush=True)
+
+    with file_lock.exclusive(directory / f"{name}.build.lock", on_wait=waiting):
+        yield
 
 
 def remove_compiler_copies(package: Path) -> None:

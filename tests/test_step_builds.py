@@ -8,13 +8,18 @@ import fcntl
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from helpers.built_steps import slot_cache
 from helpers.processes import pid_written_to, process_exits
-from inference_worker import file_lock, step_builds
+from helpers.tiny_model import tiny_model
+from inference_worker import aot_step, file_lock, step_builds
+from inference_worker.attention import reduction_attention
+from inference_worker.model_runner import family_decoder
 
 
 def compiler_like(pid_file: Path, before: str = "") -> list[str]:
@@ -114,3 +119,40 @@ def test_a_waiter_whose_lock_file_was_removed_takes_a_new_one(tmp_path: Path) ->
             lock.unlink()
         second.result(timeout=60)
     assert held == [True]
+
+
+def output_line(directory: Path, text: str, within: float = 120.0) -> str | None:
+    """The first line holding `text` in the output of a build child of `directory`, once it has written one."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for output in directory.glob("build-*/output.txt"):
+            for line in output.read_text(errors="replace").splitlines():
+                if text in line:
+                    return line
+        time.sleep(0.1)
+    return None
+
+
+def test_builds_of_one_package_for_two_cache_directories_take_turns_in_the_shared_compiler_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker, with a cache directory of its own but the same inductor cache, holds that cache's lock of
+    this package (it builds it): this build's child waits for it before compiling anything there, and can be
+    stopped meanwhile."""
+    compiler_cache = tmp_path / "inductor"
+    compiler_cache.mkdir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compiler_cache))  # the build's child inherits it
+    tiny = tiny_model()
+    cache = slot_cache(tiny, rows=1)
+    step = aot_step.DecodeStep(family_decoder(tiny, cache.row_len), reduction_attention)
+    package, stop = tmp_path / "worker-b" / "decode-x.pt2", threading.Event()
+    with ThreadPoolExecutor(1) as pool, file_lock.exclusive(compiler_cache / "decode-x.build.lock"):
+        building = pool.submit(step_builds.build_in_child, step, cache.keys, cache.values, package, True, False, stop)
+        try:
+            waited = output_line(package.parent, "waiting for another build of decode-x in the compiler cache")
+        finally:
+            stop.set()
+        with pytest.raises(step_builds.BuildStopped):
+            building.result(timeout=60)
+    assert waited is not None, "the build did not wait for the other build of its package"
+    assert not package.exists()
