@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from inference_worker import aot_step, step_builds, step_packages, warm_up
+from inference_worker import aot_step, graph_packages, step_packages, warm_up
+from inference_worker.graph_packages import Graph
 from inference_worker.jit_step import compiled_step, configure_compiler
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.step_inputs import StepInputs
@@ -46,7 +46,6 @@ WIDE_FROM = 16
 WARM_UP_COLUMNS = 64
 MIN_WARM_UP_COLUMNS = 2  # a step attends to 2 columns or more in its package (`aot_step.build`)
 PREFILL_SCORES = 32768  # a prefill runs compiled up to this many tokens x attended columns (see `takes`)
-_aot_steps: weakref.WeakKeyDictionary[nn.Module, dict[bool, aot_step.DecodeFn]] = weakref.WeakKeyDictionary()
 
 
 def on_wide_copy(sequences: int, tokens: int, wide_decode: bool = True) -> bool:
@@ -96,9 +95,10 @@ class CompiledDecode:
         self.decoders = {s: decoder for s in self.sizes if s != self.wide_from} | (
             {self.wide_from: wide} if self.wide_from else {}
         )
-        self.packaged: dict[int, aot_step.DecodeFn] = {}
+        self.packaged: dict[int, aot_step.DecodeFn] = {}  # the packages loaded, by graph
         if self.package_dir is not None:
-            self.packaged = {size: step for size in self.decoders if (step := self._loaded_here(size))}
+            loaded = {size: graph_packages.loaded_here(self._graph(size)) for size in self.decoders}
+            self.packaged = {size: step for size, step in loaded.items() if step is not None}
         self.compile_seconds: dict[int, float] = {}
         self._ready: set[int] = set()
         self._stop = threading.Event()
@@ -235,11 +235,15 @@ class CompiledDecode:
         how = dict.fromkeys(sizes, "compiled")
         if self.package_dir is not None:  # every package before any step: see the docstring of warm_up.py
             with step_packages.weights_hashed_once():
-                self._mark_packages_used(sizes)
+                graph_packages.mark_used(self.package_dir, map(self._graph, sizes), self.attention, self.cache)
                 for size in sizes:
-                    how[size] = self._load_or_build_package(size)
+                    how[size], packaged = graph_packages.load_or_build(
+                        self._graph(size), self.attention, self.cache, self.package_dir, self._stop, self.settled.set
+                    )
                     if how[size] == "stopped":
                         return
+                    if packaged is not None:
+                        self.packaged[size] = packaged
             self.settled.set()
             if how.get(SINGLE) == "not built":  # one-row steps run the narrow package
                 self.sizes = tuple(s for s in self.sizes if s != SINGLE)
@@ -254,53 +258,9 @@ class CompiledDecode:
             self._ready.add(size)
             log.info("decode step %s for batch %d in %.1f s", how[size], size, self.compile_seconds[size])
 
-    def _load_or_build_package(self, size: int) -> str:
-        """Load the ahead-of-time step of this graph (`aot_step.py`), building it first if no package has it; on
-        failure it is compiled just in time instead. Says which happened."""
-        if shared := self._loaded_here(size):
-            self.packaged[size] = shared
-            return "shared"
-        decoder, single = self.decoders[size], size == SINGLE
-        keys, values = self.cache.keys, self.cache.values
-        frozen = self.freeze_wide or size != self.wide_from
-        try:
-            packaged, built = aot_step.load_or_build(
-                decoder, self.attention, keys, values, self.package_dir, frozen, self._stop, self.settled.set, single
-            )
-        except step_builds.BuildStopped:
-            return "stopped"
-        except Exception:
-            if single:
-                log.warning("the one-row decode step did not build; the general step runs it", exc_info=True)
-                return "not built"
-            log.warning("compiling the decode step ahead of time failed; compiling it just in time", exc_info=True)
-            return "compiled"
-        _aot_steps.setdefault(decoder, {})[single] = self.packaged[size] = packaged
-        return "compiled ahead of time" if built else "loaded from its package"
-
-    def _mark_packages_used(self, sizes: tuple[int, ...]) -> None:
-        """Mark used, before any of them loads, the packages of every size this warm-up loads: each load tidies the
-        directory (`step_packages.tidy`) and keeps only its own package, so after a week without a start the first
-        load removed the others, and each was built again (minutes)."""
-        assert self.package_dir is not None
-        packages = []
-        for size in sizes:
-            if self._loaded_here(size) is None:
-                try:
-                    packages.append(self.package_dir / f"decode-{self._package_name(size)}.pt2")
-                except Exception:  # its load fails the same way, and says so
-                    log.debug("no package name for the decode step of batch %d", size, exc_info=True)
-        step_packages.mark_used(packages)
-
-    def _package_name(self, size: int) -> str:
-        """The name of graph `size`'s package, as `aot_step.load_or_build` names it."""
-        frozen = self.freeze_wide or size != self.wide_from
-        decoder, dtype = self.decoders[size], self.cache.keys[0].dtype
-        return step_packages.package_name(decoder, self.attention, frozen, size == SINGLE, cache_dtype=dtype)
-
-    def _loaded_here(self, size: int) -> aot_step.DecodeFn | None:
-        """The package of graph `size` that an engine of this process already loaded, if any."""
-        return _aot_steps.get(self.decoders[size], {}).get(size == SINGLE)
+    def _graph(self, size: int) -> Graph:
+        """What names the package of graph `size` (CPU)."""
+        return Graph(self.decoders[size], self.freeze_wide or size != self.wide_from, size == SINGLE)
 
     def _warm_up_columns(self) -> tuple[int, ...]:
         """CPU: one length (it is symbolic), within the cache's rows (with `--max-seq-len 32` a warm-up of 64 columns
