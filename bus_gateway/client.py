@@ -37,7 +37,7 @@ from bus_gateway.inbox import ReplyInbox, in_flight
 from bus_gateway.streaming import Streaming
 from llmbus import tracing
 from llmbus.config import Config
-from llmbus.connection import connect, open_connection, refused_plaintext, servers_want_tls
+from llmbus.connection import connect, flushed, open_connection, refused_plaintext, servers_want_tls
 from llmbus.urls import servers_of
 from schemas import (
     SERVICE_NAME,
@@ -277,7 +277,7 @@ class BusClient(Streaming, Discovery):
         self._check_connected()
         headers = {REPLY_TO: self.inbox.reply_subject(request_id)}
         await self.nc.publish(self.subjects.cancel(request_id), b"", headers=headers)
-        await self.nc.flush()
+        await flushed(self.nc)
 
     async def cancel_streams(self) -> int:
         """Cancel every stream this client has open (a stopping bridge ends them this way); returns how many."""

@@ -27,6 +27,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from llmbus.connection import flushed
 from schemas import Subjects
 from schemas.messages import WorkerLeft
 
@@ -66,7 +67,7 @@ class Departures:
         self.announced = True
         with contextlib.suppress(Exception):
             await self.nc.publish(self.subject, msgspec.json.encode(self.own))
-            await self.nc.flush()
+            await flushed(self.nc)  # the server has it before this worker goes on to close its connection
 
     async def close(self) -> None:
         if self._sub is not None:

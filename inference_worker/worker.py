@@ -51,7 +51,7 @@ from inference_worker.thread_share import share_threads
 from inference_worker.worker_facts import WorkerFacts
 from llmbus import __version__, logs, process_gc
 from llmbus.config import Config
-from llmbus.connection import connect, connected_to
+from llmbus.connection import connect, connected_to, flushed
 from schemas import SERVICE_NAME, Subjects, WireError
 
 log = logging.getLogger("llmbus.worker")
@@ -155,7 +155,7 @@ class Worker(Intake, WorkerFacts):
         if self.config.threads == 0:
             ping = self.peers.ping
             self._tasks.append(asyncio.create_task(share_threads(ping, self._set_threads, self.service.id)))
-        await self.nc.flush()  # the server knows every subscription before anyone is told this worker serves
+        await flushed(self.nc)  # the server knows every subscription before anyone is told this worker serves
 
     async def _bus_models(self, thorough: bool) -> BusModels:
         return await self.peers.bus_models(thorough=thorough)

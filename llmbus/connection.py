@@ -278,3 +278,16 @@ def connected_to(nc: NATS) -> str:
         return "?"
     host = url.hostname or "?"
     return f"{url.scheme}://{host}:{url.port}" if url.port else f"{url.scheme}://{host}"
+
+
+async def flushed(nc: NATS, timeout: float = 10) -> None:
+    """Return once the server has processed every command `nc` queued so far: its subscriptions (SUB) included.
+
+    nats.py's `flush()` alone does not promise that: `subscribe` and `publish` only queue their command for the
+    connection's flusher task, while `flush()` writes its PING to the socket at once, ahead of what is still queued.
+    Its PONG then proves nothing about a subscription made just before (a worker told the test it served while the
+    server had not seen its SUB yet: a request sent at once got a no-responders 503, over TLS, where the server reads
+    each write as its own record). The flusher writes the queued commands while the first PING is answered, so the
+    second PING follows them, and its PONG comes after the server processed them."""
+    await nc.flush(timeout)
+    await nc.flush(timeout)

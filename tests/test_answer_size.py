@@ -34,6 +34,7 @@ from helpers.tiny_model import tiny_model
 from helpers.workers import tiny_worker
 from inference_worker.model_loader import LoadedModel
 from inference_worker.worker import Worker
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer, write_config
 from schemas import BatchItemDone, BatchResult, ChatResponse, ErrorBody, Subjects, content_type, decode
 from schemas.subjects import (
@@ -203,7 +204,7 @@ async def test_a_stream_chunk_over_the_max_payload_ends_the_stream_with_a_413(
         assert worker.nc.is_connected
         errors, _, endpoint_errors = await counted(worker)
         await worker.nc.close()  # what it published is on the server
-    await client.flush()  # and would be here by now
+    await flushed(client)  # and would be here by now
     assert answers.pending_msgs == 0
     assert [e.split(":")[0] for e in endpoint_errors] == ["413"]
     assert errors == {"413": 1}  # not counted by code before: the coordinator's answer was no failure

@@ -16,6 +16,7 @@ from bus_gateway.client import BusClient, BusError
 from helpers.bridge import silent_responder, watching_cancels
 from helpers.workers import start_worker
 from llmbus.config import Config
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import ChatChunk, ChatRequest, Message, Subjects
 from schemas.subjects import ERROR, ERROR_CODE, ERROR_NAME
@@ -304,7 +305,7 @@ async def test_a_stream_has_an_idle_timeout_not_a_total_deadline(lonely_nats: Na
         await responder.publish(msg.reply, msgspec.json.encode(end), headers={"Llmbus-Stream": "end"})
 
     await responder.subscribe("slow.chat", cb=slow_worker)
-    await responder.flush()
+    await flushed(responder)
     try:
         async with await BusClient.connect(lonely_nats.url, subjects=Subjects("slow")) as bus:
             chunks = [chunk async for chunk in bus.stream(FRANCE, timeout=1.0)]

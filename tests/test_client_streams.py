@@ -25,6 +25,7 @@ from helpers.bridge import watching_cancels
 from helpers.tiny_model import tiny_model
 from helpers.workers import start_worker
 from llmbus.config import Config
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import BatchDone, BatchItemDone, BatchResult, ChatChunk, ChatRequest, Subjects, Usage
 from schemas.subjects import REQUEST_ID, STREAM, STREAM_CHUNK, STREAM_END
@@ -56,7 +57,7 @@ async def stand_in(url: str, subject: str, script: Sequence[tuple[bytes, str]]) 
         await nc.publish(msg.reply, b"")
 
     await nc.subscribe(subject, cb=answer)
-    await nc.flush()
+    await flushed(nc)
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ from helpers.faults import FaultFigures, chat, engine_data, gather_stats, stats_
 from helpers.workers import start_worker
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer, free_port
 
 REQUESTS = 12
@@ -50,7 +51,7 @@ async def test_a_message_crosses_the_routes(cluster: list[NatsServer]) -> None:
             await msg.respond(msg.data)
 
         await responder.subscribe("cluster.echo", cb=echo)
-        await responder.flush()
+        await flushed(responder)
 
         async def answered() -> bool:
             try:

@@ -25,6 +25,7 @@ from helpers.faults import (
     start_workers,
     wait_until,
 )
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import ChatResponse
 
@@ -59,7 +60,7 @@ async def spied_client(server: NatsServer) -> AsyncIterator[tuple[BusClient, Rep
     spy = ReplySpy()
     watcher = await nats.connect(server.url)
     await watcher.subscribe(f"{CLIENT_INBOX}.*.*", cb=spy.on_reply)  # request replies (not `$SRV.STATS` inboxes)
-    await watcher.flush()
+    await flushed(watcher)
     nc = await nats.connect(server.url, inbox_prefix=CLIENT_INBOX)
     yield BusClient(nc, retries=8, backoff=0.1, timeout=60), spy
     await nc.close()

@@ -29,6 +29,7 @@ from inference_worker.job_stream import (
 )
 from inference_worker.model_loader import LoadedModel
 from llmbus.config import Config
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import ChatResponse, Subjects
 from schemas.subjects import ERROR, ERROR_CODE, REPLY_TO, REQUEST_ID
@@ -151,7 +152,7 @@ async def test_a_second_answer_for_a_request_id_is_dropped(
             await fresh_nc.publish(
                 published.headers[REPLY_TO], repeat, headers={REQUEST_ID: published.headers[REQUEST_ID]}
             )
-            await fresh_nc.flush()
+            await flushed(fresh_nc)
 
             async def dropped() -> bool:
                 return jobs.duplicates == 1

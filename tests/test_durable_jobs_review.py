@@ -21,6 +21,7 @@ from helpers.faults import HeldLook, chat, wait_until
 from helpers.observability import at_info, lines_of, spans_in_memory
 from inference_worker.durable import ATTEMPTS
 from inference_worker.job_stream import STREAM_NAME
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import ChatResponse, ErrorBody, Subjects
 from schemas.subjects import CONTENT_TYPE, ERROR_CODE, ERROR_NAME, MSGPACK, REPLY_TO, REQUEST_ID
@@ -102,8 +103,8 @@ async def test_another_message_with_the_key_of_a_running_job_is_a_409_and_does_n
         second = await js.publish("llm.jobs.chat", body, headers=headers)
         assert second.seq != first.seq and not second.duplicate
         await watch.taken.reached(2).wait()
-        await worker.nc.flush()  # the worker's answer reached the server, which relays it before this flush's answer
-        await fresh_nc.flush()
+        await flushed(worker.nc)  # the worker's answer reached the server, which relays it before this flush's answer
+        await flushed(fresh_nc)
         assert answers.pending_msgs == 1, "the second message was not answered while the first runs"
         refused = await answers.next_msg(timeout=1)
         assert refused.headers[ERROR_CODE] == "409" and refused.headers[ERROR_NAME] == "duplicate_request"

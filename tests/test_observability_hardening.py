@@ -29,6 +29,7 @@ from inference_worker.metrics import WorkerMetrics
 from inference_worker.model_loader import LoadedModel
 from inference_worker.worker import Worker
 from llmbus import tracing
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import Subjects, WireError
 from schemas.subjects import ERROR_CODE, REPLY_TO, REQUEST_ID
@@ -145,7 +146,7 @@ async def test_an_answer_that_cannot_be_published_is_no_success(
         await nc.publish(Subjects().model_chat("tiny"), body, reply=inbox, headers={REQUEST_ID: "unpublished"})
         await worker.drain(300)  # returns once the request is done
         assert closing and worker.nc.is_closed
-        await nc.flush()  # an answer published before the worker closed would be here by now
+        await flushed(nc)  # an answer published before the worker closed would be here by now
         assert answers.pending_msgs == 0
     finally:
         await nc.close()
@@ -229,7 +230,7 @@ async def test_a_requests_times_count_from_its_arrival_before_a_look_at_the_bus(
         call = asyncio.create_task(bus.chat(chat("routed", max_tokens=2), request_id="routed"))
         await look.looking.wait()
         looked_at = time.monotonic()  # the request arrived before its look began
-        await bus.nc.flush()  # a round trip to the server while the look is held
+        await flushed(bus.nc)  # a round trip to the server while the look is held
         released_at = time.monotonic()
         look.release.set()
         assert (await call).chat_id == "routed"

@@ -21,6 +21,7 @@ from bus_gateway.openai_types import ChatCompletionRequest, OpenAIMessage
 from helpers.bridge import API_KEY, Bridge, running_bridge, sse_data, sse_json, watching_cancels
 from helpers.workers import start_worker
 from llmbus.config import Config
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import SERVICE_NAME, ChatChunk, ChatRequest, ChatResponse, Usage
 
@@ -364,7 +365,7 @@ async def test_a_catalog_gathering_in_flight_delays_no_completion_and_is_shared(
         await fresh_nc.publish(msg.reply, json.dumps(info).encode())
 
     await fresh_nc.subscribe(f"$SRV.INFO.{SERVICE_NAME}", cb=answer)
-    await fresh_nc.flush()
+    await flushed(fresh_nc)
     bus = await BusClient.from_config(Config(nats_url=fresh_nats_server.url))
     try:
         catalog = ModelCatalog(bus)

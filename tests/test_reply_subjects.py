@@ -28,7 +28,7 @@ from helpers.workers import RunningWorker, start_worker
 from inference_worker.reply_gate import ReplyGate, reply_allowed
 from inference_worker.worker import check_own_inbox
 from llmbus.config import Config
-from llmbus.connection import connect
+from llmbus.connection import connect, flushed
 from llmbus.nats_server import NatsServer
 from schemas import SERVICE_NAME, ChatRequest
 from schemas.subjects import JOBS_STREAM, Subjects
@@ -78,7 +78,7 @@ def chat_body(chat_id: str, max_tokens: int, stream: bool) -> bytes:
 
 async def nothing_reached(watcher: NATS, sub: Any) -> bool:
     """After a flush (a PING/PONG round trip), nothing the server routed to `sub` is still on its way."""
-    await watcher.flush()
+    await flushed(watcher)
     return sub.pending_msgs == 0
 
 
@@ -88,7 +88,7 @@ async def test_a_chat_whose_reply_subject_deletes_the_jobs_stream_is_dropped(
 ) -> None:
     async with logged_in(guarded_bus, "admin") as admin, logged_in(guarded_bus, "alice") as alice:
         watch = await admin.subscribe(DELETE_JOBS)
-        await admin.flush()
+        await flushed(admin)
         refused = (await worker_stats(admin))["endpoints"][0]["data"]["refused_replies"]
         await alice.publish("llm.chat", chat_body("forged", 1, stream), reply=DELETE_JOBS)
         answer = await BusClient(alice).chat(ChatRequest(chat_id="real", user_prompt="hi", max_tokens=8), timeout=60)
@@ -107,7 +107,7 @@ async def test_a_batch_whose_reply_subject_is_not_an_inbox_is_dropped_and_batche
     """A batch's queries go to the workers with the worker's own inbox (`_INBOX.worker`) as their reply subject."""
     async with logged_in(guarded_bus, "admin") as admin, logged_in(guarded_bus, "alice") as alice:
         watch = await admin.subscribe(DELETE_JOBS)
-        await admin.flush()
+        await flushed(admin)
         forged = {"queries": [{"chat_id": "f", "user_prompt": "hi", "max_tokens": 1}]}
         await alice.publish("llm.chat.batched", json.dumps(forged).encode(), reply=DELETE_JOBS)
         queries = [ChatRequest(chat_id=f"q{i}", user_prompt="hi", max_tokens=8) for i in range(2)]
@@ -128,7 +128,7 @@ async def test_discovery_answers_only_inboxes(
             if verb != "STATS":  # a client may ask PING and INFO; STATS only the gateway (here: the admin)
                 sender = alice
             watch = await admin.subscribe(DELETE_JOBS)
-            await admin.flush()
+            await flushed(admin)
             await sender.publish(subject, b"", reply=DELETE_JOBS)
             answer = await sender.request(subject, b"", timeout=10)  # same subscription: handled after the forged one
             assert json.loads(answer.data)["name"] == SERVICE_NAME
@@ -145,9 +145,9 @@ async def test_reply_prefixes_admit_a_custom_inbox_prefix_and_nothing_else(nats_
     dave = await nats.connect(nats_server.url, inbox_prefix="other.dave")
     try:
         unanswered = await dave.subscribe(dave.new_inbox())
-        await dave.flush()
+        await flushed(dave)
         await dave.publish("rp.chat", chat_body("dave", 2, False), reply=unanswered.subject)
-        await dave.flush()
+        await flushed(dave)
         answer = await BusClient(carol, Subjects("rp")).chat(ChatRequest(chat_id="carol", user_prompt="hi"), 60)
         assert answer.chat_id == "carol"
         assert await nothing_reached(dave, unanswered), "a reply subject under no reply prefix was answered"

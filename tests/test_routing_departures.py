@@ -24,7 +24,7 @@ from helpers.workers import serving
 from inference_worker.routing import Forward, Local
 from inference_worker.worker import Worker
 from llmbus.config import Config
-from llmbus.connection import connect
+from llmbus.connection import connect, flushed
 from llmbus.nats_server import NatsServer
 from schemas import ChatRequest, Subjects, WireError, WorkerLeft
 from schemas.subjects import ERROR_CODE
@@ -92,7 +92,7 @@ class Looks:
 async def depart(nc: NATS, departures: list[WorkerLeft]) -> None:
     for left in departures:
         await nc.publish(Subjects().worker_left, msgspec.json.encode(left))
-    await nc.flush()
+    await flushed(nc)
 
 
 def strangers(round_: int, count: int = 10) -> list[WorkerLeft]:

@@ -21,6 +21,7 @@ from helpers.workers import endpoints_drained, tiny_worker
 from inference_worker import routing
 from inference_worker.routing import Forward, Local, ModelDirectory
 from inference_worker.worker import Worker
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import SERVICE_NAME, ChatRequest
 from schemas.subjects import ERROR_CODE, MODEL_TOKEN_PATTERN, model_token
@@ -115,7 +116,7 @@ async def stand_in_default(nc: NATS, model: str, info_delay: float) -> None:
 
     await nc.subscribe(f"$SRV.INFO.{SERVICE_NAME}", cb=info)
     await nc.subscribe(f"llm.model.{model_token(model)}.chat", queue="llm-workers", cb=chat)
-    await nc.flush()
+    await flushed(nc)
 
 
 async def test_a_request_naming_no_model_reaches_a_default_whose_info_reply_is_late(

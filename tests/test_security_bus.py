@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 
 from helpers.nats_auth import SecureServer
 from llmbus.config import Config
-from llmbus.connection import ConnectionSettingsError, NatsConnectError, connect
+from llmbus.connection import ConnectionSettingsError, NatsConnectError, connect, flushed
 from llmbus.nats_server import NatsServer, free_port
 
 DENIAL_TIMEOUT_S = 10.0
@@ -60,7 +60,7 @@ async def login(server: SecureServer, user: str, **overrides: object) -> AsyncIt
 
 async def no_more_messages(nc: NATS, sub: object) -> bool:
     """After a flush (a PING/PONG round trip), nothing the server routed to `sub` is still on its way."""
-    await nc.flush()
+    await flushed(nc)
     return sub.pending_msgs == 0  # type: ignore[attr-defined]
 
 
@@ -165,7 +165,7 @@ async def test_a_client_cannot_read_requests_or_other_clients_inboxes(secure_bus
             denial = await violations.next()
             assert "subscription" in denial and subject.lower() in denial
         own = await alice.subscribe("_INBOX.alice.mine")
-        await alice.flush()
+        await flushed(alice)
         assert alice.is_connected and violations.seen.empty()
         await own.unsubscribe()
     assert violations.count == len(FORBIDDEN_SUBSCRIPTIONS)
@@ -175,7 +175,7 @@ async def test_a_client_cannot_read_requests_or_other_clients_inboxes(secure_bus
 async def test_a_client_cannot_publish_to_another_clients_inbox(secure_bus: SecureServer) -> None:
     async with login(secure_bus, "alice") as (alice, violations), login(secure_bus, "bob") as (bob, _):
         inbox = await bob.subscribe("_INBOX.bob.reply-1")
-        await bob.flush()
+        await flushed(bob)
         await alice.publish("_INBOX.bob.reply-1", b'{"response": "forged"}')
         denial = await violations.next()
         assert "publish" in denial and "_inbox.bob.reply-1" in denial
@@ -189,7 +189,7 @@ async def test_a_client_cannot_publish_to_another_clients_inbox(secure_bus: Secu
 async def test_the_gateway_may_ask_for_stats_a_client_may_not(secure_bus: SecureServer) -> None:
     async with login(secure_bus, "gateway") as (gateway, violations):
         await gateway.publish("$SRV.STATS.llm-inference", b"", reply="_INBOX.gateway.stats")
-        await gateway.flush()
+        await flushed(gateway)
         await gateway.subscribe("_INBOX.alice.>")
         assert "_inbox.alice.>" in await violations.next()
         assert violations.count == 1
@@ -218,10 +218,10 @@ class Responder:
             await self.nc.publish(msg.reply, str(i).encode())
             self.sent = i + 1
             if self.interval:
-                await self.nc.flush()
+                await flushed(self.nc)
                 await asyncio.sleep(self.interval)
         await self.nc.publish(msg.reply, END)
-        await self.nc.flush()
+        await flushed(self.nc)
 
 
 async def ask(asker: NATS, inbox: str) -> tuple[asyncio.Queue[bytes], object]:
@@ -232,7 +232,7 @@ async def ask(asker: NATS, inbox: str) -> tuple[asyncio.Queue[bytes], object]:
 
     sub = await asker.subscribe(inbox, cb=collect)
     await asker.publish("bus.chat", b"{}", reply=inbox)
-    await asker.flush()
+    await flushed(asker)
     return received, sub
 
 
@@ -240,7 +240,7 @@ async def test_allow_responses_max_minus_one_carries_a_stream_of_1500_replies(se
     async with login(secure_bus, "replier") as (worker, violations), login(secure_bus, "asker") as (asker, _):
         responder = Responder(worker, STREAM_REPLIES)
         await worker.subscribe("bus.chat", queue="llm-workers", cb=responder.on_request)
-        await worker.flush()
+        await flushed(worker)
         received, _ = await ask(asker, "_INBOX.asker.stream-1")
         got: list[bytes] = []
         try:
@@ -267,7 +267,7 @@ async def test_allow_responses_true_would_cut_a_stream_after_one_reply(secure_bu
     """Why the worker's block says `max: -1`: `allow_responses: true` allows ONE reply per request."""
     async with login(secure_bus, "replier-true") as (worker, violations), login(secure_bus, "asker") as (asker, _):
         await worker.subscribe("bus.chat", queue="llm-workers", cb=Responder(worker, 5).on_request)
-        await worker.flush()
+        await flushed(worker)
         received, sub = await ask(asker, "_INBOX.asker.stream-2")
         assert "publish" in await violations.next()
         await asyncio.wait_for(_wait_count(violations, 5), DENIAL_TIMEOUT_S)  # replies 2..5 and the end marker
@@ -285,7 +285,7 @@ async def test_allow_responses_expires_counts_from_the_request(secure_bus: Secur
     async with login(secure_bus, "replier-short") as (worker, violations), login(secure_bus, "asker") as (asker, _):
         responder = Responder(worker, replies=200, interval=0.05)
         await worker.subscribe("bus.chat", queue="llm-workers", cb=responder.on_request)
-        await worker.flush()
+        await flushed(worker)
         received, _ = await ask(asker, "_INBOX.asker.stream-3")
         await violations.next(timeout=30)
         cut_after = time.monotonic() - responder.delivered_at

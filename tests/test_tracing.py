@@ -24,6 +24,7 @@ from helpers.tiny_model import tiny_model
 from helpers.workers import RunningWorker, start_worker
 from llmbus import tracing
 from llmbus.config import Config
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -46,7 +47,7 @@ async def watching(url: str, subject: str) -> AsyncIterator[asyncio.Queue[Msg]]:
     nc = await nats.connect(url)
     seen: asyncio.Queue[Msg] = asyncio.Queue()
     await nc.subscribe(subject, cb=seen.put)
-    await nc.flush()
+    await flushed(nc)
     try:
         yield seen
     finally:

@@ -19,6 +19,7 @@ from bus_gateway import web
 from bus_gateway.web import STATIC_DIR
 from helpers.bridge import API_KEY, running_bridge
 from llmbus.config import Config
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -169,15 +170,15 @@ async def test_polls_of_bus_json_within_a_second_share_one_srv_round(
                 rounds.append(msg.subject)
 
             await nc.subscribe("$SRV.INFO.>", cb=counted)
-            await nc.flush()
+            await flushed(nc)
             monkeypatch.setattr(web, "FRESH_FOR_S", 3600.0)
             for _ in range(5):
                 assert (await client.get("/bus.json")).status_code == 200
-            await nc.flush()
+            await flushed(nc)
             assert len(rounds) == 1
             monkeypatch.setattr(web, "FRESH_FOR_S", 0.0)
             assert (await client.get("/bus.json")).status_code == 200
-            await nc.flush()
+            await flushed(nc)
             assert len(rounds) == 2
         finally:
             await nc.close()

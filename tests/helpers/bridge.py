@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from bus_gateway.serve import run_gateway
 from llmbus.config import Config
+from llmbus.connection import flushed
 from llmbus.nats_server import free_port
 
 API_KEY = "sk-llmbus-test"
@@ -87,7 +88,7 @@ class CancelWatch:
 async def watching_cancels(nc: NATS, prefix: str = "llm") -> AsyncIterator[CancelWatch]:
     watch = CancelWatch(prefix)
     sub = await nc.subscribe(watch.subject, cb=watch.on_msg)
-    await nc.flush()
+    await flushed(nc)
     try:
         yield watch
     finally:
@@ -99,7 +100,7 @@ async def silent_responder(url: str, subject: str) -> AsyncIterator[NATS]:
     """A plain NATS subscriber that takes requests on `subject` and never answers (a hung worker)."""
     nc = await nats.connect(url)
     await nc.subscribe(subject)
-    await nc.flush()
+    await flushed(nc)
     try:
         yield nc
     finally:

@@ -20,6 +20,7 @@ from nats.js.client import JetStreamContext
 from inference_worker import worker as worker_module
 from inference_worker.job_stream import STREAM_NAME
 from inference_worker.worker import Worker
+from llmbus.connection import flushed
 
 
 class LateWriter:
@@ -157,8 +158,8 @@ class AckWatch:
         after the messages before it, and the server relays them to this watch before its own flush's answer."""
         for publisher in publishers:
             if not publisher.is_closed:
-                await publisher.flush()
-        await self.nc.flush()
+                await flushed(publisher)
+        await flushed(self.nc)
         kinds = []
         while self.sub.pending_msgs:
             kind = (await self.sub.next_msg()).data.split(b" ")[0]

@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from llmbus.connection import flushed
 from schemas import SERVICE_NAME
 
 VERBS = ("PING", "INFO", "STATS")
@@ -45,13 +46,13 @@ class FakeWorkers:
     async def start(self) -> FakeWorkers:
         for verb in VERBS:
             self._subs.append(await self.nc.subscribe(f"$SRV.{verb}.{SERVICE_NAME}", cb=self._answer))
-        await self.nc.flush()
+        await flushed(self.nc)
         return self
 
     async def stop(self) -> None:
         for sub in self._subs:
             await sub.unsubscribe()
-        await self.nc.flush()
+        await flushed(self.nc)
 
     async def wait_asked(self, verb: str, times: int = 1) -> None:
         async with self._asked:

@@ -11,6 +11,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from inference_worker.worker import Worker
+from llmbus.connection import flushed
 from schemas import SERVICE_NAME
 
 
@@ -30,7 +31,7 @@ class LateInfo:
         await self.service.leave_discovery(("INFO",))
         for subject in ("$SRV.INFO", f"$SRV.INFO.{SERVICE_NAME}", f"$SRV.INFO.{SERVICE_NAME}.{self.service.id}"):
             await self.worker.nc.subscribe(subject, cb=self._asked)
-        await self.worker.nc.flush()
+        await flushed(self.worker.nc)
         return self
 
     async def _asked(self, msg: Msg) -> None:
@@ -54,12 +55,12 @@ class Asked:
 
     async def start(self) -> Asked:
         self._sub = await self.nc.subscribe(self.subject)
-        await self.nc.flush()
+        await flushed(self.nc)
         return self
 
     async def settled(self) -> int:
         """How many arrived, once the server delivered what it had routed here: a round trip on this connection
         (each message is counted as it is read, before the PONG that ends the round trip)."""
         assert self._sub is not None, "start it first"
-        await self.nc.flush()
+        await flushed(self.nc)
         return self._sub.delivered
