@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from helpers.bridge import Bridge
+from helpers.tiny_model import save_model_directory, tiny_model
 from helpers.workers import RunningWorker
 from inference_worker.model_loader import LoadedModel
 from llmbus import bench
@@ -229,6 +230,22 @@ def start_bench_holding_a_bridge(nats_url: str, out: Path) -> tuple[subprocess.P
             return bench_proc, int(started[1]), seen
     bench_proc.wait()
     raise AssertionError("".join(seen))
+
+
+def test_a_worker_that_exits_at_its_start_keeps_the_baselines_measured_before_it(tmp_path: Path) -> None:
+    """The baselines take minutes on a real model; a worker that never serves (here: a flag it refuses) must not
+    throw them away. bench.json holds them, no point, and the reason; the exit status is 1."""
+    model = save_model_directory(tiny_model(), tmp_path / "tiny")
+    argv = ["--model", str(model), "--device", "cpu", "--concurrency", "1", "--max-tokens", "4"]
+    argv += ["--naive-requests", "2", "--ready-timeout", "120", "--out", str(tmp_path / "out")]
+    argv += ["--worker-arg=--no-such-flag"]
+    assert bench.main(argv) == 1
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["points"] == [] and report["http_points"] == []
+    assert "worker 0 exited" in report["stopped"] and "before the first point" in report["stopped"]
+    assert [c["batch"] for c in report["baselines"]["ceiling"]] == [1]
+    assert report["baselines"]["naive"]["requests"] == 2 and report["baselines"]["prefill"]["p50_s"] > 0
+    assert (tmp_path / "out" / "bench.png").stat().st_size > 0
 
 
 BENCH_STOP_S = 240  # below pytest's 300 s timeout, so that a bench that does not stop says what it printed

@@ -19,7 +19,8 @@ Phases (one progress line each on stderr):
 4. Print the ratios against the targets (PASS/MISS/N/A, or ERRORS when a point it uses had failed requests: its
    value is shown but cannot pass); write bench.json and bench.png under --out. A worker or the bridge that dies
    mid-sweep stops the sweep: the point it was found after is marked failed (ERRORS), and what was measured until
-   then is still written, with the reason (`stopped`); the exit status is then 1.
+   then is still written, with the reason (`stopped`); the exit status is then 1. So are the baselines when the
+   stack does not start (a worker that exits at its start: no point at all).
 Every NATS and HTTP request names the same model: the one the bench's own workers serve, or on a --nats-url bus the
 default model (`$SRV.INFO` metadata `default_model`), else its only one, else --served-model NAME. --request-timeout
 is an idle timeout on both: the wait for the first chunk, then for each next one.

@@ -18,7 +18,7 @@ from llmbus.bench.report import build_report, write_json
 from llmbus.bench.signals import exit_on_signals
 from llmbus.bench.stack import Stack
 from llmbus.bench.summary import print_summary
-from llmbus.bench.sweep import run_sweep
+from llmbus.bench.sweep import Sweep, run_sweep
 from llmbus.bench.verdicts import compute_ratios, diagnostics, http_notes, peer_notes, point_notes
 from llmbus.bench.workload import workload
 
@@ -35,9 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(opts: BenchOptions) -> int:
-    """The whole bench; 0 when every point was measured. 1 when a check or the start failed (nothing is written),
-    or when a worker or the bridge died mid-sweep: then the points measured until then, the baselines and the
-    reason (`stopped`) are still written to bench.json and the plot."""
+    """The whole bench; 0 when every point was measured. 1 when a check failed (nothing is written), or when the
+    stack did not start or a worker or the bridge died: then the baselines, the points measured until then (none
+    if it happened before the first) and the reason (`stopped`) are still written to bench.json and the plot."""
     started = time.time()
     load_before = os.getloadavg()
     prompts = workload(opts.seed)
@@ -54,7 +54,9 @@ def run(opts: BenchOptions) -> int:
         sweep = asyncio.run(run_sweep(opts, stack, prompts))
     except FAILURES as exc:
         progress(f"error: {describe(exc)}")
-        return 1
+        if baselines is None:
+            return 1
+        sweep = Sweep(0, 0.0, [], stopped=f"{describe(exc)} (before the first point)")  # keep the baselines' minutes
     finally:
         stack.stop()
     ratios = compute_ratios(sweep.points, baselines, sweep.http_points)

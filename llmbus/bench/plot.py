@@ -54,9 +54,12 @@ def plot(path: Path, sweep: Sweep, baselines: Baselines | None, title: str, peer
     tput.set(xlabel="concurrent clients", ylabel="generated tokens/s", title="Throughput")
     ttft.set(xlabel="concurrent clients", ylabel="milliseconds", title="Time to first token")
     itl.set(xlabel="concurrent clients", ylabel="milliseconds", title="Inter-token latency")
-    xs = [p.concurrency for p in sweep.points]
+    # a sweep stopped before its first point still shows its baselines, at their batch sizes
+    xs = [p.concurrency for p in sweep.points] or ([c.batch for c in baselines.ceiling] if baselines else [])
     for ax in (tput, ttft, itl):
         ax.set_xscale("log", base=2)
+        if xs:  # the limits too: an axis with lines across it only had none, and log scale refused it
+            ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
