@@ -3,12 +3,13 @@
 #
 # The device machine has torch, transformers and most packages, but no network, and a call carries at most 64 MiB.
 # SmolLM2's GGUF is 98 MB, so it travels in two halves over two calls on the same warm machine (it stays warm 30 s
-# after a call: issue call 2 at once):
+# after a call: issue call 2 at once; two `run` calls in one message ran back to back in stop 35):
 #   1. bash scripts/gpu_run/prepare.sh                         (here: wheels into .whl/, GGUF halves into .gpu/)
-#   2. run: bash scripts/gpu_run/call1.sh, carry [".whl", ".gpu/a"]   (about 300 s with the machine's start)
-#   3. run: bash scripts/gpu_run/call2.sh, carry [".gpu/b"]           (about 410 s; timeout_s 600)
-# Outputs come back under the call's files_at: bench/bench.json and bench.png, bench.log, gpu_check.log,
-# engine_thread_steps.log and step_times.log. Call 1 first checks that the compiled step works on
+#   2. run: bash scripts/gpu_run/call1.sh, carry [".whl", ".gpu/a"]   (timeout_s 400; stop 35: 181 s, 214 s held)
+#   3. run: bash scripts/gpu_run/call2.sh, carry [".gpu/b"]           (timeout_s 520; stop 35: 342 s)
+# Stop 35's two calls used 569 s of the session's 900 s of device time. Outputs come back under the call's
+# files_at: bench.json, bench.png, worker-0.log, bench.log, gpu_check.log (call 2), engine_thread_steps.log and
+# step_times.log (call 1; its 70 s ran out before the first figure in stop 35). Call 1 first checks that the compiled step works on
 # the engine thread as in a worker (`scripts/engine_thread_steps.py`): if it prints "compiled step failed: True",
 # call 2's bench would only measure the eager engine. `call3.sh` is that check alone, on random weights (about
 # 200 s with the start; carry [".whl", ".gpu/a/tok"]).
