@@ -22,6 +22,6 @@ PY
 timeout 300 python3 -m llmbus.cli bench --model $M --device cuda --concurrency 1,64,256 --max-tokens 128 \
   --min-requests 24 --ready-timeout 200 --point-time-cap 40 --out /tmp/bench > $OUT/bench.log 2>&1
 echo "bench rc=$?"; cp /tmp/bench/bench.json /tmp/bench/bench.png /tmp/bench/worker-0.log $OUT/; grep -v "^\s*$" $OUT/bench.log | tail -32
-timeout 150 python3 scripts/gpu_check.py --model $M --skip-times 2>&1 | grep -v "DEBUG\|Warning\|warn(\|Loading weights\|^\s*$" | tee $OUT/gpu_check.log | tail -25
+timeout 210 python3 scripts/gpu_check.py --model $M --skip-times 2>&1 | grep -v "DEBUG\|Warning\|warn(\|Loading weights\|^\s*$" | tee $OUT/gpu_check.log | tail -25
 echo "gpu_check rc=${PIPESTATUS[0]}"
 echo "call2 done"

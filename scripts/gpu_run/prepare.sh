@@ -8,8 +8,8 @@
 #   2. run: bash scripts/gpu_run/call1.sh, carry [".whl", ".gpu/a"]   (timeout_s 400; stop 35: 181 s, 214 s held)
 #   3. run: bash scripts/gpu_run/call2.sh, carry [".gpu/b"]           (timeout_s 520; stop 35: 342 s)
 # Stop 35's two calls used 569 s of the session's 900 s of device time. Outputs come back under the call's
-# files_at: bench.json, bench.png, worker-0.log, bench.log, gpu_check.log (call 2), engine_thread_steps.log and
-# step_times.log (call 1; its 70 s ran out before the first figure in stop 35). Call 1 first checks that the compiled step works on
+# files_at: bench.json, bench.png, worker-0.log, bench.log, gpu_check.log (call 2) and engine_thread_steps.log
+# (call 1). In stop 35 gpu_check's 150 s ran out during its last comparison (bf16 compiled): it has 210 s now. Call 1 first checks that the compiled step works on
 # the engine thread as in a worker (`scripts/engine_thread_steps.py`): if it prints "compiled step failed: True",
 # call 2's bench would only measure the eager engine. `call3.sh` is that check alone, on random weights (about
 # 200 s with the start; carry [".whl", ".gpu/a/tok"]).
