@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -36,8 +37,21 @@ def parallel_cast() -> threading.Thread:
     return threading.current_thread()
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread runs no OpenMP pool")
-async def test_torch_work_in_its_own_thread_leaves_no_openmp_pool_behind_unlike_the_executor() -> None:
+@pytest.fixture
+def two_torch_threads() -> Iterator[None]:
+    """torch's thread count for the test: a new thread's parallel regions take the count the process last set (on
+    any thread), so after another test's `set_num_threads(1)` the executor's cast started no OpenMP pool and the
+    test failed (seen with two pytest processes, whose files run in another order)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: torch runs no OpenMP pool")
+async def test_torch_work_in_its_own_thread_leaves_no_openmp_pool_behind_unlike_the_executor(
+    two_torch_threads: None,
+) -> None:
     before = os_threads()
     ran_in = await in_a_thread_of_its_own(parallel_cast)
     assert ran_in is not threading.main_thread()
