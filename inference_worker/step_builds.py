@@ -1,8 +1,8 @@
 """Building a compiled step's package in a child process (`aot_step.build` is the compiling itself): one build of a
 package at a time among the workers that share the cache directory, stoppable, and leaving no process behind.
 
-- **A child process.** `python -m inference_worker.step_builds JOB` builds from the step the worker pickled, at a
-  lower CPU priority. In the worker's own process a build broke and slowed serving: a non-strict export running
+- **A child process.** `python -m inference_worker.build_child JOB ...` builds from the step the worker pickled, at
+  a lower CPU priority. In the worker's own process a build broke and slowed serving: a non-strict export running
   beside eager steps made them fail (`fake_mode.in_kernel_invocation must be False`), a strict one took 11 minutes
   beside them, and the steps after an in-process build ran at 22.7 ms instead of 17.
 - **One build per package.** A worker takes the package's lock (`flock` on `decode-<name>.lock`) before it builds.
@@ -11,7 +11,7 @@ package at a time among the workers that share the cache directory, stoppable, a
 - **No copy left behind.** AOTInductor compiles a package's files in inductor's cache, then copies them into the
   package, and compiles afresh at every build: the child removes its files from the cache once the package is
   written. Each SmolLM2 build left its library there before, 330 MB. Builds of one package that share inductor's
-  cache take turns there (`compiler_cache_lock`), so that one's removal cannot delete the other's files.
+  cache take turns there (`build_child.compiler_cache_lock`), so that one's removal cannot delete the other's files.
 - **No process left behind.** The child leads a process group of its own, which holds the compilers it runs (g++):
   a stopped build kills the whole group. If the worker dies, the child gets SIGTERM (`PR_SET_PDEATHSIG`) and kills
   its group. Killing the child alone, as before, left its g++ running.
@@ -20,7 +20,6 @@ package at a time among the workers that share the cache directory, stoppable, a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,8 +37,7 @@ from inference_worker import file_lock
 
 log = logging.getLogger("llmbus.engine")
 
-CHILD_NICENESS = 5  # the build yields the CPU to serving (at 10 it starved under a steady load: over 8 minutes)
-PR_SET_PDEATHSIG = 1
+CHILD_MODULE = "inference_worker.build_child"  # named, not imported: it imports aot_step, which imports this
 
 
 class BuildStopped(Exception):
@@ -91,7 +88,7 @@ def build_in_child(
         job_spec["name"] = path.stem
         torch.save(job_spec, job)
         threads = str(torch.get_num_threads())
-        command = [sys.executable, "-m", __name__, str(job), str(built), str(os.getpid()), threads]
+        command = [sys.executable, "-m", CHILD_MODULE, str(job), str(built), str(os.getpid()), threads]
         returncode = run_child(command, output, stop)
         if returncode is None:
             raise BuildStopped(f"the build of {path.name} was stopped")
@@ -127,76 +124,3 @@ def _example(cache: torch.Tensor) -> torch.Tensor:
     cache), and the build failed."""
     _, kv_heads, _, head_dim = cache.shape
     return torch.zeros((2, kv_heads, 66, head_dim), dtype=cache.dtype, device=cache.device)
-
-
-def die_with_parent(parent: int) -> None:
-    """In the child: when the parent dies, get SIGTERM and kill this process group (the child and its compilers);
-    exit at once if the parent is gone already. Linux only: elsewhere a killed worker may leave its build running."""
-    signal.signal(signal.SIGTERM, _kill_own_group)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        _kill_own_group()
-
-
-def _kill_own_group(*_: object) -> None:
-    os.killpg(0, signal.SIGKILL)
-
-
-def main(job: str, package: str, parent: str, threads: str) -> None:
-    """The child's side: die with the parent, yield the CPU to it, build the package from the pickled job. With the
-    parent's threads: inductor writes the kernels for that many (built on one thread, a package had no parallel
-    loops, and SmolLM2's step took 24 ms at batch 1 instead of 17)."""
-    from inference_worker import aot_step
-
-    die_with_parent(int(parent))
-    os.nice(CHILD_NICENESS)
-    torch.set_num_threads(int(threads))
-    spec = torch.load(job, weights_only=False)  # our own pickle, written a moment ago into a private directory
-    Path(job).unlink()  # the weights' bytes, not needed any more
-    with compiler_cache_lock(spec["name"]):
-        aot_step.build(spec["step"], spec["keys"], spec["values"], Path(package), spec["frozen"], spec["single"])
-        remove_compiler_copies(Path(package))
-
-
-@contextlib.contextmanager
-def compiler_cache_lock(name: str) -> Iterator[None]:
-    """Held by a child while it builds package `name` and removes its files from inductor's cache. Two builds of one
-    package for two cache directories (two `LLMBUS_CACHE_DIR`s, so two build locks) that share one inductor cache
-    (`TORCHINDUCTOR_CACHE_DIR`) compile the same files, named by their hash: one build's removal deleted the
-    other's sources mid-compile (`cc1plus: ... wrapper.cpp: No such file`)."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    directory = Path(cache_dir())
-    directory.mkdir(parents=True, exist_ok=True)
-
-    def waiting() -> None:
-        print(f"waiting for another build of {name} in the compiler cache {directory}", flush=True)
-
-    with file_lock.exclusive(directory / f"{name}.build.lock", on_wait=waiting):
-        yield
-
-
-def remove_compiler_copies(package: Path) -> None:
-    """Remove from inductor's cache the files that `package` holds copies of (named by their hash), and the
-    directories that held only them."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    with zipfile.ZipFile(package) as archive:
-        names = {Path(name).name for name in archive.namelist() if "/aotinductor/" in name}
-    stems = {name.split(".")[0] for name in names}
-    emptied: set[Path] = set()
-    for path in list(Path(cache_dir()).rglob("*")):
-        with contextlib.suppress(OSError):  # removed meanwhile
-            if path.name in names and path.is_file():
-                path.unlink()
-                emptied.add(path.parent)
-    for directory in emptied:
-        with contextlib.suppress(OSError):  # not empty: another build's files are there too
-            for stem in stems & {entry.name for entry in directory.iterdir()}:
-                (directory / stem).rmdir()
-            directory.rmdir()
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])

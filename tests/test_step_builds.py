@@ -45,7 +45,7 @@ def test_a_build_whose_worker_dies_kills_its_compilers(tmp_path: Path) -> None:
     """The worker is SIGKILLed mid-build: the child gets SIGTERM (PR_SET_PDEATHSIG) and kills its process group."""
     pid_file = tmp_path / "compiler.pid"
     child = compiler_like(
-        pid_file, "from inference_worker.step_builds import die_with_parent; import os; die_with_parent(os.getppid())"
+        pid_file, "from inference_worker.build_child import die_with_parent; import os; die_with_parent(os.getppid())"
     )
     worker_script = (
         "import subprocess, sys, time; "
