@@ -11,9 +11,11 @@ for other models are routed as before, without a look. A departure of a model th
 ignored, and departures never make looks more frequent than `routing.MIN_REFRESH_S`: whoever may publish on
 `llm.worker.left` cannot make every request wait for a look at the bus.
 
-A worker that dies without a word (killed, its host lost) cannot say so: its peers stop forwarding to it when their
-view of the bus expires (`routing.TTL_S`), and a request forwarded before that waits for its timeout, as a request
-does whose worker dies while answering it.
+A worker that dies without a word (killed, its host lost) cannot say so: its peers' view lists its model until it
+expires (`routing.TTL_S`). A peer probes a model's subject before it forwards a request there (`forward_probe`): when
+the server says nobody serves it, the client gets a 503 at once and the peer forgets the model as a departure would
+make it. A worker whose connection the server still holds (a host lost without closing it) passes the probe, and a
+request forwarded to it waits for its timeout, as a request does whose worker dies while answering it.
 """
 
 from __future__ import annotations

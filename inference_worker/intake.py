@@ -3,7 +3,8 @@
 Handlers only validate, route, hold and enqueue, then return (nats.py runs one handler at a time per subscription):
 - a chat for this worker's model is held and handed to the engine thread as a closure that templates and tokenizes
   it there (`requests.prepare`), off the event loop;
-- a chat on a model-less subject for another model is forwarded to that model's subject (`routing`);
+- a chat on a model-less subject for another model is forwarded to that model's subject (`routing`), in a task,
+  unless a probe hears that nobody serves it (`forward_probe`); a durable job, into that model's job queue;
 - a batch is scattered over the queue group and gathered by a task (`batches`);
 - a cancel names its request by reply subject and id (`held`).
 
@@ -12,7 +13,7 @@ span) count from then, a look at the bus included. A request refused here is ans
 counts its code and writes its log line and span, as for a request the engine answered.
 
 `Intake` is the request side of `Worker` (worker.py), which owns the state these methods use; `JobIntake`
-(job_intake.py) is its durable-job part.
+(job_intake.py) is its durable-job part, `Forwarding` (forward_probe.py) its forward to another model's workers.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
-from bus_gateway.bus_errors import no_durable_worker
 from inference_worker.batches import Headers
 from inference_worker.durable import Job
 from inference_worker.engine import Failed
+from inference_worker.forward_probe import Forwarding
 from inference_worker.held import Held, Key, Replier
 from inference_worker.job_intake import JobIntake
 from inference_worker.requests import (
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmbus.worker")
 
 
-class Intake(JobIntake):
+class Intake(JobIntake, Forwarding):
     async def route_chat(self: Worker, req: Replier) -> None:
         """`llm.chat` (and `llm.jobs.chat`): any model, or the default one."""
         received = time.monotonic()
@@ -66,16 +67,18 @@ class Intake(JobIntake):
         if isinstance(request, WireError):
             return await self.outbox.refuse(req, kind, request, received)
         where = self.directory.known_route(request.model)
-        if where is not None and not self._waits_for_its_default(req, request.model):
+        probed = isinstance(where, Forward) and not isinstance(req, Job)  # a round trip first: not in this callback
+        if where is not None and not probed and not self._waits_for_its_default(req, request.model):
             return await self._dispatch_chat(req, kind, request, where, received, False)
         self._route_in_a_task(req, kind, request, received)
 
     def _route_in_a_task(self: Worker, req: Replier, kind: str, request: ChatRequest, received: float) -> None:
-        """A request that needs a look at the bus before it can be routed takes it in a task of its own: the look
-        can last the whole discovery window, and every request behind this one would wait for it (on `llm.chat`,
-        in the subscription's callback; a durable job, in the pull loop that every job queue shares). Until it is
-        routed it counts as held (`jobs_wanted`). A request delivered while this worker still accepted requests is
-        served even when a drain began during its look (`drain` serves what was already delivered)."""
+        """A request that needs a look at the bus before it can be routed (or a probe before it is forwarded) takes
+        it in a task of its own: the look can last the whole discovery window, and every request behind this one
+        would wait for it (on `llm.chat`, in the subscription's callback; a durable job, in the pull loop that every
+        job queue shares). Until it is routed it counts as held (`jobs_wanted`). A request delivered while this
+        worker still accepted requests is served even when a drain began during its look (`drain` serves what was
+        already delivered)."""
         task = asyncio.create_task(self._route_then_dispatch(req, kind, request, received, self.accepting))
         self.routing.add(task)
         self._idle.clear()
@@ -107,7 +110,7 @@ class Intake(JobIntake):
         if isinstance(where, WireError):
             return await self.outbox.refuse(req, kind, where, received, stream=request.stream)
         if isinstance(where, Forward):
-            return await self._forward(req, where.model, received)
+            return await self._forward(req, kind, where.model, received, request.stream)
         await self._serve_chat(req, kind, request, received, delivered)
 
     async def serve_chat(self: Worker, req: Replier) -> None:
@@ -163,16 +166,6 @@ class Intake(JobIntake):
         except Exception as exc:
             log.exception("preparing request %s failed", engine_id)
             return Failed(engine_id, 500, f"internal error while preparing the request: {exc!r}", name="internal")
-
-    async def _forward(self: Worker, req: Replier, model: str, received: float) -> None:
-        """Hand a chat to `model`'s workers with the client's reply subject: they answer the client directly."""
-        log.debug("forwarding a request for %s to its workers", model)
-        if isinstance(req, Job):
-            if self.jobs is not None and not await self.jobs.takes_jobs_for(model):
-                unserved = WireError.of("model_not_found", no_durable_worker(model).message)
-                return await self.outbox.refuse(req, content_type(req.headers), unserved, received)
-            return await req.forward(self.subjects.model_jobs_chat(model))
-        await req.forward(self.subjects.model_chat(model))
 
     async def route_batch(self: Worker, req: Replier) -> None:
         """`llm.chat.batched`: each query goes to the model it names, or to the default model."""

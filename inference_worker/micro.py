@@ -13,7 +13,8 @@ ls/info/stats` read them as they read any NATS service.
 
 A request is answered only on a reply subject under one of the service's reply prefixes (`ReplyGate`, default
 `_INBOX.`); any other (`$JS.API.STREAM.DELETE.<stream>`, `llm.chat`...) is dropped unanswered. The server cannot
-enforce this: a worker's `allow_responses` lets it publish to whatever reply subject a request names.
+enforce this: a worker's `allow_responses` lets it publish to whatever reply subject a request names. A probe
+(`schemas.subjects.PROBE`, sent by a peer's `forward_probe`) is no request: it is dropped, unanswered and uncounted.
 
 An answer must fit the server's max payload, its headers counted: one that would not fit goes out as a 413 in its
 place and ends the answer (on a stream, as its end message), a `$SRV` answer's too (`answer_size`).
@@ -41,6 +42,7 @@ from inference_worker.answer_size import DiscoveryAnswers, answer_too_large, pub
 from inference_worker.reply_gate import ReplyGate
 from schemas import WireError
 from schemas.errors import clean_text, error_headers
+from schemas.subjects import is_probe
 
 log = logging.getLogger("llmbus.micro")
 
@@ -197,6 +199,9 @@ class MicroService:
         endpoint = Endpoint(name, subject, queue_group, handler, metadata or {})
 
         async def on_msg(msg: Msg) -> None:
+            if is_probe(msg.headers):
+                log.debug("dropped a probe on %s", msg.subject)  # not a request: unanswered, uncounted
+                return
             endpoint.num_requests += 1
             request = Request(self.nc, msg, endpoint)
             if msg.reply and not self.replies.allows(msg.reply, f"a request on {msg.subject}"):

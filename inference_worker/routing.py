@@ -28,6 +28,10 @@ is routed on the view held, as before. A departure of a model the view does not 
 ignored (unless a look is under way, which may find it). Anyone who may publish on `llm.worker.left` could claim
 departures, so they never make looks more frequent than `min_refresh`: a request for a suspect model waits out what is
 left of it since the last look ended (at most `min_refresh`), then takes the look.
+
+A worker killed without a word cannot be heard leaving: a request forwarded to its model is probed first
+(`forward_probe`), and when the server says nobody serves that model's subject any more, the client gets a 503 at once
+and the model is forgotten as a departure would make it (`forget`).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from inference_worker.engine import (
     Failed,
     LLMEngine,
 )
+from inference_worker.forward_probe import ForwardProbe
 from inference_worker.hardware import pick_threads
 from inference_worker.held import HeldRequests, Key
 from inference_worker.intake import Intake
@@ -99,6 +100,7 @@ class Worker(Intake, WorkerFacts):
         self.peers = BusClient(nc, self.subjects)  # this worker as a client of the bus: batches, discovery
         self.directory = ModelDirectory(self._bus_models, self.model_name, config.default_model)
         self.coordinator = BatchCoordinator(self.peers, config.request_timeout, self.directory.knows)
+        self.probe = ForwardProbe(nc)  # is a model still served, before a request is forwarded to it
         self.accepting = True
         self.draining = False
         self.threads = pick_threads(config.threads)

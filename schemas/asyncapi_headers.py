@@ -17,6 +17,7 @@ from schemas.subjects import (
     JSON,
     MSG_ID,
     MSGPACK,
+    PROBE,
     REPLY_TO,
     REQUEST_ID,
     REQUEST_ID_PATTERN,
@@ -60,6 +61,11 @@ HEADER_FIELDS: dict[str, Schema] = {
         "Durable job: the subject its answer is published to (under an allowed inbox prefix, `_INBOX.` by default; "
         "a job with any other is dropped without an answer). Cancel: the reply subject of the request to cancel."
     ),
+    PROBE: _text(
+        "Between workers: an empty message on a model's chat subject that a worker sends, with a reply subject of its "
+        "own, before it forwards a request there; the server's no-responders status tells it nobody serves the "
+        "model. A worker drops a message with this header unanswered. Clients do not set it."
+    ),
     MSG_ID: _text("Durable job: equal to `Llmbus-Reply-To`, so JetStream stores a re-published job once."),
     JOB_PUBLISHED: _text(
         "Durable job stored again by a worker (forwarded to its model's queue, or put back at a clean shutdown): "
@@ -97,7 +103,7 @@ def header_schemas() -> dict[str, Schema]:
     end = {STREAM: _marker(STREAM_END, "The last message of a stream (before the empty sentinel).")}
     traced = [CONTENT_TYPE, REQUEST_ID, TENANT, TRACEPARENT, TRACESTATE]
     return {
-        "RequestHeaders": _headers("Headers of a request (all optional).", traced),
+        "RequestHeaders": _headers("Headers of a request (all optional).", [*traced, PROBE]),
         "JobHeaders": _headers(
             "Headers of a durable job.",
             [REPLY_TO, REQUEST_ID, MSG_ID, JOB_PUBLISHED, JOB_ATTEMPTS, *traced[2:], CONTENT_TYPE],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "llm"
@@ -48,6 +49,7 @@ ERROR_CODE = "Nats-Service-Error-Code"
 ERROR_NAME = "Llmbus-Error"
 REPLY_TO = "Llmbus-Reply-To"
 TENANT = "Llmbus-Tenant"
+PROBE = "Llmbus-Probe"  # between workers: an empty message asking the server whether anyone serves a subject
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 PROPAGATED_HEADERS = frozenset({TENANT, TRACEPARENT, TRACESTATE})  # carried from a batch to each of its queries
@@ -68,6 +70,12 @@ def model_token(name: str) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:DIGEST_HEX]
     return f"{UNSAFE_IN_TOKEN.sub('_', name)[:48]}-{digest}"
+
+
+def is_probe(headers: Mapping[str, str] | None) -> bool:
+    """A probe (`PROBE`: a worker asking the server whether anyone serves a subject), not a request: its receiver
+    drops it unanswered."""
+    return headers is not None and PROBE in headers
 
 
 def message_size(data: bytes, headers: dict[str, str] | None) -> int:
