@@ -188,3 +188,25 @@ async def test_the_worker_role_may_probe_a_model_killed_meanwhile(secure_bus: Se
             assert_beta_is_gone(await asyncio.wait_for(asked, PROMPT_S))
     finally:
         await client.close()
+
+
+async def test_a_batch_query_for_a_model_killed_meanwhile_is_a_404_at_once_not_retried_to_its_timeout(
+    fresh_nats_server: NatsServer, fresh_nc: NATS
+) -> None:
+    """A batch's coordinator sends each query to its model's subject with its own inbox (no probe needed), so it
+    hears the no-responders status itself, and its `BusClient` turns it into a 404 after asking the bus which models
+    are there, though the coordinator's view still lists the model: the query is not retried to its timeout, and the
+    batch's other query is answered (`partial_success`)."""
+    config = plain(fresh_nats_server)
+    async with worker(config, "alpha") as alpha, worker(config, "beta") as beta:
+        await knows_beta(alpha)
+        await asyncio.wait_for(die_silently(beta, fresh_nc), PROMPT_S * 3)
+        queries = [
+            {"chat_id": "lost", "user_prompt": "hi", "max_tokens": 2, "model": "beta", "timeout": CLIENT_TIMEOUT_S},
+            {"chat_id": "kept", "user_prompt": "hi", "max_tokens": 2, "model": "alpha"},
+        ]
+        batch = json.dumps({"queries": queries}).encode()
+        answer = await asyncio.wait_for(fresh_nc.request("llm.chat.batched", batch, CLIENT_TIMEOUT_S), PROMPT_S)
+    results = {r["chat_id"]: r for r in json.loads(answer.data)["responses"]}
+    assert results["lost"]["code"] == 404 and "`beta`" in results["lost"]["error"], results["lost"]
+    assert results["kept"].get("error") is None and results["kept"]["response"], results["kept"]
