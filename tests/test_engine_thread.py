@@ -3,87 +3,19 @@ intake by callable, the Accepted event and per-thread torch threads."""
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Callable
 
 import pytest
 
+from helpers.engine_threads import WAIT_S, EngineHarness, Fault, Faulty
 from helpers.tiny_model import chat_prompt, tiny_model
-from inference_worker.engine import Accepted, EngineConfig, EngineThread, Event, Failed, Finished, LLMEngine
+from inference_worker.engine import Accepted, Failed, Finished
 from inference_worker.model_loader import LoadedModel
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
 
-WAIT_S = 60
 SHORT = SamplingParams(max_tokens=4, ignore_eos=True)
 LONG = SamplingParams(max_tokens=400, ignore_eos=True)
-
-
-class Fault(Exception):
-    pass
-
-
-class Faulty:
-    """Wraps a callable; raises `Fault` on the next `times` calls once armed."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
-        self.left = 0
-
-    def arm(self, times: int = 1) -> None:
-        self.left = times
-
-    def __call__(self, *args, **kwargs):
-        if self.left > 0:
-            self.left -= 1
-            raise Fault("injected")
-        return self.fn(*args, **kwargs)
-
-
-class Harness:
-    """An EngineThread on the tiny model whose events land in a queue; the forward and the sink can be armed."""
-
-    def __init__(self, loaded: LoadedModel, sink_faults: int = 0) -> None:
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.deaths: list[BaseException] = []
-        self.died = threading.Event()
-        self.sink = Faulty(lambda events: [self.events.put(e) for e in events])
-        self.sink.arm(sink_faults)
-        self.thread = EngineThread(lambda: self._build(loaded), self._sink, self._on_death)
-        self.engine = self.thread.start()
-
-    def _build(self, loaded: LoadedModel) -> LLMEngine:
-        engine = LLMEngine(loaded, EngineConfig(max_batch_size=4))
-        engine.runner.forward = Faulty(engine.runner.forward)
-        return engine
-
-    def _sink(self, events: list[Event]) -> None:
-        self.sink(events)
-
-    def _on_death(self, exc: BaseException) -> None:
-        self.deaths.append(exc)
-        self.died.set()
-
-    def final(self, request_id: str) -> Finished | Failed:
-        while True:
-            event = self.events.get(timeout=WAIT_S)
-            if isinstance(event, Finished | Failed) and event.request_id == request_id:
-                return event
-
-    def finals(self, ids: set[str]) -> dict[str, Finished | Failed]:
-        found: dict[str, Finished | Failed] = {}
-        while set(found) != ids:
-            event = self.events.get(timeout=WAIT_S)
-            if isinstance(event, Finished | Failed) and event.request_id in ids:
-                found[event.request_id] = event
-        return found
-
-    def first_event(self, request_id: str) -> Event:
-        while True:
-            event = self.events.get(timeout=WAIT_S)
-            if event.request_id == request_id:
-                return event
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +24,7 @@ def tiny() -> LoadedModel:
 
 
 def test_a_failing_forward_fails_what_is_in_flight_and_the_thread_serves_on(tiny: LoadedModel) -> None:
-    h = Harness(tiny)
+    h = EngineHarness(tiny)
     h.engine.runner.forward.arm()
     h.thread.submit(Sequence("a", chat_prompt(tiny, "a"), SHORT))
     failed = h.final("a")
@@ -104,7 +36,7 @@ def test_a_failing_forward_fails_what_is_in_flight_and_the_thread_serves_on(tiny
 
 
 def test_a_failing_add_request_fails_only_that_request(tiny: LoadedModel) -> None:
-    h = Harness(tiny)
+    h = EngineHarness(tiny)
     h.engine.add_request = Faulty(h.engine.add_request)
     h.thread.submit(Sequence("long", chat_prompt(tiny, "long"), LONG, stream=True))
     assert h.first_event("long") == Accepted("long")
@@ -121,7 +53,7 @@ def test_a_failing_add_request_fails_only_that_request(tiny: LoadedModel) -> Non
 
 
 def test_a_failing_sink_kills_the_thread_which_fails_what_it_holds_and_reports_its_death(tiny: LoadedModel) -> None:
-    h = Harness(tiny)
+    h = EngineHarness(tiny)
     h.thread.submit(Sequence("held", chat_prompt(tiny, "held"), LONG, stream=True))
     assert h.first_event("held") == Accepted("held")
     h.sink.arm()  # the next delivery raises: events can no longer be delivered, so the engine cannot go on
@@ -135,7 +67,7 @@ def test_a_failing_sink_kills_the_thread_which_fails_what_it_holds_and_reports_i
 
 
 def test_when_failing_everything_raises_too_the_thread_answers_from_its_own_records(tiny: LoadedModel) -> None:
-    h = Harness(tiny)
+    h = EngineHarness(tiny)
     h.thread.submit(Sequence("one", chat_prompt(tiny, "one"), LONG))
     h.thread.submit(Sequence("two", chat_prompt(tiny, "two"), LONG))
     h.engine.fail_all = Faulty(h.engine.fail_all)
@@ -147,7 +79,7 @@ def test_when_failing_everything_raises_too_the_thread_answers_from_its_own_reco
 
 
 def test_a_callable_builds_the_request_in_the_engine_thread(tiny: LoadedModel) -> None:
-    h = Harness(tiny)
+    h = EngineHarness(tiny)
     built_in: list[str] = []
 
     def build() -> Sequence:
@@ -168,7 +100,7 @@ def test_a_callable_builds_the_request_in_the_engine_thread(tiny: LoadedModel) -
 
 def test_what_the_commands_before_a_stop_produced_still_goes_out(tiny: LoadedModel) -> None:
     """A refusal read in the same pass as the stop is answered as it is, not left for the worker's 503."""
-    h = Harness(tiny)
+    h = EngineHarness(tiny)
     building, release = threading.Event(), threading.Event()
 
     def slow_build() -> Failed:
@@ -192,7 +124,7 @@ def test_what_the_commands_before_a_stop_produced_still_goes_out(tiny: LoadedMod
 
 
 def test_a_stream_is_accepted_before_its_first_token_and_a_plain_request_is_not(tiny: LoadedModel) -> None:
-    h = Harness(tiny)
+    h = EngineHarness(tiny)
     h.thread.submit(Sequence("s", chat_prompt(tiny, "stream"), SHORT, stream=True))
     assert h.first_event("s") == Accepted("s")
     h.thread.submit(Sequence("p", chat_prompt(tiny, "plain"), SHORT))
@@ -201,7 +133,7 @@ def test_a_stream_is_accepted_before_its_first_token_and_a_plain_request_is_not(
 
 
 def test_set_threads_applies_in_the_engine_thread(tiny: LoadedModel) -> None:
-    h = Harness(tiny)
+    h = EngineHarness(tiny)
     h.thread.set_threads(1)
     h.thread.submit(Sequence("t", chat_prompt(tiny, "threads"), SHORT))
     h.final("t")

@@ -4,56 +4,19 @@ hold ends once the rows the memory plan bought are waiting or a waiting request'
 
 from __future__ import annotations
 
-import queue
 import time
-from collections.abc import Callable
 
 import pytest
 
+from helpers.engine_threads import EngineHarness
 from helpers.tiny_model import chat_prompt, tiny_model
-from inference_worker.engine import EngineConfig, EngineThread, Event, Failed, Finished, LLMEngine, TokenDelta
+from inference_worker.engine import EngineConfig, Event, Failed, Finished, TokenDelta
 from inference_worker.model_loader import LoadedModel
 from inference_worker.sampling_params import SamplingParams
 from inference_worker.sequence import Sequence
 
 WAIT_S = 60  # far below the 600 s hold of the max_wait_ms test: a hold that does not end fails here
 SHORT = SamplingParams(max_tokens=4, ignore_eos=True)
-
-
-class Harness:
-    """An EngineThread on the tiny model whose events land in a queue; `on_events` sees each delivery first."""
-
-    def __init__(
-        self, loaded: LoadedModel, config: EngineConfig, on_events: Callable[[list[Event]], None] | None = None
-    ) -> None:
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.on_events = on_events
-        self.thread = EngineThread(lambda: LLMEngine(loaded, config), self._sink)
-        self.engine = self.thread.start()
-
-    def _sink(self, events: list[Event]) -> None:
-        if self.on_events is not None:
-            self.on_events(events)
-        for event in events:
-            self.events.put(event)
-
-    def until_final(self, request_id: str) -> list[Event]:
-        """The events of `request_id`, up to its Finished or Failed."""
-        seen: list[Event] = []
-        while True:
-            event = self.events.get(timeout=WAIT_S)
-            if event.request_id == request_id:
-                seen.append(event)
-                if isinstance(event, Finished | Failed):
-                    return seen
-
-    def finals(self, ids: set[str]) -> dict[str, Finished | Failed]:
-        found: dict[str, Finished | Failed] = {}
-        while set(found) != ids:
-            event = self.events.get(timeout=WAIT_S)
-            if isinstance(event, Finished | Failed) and event.request_id in ids:
-                found[event.request_id] = event
-        return found
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +27,13 @@ def tiny() -> LoadedModel:
 def test_a_cancelled_stream_gets_the_text_held_back_for_its_stop_strings(tiny: LoadedModel) -> None:
     """The deltas of a stream cancelled mid-flight add up to its Finished text: the tail that could still have
     started "zzzzzz" goes out before the Finished."""
-    harness: Harness
+    harness: EngineHarness
 
     def cancel_after_the_first_delta(events: list[Event]) -> None:
         if any(isinstance(e, TokenDelta) for e in events):
             harness.thread.cancel("s")  # queued from the engine thread: applied before its next step
 
-    harness = Harness(tiny, EngineConfig(max_batch_size=4), cancel_after_the_first_delta)
+    harness = EngineHarness(tiny, EngineConfig(max_batch_size=4), cancel_after_the_first_delta)
     params = SamplingParams(max_tokens=900, ignore_eos=True, stop=("zzzzzz",))
     harness.thread.submit(Sequence("s", chat_prompt(tiny, "stream then cancel"), params, stream=True))
     events = harness.until_final("s")
@@ -88,7 +51,7 @@ def test_the_hold_ends_when_the_rows_the_memory_plan_bought_are_waiting(tiny: Lo
     config = EngineConfig(
         max_batch_size=4, max_seq_len=window, prefix_cache=False, kv_cache_tokens=2 * window, max_wait_ms=600_000
     )
-    harness = Harness(tiny, config)
+    harness = EngineHarness(tiny, config)
     assert harness.engine.plan.rows == 2
     harness.thread.submit(Sequence("a", chat_prompt(tiny, "a"), SHORT))
     harness.thread.submit(Sequence("b", chat_prompt(tiny, "b"), SHORT))
@@ -100,7 +63,7 @@ def test_the_hold_ends_when_the_rows_the_memory_plan_bought_are_waiting(tiny: Lo
 def test_a_request_whose_deadline_passes_during_the_hold_is_answered_504(tiny: LoadedModel) -> None:
     """max_wait_ms holds a lone request 600 s for company; its 0.5 s deadline ends the hold, and the step answers 504
     (the hold used to run its course first)."""
-    harness = Harness(tiny, EngineConfig(max_batch_size=4, max_seq_len=256, max_wait_ms=600_000))
+    harness = EngineHarness(tiny, EngineConfig(max_batch_size=4, max_seq_len=256, max_wait_ms=600_000))
     hurried = Sequence("hurried", chat_prompt(tiny, "a"), SHORT)
     hurried.deadline = time.monotonic() + 0.5
     harness.thread.submit(hurried)
@@ -112,7 +75,7 @@ def test_a_request_whose_deadline_passes_during_the_hold_is_answered_504(tiny: L
 def test_requests_failed_counts_every_failure_of_the_intake_once(tiny: LoadedModel) -> None:
     """A preparation that refuses (400), one that raises (500) and a prompt too long for the window (413, counted
     by add_request itself) are three failed requests."""
-    harness = Harness(tiny, EngineConfig(max_batch_size=4, max_seq_len=16))
+    harness = EngineHarness(tiny, EngineConfig(max_batch_size=4, max_seq_len=16))
 
     def raises() -> Sequence:
         raise RuntimeError("template exploded")
