@@ -21,6 +21,7 @@ from inference_worker.quantize import INT4_GROUP, linear_for
 
 log = logging.getLogger("llmbus.engine")
 
+ROPE_TABLE_COPIES = 2  # the runner's decoder and its wide one (`model_runner.wide_decoder`) each hold their own
 MEMORY_HEADROOM = 0.9  # of the available memory the plan may take (the rest: activations, allocator slack)
 CGROUP = Path("/sys/fs/cgroup")  # this process's cgroup v2 (the container's own, in a cgroup namespace)
 
@@ -37,6 +38,7 @@ class MemoryPlan:
     bytes_per_token: int
     weight_bytes: int
     runner_bytes: int
+    rope_bytes: int
     available_bytes: int | None
     device: str
 
@@ -54,7 +56,8 @@ class MemoryPlan:
         return (
             f"memory plan ({self.device}): KV cache {self.rows} rows x {self.window} tokens + prefix cache "
             f"{self.prefix_tokens} tokens = {self.kv_tokens} tokens x {self.bytes_per_token / 1024:.1f} KiB = "
-            f"{_gb(self.kv_bytes)}; weights {_gb(self.weight_bytes)}{copies}; available {available}"
+            f"{_gb(self.kv_bytes)}; weights {_gb(self.weight_bytes)}{copies}; RoPE tables {_gb(self.rope_bytes)}; "
+            f"available {available}"
         )
 
 
@@ -62,9 +65,19 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * dtype.itemsize
+
+
+def rope_table_bytes(config, window: int) -> int:
+    """The hand-written decoders' RoPE tables (`llama.LlamaFamilyModel`): cos and sin for every position of the
+    window, at most `head_dim` wide, in float32 at most, in each decoder a runner may hold: 8 MiB for SmolLM2's 8192
+    positions, 256 MiB for a 128k-token window of 128-wide heads."""
+    return ROPE_TABLE_COPIES * 2 * (window + 1) * head_dim_of(config) * 4
 
 
 def plan_memory(
@@ -98,10 +111,12 @@ def plan_memory(
         kv_bytes_per_token(model.config, dtype),
         weight_bytes(model),
         runner_bytes,
+        rope_table_bytes(model.config, window),
         available_memory(device),
         str(device),
     )
-    if plan.available_bytes is not None and plan.kv_bytes + runner_bytes > MEMORY_HEADROOM * plan.available_bytes:
+    needed = plan.kv_bytes + runner_bytes + plan.rope_bytes
+    if plan.available_bytes is not None and needed > MEMORY_HEADROOM * plan.available_bytes:
         raise MemoryPlanError(
             f"{plan.describe()}: the KV cache does not fit; lower kv_cache_tokens, max_batch_size, max_seq_len "
             "or prefix_cache_tokens" + (", or run with --no-compile" if runner_bytes else "")

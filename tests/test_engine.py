@@ -17,7 +17,14 @@ from inference_worker.compiled_decode import WIDE_FROM
 from inference_worker.engine import EngineConfig, Failed, Finished, LLMEngine, TokenDelta
 from inference_worker.hardware import cpu_flags, flags_in, float32_wins_wide_matmuls
 from inference_worker.llama import Linear
-from inference_worker.memory import MemoryPlanError, plan_memory, quantized_bytes
+from inference_worker.memory import (
+    MEMORY_HEADROOM,
+    MemoryPlanError,
+    available_memory,
+    plan_memory,
+    quantized_bytes,
+    rope_table_bytes,
+)
 from inference_worker.model_loader import LoadedModel, load_model, load_tokenizer, model_name_of
 from inference_worker.model_runner import (
     ModelRunner,
@@ -188,6 +195,24 @@ def test_the_memory_plan_counts_the_copies_of_the_weights_the_runner_will_make(t
     assert available is not None
     with pytest.raises(MemoryPlanError, match=r"does not fit.*--no-compile"):
         plan_memory(tiny.model, tiny.dtype, tiny.device, 2, 64, runner_bytes=available)
+
+
+def test_the_memory_plan_counts_the_rope_tables_of_the_window(tiny: LoadedModel) -> None:
+    """cos and sin for every position of the window, in each decoder: a plan that fits to the byte without them
+    fails with them. A window of 2**23 positions makes them 2 GiB here, so the drift of the memory available
+    between two plans (other processes) cannot decide the outcome."""
+    window = 2**23
+    tables = rope_table_bytes(tiny.model.config, window)
+    if (available_memory(tiny.device) or 0) < 4 * tables:
+        pytest.skip("less than 8 GiB available: the plan of a 2**23-token window does not fit at all here")
+    assert tables == 2 * 2 * (window + 1) * 16 * 4  # two decoders, cos and sin, 16-wide heads, float32
+    plan = plan_memory(tiny.model, tiny.dtype, tiny.device, 1, window)
+    assert plan.rope_bytes == tables and "RoPE tables 2.00 GiB" in plan.describe()
+    assert plan.available_bytes is not None
+    room = int(MEMORY_HEADROOM * plan.available_bytes) - plan.kv_bytes  # what the runner may add, without RoPE
+    with pytest.raises(MemoryPlanError, match="does not fit"):
+        plan_memory(tiny.model, tiny.dtype, tiny.device, 1, window, runner_bytes=room)
+    plan_memory(tiny.model, tiny.dtype, tiny.device, 1, window, runner_bytes=room - 3 * tables)
 
 
 def test_the_wide_step_is_frozen_only_where_its_packed_copy_fits(tiny: LoadedModel, smollm: LoadedModel) -> None:
