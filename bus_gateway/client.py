@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import msgspec
@@ -34,7 +34,7 @@ from bus_gateway.bus_errors import (
 )
 from bus_gateway.discovery import Discovery
 from bus_gateway.inbox import ReplyInbox, in_flight
-from bus_gateway.streaming import Streaming
+from bus_gateway.streaming import Headers, Streaming
 from llmbus import tracing
 from llmbus.config import Config
 from llmbus.connection import connect, flushed, open_connection, refused_plaintext, servers_want_tls
@@ -53,8 +53,6 @@ __all__ = ["BusClient", "BusError", "new_request_id", "with_deadline"]
 DEFAULT_TIMEOUT = 120.0
 REPLY_GRACE = 0.5  # extra wait past a request's own deadline, so the worker's 504 arrives rather than our guess
 MAX_BACKOFF = 2.0
-
-Headers = Mapping[str, str] | None
 
 
 def new_request_id() -> str:

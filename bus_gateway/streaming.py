@@ -13,8 +13,8 @@ must match the results received. A stream that lost messages raises `BusError` 5
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -24,8 +24,7 @@ from bus_gateway.idle_watch import IdleWatch
 from schemas import BatchDone, BatchItemDone, ChatChunk, ChatRequest
 from schemas.subjects import STREAM, STREAM_END
 
-if TYPE_CHECKING:
-    from bus_gateway.client import Headers
+Headers = Mapping[str, str] | None  # a request's NATS headers (`BusClient` takes them from here)
 
 
 class Streaming:
