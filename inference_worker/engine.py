@@ -20,14 +20,12 @@ from functools import partial
 import torch
 
 from inference_worker.engine_stats import EngineStats
-from inference_worker.engine_thread import EngineThread
 from inference_worker.events import Accepted, Event, Failed, Finished, NoObserver, StepObserver, Timings, TokenDelta
 
 __all__ = [  # the engine's public names, events included (callers import them from here)
     "Accepted",
     "EngineConfig",
     "EngineStats",
-    "EngineThread",
     "Event",
     "Failed",
     "Finished",

@@ -30,10 +30,10 @@ from inference_worker.batches import BatchCoordinator
 from inference_worker.departures import Departures
 from inference_worker.engine import (
     EngineConfig,
-    EngineThread,
     Failed,
     LLMEngine,
 )
+from inference_worker.engine_thread import EngineThread
 from inference_worker.forward_probe import ForwardProbe
 from inference_worker.hardware import pick_threads
 from inference_worker.held import HeldRequests, Key

@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from inference_worker.engine import EngineConfig, EngineThread, Event, Failed, Finished, LLMEngine
+from inference_worker.engine import EngineConfig, Event, Failed, Finished, LLMEngine
+from inference_worker.engine_thread import EngineThread
 from inference_worker.events import NoObserver
 from inference_worker.model_loader import load_model
 from inference_worker.sampling_params import SamplingParams

@@ -29,7 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from step_times import sync
 
-from inference_worker.engine import EngineConfig, EngineThread, Event, LLMEngine, TokenDelta
+from inference_worker.engine import EngineConfig, Event, LLMEngine, TokenDelta
+from inference_worker.engine_thread import EngineThread
 from inference_worker.events import Failed, Finished, NoObserver
 from inference_worker.hardware import pick_threads
 from inference_worker.model_loader import LoadedModel, load_model

@@ -17,7 +17,8 @@ import torch
 from helpers.tiny_model import chat_prompt, tiny_model
 from inference_worker import memory
 from inference_worker.admission import WaitingQueue
-from inference_worker.engine import EngineConfig, EngineThread, Event, Failed, Finished, LLMEngine
+from inference_worker.engine import EngineConfig, Event, Failed, Finished, LLMEngine
+from inference_worker.engine_thread import EngineThread
 from inference_worker.held import Held, HeldRequests
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.model_loader import LoadedModel

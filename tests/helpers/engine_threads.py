@@ -8,7 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from inference_worker.engine import EngineConfig, EngineThread, Event, Failed, Finished, LLMEngine
+from inference_worker.engine import EngineConfig, Event, Failed, Finished, LLMEngine
+from inference_worker.engine_thread import EngineThread
 from inference_worker.model_loader import LoadedModel
 
 WAIT_S = 60  # a broken run fails after this; a passing one never waits that long
