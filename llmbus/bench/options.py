@@ -20,6 +20,7 @@ HTTP_API_KEY_ENV = "LLMBUS_BENCH_HTTP_API_KEY"
 @dataclass(slots=True)
 class BenchOptions:
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
+    rounds: int = 1
     max_tokens: int = 128
     requests_per_client: int = 2
     min_requests: int = 8
@@ -69,6 +70,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     d = BenchOptions()
     load = p.add_argument_group("workload")
     load.add_argument("--concurrency", type=int_list, default=d.concurrency, help="client counts, comma-separated")
+    load.add_argument(
+        "--rounds",
+        type=int,
+        default=d.rounds,
+        help="measure each concurrency N times, the targets (NATS, --http, --peer-url) in alternating order, and "
+        "report each target's rounds as one point: a steady drift of a shared machine's speed cancels out of their "
+        "ratios",
+    )
     load.add_argument("--max-tokens", type=int, default=d.max_tokens, help="max_tokens of every request")
     load.add_argument("--requests-per-client", type=int, default=d.requests_per_client, help="requests per client")
     load.add_argument("--min-requests", type=int, default=d.min_requests, help="at least this many requests per point")
@@ -197,7 +206,7 @@ def parse_options(argv: Sequence[str], description: str | None = None) -> BenchO
 
 def check(opts: BenchOptions) -> str | None:
     """The first inconsistent setting, said plainly; None when they fit together."""
-    for name in ("workers", "max_tokens", "requests_per_client", "naive_threads"):
+    for name in ("workers", "max_tokens", "requests_per_client", "naive_threads", "rounds"):
         if getattr(opts, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
     for name in ("point_time_cap", "request_timeout", "baseline_time_cap"):

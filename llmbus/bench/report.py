@@ -15,6 +15,7 @@ from llmbus.bench.baselines import Baselines
 from llmbus.bench.http_load import CHAT_PATH
 from llmbus.bench.options import BenchOptions
 from llmbus.bench.stack import Stack
+from llmbus.bench.stats import PointResult
 from llmbus.bench.sweep import Sweep
 from llmbus.bench.verdicts import Ratio, pairwise
 from llmbus.config import Config
@@ -57,7 +58,7 @@ def build_report(
         "warmup_s": sweep.warmup_s,
         "compile_wait_s": sweep.compile_wait_s,
         "warmups_s": sweep.warmups_s,
-        "points": [asdict(p) for p in sweep.points],
+        "points": [point_json(p) for p in sweep.points],
         "http": None
         if not stack.http_url
         else {
@@ -67,7 +68,7 @@ def build_report(
             "started_by_bench": opts.http_url is None,
             "process": "llmbus gateway, its own process" if opts.http_url is None else "given by --http-url",
         },
-        "http_points": [asdict(p) for p in sweep.http_points],
+        "http_points": [point_json(p) for p in sweep.http_points],
         "http_over_nats": pairwise(sweep.http_points, sweep.points),
         "peer": None
         if not opts.peer_url
@@ -77,7 +78,7 @@ def build_report(
             "model": opts.peer_model,
             "token_count_source": sorted({p.token_count_source for p in sweep.peer_points}),
         },
-        "peer_points": [asdict(p) for p in sweep.peer_points],
+        "peer_points": [point_json(p) for p in sweep.peer_points],
         "nats_over_peer": pairwise(sweep.points, sweep.peer_points),
         "ratios": [asdict(r) for r in ratios],
         "notes": notes,
@@ -155,3 +156,8 @@ def clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [clean(v) for v in value]
     return value
+
+
+def point_json(point: PointResult) -> dict[str, Any]:
+    """A point's figures for bench.json: every field but its raw requests."""
+    return {f.name: getattr(point, f.name) for f in fields(point) if f.name != "records"}

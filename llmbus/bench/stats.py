@@ -75,6 +75,8 @@ class PointResult:
     bridge_cpu_s: float | None = None
     load_average_1m: float = math.nan
     stack_failure: str | None = None  # a worker or the bridge was found dead after this point: its figures are suspect
+    rounds: int = 1  # rounds merged into this point (`--rounds`)
+    records: list[RequestRecord] = field(default_factory=list)  # its requests, for merging rounds; not in bench.json
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -125,6 +127,7 @@ def summarize(
         e2e_p95_s=percentile(e2e, 95),
         via=via,
         token_count_source=token_count_source(ok),
+        records=list(records),
     )
 
 

@@ -30,6 +30,7 @@ from llmbus.bench.bus_load import (
 from llmbus.bench.closed_loop import Send, closed_loop, warm_up
 from llmbus.bench.http_load import OpenAITarget, http_client, stream_over_http, wait_until_ready
 from llmbus.bench.options import BenchError, BenchOptions, progress
+from llmbus.bench.rounds import in_round_order, merge_rounds
 from llmbus.bench.stack import Stack
 from llmbus.bench.stats import PointResult, RequestRecord, describe_point, summarize
 from llmbus.bench.workload import requests_per_client
@@ -111,21 +112,33 @@ async def measure_points(
 ) -> None:
     """Every target at every concurrency, into the sweep's lists. After each point `check_alive` looks at the
     stack's processes: a worker or the bridge found dead marks that point failed (`stack_failure`, so it shows
-    ERRORS), stops the sweep and sets `sweep.stopped`; the points measured before it are kept for the report."""
+    ERRORS), stops the sweep and sets `sweep.stopped`; the points measured before it are kept for the report. With
+    `--rounds N` each concurrency runs the targets N times in alternating order, and each target's rounds are
+    reported as one point (`rounds`)."""
     by_via = {"nats": sweep.points, "http": sweep.http_points, "peer": sweep.peer_points}
     for concurrency in opts.concurrency:
         per_client = requests_per_client(opts.requests_per_client, opts.min_requests, concurrency)
-        progress(f"concurrency {concurrency}: {concurrency * per_client} requests per target")
-        for target in targets:
-            point = await measure(target, concurrency, per_client)
-            by_via[target.via].append(point)
-            try:
-                check_alive()
-            except BenchError as exc:
-                point.stack_failure = str(exc)
-                sweep.stopped = f"{exc} (found after {target.via}@{concurrency}); the sweep stopped there"
-                progress(f"error: {sweep.stopped}")
-                return
+        rounds = f", {opts.rounds} rounds in alternating order" if opts.rounds > 1 else ""
+        progress(f"concurrency {concurrency}: {concurrency * per_client} requests per target{rounds}")
+        measured: dict[str, list[PointResult]] = {target.via: [] for target in targets}
+        try:
+            for round_index in range(opts.rounds):
+                for target in in_round_order(targets, round_index):
+                    point = await measure(target, concurrency, per_client)
+                    measured[target.via].append(point)
+                    try:
+                        check_alive()
+                    except BenchError as exc:
+                        point.stack_failure = str(exc)
+                        sweep.stopped = f"{exc} (found after {target.via}@{concurrency}); the sweep stopped there"
+                        progress(f"error: {sweep.stopped}")
+                        return
+        finally:
+            for via, points in measured.items():
+                if points:
+                    by_via[via].append(merged := merge_rounds(points))
+                    if merged.rounds > 1:
+                        progress(f"{merged.rounds} rounds together: {describe_point(merged)}")
 
 
 def bus_sender(bus: BusClient, timeout: float, model: str | None) -> Send:

@@ -1,0 +1,80 @@
+"""`llmbus bench --rounds N`: the targets alternate their order round by round, and each target's rounds are one
+point (tokens/s over the summed wall time, percentiles over all the requests, counters summed). One round is the
+point as measured, and bench.json never carries the raw requests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmbus.bench.options import BenchOptions, parse_options
+from llmbus.bench.report import point_json
+from llmbus.bench.rounds import in_round_order, merge_rounds
+from llmbus.bench.stats import PointResult, RequestRecord, summarize
+from llmbus.bench.sweep import Sweep, Target, measure_points
+
+
+def measured(concurrency: int, via: str, wall_s: float, first_token_s: float, tokens: int) -> PointResult:
+    """A point of `concurrency` requests of `tokens` tokens each, first token after `first_token_s`."""
+    records = [
+        RequestRecord(sent=0.0, token_times=[first_token_s, first_token_s + 0.1], end=1.0, usage_tokens=tokens)
+        for _ in range(concurrency)
+    ]
+    point = summarize(concurrency, records, wall_s, False, via)
+    point.client_cpu_s, point.worker_cpu_s, point.bridge_cpu_s = 0.5, 10.0, None
+    point.engine_decode_steps, point.engine_mean_decode_batch, point.engine_decode_s = 100, float(concurrency), 5.0
+    return point
+
+
+def test_the_targets_alternate_their_order_round_by_round() -> None:
+    assert [in_round_order(["nats", "http"], r) for r in range(3)] == [
+        ["nats", "http"],
+        ["http", "nats"],
+        ["nats", "http"],
+    ]
+
+
+def test_one_round_is_the_point_as_measured() -> None:
+    point = measured(4, "nats", 2.0, 0.1, 8)
+    assert merge_rounds([point]) is point and point.rounds == 1
+
+
+def test_rounds_merge_into_one_point_over_all_their_requests() -> None:
+    fast, slow = measured(4, "http", 2.0, 0.1, 8), measured(4, "http", 6.0, 0.5, 8)
+    merged = merge_rounds([fast, slow])
+    assert merged.rounds == 2 and merged.requests == 8 and merged.completion_tokens == 64
+    assert merged.tokens_per_s == pytest.approx(64 / 8.0)  # over the summed wall time, not a mean of rates
+    assert merged.ttft_p50_s == pytest.approx(0.3)  # the median of all eight first tokens
+    assert merged.client_cpu_s == 1.0 and merged.worker_cpu_s == 20.0 and merged.bridge_cpu_s is None
+    assert merged.engine_decode_steps == 200 and merged.engine_decode_s == 10.0 and merged.engine_mean_decode_batch == 4
+    assert "records" not in point_json(merged) and point_json(merged)["rounds"] == 2
+    json.dumps(point_json(merged))  # bench.json can hold it
+
+
+async def test_a_sweep_of_two_rounds_measures_abba_and_reports_one_point_per_target() -> None:
+    opts = BenchOptions(concurrency=[2, 8], rounds=2, skip_baselines=True)
+
+    async def never_sent(prompt: str, max_tokens: int) -> RequestRecord:
+        raise AssertionError("`measure` stands in for the requests")
+
+    order: list[str] = []
+
+    async def measure(target: Target, concurrency: int, per_client: int) -> PointResult:
+        order.append(f"{target.via}@{concurrency}")
+        return measured(concurrency, target.via, 1.0 + len(order), 0.1, 8)
+
+    sweep = Sweep(1, 0.0, [])
+    targets = [Target("nats", never_sent, True), Target("http", never_sent, True)]
+    await measure_points(sweep, targets, opts, measure, lambda: None)
+    assert order == ["nats@2", "http@2", "http@2", "nats@2", "nats@8", "http@8", "http@8", "nats@8"]
+    assert [(p.concurrency, p.rounds) for p in sweep.points] == [(2, 2), (8, 2)]
+    assert [(p.concurrency, p.rounds) for p in sweep.http_points] == [(2, 2), (8, 2)]
+    assert sweep.points[0].wall_s == 2.0 + 5.0 and sweep.http_points[0].wall_s == 3.0 + 4.0  # rounds 1 and 4; 2 and 3
+
+
+def test_rounds_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_options(["--rounds", "3"]).rounds == 3 and parse_options([]).rounds == 1
+    with pytest.raises(SystemExit):
+        parse_options(["--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
