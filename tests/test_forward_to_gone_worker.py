@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -29,8 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from helpers.security_fixtures import SecureServer
-from helpers.tiny_model import tiny_model
-from helpers.workers import serving
+from helpers.workers import model_worker
 from inference_worker.routing import Forward
 from inference_worker.worker import Worker
 from llmbus.config import Config
@@ -39,7 +35,6 @@ from llmbus.nats_server import NatsServer
 from schemas import SERVICE_NAME, ChatRequest, Subjects
 from schemas.subjects import ERROR, ERROR_CODE, ERROR_NAME, PROBE, REQUEST_ID, STREAM, STREAM_END
 
-NEVER_STALE = 3600.0  # the view of the bus does not expire during a test: only a probe or a departure changes it
 CLIENT_TIMEOUT_S = 60.0  # what a client waited for, before the fix
 PROMPT_S = 10.0  # the test's failure detector: an answer this late is the old timeout, not a prompt error
 
@@ -51,16 +46,6 @@ def ask(chat_id: str, model: str, stream: bool = False) -> bytes:
 
 def plain(server: NatsServer) -> Config:
     return Config(nats_url=server.url, compile=False)
-
-
-@asynccontextmanager
-async def worker(config: Config, name: str) -> AsyncIterator[Worker]:
-    """An in-process worker of the tiny model named `name`, whose view of the bus never expires."""
-    config = replace(config, served_model_name=name, max_tokens_cap=8, threads=1)
-    running = Worker(config, await connect(config, f"test-{name}"), tiny_model())
-    running.directory.ttl = NEVER_STALE
-    async with serving(running):
-        yield running
 
 
 async def die_silently(dying: Worker, nc: NATS, subjects: Subjects | None = None) -> None:
@@ -105,7 +90,7 @@ async def test_a_unary_request_for_a_model_killed_meanwhile_is_a_503_at_once_the
     worker left), which forwarded it to beta's empty subject before, where NATS dropped it. Now it is a 503 that
     names beta, at once; the next one, after alpha's look at the bus, the usual 404 listing the models."""
     config = plain(fresh_nats_server)
-    async with worker(config, "alpha") as alpha, worker(config, "beta") as beta:
+    async with model_worker(config, "alpha") as alpha, model_worker(config, "beta") as beta:
         await knows_beta(alpha)
         await asyncio.wait_for(die_silently(beta, fresh_nc), PROMPT_S * 3)
         answer = await asyncio.wait_for(fresh_nc.request("llm.chat", ask("lost", "beta"), CLIENT_TIMEOUT_S), PROMPT_S)
@@ -123,7 +108,7 @@ async def test_a_streamed_request_for_a_model_killed_meanwhile_ends_at_once_with
     """The stream's error is its end message (with its request id), then the sentinel, as for any stream refused
     before it ran."""
     config = plain(fresh_nats_server)
-    async with worker(config, "alpha") as alpha, worker(config, "beta") as beta:
+    async with model_worker(config, "alpha") as alpha, model_worker(config, "beta") as beta:
         await knows_beta(alpha)
         await asyncio.wait_for(die_silently(beta, fresh_nc), PROMPT_S * 3)
         inbox = fresh_nc.new_inbox()
@@ -142,7 +127,7 @@ async def test_a_request_for_a_live_model_is_still_forwarded_and_the_probe_is_no
     """beta leaves llm.chat's queue group, so the request naming beta reaches alpha, which probes beta's subject
     and forwards it there: beta answers, and its statistics count the request alone, not the probe."""
     config = plain(fresh_nats_server)
-    async with worker(config, "alpha") as alpha, worker(config, "beta") as beta:
+    async with model_worker(config, "alpha") as alpha, model_worker(config, "beta") as beta:
         await knows_beta(alpha)
         on_llm_chat = next(e for e in beta.service.endpoints if e.name == "chat")
         await on_llm_chat.subscription.unsubscribe()  # type: ignore[union-attr]
@@ -160,7 +145,7 @@ async def test_a_probe_sent_by_hand_to_a_live_worker_gets_no_answer_and_is_not_c
 ) -> None:
     """Probes on alpha's chat subjects, then a request on its model's subject: alpha handles them in order, and
     their answers come on one subscription in order, so the request's answer comes after any answer to a probe."""
-    async with worker(plain(fresh_nats_server), "alpha") as alpha:
+    async with model_worker(plain(fresh_nats_server), "alpha") as alpha:
         inbox = fresh_nc.new_inbox()
         replies = await fresh_nc.subscribe(f"{inbox}.*")
         for subject in ("llm.model.alpha.chat", "llm.chat"):
@@ -181,7 +166,7 @@ async def test_the_worker_role_may_probe_a_model_killed_meanwhile(secure_bus: Se
     subjects = Subjects("tiny")
     client = await connect(secure_bus.config("carol", subject_prefix="tiny"), "test-carol")
     try:
-        async with worker(config, "alpha") as alpha, worker(config, "beta") as beta:
+        async with model_worker(config, "alpha") as alpha, model_worker(config, "beta") as beta:
             await knows_beta(alpha)
             await asyncio.wait_for(die_silently(beta, client, subjects), PROMPT_S * 3)
             asked = client.request(subjects.chat, ask("lost", "beta"), CLIENT_TIMEOUT_S)
@@ -198,7 +183,7 @@ async def test_a_batch_query_for_a_model_killed_meanwhile_is_a_404_at_once_not_r
     are there, though the coordinator's view still lists the model: the query is not retried to its timeout, and the
     batch's other query is answered (`partial_success`)."""
     config = plain(fresh_nats_server)
-    async with worker(config, "alpha") as alpha, worker(config, "beta") as beta:
+    async with model_worker(config, "alpha") as alpha, model_worker(config, "beta") as beta:
         await knows_beta(alpha)
         await asyncio.wait_for(die_silently(beta, fresh_nc), PROMPT_S * 3)
         queries = [

@@ -10,40 +10,25 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import replace
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client as NATS
 
 from bus_gateway.discovery import BusModels
 from helpers.security_fixtures import SecureServer
-from helpers.tiny_model import tiny_model
-from helpers.workers import serving
+from helpers.workers import model_worker
 from inference_worker.routing import Forward, Local
 from inference_worker.worker import Worker
 from llmbus.config import Config
-from llmbus.connection import connect, flushed
+from llmbus.connection import flushed
 from llmbus.nats_server import NatsServer
 from schemas import ChatRequest, Subjects, WireError, WorkerLeft
 from schemas.subjects import ERROR_CODE
 
-NEVER_STALE = 3600.0  # a view of the bus that does not expire during the test: only a departure can refresh it
-
 
 def ask(chat_id: str, model: str) -> bytes:
     return msgspec.json.encode(ChatRequest(chat_id=chat_id, user_prompt="hi", max_tokens=2, model=model))
-
-
-@asynccontextmanager
-async def worker(config: Config, name: str) -> AsyncIterator[Worker]:
-    """An in-process worker of the tiny model named `name` (the test reaches its directory and its drain)."""
-    config = replace(config, served_model_name=name, max_tokens_cap=8, threads=1)
-    running = Worker(config, await connect(config, f"test-{name}"), tiny_model())
-    running.directory.ttl = NEVER_STALE
-    async with serving(running):
-        yield running
 
 
 def departures_heard(worker: Worker, count: int = 1) -> tuple[list[str], asyncio.Event]:
@@ -105,7 +90,10 @@ async def test_a_request_for_a_model_whose_last_worker_left_is_a_404_at_once(
 ) -> None:
     """alpha knows beta (a view that would not expire for an hour); beta drains. A request naming beta on llm.chat
     reaches alpha, the only worker left, which forwarded it to beta's empty subject before: now it is a 404."""
-    async with worker(plain(fresh_nats_server), "alpha") as alpha, worker(plain(fresh_nats_server), "beta") as beta:
+    async with (
+        model_worker(plain(fresh_nats_server), "alpha") as alpha,
+        model_worker(plain(fresh_nats_server), "beta") as beta,
+    ):
         assert await alpha.directory.route("beta") == Forward("beta")
         heard, left = departures_heard(alpha)
         await beta.drain(60)
@@ -120,7 +108,11 @@ async def test_a_model_with_workers_left_is_still_forwarded_after_one_leaves(
     fresh_nats_server: NatsServer, fresh_nc: NATS
 ) -> None:
     config = plain(fresh_nats_server)
-    async with worker(config, "alpha") as alpha, worker(config, "beta") as first, worker(config, "beta"):
+    async with (
+        model_worker(config, "alpha") as alpha,
+        model_worker(config, "beta") as first,
+        model_worker(config, "beta"),
+    ):
         assert await alpha.directory.route("beta") == Forward("beta")
         heard, left = departures_heard(alpha)
         await first.drain(60)
@@ -133,7 +125,7 @@ async def test_a_model_with_workers_left_is_still_forwarded_after_one_leaves(
 async def test_a_worker_ignores_undecodable_departures_and_its_own(
     fresh_nats_server: NatsServer, fresh_nc: NATS
 ) -> None:
-    async with worker(plain(fresh_nats_server), "alpha") as alpha:
+    async with model_worker(plain(fresh_nats_server), "alpha") as alpha:
         heard, left = departures_heard(alpha)
         subject = Subjects().worker_left
         await fresh_nc.publish(subject, b"{not json")
@@ -149,7 +141,7 @@ async def test_the_worker_role_may_announce_and_hear_departures(secure_bus: Secu
     """Under the grants `llmbus nats-permissions --role worker` prints (TLS, a password login): without them the
     server would refuse the announcement, or never deliver it."""
     config = secure_bus.config("tiny-worker", subject_prefix="tiny", compile=False)
-    async with worker(config, "alpha") as alpha, worker(config, "beta") as beta:
+    async with model_worker(config, "alpha") as alpha, model_worker(config, "beta") as beta:
         heard, left = departures_heard(alpha)
         await beta.drain(60)
         await asyncio.wait_for(left.wait(), 30)
@@ -164,7 +156,7 @@ async def test_a_flood_of_departures_of_models_not_on_the_bus_costs_no_look(
 ) -> None:
     """A loop publishing departures of models alpha's view does not list, between alpha's requests: each request
     took a look at the bus first (a `$SRV.INFO` to every worker), one after another; now none does."""
-    async with worker(plain(fresh_nats_server), "alpha") as alpha, worker(plain(fresh_nats_server), "beta"):
+    async with model_worker(plain(fresh_nats_server), "alpha") as alpha, model_worker(plain(fresh_nats_server), "beta"):
         assert await alpha.directory.route("beta") == Forward("beta")
         looks = Looks(alpha)
         for round_ in range(20):
@@ -183,7 +175,7 @@ async def test_departures_of_models_not_on_the_bus_heard_during_a_look_cost_no_o
 ) -> None:
     """A flood heard while a look is under way: the look may find a model the view did not list, but it found none
     new (beta was listed), so the next request is routed on it, where it took another look."""
-    async with worker(plain(fresh_nats_server), "alpha") as alpha, worker(plain(fresh_nats_server), "beta"):
+    async with model_worker(plain(fresh_nats_server), "alpha") as alpha, model_worker(plain(fresh_nats_server), "beta"):
         assert await alpha.directory.route("beta") == Forward("beta")
         looks = Looks(alpha, hold=True)
         looking = asyncio.create_task(alpha.directory.refresh(thorough=True))
@@ -203,7 +195,7 @@ async def test_departures_of_workers_a_model_does_not_have_look_at_most_once_per
     """Departures that name beta (on the bus) under ids no worker has: beta's requests look at the bus again, but
     no sooner than `min_refresh` after the last look ended, where each took one at once; beta is still
     forwarded."""
-    async with worker(plain(fresh_nats_server), "alpha") as alpha, worker(plain(fresh_nats_server), "beta"):
+    async with model_worker(plain(fresh_nats_server), "alpha") as alpha, model_worker(plain(fresh_nats_server), "beta"):
         assert await alpha.directory.route("beta") == Forward("beta")
         looks = Looks(alpha)
         for i in range(5):
@@ -220,7 +212,11 @@ async def test_a_departure_of_one_model_costs_no_look_for_another(fresh_nats_ser
     """gamma's last worker leaves: a request for beta is forwarded on the view held, a request for gamma looks at
     the bus and is a 404."""
     config = plain(fresh_nats_server)
-    async with worker(config, "alpha") as alpha, worker(config, "beta"), worker(config, "gamma") as gamma:
+    async with (
+        model_worker(config, "alpha") as alpha,
+        model_worker(config, "beta"),
+        model_worker(config, "gamma") as gamma,
+    ):
         assert await alpha.directory.route("beta") == Forward("beta")
         assert await alpha.directory.route("gamma") == Forward("gamma")
         looks = Looks(alpha)
@@ -239,7 +235,10 @@ async def test_a_model_a_look_found_as_its_last_worker_left_is_looked_at_again(
 ) -> None:
     """alpha's view does not list beta yet; a look under way finds beta's worker, which leaves before the look
     ends: beta's departure counts (the look may have seen it), and the next request for beta is a 404."""
-    async with worker(plain(fresh_nats_server), "alpha") as alpha, worker(plain(fresh_nats_server), "beta") as beta:
+    async with (
+        model_worker(plain(fresh_nats_server), "alpha") as alpha,
+        model_worker(plain(fresh_nats_server), "beta") as beta,
+    ):
         looks = Looks(alpha, hold=True)
         looking = asyncio.create_task(alpha.directory.refresh())
         await asyncio.wait_for(looks.gathered.wait(), 30)

@@ -16,6 +16,7 @@ from inference_worker.hardware import pick_threads
 from inference_worker.model_loader import LoadedModel
 from inference_worker.worker import Worker, run_worker
 from llmbus.config import Config
+from llmbus.connection import connect
 
 
 @dataclass
@@ -78,6 +79,20 @@ async def serving(worker: Worker) -> AsyncIterator[Worker]:
         if not worker.draining:
             await worker.close()
         await worker.nc.close()
+
+
+NEVER_STALE = 3600.0  # a view of the bus that does not expire during a test: only a departure or a probe changes it
+
+
+@asynccontextmanager
+async def model_worker(config: Config, name: str) -> AsyncIterator[Worker]:
+    """An in-process worker of the tiny model served as `name`, whose view of the bus never expires (routing tests
+    reach its directory and its drain)."""
+    config = dataclasses.replace(config, served_model_name=name, max_tokens_cap=8, threads=1)
+    running = Worker(config, await connect(config, f"test-{name}"), tiny_model())
+    running.directory.ttl = NEVER_STALE
+    async with serving(running):
+        yield running
 
 
 def endpoints_drained(worker: Worker) -> asyncio.Event:
