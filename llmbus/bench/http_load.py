@@ -22,13 +22,12 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from bus_gateway.idle_watch import EARLY_S
 from llmbus.bench.stats import RequestRecord
 from llmbus.bench.workload import chat_turns
 
 CHAT_PATH = "/v1/chat/completions"
 ERROR_BODY_LIMIT = 300
-EARLY_S = 0.001  # the loop may run a timer up to its clock resolution early
-SLACK = 1.5  # an idle deadline moves only when it is nearer than its length (`IdleDeadline`)
 
 
 @dataclass(slots=True)
