@@ -9,7 +9,7 @@ from nats.aio.msg import Msg
 
 from schemas import ErrorBody
 from schemas.errors import ErrorSpec, error_spec
-from schemas.subjects import ERROR, ERROR_CODE, ERROR_NAME, NATS_STATUS, NO_RESPONDERS
+from schemas.subjects import ERROR, ERROR_CODE, ERROR_NAME, is_no_responders
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ class BusError(Exception):
 def error_from_reply(msg: Msg, subject: str) -> BusError | None:
     """The error a reply carries: a no-responders status from the server, or a worker's micro error headers."""
     headers = msg.headers or {}
-    if headers.get(NATS_STATUS) == NO_RESPONDERS and not msg.data:
+    if is_no_responders(headers) and not msg.data:
         return no_responders(subject)
     code_text = headers.get(ERROR_CODE)
     if code_text is None:

@@ -17,7 +17,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas.subjects import NATS_STATUS, NO_RESPONDERS
+from schemas.subjects import is_no_responders
 
 DISCOVERY_WINDOW = 0.5
 DISCOVERY_SETTLE = 0.15
@@ -47,7 +47,7 @@ async def gather(
                 msg = await sub.next_msg(timeout=wait)
             except nats.errors.TimeoutError:
                 break
-            if (msg.headers or {}).get(NATS_STATUS) == NO_RESPONDERS:
+            if is_no_responders(msg.headers):
                 break
             reply = _json_object(msg.data)
             if reply is not None:

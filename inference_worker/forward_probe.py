@@ -58,7 +58,7 @@ from inference_worker.durable import Job
 from inference_worker.held import Replier
 from llmbus.connection import flushed
 from schemas import WireError
-from schemas.subjects import NATS_STATUS, NO_RESPONDERS, PROBE
+from schemas.subjects import PROBE, is_no_responders
 
 if TYPE_CHECKING:
     from inference_worker.worker import Worker
@@ -103,7 +103,7 @@ class ForwardProbe:
         except nats.errors.Error as exc:
             log.debug("the probe of %s failed (%r): forwarding without it", subject, exc)
             return True
-        return not (answer.done() and (answer.result().headers or {}).get(NATS_STATUS) == NO_RESPONDERS)
+        return not (answer.done() and is_no_responders(answer.result().headers))
 
 
 class Forwarding:

@@ -72,6 +72,11 @@ def model_token(name: str) -> str:
     return f"{UNSAFE_IN_TOKEN.sub('_', name)[:48]}-{digest}"
 
 
+def is_no_responders(headers: Mapping[str, str] | None) -> bool:
+    """The server's no-responders status (`Status: 503`): nobody subscribed to the subject a request went to."""
+    return headers is not None and headers.get(NATS_STATUS) == NO_RESPONDERS
+
+
 def is_probe(headers: Mapping[str, str] | None) -> bool:
     """A probe (`PROBE`: a worker asking the server whether anyone serves a subject), not a request: its receiver
     drops it unanswered."""
