@@ -12,8 +12,9 @@ Each handler notes when its message arrived (`received`): a request's times (que
 span) count from then, a look at the bus included. A request refused here is answered through `Outbox.refuse`, which
 counts its code and writes its log line and span, as for a request the engine answered.
 
-`Intake` is the request side of `Worker` (worker.py), which owns the state these methods use; `JobIntake`
-(job_intake.py) is its durable-job part, `Forwarding` (forward_probe.py) its forward to another model's workers.
+`Intake` is the request side of `Worker` (worker.py), which owns the state these methods use (`WorkerParts`,
+worker_parts.py, lists it); `JobIntake` (job_intake.py) is its durable-job part, `Forwarding` (forwarding.py) its
+forward to another model's workers.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import contextlib
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
 from inference_worker.batches import Headers
 from inference_worker.durable import Job
 from inference_worker.engine import Failed
-from inference_worker.forward_probe import Forwarding
+from inference_worker.forwarding import Forwarding
 from inference_worker.held import Held, Key, Replier
 from inference_worker.job_intake import JobIntake
 from inference_worker.requests import (
@@ -50,14 +50,11 @@ from llmbus import logs
 from schemas import Batch, ChatRequest, WireError, content_type, conversation
 from schemas.subjects import REPLY_TO
 
-if TYPE_CHECKING:
-    from inference_worker.worker import Worker
-
 log = logging.getLogger("llmbus.worker")
 
 
 class Intake(JobIntake, Forwarding):
-    async def route_chat(self: Worker, req: Replier) -> None:
+    async def route_chat(self, req: Replier) -> None:
         """`llm.chat` (and `llm.jobs.chat`): any model, or the default one."""
         received = time.monotonic()
         if not req.reply:
@@ -72,7 +69,7 @@ class Intake(JobIntake, Forwarding):
             return await self._dispatch_chat(req, kind, request, where, received, False)
         self._route_in_a_task(req, kind, request, received)
 
-    def _route_in_a_task(self: Worker, req: Replier, kind: str, request: ChatRequest, received: float) -> None:
+    def _route_in_a_task(self, req: Replier, kind: str, request: ChatRequest, received: float) -> None:
         """A request that needs a look at the bus before it can be routed (or a probe before it is forwarded) takes
         it in a task of its own: the look can last the whole discovery window, and every request behind this one
         would wait for it (on `llm.chat`, in the subscription's callback; a durable job, in the pull loop that every
@@ -85,7 +82,7 @@ class Intake(JobIntake, Forwarding):
         task.add_done_callback(self._routed)
 
     async def _route_then_dispatch(
-        self: Worker, req: Replier, kind: str, request: ChatRequest, received: float, delivered: bool
+        self, req: Replier, kind: str, request: ChatRequest, received: float, delivered: bool
     ) -> None:
         try:
             where = await self._job_route(req, request.model, await self.directory.route(request.model))
@@ -100,12 +97,12 @@ class Intake(JobIntake, Forwarding):
                 failure = WireError.of("internal", f"internal error: {exc!r}")
                 await self.outbox.refuse(req, kind, failure, received, stream=request.stream)
 
-    def _routed(self: Worker, task: asyncio.Task[None]) -> None:
+    def _routed(self, task: asyncio.Task[None]) -> None:
         self.routing.discard(task)
         self._released()
 
     async def _dispatch_chat(
-        self: Worker, req: Replier, kind: str, request: ChatRequest, where: Route, received: float, delivered: bool
+        self, req: Replier, kind: str, request: ChatRequest, where: Route, received: float, delivered: bool
     ) -> None:
         if isinstance(where, WireError):
             return await self.outbox.refuse(req, kind, where, received, stream=request.stream)
@@ -113,7 +110,7 @@ class Intake(JobIntake, Forwarding):
             return await self._forward(req, kind, where.model, received, request.stream)
         await self._serve_chat(req, kind, request, received, delivered)
 
-    async def serve_chat(self: Worker, req: Replier) -> None:
+    async def serve_chat(self, req: Replier) -> None:
         """`llm.model.<token>.chat` (and its durable subject): this worker's model only."""
         received = time.monotonic()
         if not req.reply:
@@ -131,7 +128,7 @@ class Intake(JobIntake, Forwarding):
         await self._serve_chat(req, kind, request, received)
 
     async def _serve_chat(
-        self: Worker, req: Replier, kind: str, request: ChatRequest, received: float, delivered: bool = False
+        self, req: Replier, kind: str, request: ChatRequest, received: float, delivered: bool = False
     ) -> None:
         """Hold `request` and hand it to the engine. `delivered`: it reached this worker while it accepted requests
         (it waited for a look at the bus since), so a drain that began meanwhile does not refuse it."""
@@ -157,9 +154,7 @@ class Intake(JobIntake, Forwarding):
         build = functools.partial(self._prepare, held.engine_id, request, deadline, tenant)
         self._thread.submit(build, held.engine_id)
 
-    def _prepare(
-        self: Worker, engine_id: str, request: ChatRequest, deadline: float | None, tenant: str
-    ) -> Sequence | Failed:
+    def _prepare(self, engine_id: str, request: ChatRequest, deadline: float | None, tenant: str) -> Sequence | Failed:
         """Runs in the engine thread: template and tokenize (a failure here fails this request only)."""
         try:
             return prepare(engine_id, request, self.loaded.encode_chat_with_prefix, self.limits, deadline, tenant)
@@ -167,15 +162,15 @@ class Intake(JobIntake, Forwarding):
             log.exception("preparing request %s failed", engine_id)
             return Failed(engine_id, 500, f"internal error while preparing the request: {exc!r}", name="internal")
 
-    async def route_batch(self: Worker, req: Replier) -> None:
+    async def route_batch(self, req: Replier) -> None:
         """`llm.chat.batched`: each query goes to the model it names, or to the default model."""
         await self._batch(req, model=None)
 
-    async def serve_batch(self: Worker, req: Replier) -> None:
+    async def serve_batch(self, req: Replier) -> None:
         """`llm.model.<token>.chat.batched`: queries that name no model are for this worker's model."""
         await self._batch(req, model=self.model_name)
 
-    async def _batch(self: Worker, req: Replier, model: str | None) -> None:
+    async def _batch(self, req: Replier, model: str | None) -> None:
         received = time.monotonic()
         if not req.reply:
             return
@@ -209,7 +204,7 @@ class Intake(JobIntake, Forwarding):
         task.add_done_callback(lambda _: self._batch_done(key))
 
     async def _run_batch(
-        self: Worker, req: Replier, kind: str, batch: Batch, key: Key, headers: Headers, age: float, at: float
+        self, req: Replier, kind: str, batch: Batch, key: Key, headers: Headers, age: float, at: float
     ) -> None:
         """Gather the batch's answers and answer it (`at`: when it arrived, for a failure's log line). Cancelled, it
         answers 499 when its client cancelled it (`handle_cancel`), during a drain too; else `close` stopped it."""
@@ -228,7 +223,7 @@ class Intake(JobIntake, Forwarding):
                 internal = WireError.of("internal", f"internal error: {exc!r}")
                 await self.outbox.refuse(req, kind, internal, at, request_id=batch_id)
 
-    def _cut_short(self: Worker, what: str) -> WireError:
+    def _cut_short(self, what: str) -> WireError:
         """Why a batch or a request being routed that `close` cancelled fails. A worker that stops cleanly answers
         503 shutting_down (a durable job is stored again at once, not charged). A worker whose engine died answers a
         retryable 500, as for the requests its engine held: a durable job is charged a delivery and comes back after
@@ -243,12 +238,12 @@ class Intake(JobIntake, Forwarding):
         that was cancelled answers 499 for these, whether or not a drain began meanwhile."""
         return set()
 
-    def _batch_done(self: Worker, key: Key) -> None:
+    def _batch_done(self, key: Key) -> None:
         self.batches.pop(key, None)
         self.cancelled_batches.discard(key)
         self._released()
 
-    async def handle_cancel(self: Worker, msg: Msg) -> None:
+    async def handle_cancel(self, msg: Msg) -> None:
         reply = (msg.headers or {}).get(REPLY_TO)
         if not reply:
             return  # a cancel names its request by reply subject and id; an id alone never cancels anything
@@ -261,7 +256,7 @@ class Intake(JobIntake, Forwarding):
         else:
             self.held.bury(key)
 
-    def _refusal(self: Worker, key: Key, count: int, check_load: bool, delivered: bool = False) -> WireError | None:
+    def _refusal(self, key: Key, count: int, check_load: bool, delivered: bool = False) -> WireError | None:
         """Why a new request cannot be held (None: it can). A batch holds nothing itself (its queries come back as
         requests), and a durable job was fetched only when it fits (`jobs_wanted`), so neither checks the load.
         `delivered`: the request reached this worker before it stopped accepting, and a drain serves those."""
@@ -277,7 +272,7 @@ class Intake(JobIntake, Forwarding):
             )
         return None
 
-    def _cancelled_earlier(self: Worker, key: Key) -> WireError:
+    def _cancelled_earlier(self, key: Key) -> WireError:
         """A request whose key was cancelled in the last `tombstone_ttl` seconds: its cancel came first (they travel
         on different subscriptions), or a client re-sent a cancelled request with its id (a retry after a timeout,
         whose cancel every worker remembered). Either way it does not run, and an error says why, not an empty
@@ -286,6 +281,6 @@ class Intake(JobIntake, Forwarding):
         message = f"request id {key[1]!r} was cancelled in the last {ttl} s: send it again with a new request id"
         return WireError.of("cancelled", message)
 
-    def _draining_serves(self: Worker) -> bool:
+    def _draining_serves(self) -> bool:
         """A drain still serves what was delivered before it: the engine runs, and the worker is not closing."""
         return self.draining and self.dead is None and self._thread is not None

@@ -17,35 +17,32 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from inference_worker.durable import Job
 from inference_worker.held import Replier
 from inference_worker.job_consumer import jobs_to_fetch
 from inference_worker.routing import Forward, Route
+from inference_worker.worker_parts import WorkerParts
 from schemas import WireError, content_type
 from schemas.subjects import JSON
-
-if TYPE_CHECKING:
-    from inference_worker.worker import Worker
 
 log = logging.getLogger("llmbus.worker")
 
 
-class JobIntake:
-    def jobs_wanted(self: Worker) -> int:
+class JobIntake(WorkerParts):
+    def jobs_wanted(self) -> int:
         if not self.accepting:
             return 0
         batch_queries = self.jobs.batch_queries() if self.jobs is not None else 0
         held = len(self.held) + len(self.routing) + batch_queries
         return jobs_to_fetch(held, self.nothing_in_flight(), self.config)
 
-    async def wait_for_capacity(self: Worker) -> None:
+    async def wait_for_capacity(self) -> None:
         while self.jobs_wanted() <= 0:  # check and clear together, so capacity freed meanwhile is not missed
             self._capacity.clear()
             await self._capacity.wait()
 
-    async def run_job(self: Worker, job: Job) -> None:
+    async def run_job(self, job: Job) -> None:
         received, subjects, own = time.monotonic(), self.subjects, self.model_name
         handlers = {
             subjects.jobs_chat: self.route_chat,
@@ -62,22 +59,22 @@ class JobIntake:
             log.exception("durable job %s failed", job.request_id)
             await self.outbox.refuse(job, JSON, WireError.of("internal", f"internal error: {exc!r}"), received)
 
-    async def refuse_job(self: Worker, job: Job, failure: WireError, received: float) -> None:
+    async def refuse_job(self, job: Job, failure: WireError, received: float) -> None:
         """A job the consumer answers `failure` before it runs (an invalid request id, a duplicate): answered in its
         encoding, counted, logged and traced as a core request refused at intake (`Outbox.refuse`)."""
         await self.outbox.refuse(job, content_type(job.headers), failure, received)
 
-    def job_refused(self: Worker, job: Job, code: int, received: float) -> None:
+    def job_refused(self, job: Job, code: int, received: float) -> None:
         """A job the consumer answered `code` itself (`Job.give_up`, past its attempts): the failure count, log line
         and span of a refused request (`WorkerMetrics.refused`), never its prompt."""
         self.outbox.count(code)
         self.metrics.refused(job.headers, job.request_id, code, received)
 
-    def _waits_for_its_default(self: Worker, req: Replier, requested: str | None) -> bool:
+    def _waits_for_its_default(self, req: Replier, requested: str | None) -> bool:
         """A durable job that names no model while the default it would go to is away: `_job_route` decides."""
         return isinstance(req, Job) and requested is None and self.directory.absent_default() is not None
 
-    async def _job_route(self: Worker, req: Replier, requested: str | None, where: Route) -> Route:
+    async def _job_route(self, req: Replier, requested: str | None, where: Route) -> Route:
         """`where` (the route on the bus as it is), or for a durable job whose model's workers are away, that model's
         job queue when it has its durable consumer (see the module's docstring)."""
         if not isinstance(req, Job) or self.jobs is None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from inference_worker.worker import Worker
+from inference_worker.worker_parts import WorkerParts
 
 
-class WorkerFacts:
-    def metadata(self: Worker) -> dict[str, str]:
+class WorkerFacts(WorkerParts):
+    def metadata(self) -> dict[str, str]:
         return {
             "model": self.model_name,
             "default_model": str(self.config.default_model).lower(),
@@ -27,7 +25,7 @@ class WorkerFacts:
             "pid": str(os.getpid()),
         }
 
-    def stats(self: Worker) -> dict:
+    def stats(self) -> dict:
         figures = {
             **self.engine.snapshot(),
             "pending": len(self.held),
@@ -43,7 +41,7 @@ class WorkerFacts:
             figures["jobs"] = self.jobs.snapshot()
         return figures
 
-    def _waiting_counts(self: Worker) -> dict[str, dict[str, int]]:
+    def _waiting_counts(self) -> dict[str, dict[str, int]]:
         """Requests waiting for admission, by tenant and by priority (copied atomically from the engine thread's)."""
         waiting = self.engine.scheduler.waiting
         by_priority = dict(waiting.by_priority)
