@@ -254,7 +254,7 @@ def test_a_sweep_stopped_by_a_dead_worker_still_writes_the_report_and_plot_and_e
     stopped = "worker 0 exited with code -9; see worker-0.log (found after nats@8); the sweep stopped there"
     sweep = Sweep(1, 0.5, [point(1, 40.0), failed], http_points=[point(1, 39.0, "http")], stopped=stopped)
 
-    async def fake_sweep(opts: BenchOptions, stack: Any, prompts: list[str]) -> Sweep:
+    async def fake_sweep(opts: BenchOptions, stack: Any, prompts: list[str], meter: Any = None) -> Sweep:
         return sweep
 
     stack = SimpleNamespace(http_url=None, start=lambda: None, stop=lambda: None)

@@ -1,6 +1,7 @@
 """`llmbus bench --rounds N`: the targets alternate their order round by round, and each target's rounds are one
 point (tokens/s over the summed wall time, percentiles over all the requests, counters summed). One round is the
-point as measured, and bench.json never carries the raw requests."""
+point as measured, and bench.json never carries the raw requests. With N > 1 the eager ceiling is measured in the
+rounds too, and the ratios use that one."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import json
 
 import pytest
 
+from llmbus.bench.baselines import Baselines, CeilingPoint, NaiveResult, PrefillResult, ceiling_point
+from llmbus.bench.main import use_ceiling_of_rounds
 from llmbus.bench.options import BenchOptions, parse_options
-from llmbus.bench.report import point_json
-from llmbus.bench.rounds import in_round_order, merge_rounds
+from llmbus.bench.report import baselines_json, point_json
+from llmbus.bench.rounds import in_round_order, merge_ceilings, merge_rounds
 from llmbus.bench.stats import PointResult, RequestRecord, summarize
 from llmbus.bench.sweep import Sweep, Target, measure_points
+from llmbus.bench.verdicts import compute_ratios
 
 
 def measured(concurrency: int, via: str, wall_s: float, first_token_s: float, tokens: int) -> PointResult:
@@ -78,3 +82,59 @@ def test_rounds_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         parse_options(["--rounds", "0"])
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def ceiling(batch: int, step_s: float, steps: int = 4, beside_the_stack: bool = True) -> CeilingPoint:
+    point = ceiling_point(batch, [step_s] * steps, "hf", capped=False)
+    point.beside_the_stack = beside_the_stack
+    return point
+
+
+async def test_with_rounds_the_eager_ceiling_is_measured_in_each_round_among_the_targets() -> None:
+    opts = BenchOptions(concurrency=[1, 8], rounds=2, skip_baselines=True)
+
+    async def never_sent(prompt: str, max_tokens: int) -> RequestRecord:
+        raise AssertionError("`measure` stands in for the requests")
+
+    order: list[str] = []
+
+    async def measure(target: Target, concurrency: int, per_client: int) -> PointResult:
+        order.append(f"{target.via}@{concurrency}")
+        return measured(concurrency, target.via, 1.0, 0.1, 8)
+
+    async def eager(batch: int) -> CeilingPoint:
+        order.append(f"eager@{batch}")
+        return ceiling(batch, 0.1 if len(order) <= 3 else 0.3)  # the machine slowed down after the first round
+
+    sweep = Sweep(1, 0.0, [])
+    targets = [Target("nats", never_sent, True), Target("http", never_sent, True)]
+    await measure_points(sweep, targets, opts, measure, lambda: None, eager)
+    assert order[:6] == ["nats@1", "http@1", "eager@1", "eager@1", "http@1", "nats@1"]
+    assert order[6:] == ["nats@8", "http@8", "eager@8", "eager@8", "http@8", "nats@8"]
+    first = sweep.ceiling[0]
+    assert [(c.batch, c.rounds, c.steps) for c in sweep.ceiling] == [(1, 2, 8), (8, 2, 8)]
+    assert first.tokens_per_s == pytest.approx(8 / (4 * 0.1 + 4 * 0.3))  # over all the timed steps of both rounds
+    assert first.beside_the_stack
+
+
+def test_the_ratios_use_the_ceiling_of_the_rounds_and_bench_json_keeps_both() -> None:
+    before = [ceiling(1, 0.025, beside_the_stack=False), ceiling(64, 0.1, beside_the_stack=False)]
+    baselines = Baselines(
+        "hf", "eager", before, PrefillResult(0.05, [0.05], [20], 0.02, [10]), NaiveResult(1, 1, 8, 1.0, 8.0), 60.0
+    )
+    in_rounds = merge_ceilings([ceiling(1, 0.04), ceiling(1, 0.06)])  # batch 64 not reached: the sweep stopped
+    use_ceiling_of_rounds(baselines, [in_rounds])
+    assert baselines.ceiling == [in_rounds, before[1]] and baselines.ceiling_before_stack == before
+    one = measured(1, "nats", 8 / 40.0, 0.01, 8)  # 40 tok/s
+    ratio = next(r for r in compute_ratios([one], baselines) if r.name == "throughput_vs_ceiling_at_1")
+    assert ratio.value == pytest.approx(40 / 20.0)  # 20 tok/s in the rounds (0.05 s a step), not the 40 before
+    out = baselines_json(baselines)
+    assert out["ceiling"][0]["rounds"] == 2 and out["ceiling"][0]["beside_the_stack"]
+    assert out["ceiling_before_stack"][0]["ceiling_tokens_per_s"] == pytest.approx(40.0)
+    assert all("step_times_s" not in p for p in [*out["ceiling"], *out["ceiling_before_stack"]])
+    json.dumps(out)
+
+
+def test_one_ceiling_round_is_the_point_as_measured() -> None:
+    point = ceiling(8, 0.1)
+    assert merge_ceilings([point]) is point and point.rounds == 1

@@ -8,14 +8,17 @@ Phases (one progress line each on stderr):
 1. Baselines, in this process, before any worker starts (so nothing competes for the cores): load the model with
    plain transformers and measure the eager ceiling (the transformers decode loop with a DynamicCache, greedy,
    at each batch size of the sweep), the in-process prefill time of the 1-client prompts, and the naive
-   baseline (one `model.generate` per request, 8 at a time in threads). Then free it.
+   baseline (one `model.generate` per request, 8 at a time in threads). Then free it, unless --rounds N > 1
+   keeps it to measure the ceiling again in each round (phase 3).
 2. Start an embedded nats-server and `--workers N` worker processes (unless --nats-url), and with --http an
    `llmbus gateway` process (unless --http-url); wait until N workers answer `$SRV.PING` and the bridge's
    `/readyz` says ready; warm every target up.
 3. For each concurrency C, back to back: C clients in a closed loop (each sends its next request when the last
    one is fully answered) over NATS through `BusClient.stream`, then through the bridge's
    `POST /v1/chat/completions` (--http), then the peer's (--peer-url). Same prompts, max_tokens, greedy,
-   streaming for all three.
+   streaming for all three. With --rounds N, N times in alternating order (NATS, HTTP, peer, eager ceiling, then
+   the reverse), each target's rounds one point; for N > 1 the eager ceiling, measured while the stack is idle,
+   is one of the targets, and the ratios use its rounds.
 4. Print the ratios against the targets (PASS/MISS/N/A, or ERRORS when a point it uses had failed requests: its
    value is shown but cannot pass); write bench.json and bench.png under --out. A worker or the bridge that dies
    mid-sweep stops the sweep: the point it was found after is marked failed (ERRORS), and what was measured until

@@ -1,13 +1,18 @@
 """The in-process baselines, measured before any worker starts so that nothing competes for the cores:
-the eager ceiling at each batch size of the sweep, the prefill time of the 1-client prompts, the naive baseline."""
+the eager ceiling at each batch size of the sweep, the prefill time of the 1-client prompts, the naive baseline.
+
+With `--rounds N` (N > 1) the eager ceiling is measured again in every round, beside the targets and in the same
+alternating order (`sweep.measure_points`), while the stack waits idle between points: a shared machine's speed
+drifts over the minutes between the baselines and the points, and a ratio to a ceiling measured minutes earlier
+carries that drift. The ratios then use the ceiling of the rounds; the one measured before the stack stays in
+bench.json beside it (`Baselines.ceiling_before_stack`)."""
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmbus.bench.eager import EagerModel, decode_loop, generate, prefill_seconds
 from llmbus.bench.options import BenchOptions, progress
@@ -38,6 +43,9 @@ class CeilingPoint:
     time_capped: bool
     method: str
     load_average_1m: float
+    rounds: int = 1  # `--rounds N`: the rounds merged into this point (`rounds.merge_ceilings`)
+    beside_the_stack: bool = False  # measured in the sweep's rounds, the stack idle, not before the stack started
+    step_times_s: list[float] = field(default_factory=list)  # for merging rounds; not written to bench.json
 
 
 @dataclass(slots=True)
@@ -79,9 +87,36 @@ class Baselines:
     device: str = ""
     dtype: str = ""
     torch_threads: int = 0
+    ceiling_before_stack: list[CeilingPoint] = field(default_factory=list)  # when `ceiling` is the rounds' one
 
 
-def measure_baselines(opts: BenchOptions, prompts: list[str]) -> Baselines:
+@dataclass(slots=True)
+class CeilingMeter:
+    """The eager ceiling at any batch of the workload's prompts, on one loaded model: before the stack starts, and
+    with `--rounds N` once more in each round of the sweep."""
+
+    model: EagerModel
+    encoded: list[list[int]]
+    max_tokens: int
+    time_cap: float
+    method: str
+
+    def measure(self, batch: int, beside_the_stack: bool = False) -> CeilingPoint:
+        prompts = [self.encoded[i % len(self.encoded)] for i in range(batch)]
+        decode_loop(self.model, prompts, min(8, self.max_tokens), self.time_cap)  # warm-up at this shape
+        times, _ = decode_loop(self.model, prompts, self.max_tokens, self.time_cap)
+        point = ceiling_point(batch, times, self.method, capped=len(times) < self.max_tokens)
+        point.beside_the_stack = beside_the_stack
+        progress(
+            f"eager ceiling batch {batch}: {point.tokens_per_s:.1f} tok/s ({point.steps} steps in "
+            f"{point.seconds:.2f} s; by median step {point.tokens_per_s_median_step:.1f} tok/s; "
+            f"load {point.load_average_1m:.2f})"
+        )
+        return point
+
+
+def measure_baselines(opts: BenchOptions, prompts: list[str]) -> tuple[Baselines, CeilingMeter]:
+    """The baselines, and the meter that measured the ceiling (its model stays loaded while the caller keeps it)."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -95,7 +130,8 @@ def measure_baselines(opts: BenchOptions, prompts: list[str]) -> Baselines:
     progress(f"model loaded: {m.name} on {m.device} ({dtype}), {torch.get_num_threads()} threads")
     with_prefix = [m.encode(p) for p in prompts]
     encoded = [ids for ids, _ in with_prefix]
-    ceiling = measure_ceiling(m, encoded, opts)
+    meter = CeilingMeter(m, encoded, opts.max_tokens, opts.baseline_time_cap, opts.ceiling)
+    ceiling = [meter.measure(batch) for batch in opts.concurrency]
     first = opts.concurrency[0]
     count = requests_per_client(opts.requests_per_client, opts.min_requests, first) if first == 1 else 1
     prefill = measure_prefill(m, [with_prefix[i % len(with_prefix)] for i in range(count)])
@@ -117,25 +153,7 @@ def measure_baselines(opts: BenchOptions, prompts: list[str]) -> Baselines:
         dtype,
         threads,
     )
-    del m
-    gc.collect()
-    return baselines
-
-
-def measure_ceiling(m: EagerModel, encoded: list[list[int]], opts: BenchOptions) -> list[CeilingPoint]:
-    points = []
-    for batch in opts.concurrency:
-        batch_prompts = [encoded[i % len(encoded)] for i in range(batch)]
-        decode_loop(m, batch_prompts, min(8, opts.max_tokens), opts.baseline_time_cap)  # warm-up at this shape
-        times, _ = decode_loop(m, batch_prompts, opts.max_tokens, opts.baseline_time_cap)
-        point = ceiling_point(batch, times, opts.ceiling, capped=len(times) < opts.max_tokens)
-        points.append(point)
-        progress(
-            f"eager ceiling batch {batch}: {point.tokens_per_s:.1f} tok/s ({point.steps} steps in "
-            f"{point.seconds:.2f} s; by median step {point.tokens_per_s_median_step:.1f} tok/s; "
-            f"load {point.load_average_1m:.2f})"
-        )
-    return points
+    return baselines, meter
 
 
 def ceiling_point(batch: int, step_times: list[float], method: str, capped: bool) -> CeilingPoint:
@@ -153,6 +171,7 @@ def ceiling_point(batch: int, step_times: list[float], method: str, capped: bool
         time_capped=capped,
         method=method,
         load_average_1m=os.getloadavg()[0],
+        step_times_s=list(step_times),
     )
 
 

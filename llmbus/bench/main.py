@@ -4,13 +4,14 @@ plot."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import os
 import sys
 import time
 from collections.abc import Sequence
 
-from llmbus.bench.baselines import measure_baselines
+from llmbus.bench.baselines import Baselines, CeilingPoint, measure_baselines
 from llmbus.bench.options import BenchOptions, parse_options, progress
 from llmbus.bench.plot import plot
 from llmbus.bench.preflight import FAILURES, check_bridge, check_bus, check_peer, describe
@@ -47,11 +48,14 @@ def run(opts: BenchOptions) -> int:
         if problem := check(opts):
             progress(f"error: {problem}")
             return 1
-    baselines = None if opts.skip_baselines else measure_baselines(opts, prompts)
+    baselines, meter = (None, None) if opts.skip_baselines else measure_baselines(opts, prompts)
+    if opts.rounds == 1:
+        meter = None  # the ceiling is not measured again: free its model before the workers load theirs
+        gc.collect()
     stack = Stack(opts)
     try:
         stack.start()
-        sweep = asyncio.run(run_sweep(opts, stack, prompts))
+        sweep = asyncio.run(run_sweep(opts, stack, prompts, meter))
     except FAILURES as exc:
         progress(f"error: {describe(exc)}")
         if baselines is None:
@@ -59,6 +63,9 @@ def run(opts: BenchOptions) -> int:
         sweep = Sweep(0, 0.0, [], stopped=f"{describe(exc)} (before the first point)")  # keep the baselines' minutes
     finally:
         stack.stop()
+        del meter
+    if baselines is not None and sweep.ceiling:
+        use_ceiling_of_rounds(baselines, sweep.ceiling)
     ratios = compute_ratios(sweep.points, baselines, sweep.http_points)
     notes = diagnostics(sweep.points, baselines, load_before[0], sweep.worker_options)
     notes += http_notes(sweep.http_points, sweep.points) + peer_notes(sweep.peer_points, sweep.points)
@@ -76,6 +83,14 @@ def run(opts: BenchOptions) -> int:
         progress(f"error: {sweep.stopped}: bench.json and the plot hold the points measured until then")
         return 1
     return 0
+
+
+def use_ceiling_of_rounds(baselines: Baselines, rounds: list[CeilingPoint]) -> None:
+    """The ratios use the eager ceiling measured in the rounds, batch by batch (a sweep that stopped early keeps the
+    ceiling measured before the stack for the batches it did not reach); that one stays in `ceiling_before_stack`."""
+    by_batch = {point.batch: point for point in rounds}
+    baselines.ceiling_before_stack = baselines.ceiling
+    baselines.ceiling = [by_batch.get(point.batch, point) for point in baselines.ceiling]
 
 
 def title(opts: BenchOptions, report: dict) -> str:

@@ -54,7 +54,7 @@ def build_report(
             "options": sweep.worker_options,
             "model": sweep.served_model,
         },
-        "baselines": None if baselines is None else asdict(baselines),
+        "baselines": None if baselines is None else baselines_json(baselines),
         "warmup_s": sweep.warmup_s,
         "compile_wait_s": sweep.compile_wait_s,
         "warmups_s": sweep.warmups_s,
@@ -161,3 +161,11 @@ def clean(value: Any) -> Any:
 def point_json(point: PointResult) -> dict[str, Any]:
     """A point's figures for bench.json: every field but its raw requests."""
     return {f.name: getattr(point, f.name) for f in fields(point) if f.name != "records"}
+
+
+def baselines_json(baselines: Baselines) -> dict[str, Any]:
+    """The baselines without the ceilings' step times (kept only to merge rounds)."""
+    out = asdict(baselines)
+    for point in [*out["ceiling"], *out["ceiling_before_stack"]]:
+        del point["step_times_s"]
+    return out

@@ -6,7 +6,8 @@ next), so a ratio of two points measured one after the other (HTTP over NATS, NA
 Alternating the order (NATS, HTTP, then HTTP, NATS, ...) puts each target first as often as second, which cancels
 a steady drift, and N rounds average the rest. A target's rounds merge into one point: tokens/s over the summed wall
 time, latency percentiles over all their requests, CPU seconds and engine counters summed. One round (the default)
-is the point as measured."""
+is the point as measured. The eager ceiling takes part in the rounds too (`baselines.CeilingMeter`): its rounds
+merge into one ceiling over all their decode steps."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import TypeVar
 
+from llmbus.bench.baselines import CeilingPoint, ceiling_point
 from llmbus.bench.stats import PointResult, summarize
 
 T = TypeVar("T")
@@ -51,6 +53,19 @@ def merge_rounds(points: Sequence[PointResult]) -> PointResult:
     merged.engine_compile_failed = max(p.engine_compile_failed for p in points)
     merged.engine_workers_missing = sorted({w for p in points for w in p.engine_workers_missing})
     merged.stack_failure = next((p.stack_failure for p in points if p.stack_failure), None)
+    return merged
+
+
+def merge_ceilings(points: Sequence[CeilingPoint]) -> CeilingPoint:
+    """One eager ceiling for a batch's rounds: tokens/s over all their timed steps, the median of all their steps."""
+    if len(points) == 1:
+        return points[0]
+    first = points[0]
+    steps = [seconds for point in points for seconds in point.step_times_s]
+    merged = ceiling_point(first.batch, steps, first.method, capped=any(p.time_capped for p in points))
+    merged.rounds = len(points)
+    merged.beside_the_stack = all(p.beside_the_stack for p in points)
+    merged.load_average_1m = sum(p.load_average_1m for p in points) / len(points)
     return merged
 
 

@@ -35,7 +35,13 @@ def summary_lines(sweep: Sweep, baselines: Baselines | None, ratios: list[Ratio]
             lines.append(f"{label} throughput by concurrency: {cells}")
     if baselines is not None:
         ceiling = ", ".join(f"{c.batch}: {c.ceiling_tokens_per_s:.1f}" for c in baselines.ceiling)
-        lines.append(f"eager ceiling tok/s by batch ({baselines.dtype}, {baselines.torch_threads} threads): {ceiling}")
+        rounds = "; measured in the rounds, beside the idle stack" if baselines.ceiling_before_stack else ""
+        lines.append(
+            f"eager ceiling tok/s by batch ({baselines.dtype}, {baselines.torch_threads} threads{rounds}): {ceiling}"
+        )
+        if baselines.ceiling_before_stack:
+            alone = ", ".join(f"{c.batch}: {c.ceiling_tokens_per_s:.1f}" for c in baselines.ceiling_before_stack)
+            lines.append(f"eager ceiling tok/s by batch before the stack started: {alone}")
         lines.append(f"in-process prefill p50: {baselines.prefill.p50_s * 1000:.1f} ms")
         lines.append(f"naive baseline: {baselines.naive.tokens_per_s:.1f} tok/s")
     for r in ratios:

@@ -3,10 +3,11 @@ targets back to back: NATS, then the HTTP bridge (`--http`), then the peer (`--p
 after the other at the same concurrency, against the same workers, keeps their ratio free of the drift that
 separate runs on a shared machine would add. Every NATS and HTTP request names the same model (`measured_model`).
 A worker or the bridge found dead after a point ends the sweep there, keeping the points before it
-(`measure_points`)."""
+(`measure_points`). With `--rounds N` the eager ceiling is one more target of the rounds (`baselines.CeilingMeter`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from bus_gateway.client import BusClient
+from llmbus.bench.baselines import CeilingMeter, CeilingPoint
 from llmbus.bench.bus_load import (
     counters_during,
     engine_counters,
@@ -30,7 +32,7 @@ from llmbus.bench.bus_load import (
 from llmbus.bench.closed_loop import Send, closed_loop, warm_up
 from llmbus.bench.http_load import OpenAITarget, http_client, stream_over_http, wait_until_ready
 from llmbus.bench.options import BenchError, BenchOptions, progress
-from llmbus.bench.rounds import in_round_order, merge_rounds
+from llmbus.bench.rounds import in_round_order, merge_ceilings, merge_rounds
 from llmbus.bench.stack import Stack
 from llmbus.bench.stats import PointResult, RequestRecord, describe_point, summarize
 from llmbus.bench.workload import requests_per_client
@@ -41,6 +43,10 @@ class Target:
     via: str
     send: Send
     ours: bool  # served by the stack's workers: engine counters apply
+
+
+EAGER = "eager"  # the eager ceiling's place among the targets of a round
+Ceiling = Callable[[int], Awaitable[CeilingPoint]]
 
 
 @dataclass(slots=True)
@@ -56,9 +62,11 @@ class Sweep:
     served_model: str | None = None
     compile_wait_s: float = 0.0
     stopped: str | None = None  # why the sweep stopped before its last point (a worker or the bridge died)
+    ceiling: list[CeilingPoint] = field(default_factory=list)  # the eager ceiling measured in the rounds
 
 
-async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Sweep:
+async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str], meter: CeilingMeter | None = None) -> Sweep:
+    """With a `meter` the eager ceiling is measured in each round too (in a thread, the stack idle)."""
     connection = dataclasses.replace(
         opts.connection, nats_url=stack.url, subject_prefix=opts.subject_prefix, request_timeout=opts.request_timeout
     )
@@ -97,7 +105,8 @@ async def run_sweep(opts: BenchOptions, stack: Stack, prompts: list[str]) -> Swe
             async def measure(target: Target, concurrency: int, per_client: int) -> PointResult:
                 return await measure_point(bus, stack, target, prompts, concurrency, per_client, opts, expect)
 
-            await measure_points(sweep, targets, opts, measure, stack.check_alive)
+            ceiling = None if meter is None else ceiling_in_a_thread(meter)
+            await measure_points(sweep, targets, opts, measure, stack.check_alive, ceiling)
         return sweep
     finally:
         await bus.close()
@@ -109,21 +118,30 @@ async def measure_points(
     opts: BenchOptions,
     measure: Callable[[Target, int, int], Awaitable[PointResult]],
     check_alive: Callable[[], None],
+    ceiling: Ceiling | None = None,
 ) -> None:
     """Every target at every concurrency, into the sweep's lists. After each point `check_alive` looks at the
     stack's processes: a worker or the bridge found dead marks that point failed (`stack_failure`, so it shows
     ERRORS), stops the sweep and sets `sweep.stopped`; the points measured before it are kept for the report. With
     `--rounds N` each concurrency runs the targets N times in alternating order, and each target's rounds are
-    reported as one point (`rounds`)."""
+    reported as one point (`rounds`); a `ceiling` is measured in each round as the last target of the first
+    order, into `sweep.ceiling`."""
     by_via = {"nats": sweep.points, "http": sweep.http_points, "peer": sweep.peer_points}
     for concurrency in opts.concurrency:
         per_client = requests_per_client(opts.requests_per_client, opts.min_requests, concurrency)
         rounds = f", {opts.rounds} rounds in alternating order" if opts.rounds > 1 else ""
+        rounds += ", the eager ceiling among them" if ceiling else ""
         progress(f"concurrency {concurrency}: {concurrency * per_client} requests per target{rounds}")
         measured: dict[str, list[PointResult]] = {target.via: [] for target in targets}
+        ceilings: list[CeilingPoint] = []
+        order: list[Target | str] = [*targets, EAGER] if ceiling else list(targets)
         try:
             for round_index in range(opts.rounds):
-                for target in in_round_order(targets, round_index):
+                for target in in_round_order(order, round_index):
+                    if isinstance(target, str):
+                        assert ceiling is not None
+                        ceilings.append(await ceiling(concurrency))
+                        continue
                     point = await measure(target, concurrency, per_client)
                     measured[target.via].append(point)
                     try:
@@ -139,6 +157,19 @@ async def measure_points(
                     by_via[via].append(merged := merge_rounds(points))
                     if merged.rounds > 1:
                         progress(f"{merged.rounds} rounds together: {describe_point(merged)}")
+            if ceilings:
+                sweep.ceiling.append(merged_ceiling := merge_ceilings(ceilings))
+                progress(
+                    f"eager ceiling batch {concurrency}, {merged_ceiling.rounds} rounds together: "
+                    f"{merged_ceiling.ceiling_tokens_per_s:.1f} tok/s"
+                )
+
+
+def ceiling_in_a_thread(meter: CeilingMeter) -> Ceiling:
+    async def ceiling(batch: int) -> CeilingPoint:
+        return await asyncio.to_thread(meter.measure, batch, True)
+
+    return ceiling
 
 
 def bus_sender(bus: BusClient, timeout: float, model: str | None) -> Send:
