@@ -16,7 +16,7 @@ from llmbus.bench.report import baselines_json, point_json
 from llmbus.bench.rounds import in_round_order, merge_ceilings, merge_rounds
 from llmbus.bench.stats import PointResult, RequestRecord, summarize
 from llmbus.bench.sweep import Sweep, Target, measure_points
-from llmbus.bench.verdicts import compute_ratios
+from llmbus.bench.verdicts import compute_ratios, diagnostics
 
 
 def measured(concurrency: int, via: str, wall_s: float, first_token_s: float, tokens: int) -> PointResult:
@@ -128,6 +128,11 @@ def test_the_ratios_use_the_ceiling_of_the_rounds_and_bench_json_keeps_both() ->
     one = measured(1, "nats", 8 / 40.0, 0.01, 8)  # 40 tok/s
     ratio = next(r for r in compute_ratios([one], baselines) if r.name == "throughput_vs_ceiling_at_1")
     assert ratio.value == pytest.approx(40 / 20.0)  # 20 tok/s in the rounds (0.05 s a step), not the 40 before
+    before_stack = [n for n in diagnostics([one], baselines, 0.0) if "before the stack started" in n]
+    assert before_stack == [
+        "eager ceiling batch 1: 20.0 tok/s in the rounds (what the ratios use), 40.0 before the stack started; "
+        "against that one, throughput@1 / eager ceiling@1 = 1.000"
+    ]
     out = baselines_json(baselines)
     assert out["ceiling"][0]["rounds"] == 2 and out["ceiling"][0]["beside_the_stack"]
     assert out["ceiling_before_stack"][0]["ceiling_tokens_per_s"] == pytest.approx(40.0)

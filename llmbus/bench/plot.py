@@ -38,9 +38,8 @@ def plot(path: Path, sweep: Sweep, baselines: Baselines | None, title: str, peer
         itl.plot(xs, [p.itl_p50_s * 1000 for p in points], marker, color=color, label=f"{label}, p50")
     if baselines is not None:
         cx = [c.batch for c in baselines.ceiling]
-        tput.plot(
-            cx, [c.ceiling_tokens_per_s for c in baselines.ceiling], "s--", color="tab:orange", label="eager ceiling"
-        )
+        label = "eager ceiling, in the rounds" if baselines.ceiling_before_stack else "eager ceiling"
+        tput.plot(cx, [c.ceiling_tokens_per_s for c in baselines.ceiling], "s--", color="tab:orange", label=label)
         tput.axhline(
             baselines.naive.tokens_per_s,
             color="tab:red",

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmbus.bench.baselines import Baselines
+from llmbus.bench.baselines import Baselines, CeilingPoint
 from llmbus.bench.stats import PointResult
 
 REFERENCE_CONCURRENCY = 64
@@ -187,6 +187,15 @@ def diagnostics(
             )
         if c.time_capped:
             notes.append(f"ceiling batch {c.batch}: stopped by the time cap after {c.steps} steps")
+    for before in baselines.ceiling_before_stack:
+        rounds, point = at_batch(baselines.ceiling, before.batch), at(points, before.batch)
+        if rounds is not None and rounds.beside_the_stack and point is not None:
+            notes.append(
+                f"eager ceiling batch {before.batch}: {rounds.ceiling_tokens_per_s:.1f} tok/s in the rounds (what the "
+                f"ratios use), {before.ceiling_tokens_per_s:.1f} before the stack started; against that one, "
+                f"throughput@{before.batch} / eager ceiling@{before.batch} = "
+                f"{point.tokens_per_s / before.ceiling_tokens_per_s:.3f}"
+            )
     one = at(points, 1)
     if one is not None and baselines.prefill.suffix_p50_s > 0:
         notes.append(
@@ -195,6 +204,10 @@ def diagnostics(
             f"{one.engine_prefix_tokens_reused} prompt tokens of {one.engine_prompt_tokens} at that point)"
         )
     return notes
+
+
+def at_batch(ceiling: list[CeilingPoint], batch: int) -> CeilingPoint | None:
+    return next((c for c in ceiling if c.batch == batch), None)
 
 
 def point_notes(points: list[PointResult]) -> list[str]:
