@@ -66,7 +66,7 @@ class JobLimits:
             discard=DiscardPolicy.NEW,  # a full queue refuses new jobs rather than dropping queued ones
             max_age=self.max_age,
             max_msgs=self.max_msgs,
-            duplicate_window=min(120.0, self.max_age),  # a re-published job (same Nats-Msg-Id) is stored once
+            duplicate_window=self.max_age,  # a job re-published while the stream can hold it is stored once
         )
 
     def consumer_config(self, name: str, filters: list[str]) -> ConsumerConfig:
@@ -145,7 +145,11 @@ def check_stream(config: StreamConfig, limits: JobLimits) -> None:
             f"subjects {limits.subjects}: another llmbus bus (another subject prefix) made it on this NATS server; "
             f"use that bus's prefix, or add {limits.subjects} to the stream's subjects"
         )
-    stream = (("max_age", config.max_age, limits.max_age), ("max_msgs", config.max_msgs, limits.max_msgs))
+    stream = (
+        ("max_age", config.max_age, limits.max_age),
+        ("max_msgs", config.max_msgs, limits.max_msgs),
+        ("duplicate_window", config.duplicate_window, limits.max_age),
+    )
     warn_differences(f"stream {limits.stream}", stream)
 
 

@@ -130,6 +130,7 @@ async def test_jobs_are_answered_then_acked_and_the_queue_has_explicit_limits(
         stream = (await js.stream_info(STREAM_NAME)).config
         assert (stream.retention, stream.discard, stream.subjects) == ("workqueue", "new", ["llm.jobs.>"])
         assert (stream.max_age, stream.max_msgs) == (config.jobs_max_age, config.jobs_max_msgs)
+        assert stream.duplicate_window == config.jobs_max_age, "a re-published job is stored once while it may wait"
         consumer = (await js.consumer_info(STREAM_NAME, CONSUMER_NAME)).config
         assert (consumer.ack_policy, consumer.ack_wait, consumer.max_deliver) == ("explicit", 7.0, 3)
     finally:
