@@ -6,6 +6,7 @@ rounds too, and the ratios use that one."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -56,21 +57,28 @@ def test_rounds_merge_into_one_point_over_all_their_requests() -> None:
     json.dumps(point_json(merged))  # bench.json can hold it
 
 
-async def test_a_sweep_of_two_rounds_measures_abba_and_reports_one_point_per_target() -> None:
-    opts = BenchOptions(concurrency=[2, 8], rounds=2, skip_baselines=True)
+async def never_sent(prompt: str, max_tokens: int) -> RequestRecord:
+    raise AssertionError("`measure` stands in for the requests")
 
-    async def never_sent(prompt: str, max_tokens: int) -> RequestRecord:
-        raise AssertionError("`measure` stands in for the requests")
 
-    order: list[str] = []
+TARGETS = [Target("nats", never_sent, True), Target("http", never_sent, True)]
+
+
+def measure_in(order: list[str]) -> Callable[[Target, int, int], Awaitable[PointResult]]:
+    """A stand-in for a point's requests: notes the point in `order`; its wall time is its place in the order + 1."""
 
     async def measure(target: Target, concurrency: int, per_client: int) -> PointResult:
         order.append(f"{target.via}@{concurrency}")
         return measured(concurrency, target.via, 1.0 + len(order), 0.1, 8)
 
+    return measure
+
+
+async def test_a_sweep_of_two_rounds_measures_abba_and_reports_one_point_per_target() -> None:
+    opts = BenchOptions(concurrency=[2, 8], rounds=2, skip_baselines=True)
+    order: list[str] = []
     sweep = Sweep(1, 0.0, [])
-    targets = [Target("nats", never_sent, True), Target("http", never_sent, True)]
-    await measure_points(sweep, targets, opts, measure, lambda: None)
+    await measure_points(sweep, TARGETS, opts, measure_in(order), lambda: None)
     assert order == ["nats@2", "http@2", "http@2", "nats@2", "nats@8", "http@8", "http@8", "nats@8"]
     assert [(p.concurrency, p.rounds) for p in sweep.points] == [(2, 2), (8, 2)]
     assert [(p.concurrency, p.rounds) for p in sweep.http_points] == [(2, 2), (8, 2)]
@@ -92,23 +100,14 @@ def ceiling(batch: int, step_s: float, steps: int = 4, beside_the_stack: bool = 
 
 async def test_with_rounds_the_eager_ceiling_is_measured_in_each_round_among_the_targets() -> None:
     opts = BenchOptions(concurrency=[1, 8], rounds=2, skip_baselines=True)
-
-    async def never_sent(prompt: str, max_tokens: int) -> RequestRecord:
-        raise AssertionError("`measure` stands in for the requests")
-
     order: list[str] = []
-
-    async def measure(target: Target, concurrency: int, per_client: int) -> PointResult:
-        order.append(f"{target.via}@{concurrency}")
-        return measured(concurrency, target.via, 1.0, 0.1, 8)
 
     async def eager(batch: int) -> CeilingPoint:
         order.append(f"eager@{batch}")
         return ceiling(batch, 0.1 if len(order) <= 3 else 0.3)  # the machine slowed down after the first round
 
     sweep = Sweep(1, 0.0, [])
-    targets = [Target("nats", never_sent, True), Target("http", never_sent, True)]
-    await measure_points(sweep, targets, opts, measure, lambda: None, eager)
+    await measure_points(sweep, TARGETS, opts, measure_in(order), lambda: None, eager)
     assert order[:6] == ["nats@1", "http@1", "eager@1", "eager@1", "http@1", "nats@1"]
     assert order[6:] == ["nats@8", "http@8", "eager@8", "eager@8", "http@8", "nats@8"]
     first = sweep.ceiling[0]
