@@ -5,7 +5,9 @@ rounds too, and the ratios use that one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -16,7 +18,8 @@ from llmbus.bench.options import BenchOptions, parse_options
 from llmbus.bench.report import baselines_json, point_json
 from llmbus.bench.rounds import in_round_order, merge_ceilings, merge_rounds
 from llmbus.bench.stats import PointResult, RequestRecord, summarize
-from llmbus.bench.sweep import Sweep, Target, measure_points
+from llmbus.bench.summary import summary_lines
+from llmbus.bench.sweep import Sweep, Target, ceiling_in_a_thread, measure_points
 from llmbus.bench.verdicts import compute_ratios, diagnostics
 
 
@@ -132,6 +135,11 @@ def test_the_ratios_use_the_ceiling_of_the_rounds_and_bench_json_keeps_both() ->
         "eager ceiling batch 1: 20.0 tok/s in the rounds (what the ratios use), 40.0 before the stack started; "
         "against that one, throughput@1 / eager ceiling@1 = 1.000"
     ]
+    lines = summary_lines(Sweep(1, 0.0, [one]), baselines, [], [])
+    assert (
+        "eager ceiling tok/s by batch (, 0 threads; measured in the rounds, beside the idle stack): "
+        "1: 20.0, 64: 640.0 (before the stack)" in lines
+    )
     out = baselines_json(baselines)
     assert out["ceiling"][0]["rounds"] == 2 and out["ceiling"][0]["beside_the_stack"]
     assert out["ceiling_before_stack"][0]["ceiling_tokens_per_s"] == pytest.approx(40.0)
@@ -142,3 +150,23 @@ def test_the_ratios_use_the_ceiling_of_the_rounds_and_bench_json_keeps_both() ->
 def test_one_ceiling_round_is_the_point_as_measured() -> None:
     point = ceiling(8, 0.1)
     assert merge_ceilings([point]) is point and point.rounds == 1
+
+
+async def test_a_cancelled_ceiling_stops_its_loop_after_the_current_step() -> None:
+    """Ctrl-C during a ceiling of the rounds: the eager loop runs in a thread, which a cancel cannot interrupt, so
+    the bench would wait out the whole loop (up to its time cap) before stopping its stack."""
+    running, stops = threading.Event(), []
+
+    class Meter:
+        def measure(self, batch: int, beside_the_stack: bool, stop: threading.Event) -> CeilingPoint:
+            stops.append(stop)
+            running.set()
+            assert stop.wait(timeout=60), "nobody told the loop to stop"
+            return ceiling(batch, 0.1)
+
+    task = asyncio.create_task(ceiling_in_a_thread(Meter())(1))  # type: ignore[arg-type]
+    await asyncio.to_thread(running.wait, 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stops[0].is_set()

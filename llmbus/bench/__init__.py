@@ -17,8 +17,8 @@ Phases (one progress line each on stderr):
    one is fully answered) over NATS through `BusClient.stream`, then through the bridge's
    `POST /v1/chat/completions` (--http), then the peer's (--peer-url). Same prompts, max_tokens, greedy,
    streaming for all three. With --rounds N, N times in alternating order (NATS, HTTP, peer, eager ceiling, then
-   the reverse), each target's rounds one point; for N > 1 the eager ceiling, measured while the stack is idle,
-   is one of the targets, and the ratios use its rounds.
+   the reverse), each target's rounds one point; for N > 1 (unless --skip-baselines) the eager ceiling, measured
+   while the stack is idle, is one of the targets, and the ratios use its rounds.
 4. Print the ratios against the targets (PASS/MISS/N/A, or ERRORS when a point it uses had failed requests: its
    value is shown but cannot pass); write bench.json and bench.png under --out. A worker or the bridge that dies
    mid-sweep stops the sweep: the point it was found after is marked failed (ERRORS), and what was measured until

@@ -10,6 +10,7 @@ bench.json beside it (`Baselines.ceiling_before_stack`)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -101,10 +102,12 @@ class CeilingMeter:
     time_cap: float
     method: str
 
-    def measure(self, batch: int, beside_the_stack: bool = False) -> CeilingPoint:
+    def measure(self, batch: int, beside_the_stack: bool = False, stop: threading.Event | None = None) -> CeilingPoint:
+        """`stop` ends the loop after its current step (a bench stopped while this runs in a thread)."""
         prompts = [self.encoded[i % len(self.encoded)] for i in range(batch)]
-        decode_loop(self.model, prompts, min(8, self.max_tokens), self.time_cap)  # warm-up at this shape
-        times, _ = decode_loop(self.model, prompts, self.max_tokens, self.time_cap)
+        decode_loop(self.model, prompts, min(8, self.max_tokens), self.time_cap, stop)  # warm-up at this shape
+        times, _ = decode_loop(self.model, prompts, self.max_tokens, self.time_cap, stop)
+        release_cached_memory(self.model.device)
         point = ceiling_point(batch, times, self.method, capped=len(times) < self.max_tokens)
         point.beside_the_stack = beside_the_stack
         progress(
@@ -113,6 +116,14 @@ class CeilingMeter:
             f"load {point.load_average_1m:.2f})"
         )
         return point
+
+
+def release_cached_memory(device: object) -> None:
+    """On CUDA, give the loop's cache back to the driver: the workers beside it plan their memory on what is free."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def measure_baselines(opts: BenchOptions, prompts: list[str]) -> tuple[Baselines, CeilingMeter]:

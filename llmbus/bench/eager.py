@@ -7,6 +7,7 @@ ceiling is the bar the engine has to clear, so it must not move when the engine 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -59,10 +60,12 @@ class EagerModel:
         return ids, shared
 
 
-def decode_loop(m: EagerModel, prompts: list[list[int]], steps: int, time_cap: float) -> tuple[list[float], Any]:
+def decode_loop(
+    m: EagerModel, prompts: list[list[int]], steps: int, time_cap: float, stop: threading.Event | None = None
+) -> tuple[list[float], Any]:
     """Left-padded prefill with an attention mask into a `DynamicCache`, then `steps` timed greedy decode forwards
-    of the whole batch (fewer once `time_cap` seconds have passed). Returns each step's time and the tokens
-    (batch x 1 + steps: the prefill's token, then one per step)."""
+    of the whole batch (fewer once `time_cap` seconds have passed, or once `stop` is set: a bench being stopped).
+    Returns each step's time and the tokens (batch x 1 + steps: the prefill's token, then one per step)."""
     import torch
     from transformers import DynamicCache
 
@@ -80,7 +83,7 @@ def decode_loop(m: EagerModel, prompts: list[list[int]], steps: int, time_cap: f
         sync(device)
         times: list[float] = []
         for _ in range(steps):
-            if sum(times) > time_cap:
+            if sum(times) > time_cap or (stop is not None and stop.is_set()):
                 break
             start = time.perf_counter()
             mask = torch.cat([mask, ones], dim=1)

@@ -74,9 +74,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=d.rounds,
-        help="measure each concurrency N times, the targets (NATS, --http, --peer-url and, with N > 1, the eager "
-        "ceiling) in alternating order, and report each target's rounds as one point: a steady drift of a shared "
-        "machine's speed cancels out of their ratios",
+        help="measure each concurrency N times, the targets (NATS, --http, --peer-url and, with N > 1 and the "
+        "baselines, the eager ceiling) in alternating order, and report each target's rounds as one point: a "
+        "steady drift of a shared machine's speed cancels out of their ratios. With N > 1 the bench keeps its "
+        "baseline model loaded while the workers run",
     )
     load.add_argument("--max-tokens", type=int, default=d.max_tokens, help="max_tokens of every request")
     load.add_argument("--requests-per-client", type=int, default=d.requests_per_client, help="requests per client")

@@ -34,8 +34,13 @@ def summary_lines(sweep: Sweep, baselines: Baselines | None, ratios: list[Ratio]
             cells = ", ".join(f"{r['concurrency']}: {_fmt(r['tokens_per_s'])}{_flawed(r)}" for r in rows)
             lines.append(f"{label} throughput by concurrency: {cells}")
     if baselines is not None:
-        ceiling = ", ".join(f"{c.batch}: {c.ceiling_tokens_per_s:.1f}" for c in baselines.ceiling)
-        rounds = "; measured in the rounds, beside the idle stack" if baselines.ceiling_before_stack else ""
+        in_rounds = bool(baselines.ceiling_before_stack)
+        before = " (before the stack)"  # a batch the sweep never reached keeps the ceiling measured before the stack
+        ceiling = ", ".join(
+            f"{c.batch}: {c.ceiling_tokens_per_s:.1f}{before if in_rounds and not c.beside_the_stack else ''}"
+            for c in baselines.ceiling
+        )
+        rounds = "; measured in the rounds, beside the idle stack" if in_rounds else ""
         lines.append(
             f"eager ceiling tok/s by batch ({baselines.dtype}, {baselines.torch_threads} threads{rounds}): {ceiling}"
         )

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -166,8 +167,16 @@ async def measure_points(
 
 
 def ceiling_in_a_thread(meter: CeilingMeter) -> Ceiling:
+    """The meter in a thread (the event loop stays free); cancelled, the loop stops after its current step, so a
+    stopped bench does not wait out the whole measurement."""
+
     async def ceiling(batch: int) -> CeilingPoint:
-        return await asyncio.to_thread(meter.measure, batch, True)
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(meter.measure, batch, True, stop)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     return ceiling
 

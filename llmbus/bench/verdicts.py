@@ -179,14 +179,16 @@ def diagnostics(
                 "different precisions (pass --dtype to the bench, not --worker-arg, to keep them alike)"
             )
     for c in baselines.ceiling:
+        rounds = f" ({c.rounds} rounds together)" if c.rounds > 1 else ""
         if c.disturbed:
+            why = "the rounds ran at different speeds, or " if c.rounds > 1 else ""
             notes.append(
-                f"ceiling batch {c.batch}: {c.tokens_per_s:.1f} tok/s by wall time but "
-                f"{c.tokens_per_s_median_step:.1f} by median step: other processes took the cores for part of the loop"
-                " (the ratios use the higher figure)"
+                f"ceiling batch {c.batch}{rounds}: {c.tokens_per_s:.1f} tok/s by wall time but "
+                f"{c.tokens_per_s_median_step:.1f} by median step: {why}other processes took the cores for part of "
+                "the loop (the ratios use the higher figure)"
             )
         if c.time_capped:
-            notes.append(f"ceiling batch {c.batch}: stopped by the time cap after {c.steps} steps")
+            notes.append(f"ceiling batch {c.batch}{rounds}: stopped by the time cap after {c.steps} steps")
     for before in baselines.ceiling_before_stack:
         rounds, point = at_batch(baselines.ceiling, before.batch), at(points, before.batch)
         if rounds is not None and rounds.beside_the_stack and point is not None:
