@@ -37,13 +37,15 @@ Item = ChatRequest | BatchItemError
 Named = tuple[int, BatchResult, str]  # a query's index, its result, and (when it failed) its error's name
 Headers = Mapping[str, str] | None
 Knows = Callable[[str], Awaitable[bool]]
+Listing = Callable[[], str]
 
 
 class BatchCoordinator:
-    def __init__(self, client: BusClient, default_timeout: float, knows: Knows) -> None:
+    def __init__(self, client: BusClient, default_timeout: float, knows: Knows, listing: Listing) -> None:
         self.client = client
         self.default_timeout = default_timeout
         self.knows = knows  # is a model on the bus? (a query for an unknown model fails at once, not after retries)
+        self.listing = listing  # the models on the bus, as an unknown model's error names them
 
     async def answer(
         self, req: Replier, kind: str, batch: Batch, batch_id: str, headers: Headers, age: float = 0.0
@@ -126,7 +128,8 @@ class BatchCoordinator:
         if not unknown:
             return items
         return [
-            unknown_model(item) if isinstance(item, ChatRequest) and item.model in unknown else item for item in items
+            unknown_model(item, self.listing()) if isinstance(item, ChatRequest) and item.model in unknown else item
+            for item in items
         ]
 
     async def _one(self, index: int, query: ChatRequest, headers: Headers, age: float) -> Named:
@@ -146,7 +149,7 @@ class BatchCoordinator:
                 delay = self.client.backoff_delay(attempt)
                 gone = exc.name == "no_responders" and query.model is not None and not await self.knows(query.model)
                 if gone:
-                    return index, BatchResult.failed(unknown_model(query)), "model_not_found"
+                    return index, BatchResult.failed(unknown_model(query, self.listing())), "model_not_found"
                 if not exc.come_back_later or loop.time() + delay >= deadline:
                     failed = BatchItemError(chat_id=query.chat_id, error=exc.message, code=exc.code)
                     return index, BatchResult.failed(failed), exc.name
@@ -156,8 +159,9 @@ class BatchCoordinator:
         raise AssertionError("unreachable")
 
 
-def unknown_model(query: ChatRequest) -> BatchItemError:
-    return BatchItemError(chat_id=query.chat_id, error=f"the model `{query.model}` is not served on this bus", code=404)
+def unknown_model(query: ChatRequest, listing: str) -> BatchItemError:
+    error = f"the model `{query.model}` is not served on this bus; models on the bus: {listing}"
+    return BatchItemError(chat_id=query.chat_id, error=error, code=404)
 
 
 def common_code(results: list[BatchResult]) -> int:

@@ -28,6 +28,7 @@ from schemas import (
     decode_chat_request,
     stop_strings,
 )
+from schemas.codec import at_query
 from schemas.subjects import REQUEST_ID, TENANT, valid_request_id
 
 EncodeChat = Callable[[list[dict[str, str]]], tuple[list[int], int]]
@@ -89,9 +90,9 @@ def parse_batch(data: bytes, kind: str, model: str | None = None) -> Batch | Wir
     if isinstance(batch, WireError):
         return batch
     items: list[ChatRequest | BatchItemError] = []
-    for item in batch.items:
+    for index, item in enumerate(batch.items):
         if isinstance(item, ChatRequest) and item.stream:
-            why = "`stream` is not supported on a query of a batch"
+            why = at_query("`stream` is not supported on a query of a batch", index, ".stream")
             item = BatchItemError(chat_id=item.chat_id, error=why, code=400)
         elif isinstance(item, ChatRequest) and item.model is None and model is not None:
             item = msgspec.structs.replace(item, model=model)

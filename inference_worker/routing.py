@@ -209,6 +209,10 @@ class ModelDirectory:
         """Whether the view held came from a whole-window look."""
         return self._last_thorough is not None and self._last_thorough[1] is self.models
 
+    def listing(self) -> str:
+        """The models this view lists, as an unknown model's error names them."""
+        return self.models.listing()
+
     async def knows(self, model: str) -> bool:
         """Whether a worker on the bus serves `model` (after a thorough look when it is not known yet)."""
         since = time.monotonic()

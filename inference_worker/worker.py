@@ -99,7 +99,9 @@ class Worker(Intake, WorkerFacts):
         self.routing: set[asyncio.Task[None]] = set()  # requests waiting for a look at the bus (`_route_in_a_task`)
         self.peers = BusClient(nc, self.subjects)  # this worker as a client of the bus: batches, discovery
         self.directory = ModelDirectory(self._bus_models, self.model_name, config.default_model)
-        self.coordinator = BatchCoordinator(self.peers, config.request_timeout, self.directory.knows)
+        self.coordinator = BatchCoordinator(
+            self.peers, config.request_timeout, self.directory.knows, self.directory.listing
+        )
         self.probe = ForwardProbe(nc)  # is a model still served, before a request is forwarded to it
         self.accepting = True
         self.draining = False

@@ -95,11 +95,18 @@ def decode_batch(data: bytes, kind: str = JSON) -> Batch | WireError:
     for index, raw in enumerate(envelope.queries):
         query = decode_chat_request(bytes(raw), kind)
         if isinstance(query, WireError):
-            where = f"$.queries[{index}]"
-            message = query.message.replace("$", where, 1) if "$" in query.message else f"{where}: {query.message}"
+            message = at_query(query.message, index)
             query = BatchItemError(chat_id=raw_chat_id(bytes(raw), kind), error=message, code=query.code)
         items.append(query)
     return Batch(items, envelope.stream)
+
+
+def at_query(message: str, index: int, field: str = "") -> str:
+    """A query's error with its position in the batch, as msgspec writes one (`... - at `$.queries[3].top_p``)."""
+    where = f"$.queries[{index}]"
+    if "`$" in message:
+        return message.replace("`$", f"`{where}", 1)
+    return f"{message} - at `{where}{field}`"
 
 
 def raw_chat_id(data: bytes, kind: str = JSON) -> str | None:

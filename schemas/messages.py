@@ -114,7 +114,7 @@ class BatchResponse(Struct, kw_only=True, omit_defaults=True):
         """The answer to a batch: `partial_success` and a `message` when some queries failed."""
         failed = sum(r.error is not None for r in results)
         if failed == len(results):
-            return cls(responses=results, message=f"all {failed} queries failed")
+            return cls(responses=results, message=all_failed(failed))
         if failed:
             message = f"{failed} of {len(results)} queries failed; the others were answered"
             return cls(responses=results, partial_success=True, message=message)
@@ -147,7 +147,7 @@ class BatchDone(Struct, kw_only=True):
         if failed and answered:
             message = f"{failed} of {answered + failed} queries failed; the others were answered"
             return cls(answered=answered, failed=failed, partial_success=True, message=message)
-        return cls(answered=answered, failed=failed, message=f"all {failed} queries failed" if failed else None)
+        return cls(answered=answered, failed=failed, message=all_failed(failed) if failed else None)
 
 
 class WorkerLeft(Struct, kw_only=True):
@@ -162,3 +162,7 @@ class BatchEnvelope(Struct, forbid_unknown_fields=True):
 
     queries: list[msgspec.Raw]
     stream: bool = False
+
+
+def all_failed(count: int) -> str:
+    return "the batch's only query failed" if count == 1 else f"all {count} queries failed"

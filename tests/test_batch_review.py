@@ -75,7 +75,9 @@ async def test_a_batch_of_unknown_models_fails_model_not_found(fresh_nats_server
         queries = [{"chat_id": name, "user_prompt": "hi", "max_tokens": 2, "model": "nope"} for name in ("a", "b")]
         reply = await fresh_nc.request("llm.chat.batched", json.dumps({"queries": queries}).encode(), timeout=60)
     assert reply.headers[ERROR_CODE] == "404" and reply.headers[ERROR_NAME] == "model_not_found", reply.headers
-    assert [r["code"] for r in json.loads(reply.data)["responses"]] == [404, 404]
+    responses = json.loads(reply.data)["responses"]
+    assert [r["code"] for r in responses] == [404, 404]
+    assert all(r["error"].endswith("is not served on this bus; models on the bus: tiny") for r in responses), responses
 
 
 class Refusing:
@@ -115,7 +117,7 @@ async def served(model: str) -> bool:
 async def test_a_batch_whose_queries_all_failed_alike_carries_their_error(
     names: list[str], header: str, openai_status: int
 ) -> None:
-    coordinator = BatchCoordinator(Refusing(names), 60.0, served)  # type: ignore[arg-type]
+    coordinator = BatchCoordinator(Refusing(names), 60.0, served, lambda: "tiny")  # type: ignore[arg-type]
     queries = [ChatRequest(chat_id=f"q{i}", user_prompt="hi", model="m", timeout=5.0) for i in range(2)]
     answers = Answers()
     assert await coordinator.answer(answers, "application/json", Batch(queries), "b", None) == 503  # type: ignore[arg-type]

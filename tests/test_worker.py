@@ -131,7 +131,7 @@ async def test_batch_envelope_errors(worker: RunningWorker, nc: NATS) -> None:
     for payload, expected in [
         (b'{"queries": []}', "`queries` is empty"),
         (b"{}", "missing required field `queries`"),
-        (b'{"queries": [{"chat_id": "a", "user_prompt": ""}]}', "all 1 queries failed"),
+        (b'{"queries": [{"chat_id": "a", "user_prompt": ""}]}', "the batch's only query failed"),
     ]:
         headers, _ = await ask(nc, payload, subject="llm.chat.batched")
         assert headers[ERROR_CODE] == "400" and expected in headers["Nats-Service-Error"]
