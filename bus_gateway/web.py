@@ -90,7 +90,8 @@ def monitor_of(state: State) -> BusMonitor:
 
 
 def page_response() -> Response[bytes]:
-    return Response(static_bytes("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+    # Litestar adds "; charset=utf-8" to a text/ media type itself (given here too, the header said it twice)
+    return Response(static_bytes("index.html"), media_type="text/html", headers=PAGE_HEADERS)
 
 
 @get("/", include_in_schema=False, sync_to_thread=False)
