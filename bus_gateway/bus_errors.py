@@ -77,11 +77,14 @@ def too_large(size: int, limit: int, what: str = "request") -> BusError:
     return BusError(413, f"{what} of {size} bytes exceeds the NATS max payload of {limit} bytes", name="too_large")
 
 
+def not_served(model: str, listing: str) -> str:
+    """The message of a `model_not_found`: the model asked for and the models on the bus, wherever it is refused (the
+    bridge, a worker's routing, a batch's query)."""
+    return f"the model `{model}` is not served on this bus; models on the bus: {listing}"
+
+
 def model_not_found(model: str, served: list[str]) -> BusError:
-    listing = ", ".join(served)
-    return BusError(
-        404, f"the model `{model}` is not served on this bus; models on the bus: {listing}", name="model_not_found"
-    )
+    return BusError(404, not_served(model, ", ".join(served)), name="model_not_found")
 
 
 def no_durable_worker(model: str, takers: list[str] | None = None) -> BusError:

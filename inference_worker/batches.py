@@ -15,7 +15,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
-from bus_gateway.bus_errors import BusError
+from bus_gateway.bus_errors import BusError, not_served
 from bus_gateway.client import BusClient
 from inference_worker.held import Replier
 from inference_worker.replies import SENTINEL, headers_for
@@ -160,8 +160,7 @@ class BatchCoordinator:
 
 
 def unknown_model(query: ChatRequest, listing: str) -> BatchItemError:
-    error = f"the model `{query.model}` is not served on this bus; models on the bus: {listing}"
-    return BatchItemError(chat_id=query.chat_id, error=error, code=404)
+    return BatchItemError(chat_id=query.chat_id, error=not_served(str(query.model), listing), code=404)
 
 
 def common_code(results: list[BatchResult]) -> int:

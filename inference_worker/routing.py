@@ -41,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from bus_gateway.bus_errors import not_served
 from bus_gateway.discovery import BusModels
 from schemas import WireError
 
@@ -91,10 +92,7 @@ def route(requested: str | None, own: str, models: BusModels) -> Route:
         return Local()
     if requested in models.workers:
         return Forward(requested)
-    return WireError.of(
-        "model_not_found",
-        f"the model `{requested}` is not served on this bus; models on the bus: {models.listing()}",
-    )
+    return WireError.of("model_not_found", not_served(requested, models.listing()))
 
 
 class ModelDirectory:
