@@ -44,7 +44,7 @@ def summary_lines(sweep: Sweep, baselines: Baselines | None, ratios: list[Ratio]
         lines.append(
             f"eager ceiling tok/s by batch ({baselines.dtype}, {baselines.torch_threads} threads{rounds}): {ceiling}"
         )
-        if baselines.ceiling_before_stack:
+        if in_rounds:
             alone = ", ".join(f"{c.batch}: {c.ceiling_tokens_per_s:.1f}" for c in baselines.ceiling_before_stack)
             lines.append(f"eager ceiling tok/s by batch before the stack started: {alone}")
         lines.append(f"in-process prefill p50: {baselines.prefill.p50_s * 1000:.1f} ms")

@@ -190,11 +190,11 @@ def diagnostics(
         if c.time_capped:
             notes.append(f"ceiling batch {c.batch}{rounds}: stopped by the time cap after {c.steps} steps")
     for before in baselines.ceiling_before_stack:
-        rounds, point = at_batch(baselines.ceiling, before.batch), at(points, before.batch)
-        if rounds is not None and rounds.beside_the_stack and point is not None:
+        in_rounds, point = at_batch(baselines.ceiling, before.batch), at(points, before.batch)
+        if in_rounds is not None and in_rounds.beside_the_stack and point is not None:
             notes.append(
-                f"eager ceiling batch {before.batch}: {rounds.ceiling_tokens_per_s:.1f} tok/s in the rounds (what the "
-                f"ratios use), {before.ceiling_tokens_per_s:.1f} before the stack started; against that one, "
+                f"eager ceiling batch {before.batch}: {in_rounds.ceiling_tokens_per_s:.1f} tok/s in the rounds (what "
+                f"the ratios use), {before.ceiling_tokens_per_s:.1f} before the stack started; against that one, "
                 f"throughput@{before.batch} / eager ceiling@{before.batch} = "
                 f"{point.tokens_per_s / before.ceiling_tokens_per_s:.3f}"
             )
