@@ -33,6 +33,7 @@ from schemas import (
     WireError,
     decode_batch,
 )
+from schemas.messages import all_failed
 
 
 class BatchErrorBody(msgspec.Struct, kw_only=True):
@@ -107,7 +108,7 @@ def batch_response(results: list[BatchResult]) -> Response[Any]:
     if len(failed) == len(results):
         codes = {result.code or 400 for result in failed}
         code = http_status(codes.pop()) if len(codes) == 1 else 400
-        error = f"every query of the batch failed ({len(failed)} of {len(results)}); see `responses`"
+        error = f"{all_failed(len(failed))}; see `responses`"
         return Response(BatchErrorBody(error=error, code=code, responses=results), status_code=code)
     return Response(BatchResponse.of(results))
 

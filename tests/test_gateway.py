@@ -174,7 +174,8 @@ async def test_invalid_batch_is_400(lonely_http: httpx.AsyncClient, body: bytes,
 
 async def test_batch_with_every_query_invalid_is_400_with_each_error(lonely_http: httpx.AsyncClient) -> None:
     batch = {"queries": [{"chat_id": "a"}, {"chat_id": "b", "user_prompt": 1}]}
-    body = assert_error(await lonely_http.post("/chat/batched", json=batch), 400, "every query of the batch failed")
+    response = await lonely_http.post("/chat/batched", json=batch)
+    body = assert_error(response, 400, "all 2 queries failed; see `responses`")
     assert [r["chat_id"] for r in body["responses"]] == ["a", "b"]
     assert all(r["code"] == 400 and r["error"] for r in body["responses"])
     assert "$.queries[1].user_prompt" in body["responses"][1]["error"]
