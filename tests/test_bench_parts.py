@@ -180,6 +180,17 @@ def test_ratios_use_64_clients_when_measured_and_say_na_when_not() -> None:
     assert [row["concurrency"] for row in pairwise(http, nats)] == [1, 64]
 
 
+def test_a_sweep_of_one_client_alone_has_no_64_client_ratios() -> None:
+    """`--concurrency 1`: the "at 64" ratios are N/A, not the 1-client point a second time under other targets."""
+    ratios = {r.name: r for r in compute_ratios([point(1, 100.0)], None, [point(1, 99.0, "http")])}
+    for name in ("throughput_vs_ceiling", "throughput_vs_naive", "http_over_nats"):
+        assert ratios[name].value is None and ratios[name].status == "N/A", name
+        assert "@64" in ratios[name].description and "@1" not in ratios[name].description
+    assert ratios["ttft_vs_e2e"].value is not None  # the 1-client ratios are still measured
+    wide = {r.name: r for r in compute_ratios([point(1, 100.0), point(8, 700.0)], None, [point(8, 690.0, "http")])}
+    assert "@8" in wide["http_over_nats"].description and wide["http_over_nats"].status == "PASS"
+
+
 def test_a_ratio_whose_points_had_errors_cannot_pass() -> None:
     """Failed NATS requests lower the denominator of http_over_nats; one TTFT of eight is no p50."""
     nats, http = [point(1, 100.0), point(64, 1000.0)], [point(64, 1200.0, "http")]

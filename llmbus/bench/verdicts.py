@@ -1,7 +1,8 @@
 """Ratios against the targets, all from one run, and plain-language notes that help read them.
 
 "At 64" means at 64 clients when the sweep has that point, else at its largest concurrency (the description of
-each ratio names the concurrency it used). A ratio whose inputs were not measured is N/A, never a guess.
+each ratio names the concurrency it used). A sweep of 1 client alone has no such point: its "at 64" ratios are N/A
+rather than a second copy of the 1-client ones. A ratio whose inputs were not measured is N/A, never a guess.
 
 A ratio one of whose points had failed requests (or no answered one) is ERRORS, never PASS: its value comes from
 the requests that were answered, which a failure can flatter (fewer requests behind the NATS figure, one TTFT of
@@ -44,10 +45,11 @@ class Ratio:
 
 
 def reference_point(points: list[PointResult]) -> PointResult | None:
-    """The 64-client point, else the largest concurrency."""
-    if not points:
+    """The 64-client point, else the largest concurrency above 1."""
+    wide = [p for p in points if p.concurrency > 1]
+    if not wide:
         return None
-    return next((p for p in points if p.concurrency == REFERENCE_CONCURRENCY), max(points, key=lambda p: p.concurrency))
+    return next((p for p in wide if p.concurrency == REFERENCE_CONCURRENCY), max(wide, key=lambda p: p.concurrency))
 
 
 def at(points: list[PointResult], concurrency: int) -> PointResult | None:
