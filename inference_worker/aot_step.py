@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference_worker import quantize, step_builds, step_packages
+from inference_worker import llama, quantize, step_builds, step_packages
 
 log = logging.getLogger("llmbus.engine")
 
@@ -48,10 +48,11 @@ class DecodeStep(nn.Module):
     `(tokens, positions, rows, last, kv_columns, *keys, *values) -> logits of the tokens last`: a decode step (one
     token a row) or a prefill of short prompts (their tokens one after another)."""
 
-    def __init__(self, decoder: nn.Module, attention: Callable) -> None:
+    def __init__(self, decoder: nn.Module, attention: Callable, one_row: bool = False) -> None:
         super().__init__()
         self.decoder = decoder
         self.attention = attention
+        self.projection = llama.project_one_row if one_row else llama.project
 
     def forward(
         self,
@@ -64,7 +65,9 @@ class DecodeStep(nn.Module):
     ) -> torch.Tensor:
         layers = len(kv) // 2
         keys, values = list(kv[:layers]), list(kv[layers:])
-        return self.decoder.ragged(tokens, positions, rows, last, kv_columns, keys, values, self.attention)
+        return self.decoder.ragged(
+            tokens, positions, rows, last, kv_columns, keys, values, self.attention, self.projection
+        )
 
 
 def load_or_build(
@@ -82,7 +85,7 @@ def load_or_build(
     (False); `on_build` is called when a build starts, here or in another worker that this one waits for. Frozen:
     the weights are folded in and packed. Not frozen: the package holds no weights, and the step reads the
     decoder's own tensors (no second copy). `single`: the step of one token and one logit."""
-    step = DecodeStep(decoder, attention)
+    step = DecodeStep(decoder, attention, one_row=single)
     name = step_packages.package_name(decoder, attention, frozen, single, cache_dtype=keys[0].dtype)
     path = directory / f"decode-{name}.pt2"
     step_packages.tidy(directory, keep=path)

@@ -81,10 +81,10 @@ def extraction_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 def side_build_queue(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future]:
     """The packages one test each looks into, queued on the session's `build_pool` at this module's first test,
     behind the float32 builds (`tiny_steps`) that the first tests wait for: they build while those tests run
-    (session-scoped and autouse, so that it is set up before `tiny_steps` blocks). The frozen bf16 step (`bf16`)
-    and the int8 and int4 steps, general and one-row (`int8-single`, ...): 25-35 s each here, and the tests built
-    them one or two at a time. Each build's model is its own, made here (the seed is global, and no decoder is
-    pickled by two threads). Nothing is queued when no test run here needs them."""
+    (session-scoped and autouse, so that it is set up before `tiny_steps` blocks). The frozen bf16 steps and the
+    int8 and int4 steps, general and one-row (`bf16`, `bf16-single`, `int8-single`, ...): 25-35 s each here, and
+    the tests built them one or two at a time. Each build's model is its own, made here (the seed is global, and no
+    decoder is pickled by two threads). Nothing is queued when no test run here needs them."""
     here = [item for item in request.session.items if item.path == Path(__file__)]
     needed = {name for item in here for name in item.fixturenames}
     if "side_builds" not in needed:
@@ -100,8 +100,9 @@ def side_build_queue(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
             build, family_decoder(loaded, ROW_LEN, mode), slot_cache(loaded), directory, single=single
         )
     if BF16:
-        loaded = tiny_model(torch.bfloat16)
-        builds["bf16"] = partial(build, family_decoder(loaded, 64), slot_cache(loaded), root / "bf16")
+        for name, single in (("bf16", False), ("bf16-single", True)):
+            loaded = tiny_model(torch.bfloat16)
+            builds[name] = partial(build, family_decoder(loaded, 64), slot_cache(loaded), root / name, single=single)
     return queue(request.getfixturevalue("build_pool"), builds)
 
 
@@ -390,6 +391,32 @@ def test_a_frozen_bf16_package_calls_onednn_on_packed_weights_and_has_parallel_l
     calls = re.findall(r"aoti_torch_cpu__linear_pointwise(?:_binary)?\(", code["wrapper"])  # _binary: + residual
     assert len(calls) >= 4 * len(built.decoder.layers)
     assert ("#pragma omp parallel" in code["kernel"]) == (torch.get_num_threads() > 1)
+
+
+@pytest.mark.skipif(not BF16, reason="no oneDNN bf16 on this CPU")
+def test_the_one_row_bf16_package_projects_in_its_own_loops_over_bf16_weights(side_builds: dict[str, Build]) -> None:
+    """The one-row step projects as broadcast sums (`llama.project_one_row`), not through oneDNN, and its package
+    holds the weights in bf16: written as `weight.float()`, freezing folded the widening into float32 copies of
+    them (SmolLM2's package: 605 MB instead of 280, and its step slower than oneDNN's). It decodes as the eager
+    step does, to bf16 rounding."""
+    single, general = side_builds["bf16-single"], side_builds["bf16"]
+    assert single.was_built and next(single.decoder.parameters()).dtype == torch.bfloat16
+    with zipfile.ZipFile(single.package) as archive:
+        wrapper = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
+    assert "_linear_pointwise" not in wrapper
+    weight_bytes = sum(p.numel() * p.element_size() for p in single.decoder.parameters())
+    assert single.package.stat().st_size < general.package.stat().st_size + weight_bytes / 4
+    cache, expected_cache = slot_cache_like(single), slot_cache_like(single)
+    decode_inputs(cache), decode_inputs(expected_cache)  # the same random keys and values in both
+    eager = run(aot_step.DecodeStep(single.decoder, reduction_attention), expected_cache, one_token_inputs(cache))
+    packaged = run(single.step, cache, one_token_inputs(cache))
+    torch.testing.assert_close(packaged, eager, rtol=2e-2, atol=2e-2)
+
+
+def slot_cache_like(built: Build) -> SlotKVCache:
+    """A cache for a side build's bf16 decoder (64 columns, as `side_build_queue` made it)."""
+    layers, cpu = built.decoder.layers, torch.device("cpu")
+    return SlotKVCache(len(layers), 4, layers[0].kv_heads, layers[0].head_dim, 64, torch.bfloat16, cpu)
 
 
 def test_quantized_packages_keep_their_weights_quantized_and_decode_as_the_eager_quantized_steps(
