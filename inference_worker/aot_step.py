@@ -15,7 +15,9 @@ The step takes its tokens ragged (`llama.LlamaFamilyModel.ragged`): the number o
 attended length and the cache's rows and length are symbolic, so one package serves every engine and configuration
 of a model, and both decode steps and short prefills. A second, `single` package is built for the decode step of one
 row, with one token and one logit fixed in its shapes: SmolLM2's bf16 step took 15.3-17.4 ms there against
-16.1-18.7 ms through the general package (alternating in one process, three runs), with bit-equal logits. A
+16.1-18.7 ms through the general package (alternating in one process, three runs), with bit-equal logits, while both
+called oneDNN. Its projections are now broadcast sums (`llama.project_one_row`): on the AMX Xeon, 23.5 ms against
+28.3 through oneDNN (medians, alternating in one process), and 39.8-40.2 tok/s at 1 client against 33.2-39.0. A
 quantized model's is also built with `max_autotune`, which picked inductor's own C++ GEMM template over aten's
 `_weight_int8pack_mm` for every projection: its int8 step took 11.2 ms against 12.8 (12.0 without autotune). In
 bf16 autotune made no steady difference (faster in two runs, slower in the third).

@@ -4,7 +4,8 @@ runs short prefills: its inputs are ragged (`step_inputs.py`), so a prefill is s
 
 - CPU: AOTInductor packages kept on disk (`aot_step.py`: built once by a child process, loaded in seconds at every
   later start). The narrow step (below `WIDE_FROM` rows) is frozen for oneDNN; a decode step of one row runs its
-  own package (`SINGLE`, one token and one logit fixed in its shapes), or the narrow one where that did not build.
+  own package (`SINGLE`, one token and one logit fixed in its shapes, its projections broadcast sums rather than
+  oneDNN's: `llama.project_one_row`), or the narrow one where that did not build.
   With a `wide` decoder (a bf16 model's float32 copy), prefills run a third package on it, and so do batches of
   `WIDE_FROM` rows or more with `wide_decode` (where this CPU's bf16 matmuls lose at large batches, hardware.py);
   frozen only under `freeze_wide` (`model_runner.fit_runner`), else it reads the copy's weights.
