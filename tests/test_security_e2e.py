@@ -103,6 +103,14 @@ async def test_a_client_chats_and_streams_with_the_client_permissions(
     assert len(workers) >= 1
 
 
+def violations_of_this_test(recorder: LogRecorder) -> list[str]:
+    """The permission violations that this test's connections reported. test_status.py's `llmbus status` under the
+    client login, which is refused `$SRV.STATS` on purpose, can run earlier in this process, and its refusal was
+    once logged during a test here (a CI run), under its own connection name."""
+    lines = [line for line in recorder.lines if "permissions violation" in line.lower()]
+    return [line for line in lines if "(llmbus-status)" not in line]
+
+
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
     """A random 2-layer Llama with no end-of-sequence token: its streams always run to max_tokens."""
@@ -125,7 +133,7 @@ async def test_a_client_streams_over_1000_chunks_through_the_worker_permissions(
     assert chunks[-1].usage.completion_tokens == LONG_STREAM_TOKENS
     assert len(chunks) > 1_000
     assert [c.index for c in chunks] == list(range(len(chunks)))
-    assert not [line for line in log_recorder.lines if "permissions violation" in line.lower()]
+    assert not violations_of_this_test(log_recorder)
     print(f"[security] stream under the worker permissions: {len(chunks)} messages, no permission violation")
 
 
@@ -139,7 +147,7 @@ async def test_a_durable_worker_and_job_client_work_under_the_durable_grants(
     assert jobs.nc.is_closed  # the client opened its connection with dave's settings, and closed it
     assert "Paris" in answer.response
     assert batch.responses[0].response
-    assert not [line for line in log_recorder.lines if "permissions violation" in line.lower()]
+    assert not violations_of_this_test(log_recorder)
 
 
 async def test_the_durable_bridge_works_with_the_gateway_durable_grants(

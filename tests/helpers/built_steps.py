@@ -23,18 +23,21 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import torch
 from torch import nn
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from helpers.tiny_model import tiny_model
 from inference_worker import aot_step, step_packages
 from inference_worker.attention import reduction_attention
+from inference_worker.hardware import pick_threads
 from inference_worker.kv_cache import SlotKVCache
 from inference_worker.model_loader import LoadedModel
 from inference_worker.model_runner import family_decoder
 
 ROW_LEN = 1024  # the tiny model's decoder length in an engine, so that an engine loads the packages built here
 TORN = b"half a package"  # what the general package's build found under its name: a start after a crash
+THREADS = pick_threads()  # a test process's torch threads, which names and builds its packages
 BUILDS_AT_ONCE = 3  # three float32 builds: 65 s side by side here, 72 s two at a time, 93 s one after another
 
 
@@ -96,7 +99,12 @@ def build(
     single: bool = False,
     torn: bool = False,
 ) -> Build:
-    """Build `decoder`'s step into `directory` (made here, empty), over a torn package of its name if `torn`."""
+    """Build `decoder`'s step into `directory` (made here, empty), over a torn package of its name if `torn`. With
+    the test process's threads: torch gives a thread, at its first use, the count last set anywhere, so a pool
+    thread started while an in-process worker of one thread ran named and built its packages for one thread (a
+    CI run: packages the tests could not find by name, and a bf16 one without parallel loops)."""
+    torch.get_num_threads()  # this thread's first use, which takes the count last set
+    torch.set_num_threads(THREADS)
     directory.mkdir(parents=True)
     name = step_packages.package_name(decoder, reduction_attention, frozen, single, cache.keys[0].dtype)
     package = directory / f"decode-{name}.pt2"
