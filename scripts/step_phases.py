@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -49,13 +48,6 @@ def read_rate(buffer: torch.Tensor, reads: int) -> float:
     buffer.sum()
     seconds = median_time(buffer.sum, reads)
     return buffer.numel() * buffer.element_size() / seconds / 1e9
-
-
-def correlation(a: list[float], b: list[float]) -> float:
-    mean_a, mean_b = statistics.mean(a), statistics.mean(b)
-    covariance = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b, strict=True))
-    spread = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
-    return covariance / spread
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +105,7 @@ def report(samples: list[dict[str, float]]) -> None:
         deciles = statistics.quantiles(values, n=10)
         print(f"{name:12s} p10 {deciles[0]:7.2f}  p50 {statistics.median(values):7.2f}  p90 {deciles[-1]:7.2f}")
     for a, b in (("compiled_ms", "eager_ms"), *((probe, loop) for probe in FIGURES[:3] for loop in FIGURES[3:])):
-        print(f"correlation({a}, {b}) {correlation(column[a], column[b]):+.2f}")
+        print(f"correlation({a}, {b}) {statistics.correlation(column[a], column[b]):+.2f}")
     print("blocks of 20 samples, medians: " + " ".join(FIGURES))
     for start in range(0, len(samples), 20):
         block = samples[start : start + 20]
