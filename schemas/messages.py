@@ -116,8 +116,7 @@ class BatchResponse(Struct, kw_only=True, omit_defaults=True):
         if failed == len(results):
             return cls(responses=results, message=all_failed(failed))
         if failed:
-            message = f"{failed} of {len(results)} queries failed; the others were answered"
-            return cls(responses=results, partial_success=True, message=message)
+            return cls(responses=results, partial_success=True, message=some_failed(failed, len(results)))
         return cls(responses=results)
 
 
@@ -145,7 +144,7 @@ class BatchDone(Struct, kw_only=True):
     @classmethod
     def of(cls, answered: int, failed: int) -> BatchDone:
         if failed and answered:
-            message = f"{failed} of {answered + failed} queries failed; the others were answered"
+            message = some_failed(failed, answered + failed)
             return cls(answered=answered, failed=failed, partial_success=True, message=message)
         return cls(answered=answered, failed=failed, message=all_failed(failed) if failed else None)
 
@@ -162,6 +161,10 @@ class BatchEnvelope(Struct, forbid_unknown_fields=True):
 
     queries: list[msgspec.Raw]
     stream: bool = False
+
+
+def some_failed(failed: int, total: int) -> str:
+    return f"{failed} of {total} queries failed; the others were answered"
 
 
 def all_failed(count: int) -> str:
