@@ -86,6 +86,7 @@ class CompiledDecode:
         # prefills run on the float32 copy where there is one (`on_wide_copy`); with no wide graph, eagerly
         self.compiles_prefills = not self.on_cuda and (wide is None or self.wide_from is not None)
         self.package_dir = None if self.on_cuda else package_dir
+        self.threads = torch.get_num_threads()  # the warm-up's too: packages are named and built for a count
         if self.on_cuda:
             self.sizes = cuda_buckets(max_rows)
         else:
@@ -217,6 +218,7 @@ class CompiledDecode:
 
         def job() -> None:
             try:
+                torch.set_num_threads(self.threads)  # a new thread's count is the one last set anywhere
                 self._warm_up(sizes)
             except BaseException as exc:
                 on_failure(exc)

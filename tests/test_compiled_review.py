@@ -6,7 +6,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,7 +83,10 @@ def test_a_warm_up_after_a_week_keeps_the_packages_it_loads_next(
 ) -> None:
     """Every load tidies the directory and keeps only its own package: a start after 8 days removed the one-row
     package during the general one's load, then built it again (about 100 s for SmolLM2). Stand-in files play both
-    packages here, under the names `aot_step.load_or_build` looks for; no build runs (one would be recorded)."""
+    packages here, under the names `aot_step.load_or_build` looks for; no build runs (one would be recorded).
+    The warm-up thread names them for the count of threads of the step's maker, not for the count torch gives a
+    new thread (the last one set on any thread): it once named and built packages for one thread while the test
+    process, which named them, had two (a fresh-clone CI run after a test ran a worker of one thread in-process)."""
     cache = SlotKVCache(2, 4, 2, 16, 64, torch.float32, torch.device("cpu"))
     decoder = LlamaFamilyModel(tiny.model, 64).eval()  # its own: no engine of this process loaded its steps
     step = CompiledDecode(decoder, cache, reduction_attention, 4, package_dir=tmp_path)
@@ -107,10 +112,21 @@ def test_a_warm_up_after_a_week_keeps_the_packages_it_loads_next(
 
     monkeypatch.setattr(step_packages, "load", load)
     monkeypatch.setattr(step_builds, "build_in_child", build)
-    step.warm_up()
+    mine = torch.get_num_threads()
+    run_on_a_thread(torch.set_num_threads, 1 if mine != 1 else 2)  # a new thread's count, such as the warm-up's
+    try:
+        step.warm_up()
+    finally:
+        run_on_a_thread(torch.set_num_threads, mine)
     assert built == []
     assert present_at_loads == [names, names]
     assert step.state == "ready"
+
+
+def run_on_a_thread(function: Callable[..., object], *args: object) -> None:
+    thread = threading.Thread(target=function, args=args)
+    thread.start()
+    thread.join()
 
 
 def test_a_compiled_engine_whose_rows_are_shorter_than_the_warm_up_columns_gets_ready(tiny: LoadedModel) -> None:
