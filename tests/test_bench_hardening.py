@@ -6,7 +6,6 @@ topologies, metadata, streams and points; one test asks a real worker for its mo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import json
 import os
@@ -115,6 +114,16 @@ def sse_body(tokens: int) -> list[bytes]:
     return [*deltas, last]
 
 
+class SlowResponse(SimpleNamespace):
+    """An `aiohttp.ClientResponse`'s status and body, and its `async with` (which releases nothing here)."""
+
+    async def __aenter__(self) -> SlowResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 class SlowServer:
     """Stands in for `aiohttp.ClientSession`: answers after `headers_after` seconds, then sends each body read
     `gaps[i]` seconds after the one before, on the loop's jumping clock."""
@@ -123,10 +132,9 @@ class SlowServer:
         self.headers_after = headers_after
         self.gaps = gaps
 
-    @contextlib.asynccontextmanager
-    async def post(self, url: str, json: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[Any]:
+    async def post(self, url: str, json: dict[str, Any], headers: dict[str, str]) -> SlowResponse:
         await wait_virtually(self.headers_after)
-        yield SimpleNamespace(status=200, content=SimpleNamespace(iter_any=self.reads))
+        return SlowResponse(status=200, content=SimpleNamespace(iter_any=self.reads))
 
     async def reads(self) -> AsyncIterator[bytes]:
         for gap, chunk in zip(self.gaps, sse_body(len(self.gaps) - 1), strict=True):

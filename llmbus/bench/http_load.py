@@ -28,6 +28,7 @@ from llmbus.bench.workload import chat_turns
 
 CHAT_PATH = "/v1/chat/completions"
 ERROR_BODY_LIMIT = 300
+STALE_CONNECTION_TRIES = 3  # each stale connection fails once and leaves the pool
 
 
 @dataclass(slots=True)
@@ -175,8 +176,8 @@ async def _stream(
     idle: IdleDeadline,
 ) -> None:
     url = target.base_url + CHAT_PATH
-    body = target.body(prompt, max_tokens)
-    async with client.post(url, json=body, headers=target.headers()) as response:
+    response = await post_on_a_live_connection(client, url, target.body(prompt, max_tokens), target.headers())
+    async with response:
         idle.arrived()
         if response.status != 200:
             text = (await response.read()).decode(errors="replace")
@@ -189,6 +190,26 @@ async def _stream(
             for data in splitter.feed(received):
                 if apply_event(record, data, now):
                     return
+
+
+async def post_on_a_live_connection(
+    client: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """POST, and again on another connection when the pooled one fails before any answer: a server may close a
+    kept-alive connection without saying so (llama.cpp's `llama-server` did after every streamed answer, and every
+    other request of a 1-client point then failed with "Can not write request body"). aiohttp sends a request
+    again only when its method is idempotent; a chat completion changes nothing on the server, and the failed try
+    got no answer. A connection that cannot be opened is not retried. The retries' time counts in the request's
+    TTFT, which starts at the first try."""
+    for attempt in range(1, STALE_CONNECTION_TRIES + 1):
+        try:
+            return await client.post(url, json=body, headers=headers)
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            if attempt == STALE_CONNECTION_TRIES:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def probe(target: OpenAITarget, timeout: float) -> str | None:
