@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from llmbus.bench.http_load import OpenAITarget, http_client, stream_over_http
+from llmbus.bench.stats import RequestRecord
 
 ANSWER = (
     b'data: {"choices":[{"delta":{"content":"Paris"}}]}\n\n'
@@ -50,13 +51,20 @@ async def read_request(reader: asyncio.StreamReader) -> None:
 async def test_a_request_on_a_connection_the_server_dropped_is_sent_again_on_a_new_one() -> None:
     server = OneAnswerPerConnection()
     target = OpenAITarget("peer", await server.start(), "smollm2")
+
+    async def ask() -> RequestRecord:
+        return await stream_over_http(client, target, "Capital of France?", 8, 30.0)
+
     try:
-        async with http_client(1) as client:
-            records = [await stream_over_http(client, target, "Capital of France?", 8, 30.0) for _ in range(3)]
+        async with http_client(8) as client:
+            records = [await ask() for _ in range(3)]
+            assert (server.dropped, server.connections) == (2, 3)  # the 2nd and 3rd went first to a used connection
+            records += await asyncio.gather(*(ask() for _ in range(8)))  # 8 answered connections in the pool now
+            dropped = server.dropped
+            records.append(await ask())  # tries each of the 8 in turn, then a new connection
+            assert server.dropped - dropped == 8
     finally:
         assert server.server is not None
         server.server.close()
-    assert [record.error for record in records] == [None, None, None]
+    assert [record.error for record in records] == [None] * 12
     assert all(record.ok and record.finish_reason == "stop" for record in records)
-    assert server.dropped == 2  # the second and third requests went first to the connection of the one before
-    assert server.connections == 3
