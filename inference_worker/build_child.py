@@ -45,11 +45,24 @@ def main(job: str, package: str, parent: str, threads: str) -> None:
     die_with_parent(int(parent))
     os.nice(CHILD_NICENESS)
     torch.set_num_threads(int(threads))
+    no_autotuning_from_the_environment()
     spec = torch.load(job, weights_only=False)  # our own pickle, written a moment ago into a private directory
     Path(job).unlink()  # the weights' bytes, not needed any more
     with compiler_cache_lock(spec["name"]):
         aot_step.build(spec["step"], spec["keys"], spec["values"], Path(package), spec["frozen"], spec["single"])
         remove_compiler_copies(Path(package))
+
+
+def no_autotuning_from_the_environment() -> None:
+    """Build what the package's name says, whatever `TORCHINDUCTOR_MAX_AUTOTUNE*` the worker's environment holds:
+    the name does not hash inductor's settings, so a package built under them would be loaded by every worker that
+    shares the directory. With `TORCHINDUCTOR_MAX_AUTOTUNE=1` on the AMX Xeon, the 2-row int4 package held AMX tile
+    instructions, and the process that ran it died with SIGILL: it had not asked the kernel for AMX state. The
+    one-row quantized step turns autotuning on in its own build options (`aot_step.build`); the packages it made
+    here held no AMX instruction."""
+    torch._inductor.config.max_autotune = False
+    torch._inductor.config.max_autotune_gemm = False
+    torch._inductor.config.max_autotune_pointwise = False
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ here stands in for the compiler: a Python process that starts a grandchild (`sle
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 import sys
 import threading
@@ -156,3 +157,31 @@ def test_builds_of_one_package_for_two_cache_directories_take_turns_in_the_share
             building.result(timeout=60)
     assert waited is not None, "the build did not wait for the other build of its package"
     assert not package.exists()
+
+
+def test_a_build_ignores_autotuning_asked_for_by_the_environment(tmp_path: Path) -> None:
+    """`TORCHINDUCTOR_MAX_AUTOTUNE=1` in a worker's environment reached its build child, whose packages then held
+    AMX tile code that killed the process running them (SIGILL), under a name that does not say so. The real child
+    runs here, with `aot_step.build` replaced by one that records inductor's settings at the build."""
+    job, seen = tmp_path / "job.pt", tmp_path / "seen.txt"
+    script = f"""
+import os, torch
+from inference_worker import aot_step, build_child
+spec = {{"step": None, "keys": [], "values": [], "frozen": False, "single": False, "name": "decode-x"}}
+torch.save(spec, {str(job)!r})
+def build(*args):
+    c = torch._inductor.config
+    open({str(seen)!r}, "w").write(f"{{c.max_autotune}} {{c.max_autotune_gemm}} {{c.max_autotune_pointwise}}")
+aot_step.build = build
+build_child.remove_compiler_copies = lambda package: None
+build_child.main({str(job)!r}, {str(tmp_path / "package.pt2")!r}, str(os.getppid()), "1")
+"""
+    environment = {
+        **os.environ,
+        "TORCHINDUCTOR_MAX_AUTOTUNE": "1",
+        "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM": "1",
+        "TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE": "1",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=environment, check=True)
+    assert seen.read_text() == "False False False"
